@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kosmos2_jax",
+    version="0.1.0",
+    description="KOSMOS-2 in JAX/Flax: grounded multimodal LLM, GRIT data, training and evaluation",
+    packages=find_packages(include=["kosmos2_jax", "kosmos2_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy",
+        "pillow",
+        "sentencepiece",
+    ],
+    extras_require={
+        # Parity tests compare against Hugging Face's PyTorch implementation. torch is pinned to
+        # the CPU wheel on local disk (an unpinned torch pulls a multi-GB CUDA build).
+        "test": [
+            "pytest",
+            "hypothesis",
+            "torch==2.13.0",
+            "transformers==4.46.3",
+            # apache-beam needs protobuf<7; sentencepiece>=0.2.1 ships a model proto generated for
+            # protobuf 7, which breaks HF's slow->fast tokenizer conversion under protobuf 6.
+            "protobuf<7",
+            "sentencepiece==0.2.0",
+        ],
+    },
+)

@@ -1,0 +1,78 @@
+"""Shared fixtures: the official sentencepiece model (skipped when absent), HF reference objects,
+and a small sentencepiece model trained here so that tests never depend on shared/."""
+
+import os
+import pathlib
+import shutil
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_KOSMOS2 = pathlib.Path(os.environ.get("KOSMOS2_SHARED_DIR", REPO.parent / "shared" / "kosmos2"))
+IMAGES_DIR = SHARED_KOSMOS2 / "images"
+
+
+def official_spm_path():
+    path = os.environ.get("KOSMOS2_SPM_MODEL") or str(SHARED_KOSMOS2 / "sentencepiece.bpe.model")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="session")
+def spm_path():
+    path = official_spm_path()
+    if path is None:
+        pytest.skip("official sentencepiece.bpe.model not found (set KOSMOS2_SPM_MODEL or provide ../shared/kosmos2/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(spm_path):
+    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+
+    return Kosmos2Tokenizer.from_file(spm_path)
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    from kosmos2_jax.processor import Kosmos2Processor
+
+    return Kosmos2Processor(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(spm_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_tokenizer")
+    shutil.copy(spm_path, d / "sentencepiece.bpe.model")
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_processor(hf_tokenizer_dir):
+    """HF's Kosmos2Processor over the slow XLM-R tokenizer (the issue's reference)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.XLMRobertaTokenizer.from_pretrained(str(hf_tokenizer_dir))
+    image_processor = transformers.CLIPImageProcessor(size={"height": 224, "width": 224}, do_center_crop=False)
+    return transformers.Kosmos2Processor(image_processor, tok)
+
+
+@pytest.fixture(scope="session")
+def hf_fast_tokenizer(hf_tokenizer_dir, hf_processor):
+    """The fast tokenizer with the processor's added tokens: HF's decoding reference."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.XLMRobertaTokenizerFast.from_pretrained(str(hf_tokenizer_dir), from_slow=True)
+    transformers.Kosmos2Processor(hf_processor.image_processor, tok)  # adds the tag/location tokens
+    return tok
+
+
+@pytest.fixture(scope="session")
+def small_spm(tmp_path_factory):
+    """A 300-piece model trained on synthetic captions with the project's own CLI."""
+    from kosmos2_jax import tokenizer
+
+    d = tmp_path_factory.mktemp("small_spm")
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    shapes = ["circle", "square", "triangle", "star"]
+    lines = [f"a {c} {s} to the left of two {c2} {s2}s on a grey background"
+             for c in colours for s in shapes for c2 in colours[::-1] for s2 in shapes]
+    (d / "captions.txt").write_text("\n".join(lines) + "\n")
+    return tokenizer.train_sentencepiece(str(d / "captions.txt"), 300, str(d / "shapes"))
