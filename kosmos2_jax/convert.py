@@ -1,0 +1,366 @@
+"""Hugging Face KOSMOS-2 checkpoints <-> Flax params, streamed tensor by tensor.
+
+    python -m kosmos2_jax.convert from-hf --hf_dir kosmos-2-patch14-224/ --out ckpt/kosmos2
+    python -m kosmos2_jax.convert to-hf --checkpoint ckpt/kosmos2 --out hf_export/
+
+A converted checkpoint folder holds `model_config.json` (our `Kosmos2Config`) and `params/` (an
+Orbax checkpoint of the params tree). In Python:
+
+    model, params = load_hf("kosmos-2-patch14-224/")      # HF folder -> (Kosmos2, params)
+    model, params = load_checkpoint("ckpt/kosmos2")       # converted folder -> (Kosmos2, params)
+
+Mapping: PyTorch Linear weights [out, in] become Flax kernels [in, out]; the patch conv goes from
+OIHW to HWIO; LayerNorm weight -> scale; per-layer tensors are stacked on a leading axis when the
+model scans its layers. The LM head is tied to the token embeddings (checked on the way in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import struct
+import sys
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+import flax.linen as nn
+from flax import traverse_util
+
+from kosmos2_jax.models import Kosmos2, Kosmos2Config, TextConfig, VisionConfig
+
+# Keys HF checkpoints may carry that hold no parameters of ours.
+_IGNORED = re.compile(r".*(position_ids|embed_positions\.weights|self_attn_sope\.scale)$")
+_LM_HEAD = "text_model.lm_head.weight"
+
+
+# --- configs -----------------------------------------------------------------------------------
+def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Kosmos2Config:
+    """HF `Kosmos2Config.to_dict()` (config.json) -> our config; missing fields take HF defaults."""
+    t, v = dict(hf.get("text_config") or {}), dict(hf.get("vision_config") or {})
+    text_fields = {f.name for f in TextConfig.__dataclass_fields__.values()}
+    vision_fields = {f.name for f in VisionConfig.__dataclass_fields__.values()}
+    if t.get("add_cross_attention"):
+        raise ValueError("text_config.add_cross_attention=True is not supported (the released model has none)")
+    text = TextConfig(**{k: t[k] for k in text_fields if k in t})
+    vision = VisionConfig(**{k: v[k] for k in vision_fields if k in v})
+    return Kosmos2Config(vision=vision, text=text, latent_query_num=hf.get("latent_query_num", 64), **overrides)
+
+
+def config_to_hf(config: Kosmos2Config) -> dict:
+    """Our config -> a `config.json` dict that `Kosmos2Config.from_dict` / `from_pretrained` read."""
+    text = {k: getattr(config.text, k) for k in TextConfig.__dataclass_fields__}
+    text.update(model_type="kosmos_2_text_model", use_cache=True)
+    vision = {k: getattr(config.vision, k) for k in VisionConfig.__dataclass_fields__}
+    vision.update(model_type="kosmos_2_vision_model")
+    return {"architectures": ["Kosmos2ForConditionalGeneration"], "model_type": "kosmos-2",
+            "latent_query_num": config.latent_query_num, "text_config": text, "vision_config": vision,
+            "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+# --- key mapping -------------------------------------------------------------------------------
+def _leaf_to_hf(leaf: str) -> str:
+    return {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+
+
+def hf_key(path: tuple[str, ...], layer: int | None = None) -> str:
+    """Flax param path (without the stacked layer axis) -> HF state-dict key."""
+    top, *rest = path
+    if top == "text_model":
+        if rest[0] == "layers":
+            inner = rest[2:]
+            return f"text_model.model.layers.{layer}." + ".".join([*inner[:-1], _leaf_to_hf(inner[-1])])
+        return "text_model.model." + ".".join([*rest[:-1], _leaf_to_hf(rest[-1])])
+    if top == "vision_model":
+        if rest[0] == "encoder":
+            inner = rest[2:]
+            if inner[0] in ("fc1", "fc2"):
+                inner = ["mlp", *inner]
+            return f"vision_model.model.encoder.layers.{layer}." + ".".join([*inner[:-1], _leaf_to_hf(inner[-1])])
+        if rest[0] in ("class_embedding", "position_embedding", "patch_embedding"):
+            name = {"class_embedding": "class_embedding", "position_embedding": "position_embedding.weight",
+                    "patch_embedding": "patch_embedding.weight"}[rest[0]]
+            return "vision_model.model.embeddings." + name
+        return "vision_model.model." + ".".join([*rest[:-1], _leaf_to_hf(rest[-1])])
+    if top == "image_to_text_projection":
+        return "image_to_text_projection." + ".".join([*rest[:-1], _leaf_to_hf(rest[-1])])
+    raise ValueError(f"no HF key for param path {'/'.join(path)}")
+
+
+def _layer_of(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None, bool]:
+    """Split a path into (path with `layer` for the block, unscanned layer index, is_stacked)."""
+    for i, part in enumerate(path):
+        m = re.fullmatch(r"layer_(\d+)", part)
+        if m:
+            return path[:i] + ("layer",) + path[i + 1:], int(m.group(1)), False
+        if part == "layer":
+            return path, None, True
+    return path, None, False
+
+
+def _to_hf_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and value.ndim == 4:  # conv HWIO -> OIHW
+        return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+    if path[-1] == "kernel":
+        return np.ascontiguousarray(value.T)
+    return value
+
+
+def _from_hf_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and value.ndim == 4:  # OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    if path[-1] == "kernel":
+        return value.T
+    return value
+
+
+def abstract_params(model: Kosmos2) -> dict:
+    """Shapes/dtypes of the params tree, without allocating it."""
+    c = model.config
+    pix = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), np.float32)
+    ids = jax.ShapeDtypeStruct((1, c.latent_query_num + 2), np.int32)
+    mask = jax.ShapeDtypeStruct((1, c.latent_query_num + 2), np.int32)
+    shapes = jax.eval_shape(lambda p, i, m: model.init(jax.random.PRNGKey(0), p, i, None, m), pix, ids, mask)
+    return nn.unbox(shapes["params"])
+
+
+# --- reading HF checkpoints --------------------------------------------------------------------
+class TensorSource:
+    """Lazy read access to a state dict: a mapping of tensors, or a folder/file of safetensors or
+    pytorch_model*.bin (sharded or not). `get` returns float32 numpy."""
+
+    def __init__(self, source: Any):
+        self._mapping, self._files = None, {}
+        if isinstance(source, Mapping):
+            self._mapping = source
+            self.name = "<state dict>"
+            return
+        path = os.fspath(source)
+        self.name = path
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+        if os.path.isdir(path) and not files:
+            files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+        if not files or not all(os.path.isfile(f) for f in files):
+            raise ValueError(f"no weights in {path!r}: expected *.safetensors or pytorch_model*.bin")
+        for f in files:
+            for key, opener in self._index(f):
+                self._files[key] = opener
+
+    @staticmethod
+    def _index(path: str) -> Iterator[tuple[str, Any]]:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for truncated files
+                raise ValueError(f"cannot read safetensors file {path!r}: {e}") from e
+            for key in handle.keys():
+                yield key, (lambda k=key, h=handle: h.get_tensor(k))
+        else:
+            import torch
+
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:
+                raise ValueError(f"cannot read PyTorch checkpoint {path!r}: {e}") from e
+            for key, tensor in state.items():
+                yield key, (lambda t=tensor: t)
+
+    def keys(self) -> list[str]:
+        return list(self._mapping.keys() if self._mapping is not None else self._files.keys())
+
+    def get(self, key: str) -> np.ndarray:
+        value = self._mapping[key] if self._mapping is not None else self._files[key]()
+        if hasattr(value, "detach"):  # torch tensor (bf16/fp16 included)
+            value = value.detach().float().cpu().numpy()
+        return np.asarray(value, dtype=np.float32)
+
+
+def params_from_hf(state: Any, config: Kosmos2Config) -> dict:
+    """An HF state dict (mapping, file or folder) -> Flax params for `Kosmos2(config)`.
+
+    Tensors are read one at a time into preallocated arrays (peak memory ~ one copy of the params).
+    A missing, misshaped or unexpected tensor raises ValueError naming the key and the shapes.
+    """
+    source = state if isinstance(state, TensorSource) else TensorSource(state)
+    available = set(source.keys())
+    expected = traverse_util.flatten_dict(abstract_params(Kosmos2(config)))
+    params, used = {}, set()
+    for path, spec in expected.items():
+        block_path, loop_layer, stacked = _layer_of(path)
+        layers = range(spec.shape[0]) if stacked else [loop_layer]
+        out = np.empty(spec.shape, np.float32)
+        for i, layer in enumerate(layers):
+            key = hf_key(block_path, layer)
+            if key not in available:
+                raise ValueError(f"{source.name}: missing tensor {key!r} (needed for {'/'.join(path)})")
+            value = _from_hf_array(path, source.get(key))
+            want = spec.shape[1:] if stacked else spec.shape
+            if value.shape != tuple(want):
+                raise ValueError(f"{source.name}: tensor {key!r} has shape {tuple(_to_hf_shape(path, value.shape))} "
+                                 f"but the model config needs {tuple(_to_hf_shape(path, want))}")
+            if stacked:
+                out[i] = value
+            else:
+                out = value
+            used.add(key)
+        params[path] = out.astype(spec.dtype)
+    if _LM_HEAD in available:
+        embed = params[("text_model", "embed_tokens", "embedding")]
+        head = source.get(_LM_HEAD)
+        if head.shape != embed.shape or not np.array_equal(head, embed):
+            raise ValueError(f"{source.name}: {_LM_HEAD} differs from the token embeddings; only tied heads are supported")
+        used.add(_LM_HEAD)
+    unexpected = sorted(k for k in available - used if not _IGNORED.match(k))
+    if unexpected:
+        raise ValueError(f"{source.name}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    return traverse_util.unflatten_dict(params)
+
+
+def _to_hf_shape(path, shape):
+    shape = tuple(shape)
+    if path[-1] == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if path[-1] == "kernel" and len(shape) == 2:
+        return shape[::-1]
+    return shape
+
+
+def params_to_hf(params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
+    """Flax params -> (HF key, numpy tensor) pairs, one tensor at a time, in a stable order."""
+    for path, value in sorted(traverse_util.flatten_dict(nn.unbox(params)).items()):
+        block_path, loop_layer, stacked = _layer_of(path)
+        value = np.asarray(value)
+        if stacked:
+            for i in range(value.shape[0]):
+                yield hf_key(block_path, i), _to_hf_array(path, value[i])
+        else:
+            yield hf_key(block_path, loop_layer), _to_hf_array(path, value)
+
+
+def state_dict_from_params(params: Mapping) -> dict[str, np.ndarray]:
+    return dict(params_to_hf(params))
+
+
+# --- folders -----------------------------------------------------------------------------------
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config.json in {hf_dir!r}: expected a Hugging Face model folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
+    """HF model folder -> (Kosmos2 model, params)."""
+    config = config_from_hf(read_hf_config(hf_dir), **config_overrides)
+    source = TensorSource(hf_dir)
+    return Kosmos2(config), params_from_hf(source, config)
+
+
+def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> None:
+    """Write `model_config.json` + an Orbax params checkpoint under `out_dir/params`."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, "params"), nn.unbox(params), force=True)
+
+
+def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:
+    """A folder written by `save_checkpoint` (or `from-hf`) -> (Kosmos2 model, params)."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    cfg_path = os.path.join(ckpt_dir, "model_config.json")
+    if not os.path.isfile(cfg_path) or not os.path.isdir(os.path.join(ckpt_dir, "params")):
+        raise ValueError(f"{ckpt_dir!r} is not a kosmos2_jax checkpoint (needs model_config.json and params/)")
+    with open(cfg_path) as f:
+        config = Kosmos2Config.from_dict(json.load(f))
+    model = Kosmos2(config)
+    target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.join(ckpt_dir, "params"), target)
+    except Exception as e:
+        raise ValueError(f"cannot restore params from {ckpt_dir!r} (truncated or for another config?): {e}") from e
+    return model, params
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+
+
+def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple]) -> None:
+    """Stream tensors into a safetensors file: the header is written from `shapes` first, then each
+    tensor's bytes as it arrives (float32), so only one tensor is in memory at a time."""
+    header, offset = {}, 0
+    for key in shapes:
+        nbytes = 4 * math.prod(shapes[key])
+        header[key] = {"dtype": "F32", "shape": list(shapes[key]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    order = [k for k in shapes]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        pending = {}
+        for key, value in tensors:
+            pending[key] = value
+            while order and order[0] in pending:
+                f.write(np.ascontiguousarray(pending.pop(order.pop(0)), dtype=np.float32).tobytes())
+    if order:
+        raise ValueError(f"tensors missing when writing {path!r}: {order[:5]}")
+
+
+def export_hf(out_dir: str, config: Kosmos2Config, params: Mapping) -> None:
+    """Write config.json + model.safetensors loadable by `Kosmos2ForConditionalGeneration.from_pretrained`."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config_to_hf(config), f, indent=2)
+    shapes = {}
+    for path, spec in traverse_util.flatten_dict(nn.unbox(params)).items():
+        block_path, loop_layer, stacked = _layer_of(path)
+        shape = _to_hf_shape(path, spec.shape[1:] if stacked else spec.shape)
+        for layer in (range(spec.shape[0]) if stacked else [loop_layer]):
+            shapes[hf_key(block_path, layer)] = shape
+    shapes = dict(sorted(shapes.items()))
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), params_to_hf(params), shapes)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kosmos2_jax.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="HF model folder -> kosmos2_jax checkpoint")
+    a.add_argument("--hf_dir", required=True)
+    a.add_argument("--out", required=True)
+    b = sub.add_parser("to-hf", help="kosmos2_jax checkpoint -> HF model folder")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "from-hf":
+            model, params = load_hf(args.hf_dir)
+            save_checkpoint(args.out, model.config, params)
+        else:
+            model, params = load_checkpoint(args.checkpoint)
+            export_hf(args.out, model.config, params)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    print(f"wrote {args.out}: {count:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The MAGNETO text decoder (reference §1.5–1.7).
+
+Token embeddings (with image embeddings written over the image slots *before* scaling) times
+sqrt(embed_dim), plus fairseq sinusoidal positions counted over non-pad tokens; pre-LN blocks with
+sub-LN inside attention (`inner_attn_ln`) and inside the FFN (`ffn_layernorm`); a final LayerNorm;
+and an LM head tied to the token embeddings.
+
+Embedding dropout is applied once, as in the original code (HF applies it twice in training).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from kosmos2_jax.models.config import Kosmos2Config
+from kosmos2_jax.models.layers import Attention, Dense, activation, constrain, layer_norm, stack_layers
+
+
+def position_ids_from_input_ids(input_ids: jax.Array, pad_token_id: int, past_length: int | jax.Array = 0):
+    """fairseq make_positions: pad -> pad_token_id, else pad_token_id + running count of non-pad tokens."""
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+    return (jnp.cumsum(not_pad, axis=1) + past_length) * not_pad + pad_token_id
+
+
+def sinusoidal_positions(position_ids: jax.Array, dim: int, padding_idx: int) -> jax.Array:
+    """Rows of fairseq's table: [sin(p f_0..f_{h-1}), cos(p f_0..f_{h-1})], zero at `padding_idx`."""
+    half = dim // 2
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * jnp.float32(-math.log(10000) / (half - 1)))
+    angles = position_ids.astype(jnp.float32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros((*emb.shape[:-1], 1), emb.dtype)], axis=-1)
+    return jnp.where((position_ids == padding_idx)[..., None], 0.0, emb)
+
+
+def attention_bias(attention_mask: jax.Array, q_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
+    """Additive [B, 1, q_len, kv_len] mask built as HF builds it: causal + key padding, each the
+    dtype's minimum where masked (so fully masked rows of pad queries behave identically)."""
+    kv_len = attention_mask.shape[1]
+    neg = jnp.finfo(jnp.float32).min
+    q_pos = jnp.arange(q_len)[:, None] + q_offset
+    causal = jnp.where(jnp.arange(kv_len)[None, :] > q_pos, neg, 0.0)
+    padding = jnp.where(attention_mask[:, None, None, :] == 0, neg, 0.0)
+    return causal[None, None] + padding
+
+
+class TextBlock(nn.Module):
+    config: Kosmos2Config
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, bias):
+        t, dt, pdt = self.config.text, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+        drop = lambda h: nn.Dropout(t.dropout)(h, deterministic=self.deterministic)
+        h = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="self_attn_layer_norm")(x)
+        h = Attention(t.attention_heads, inner_layer_norm_eps=t.layer_norm_eps, dropout=t.attention_dropout,
+                      dtype=dt, param_dtype=pdt, name="self_attn")(h, bias=bias, deterministic=self.deterministic,
+                                                                  decode=self.decode)
+        x = x + drop(h)
+        h = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="final_layer_norm")(x)
+        h = FFN(self.config, self.deterministic, name="ffn")(h)
+        return constrain(x + drop(h), ("act_batch", "act_len", "act_embed"))
+
+
+class FFN(nn.Module):
+    config: Kosmos2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        t, dt, pdt = self.config.text, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+        h = Dense(t.ffn_dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(x)
+        h = constrain(activation(t.activation_function)(h), ("act_batch", "act_len", "act_mlp"))
+        h = nn.Dropout(t.activation_dropout)(h, deterministic=self.deterministic)
+        h = layer_norm(t.layer_norm_eps, "mlp", dt, pdt, name="ffn_layernorm")(h)
+        return Dense(t.embed_dim, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h)
+
+
+class TextDecoder(nn.Module):
+    """input_ids [B, T] (+ image embeddings for the slots) -> logits [B, T, vocab].
+
+    `attention_mask` is [B, T], or [B, cache_length] with `decode=True`, where the queries sit at
+    cache positions `cache_index .. cache_index + T` (the caller passes `position_ids` then).
+    """
+
+    config: Kosmos2Config
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, image_embeds=None, image_embeds_position_mask=None,
+                 position_ids=None, deterministic: bool = True, decode: bool = False, return_hidden: bool = False):
+        t, dt, pdt = self.config.text, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        embed_tokens = nn.Embed(
+            t.vocab_size, t.embed_dim, dtype=dt, param_dtype=pdt, name="embed_tokens",
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        x = embed_tokens(input_ids)
+        if image_embeds is not None:
+            # The k-th slot (row-major over the mask) takes the k-th image embedding of its row.
+            mask = image_embeds_position_mask.astype(bool)
+            slot = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, image_embeds.shape[1] - 1)
+            img = jnp.take_along_axis(image_embeds.astype(x.dtype), slot[..., None], axis=1)
+            x = jnp.where(mask[..., None], img, x)
+        if t.scale_embedding:
+            x = x * jnp.asarray(math.sqrt(t.embed_dim), x.dtype)
+        if position_ids is None:
+            position_ids = position_ids_from_input_ids(input_ids, t.pad_token_id)
+        x = x + sinusoidal_positions(position_ids, t.embed_dim, t.pad_token_id).astype(x.dtype)
+        x = nn.Dropout(t.dropout)(x, deterministic=deterministic)
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+
+        q_offset = self._cache_index() if decode else 0
+        bias = attention_bias(attention_mask, input_ids.shape[1], q_offset)
+        x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.scan_layers, "layers",
+                            config=self.config, deterministic=deterministic, decode=decode)(x, (bias,))
+        x = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(x)
+        if return_hidden:
+            return x
+        logits = embed_tokens.attend(x)  # tied LM head
+        return constrain(logits, ("act_batch", "act_len", "act_vocab"))
+
+    def _cache_index(self):
+        # Every layer's cache advances together; read layer 0's index (before this step's update).
+        if not self.has_variable("cache", "layers"):
+            return 0
+        cache = self.get_variable("cache", "layers")
+        index = _find(cache, "cache_index")
+        return index[0] if self.config.scan_layers else index
+
+
+def _find(tree, key):
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        for k, v in tree.items():
+            if k == key:
+                return v
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None

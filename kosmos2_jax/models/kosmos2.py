@@ -1,0 +1,64 @@
+"""KOSMOS-2: vision encoder -> L2-normalized tokens -> resampler -> image embeddings written into
+the decoder's token sequence at `image_embeds_position_mask` (reference §1.2).
+
+    model = Kosmos2(config)
+    logits = model.apply({"params": params}, pixel_values, input_ids, attention_mask, image_embeds_position_mask)
+    feats = model.apply({"params": params}, pixel_values, method=Kosmos2.image_features)
+
+`pixel_values` are NHWC. Pass `pixel_values=None` (or precomputed `image_embeds`) for text only.
+Cached decoding: `init_cache` creates a `cache` collection of a given length; then call with
+`decode=True, mutable=["cache"]`, giving `position_ids` and an `attention_mask` over the cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from kosmos2_jax.models.config import Kosmos2Config
+from kosmos2_jax.models.connector import ImageToTextProjection
+from kosmos2_jax.models.decoder import TextDecoder
+from kosmos2_jax.models.vision import VisionEncoder
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """torch.nn.functional.normalize: x / max(||x||, eps), in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), eps)).astype(x.dtype)
+
+
+class Kosmos2(nn.Module):
+    config: Kosmos2Config
+
+    def setup(self):
+        self.vision_model = VisionEncoder(self.config)
+        self.image_to_text_projection = ImageToTextProjection(self.config)
+        self.text_model = TextDecoder(self.config)
+
+    def image_features(self, pixel_values, interpolate_pos_encoding: bool = False, deterministic: bool = True):
+        """pixel_values [B, H, W, 3] -> image embeddings [B, latent_query_num, embed_dim]."""
+        tokens = self.vision_model(pixel_values, interpolate_pos_encoding, deterministic)
+        return self.image_to_text_projection(l2_normalize(tokens), deterministic)
+
+    def __call__(self, pixel_values, input_ids, attention_mask=None, image_embeds_position_mask=None,
+                 image_embeds=None, position_ids=None, deterministic: bool = True, decode: bool = False,
+                 interpolate_pos_encoding: bool = False, return_hidden: bool = False):
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.image_features(pixel_values, interpolate_pos_encoding, deterministic)
+        if image_embeds is not None and image_embeds_position_mask is None:
+            raise ValueError("image inputs need image_embeds_position_mask (1 on the image slots)")
+        return self.text_model(input_ids, attention_mask, image_embeds, image_embeds_position_mask, position_ids,
+                               deterministic=deterministic, decode=decode, return_hidden=return_hidden)
+
+    def decode_step(self, input_ids, attention_mask, position_ids, image_embeds=None, image_embeds_position_mask=None):
+        """One cached step (or a cached prefill): logits for `input_ids` given the `cache` collection."""
+        return self.text_model(input_ids, attention_mask, image_embeds, image_embeds_position_mask, position_ids,
+                               deterministic=True, decode=True)
+
+
+def init_cache(model: Kosmos2, batch_size: int, max_length: int):
+    """An empty `cache` collection for `batch_size` rows of `max_length` positions."""
+    ids = jnp.ones((batch_size, max_length), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), None, ids, decode=True))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])

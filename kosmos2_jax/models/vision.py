@@ -1,0 +1,92 @@
+"""CLIP ViT encoder (KOSMOS-2's ViT-L/14): bias-free patch conv, class token, learned positions,
+pre-LayerNorm, pre-LN blocks with quick-GELU MLPs, and a post-LayerNorm that KOSMOS-2 applies to
+every token (reference §1.2–1.3). Input pixels are NHWC."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from kosmos2_jax.models.config import Kosmos2Config
+from kosmos2_jax.models.layers import Attention, Dense, activation, constrain, layer_norm, stack_layers
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of torch's bicubic interpolation (align_corners=False, A = -0.75,
+    clamped borders), so interpolated position tables match HF's exactly."""
+    a = -0.75
+
+    def cubic(t):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        if t < 2:
+            return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+        return 0.0
+
+    m = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        src = (i + 0.5) * scale - 0.5
+        base = int(np.floor(src))
+        frac = src - base
+        for k in range(-1, 3):
+            m[i, min(max(base + k, 0), in_size - 1)] += cubic(k - frac)
+    return m
+
+
+class VisionBlock(nn.Module):
+    config: Kosmos2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt, pdt = self.config.vision, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+        h = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm1")(x)
+        h = Attention(c.num_attention_heads, dropout=c.attention_dropout, dtype=dt, param_dtype=pdt,
+                      name="self_attn")(h, deterministic=self.deterministic)
+        x = x + h
+        h = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm2")(x)
+        h = Dense(c.intermediate_size, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(h)
+        h = constrain(activation(c.hidden_act)(h), ("act_batch", "act_len", "act_mlp"))
+        h = Dense(c.hidden_size, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h)
+        return constrain(x + h, ("act_batch", "act_len", "act_embed"))
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [B, H, W, C] -> post-LayerNormed tokens [B, 1 + patches, hidden]."""
+
+    config: Kosmos2Config
+
+    @nn.compact
+    def __call__(self, pixel_values, interpolate_pos_encoding: bool = False, deterministic: bool = True):
+        c, dt, pdt = self.config.vision, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+        b, height, width, _ = pixel_values.shape
+        if not interpolate_pos_encoding and (height != c.image_size or width != c.image_size):
+            raise ValueError(f"input image size ({height}x{width}) doesn't match the model ({c.image_size}x"
+                             f"{c.image_size}); pass interpolate_pos_encoding=True to interpolate positions")
+        patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
+                          padding="VALID", use_bias=False, dtype=dt, param_dtype=pdt,
+                          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                   (None, None, None, "embed")),
+                          name="patch_embedding")(pixel_values.astype(dt))
+        grid_h, grid_w = patches.shape[1:3]
+        patches = patches.reshape(b, grid_h * grid_w, c.hidden_size)
+        cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                         (c.hidden_size,), pdt)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, c.hidden_size)), patches], axis=1)
+        pos = self.param("position_embedding",
+                         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("positions", "embed")),
+                         (c.num_patches + 1, c.hidden_size), pdt)
+        side = c.image_size // c.patch_size
+        if interpolate_pos_encoding and (grid_h, grid_w) != (side, side):
+            grid = pos[1:].reshape(side, side, c.hidden_size)
+            grid = jnp.einsum("ys,xt,std->yxd", bicubic_matrix(side, grid_h).astype(np.float32),
+                              bicubic_matrix(side, grid_w).astype(np.float32), grid)
+            pos = jnp.concatenate([pos[:1], grid.reshape(grid_h * grid_w, c.hidden_size)], axis=0)
+        x = constrain(x + pos.astype(dt), ("act_batch", "act_len", "act_embed"))
+        x = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="pre_layrnorm")(x)
+        x, _ = stack_layers(VisionBlock, c.num_hidden_layers, self.config.remat_policy, self.config.scan_layers,
+                            "encoder", config=self.config, deterministic=deterministic)(x, ())
+        return layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="post_layernorm")(x)
