@@ -114,7 +114,12 @@ class TextDecoder(nn.Module):
         x = nn.Dropout(t.dropout)(x, deterministic=deterministic)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
 
-        q_offset = self._cache_index() if decode else 0
+        q_offset = 0
+        if decode:  # queries sit at cache positions index .. index + T
+            index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+            q_offset = index.value
+            if self.is_mutable_collection("cache") and self.has_variable("cache", "index"):
+                index.value = index.value + input_ids.shape[1]
         bias = attention_bias(attention_mask, input_ids.shape[1], q_offset)
         x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.scan_layers, "layers",
                             config=self.config, deterministic=deterministic, decode=decode)(x, (bias,))
@@ -123,22 +128,3 @@ class TextDecoder(nn.Module):
             return x
         logits = embed_tokens.attend(x)  # tied LM head
         return constrain(logits, ("act_batch", "act_len", "act_vocab"))
-
-    def _cache_index(self):
-        # Every layer's cache advances together; read layer 0's index (before this step's update).
-        if not self.has_variable("cache", "layers"):
-            return 0
-        cache = self.get_variable("cache", "layers")
-        index = _find(cache, "cache_index")
-        return index[0] if self.config.scan_layers else index
-
-
-def _find(tree, key):
-    if isinstance(tree, dict) or hasattr(tree, "items"):
-        for k, v in tree.items():
-            if k == key:
-                return v
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None

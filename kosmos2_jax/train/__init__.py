@@ -1,0 +1,1 @@
+"""Training: sharding (mesh + logical axis rules), and later the trainer, checkpoints and optimizers."""

@@ -1,0 +1,93 @@
+"""Device mesh and the one table of logical-axis rules that maps params and activations onto it.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with params/optimizer state sharded
+over it), `tensor` (heads/MLP/vocab split across devices). Parameter logical axes come from the
+modules (`embed`, `heads`, `mlp`, `vocab`, `layers`, ...), activation axes are prefixed `act_`.
+A dimension that a mesh axis does not divide stays replicated (e.g. the 65037-token vocab).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("positions", None),
+    ("queries", None),
+)
+
+
+def create_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 (= the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+    if len(sizes) != len(MESH_AXES) or sizes.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape} must give {MESH_AXES} with at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _mesh_axes_for(logical: str | None, rules: Mapping[str, Any]):
+    if logical is None:
+        return None
+    if logical not in rules:
+        raise ValueError(f"logical axis {logical!r} has no sharding rule; known: {sorted(rules)}")
+    return rules[logical]
+
+
+def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+    """Logical axes -> PartitionSpec, keeping a dimension replicated when its mesh axes don't
+    divide it and never using one mesh axis twice."""
+    table, used, out = dict(rules), set(), []
+    for dim, logical in zip(shape, logical_axes):
+        axes = _mesh_axes_for(logical, table)
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
+
+
+def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. `jax.eval_shape(model.init)`),
+    for the unboxed tree. Leaves without axis names are replicated."""
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            value = leaf.value
+            return NamedSharding(mesh, spec_for(value.shape, leaf.names, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def logical_axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """Context manager for activation constraints: `with mesh, logical_axis_rules(): ...`."""
+    return nn.logical_axis_rules(list(rules))
