@@ -153,14 +153,9 @@ class TensorSource:
     @staticmethod
     def _index(path: str) -> Iterator[tuple[str, Any]]:
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            try:
-                handle = safe_open(path, framework="pt")
-            except Exception as e:  # safetensors raises its own error types for truncated files
-                raise ValueError(f"cannot read safetensors file {path!r}: {e}") from e
-            for key in handle.keys():
-                yield key, (lambda k=key, h=handle: h.get_tensor(k))
+            reader = SafetensorsReader(path)
+            for key in reader.keys():
+                yield key, (lambda k=key: reader.get(k))
         else:
             import torch
 
@@ -179,6 +174,47 @@ class TensorSource:
         if hasattr(value, "detach"):  # torch tensor (bf16/fp16 included)
             value = value.detach().float().cpu().numpy()
         return np.asarray(value, dtype=np.float32)
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time with plain file reads (no mmap, so converted tensors do not stay
+    resident as file pages). F32, F16 and BF16 tensors come back as float32."""
+
+    _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > os.path.getsize(path) - 8:
+                    raise ValueError(f"header of {size} bytes is longer than the file")
+                self._header = json.loads(f.read(size))
+            self._base = 8 + size
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read safetensors file {path!r}: {e}") from e
+        self._header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in self._header.values()), default=0)
+        if self._base + end > os.path.getsize(path):
+            raise ValueError(f"safetensors file {path!r} is truncated: data ends at {self._base + end} bytes, "
+                             f"file has {os.path.getsize(path)}")
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def get(self, key: str) -> np.ndarray:
+        info = self._header[key]
+        if info["dtype"] not in self._DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        out = np.empty(info["shape"], self._DTYPES[info["dtype"]])
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(memoryview(out.reshape(-1)).cast("B")) != end - start:
+                raise ValueError(f"{self.path}: tensor {key!r} is truncated")
+        if info["dtype"] == "BF16":
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return out.astype(np.float32, copy=False)
 
 
 def params_from_hf(state: Any, config: Kosmos2Config) -> dict:
@@ -209,7 +245,7 @@ def params_from_hf(state: Any, config: Kosmos2Config) -> dict:
             else:
                 out = value
             used.add(key)
-        params[path] = out.astype(spec.dtype)
+        params[path] = out.astype(spec.dtype, copy=False)
     if _LM_HEAD in available:
         embed = params[("text_model", "embed_tokens", "embedding")]
         head = source.get(_LM_HEAD)
@@ -271,8 +307,15 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> Non
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "model_config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
+    # Move leaves to jax arrays one at a time (freeing the numpy copies as we go): Orbax saves
+    # jax arrays with one staging copy, numpy arrays with two.
+    flat = traverse_util.flatten_dict(nn.unbox(params))
+    for key in list(flat):
+        flat[key] = jax.device_put(flat[key])
+    params = traverse_util.unflatten_dict(flat)
+    del flat
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, "params"), nn.unbox(params), force=True)
+        ckptr.save(os.path.join(out_dir, "params"), params, force=True)
 
 
 def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:

@@ -1,0 +1,334 @@
+"""Generation: image features once, a compiled prefill into the KV cache, then decoding on device.
+
+    out = generate(model, params, processor_outputs, max_new_tokens=64, no_repeat_ngram_size=3)
+    out.sequences   # [B, prompt + new] ids (prompt as given, then the new tokens)
+    out.scores      # [B, new] log-probabilities of the chosen tokens under the processed distribution
+
+Greedy decoding, beam search and n-gram blocking reproduce Hugging Face `generate` (transformers
+4.46.3) token for token: the same logits processing order (log-softmax, n-gram ban, beam scores),
+HF's beam bookkeeping (2*beams candidates, finished hypotheses scored by length**length_penalty,
+the `early_stopping=False` stopping rule, the same finalization), and positions counted over
+non-pad tokens so that left-padded batches equal unpadded ones (reference §1.7).
+
+Prompts are left-padded to a bucket length (a multiple of `bucket`), so a stream of prompts of
+different lengths reuses a few compiled programs; the extra pads are invisible to the model and
+to the n-gram rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kosmos2_jax.models import Kosmos2, init_cache
+from kosmos2_jax.models.decoder import position_ids_from_input_ids
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    sequences: np.ndarray  # [B, P + N]
+    scores: np.ndarray  # [B, N] per-token log-probs (0 after the end)
+    sequence_scores: np.ndarray | None = None  # beam search: the chosen hypothesis' length-normalized score
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    num_beams: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    no_repeat_ngram_size: int
+    eos_token_id: int
+    pad_token_id: int
+    length_penalty: float
+
+
+# --- logits processing ------------------------------------------------------------------------
+def ban_repeated_ngrams(scores, tokens, cur_len, start, n: int):
+    """HF NoRepeatNGramLogitsProcessor over `tokens[:, start:cur_len]` (each row's sequence so far):
+    a token that would complete an n-gram already in the sequence gets -inf."""
+    if n <= 0:
+        return scores
+    rows, total = tokens.shape
+    seq_len = cur_len - start
+    idx = jnp.arange(total)
+    # prefix[b, j] = tokens[b, cur_len - n + 1 + j], j < n - 1: the last n-1 tokens
+    prefix = jax.lax.dynamic_slice_in_dim(tokens, cur_len - (n - 1), n - 1, axis=1) if n > 1 else tokens[:, :0]
+    match = jnp.ones((rows, total), bool)
+    for j in range(n - 1):
+        shifted = jnp.roll(tokens, -j, axis=1)  # shifted[:, i] = tokens[:, i + j]
+        match &= shifted == prefix[:, j:j + 1]
+    valid = (idx >= start) & (idx + n - 1 < cur_len)  # n-grams lying inside the sequence
+    match &= valid[None, :] & (seq_len + 1 >= n)
+    banned_tokens = jnp.roll(tokens, -(n - 1), axis=1)  # the n-gram's last token
+    banned = jnp.zeros(scores.shape, bool)
+    banned = banned.at[jnp.arange(rows)[:, None], jnp.where(match, banned_tokens, 0)].max(match)
+    return jnp.where(banned, NEG_INF, scores)
+
+
+def top_p_filter(logits, top_p: float):
+    """HF TopPLogitsWarper: drop the smallest tokens whose cumulative probability is <= 1 - top_p."""
+    if top_p >= 1.0:
+        return logits
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted = remove_sorted.at[:, -1].set(False)  # keep at least one
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, NEG_INF, logits)
+
+
+# --- the compiled programs ----------------------------------------------------------------------
+def _apply_decode(model, params, cache, ids, mask, positions, image_embeds=None, image_mask=None):
+    logits, state = model.apply({"params": params, "cache": cache}, None, ids, mask, image_mask,
+                                image_embeds=image_embeds, position_ids=positions, decode=True, mutable=["cache"])
+    return logits[:, -1].astype(jnp.float32), state["cache"]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool):
+    s = settings
+    total = prompt_len + s.max_new_tokens
+    k = s.num_beams
+
+    def run(params, prompt, prompt_mask, image_mask, pixel_values, start, rng):
+        image_embeds = None
+        if with_image:
+            image_embeds = model.apply({"params": params}, pixel_values, method=Kosmos2.image_features)
+        positions = position_ids_from_input_ids(prompt, model.config.text.pad_token_id)
+        n_prompt = jnp.sum(prompt != model.config.text.pad_token_id, axis=1)
+        mask = jnp.concatenate([prompt_mask, jnp.ones((batch, s.max_new_tokens), prompt_mask.dtype)], axis=1)
+        tokens = jnp.concatenate([prompt, jnp.full((batch, s.max_new_tokens), s.pad_token_id, prompt.dtype)], axis=1)
+        cache = init_cache(model, batch, total)
+        if k == 1:
+            logits, cache = _apply_decode(model, params, cache, prompt, mask, positions, image_embeds,
+                                          image_mask if with_image else None)
+            return _greedy_or_sample(model, params, s, cache, logits, tokens, mask, n_prompt, prompt_len, start, rng)
+        # Beam search runs the prefill on B rows and repeats the cache, as HF repeats the prompt.
+        logits, cache = _apply_decode(model, params, cache, prompt, mask, positions, image_embeds,
+                                      image_mask if with_image else None)
+        axis = _cache_batch_axis(model)
+        cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=axis) if x.ndim > 1 else x, cache)
+        return _beam_search(model, params, s, cache, jnp.repeat(logits, k, axis=0), jnp.repeat(tokens, k, axis=0),
+                            jnp.repeat(mask, k, axis=0), jnp.repeat(n_prompt, k, axis=0), prompt_len, start, batch)
+
+    return jax.jit(run)
+
+
+def _cache_batch_axis(model: Kosmos2) -> int:
+    # Keys/values are [B, T, H, D], or [layers, B, T, H, D] when layers are scanned; the cache
+    # indices (0-d, or [layers]) are the same for every row.
+    return 1 if model.config.scan_layers else 0
+
+
+def _step_positions(n_prompt, step):
+    # fairseq positions: 1 + number of non-pad tokens up to and including this one
+    return (1 + n_prompt + step)[:, None]
+
+
+def _greedy_or_sample(model, params, s: _Settings, cache, logits, tokens, mask, n_prompt, prompt_len, start, rng):
+    rows = tokens.shape[0]
+
+    def choose(logits, tokens, cur, rng):
+        scores = jax.nn.log_softmax(logits, axis=-1) if not s.do_sample else logits
+        scores = ban_repeated_ngrams(scores, tokens, cur, start, s.no_repeat_ngram_size)
+        if s.do_sample:
+            scores = top_p_filter(scores / s.temperature, s.top_p)
+            rng, sub = jax.random.split(rng)
+            nxt = jax.random.categorical(sub, scores, axis=-1)
+        else:
+            nxt = jnp.argmax(scores, axis=-1)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), nxt[:, None], axis=1)[:, 0]
+        return nxt.astype(tokens.dtype), logp, rng
+
+    def body(state):
+        step, cache, logits, tokens, finished, out_scores, rng = state
+        cur = prompt_len + step
+        nxt, logp, rng = choose(logits, tokens, cur, rng)
+        nxt = jnp.where(finished, s.pad_token_id, nxt)
+        out_scores = out_scores.at[:, step].set(jnp.where(finished, 0.0, logp))
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], cur, axis=1)
+        finished = finished | (nxt == s.eos_token_id)
+        logits, cache = _apply_decode(model, params, cache, nxt[:, None], mask, _step_positions(n_prompt, step + 1))
+        return step + 1, cache, logits, tokens, finished, out_scores, rng
+
+    def cond(state):
+        step, finished = state[0], state[4]
+        return (step < s.max_new_tokens) & ~jnp.all(finished)
+
+    state = (0, cache, logits, tokens, jnp.zeros(rows, bool), jnp.zeros((rows, s.max_new_tokens), jnp.float32), rng)
+    step, _, _, tokens, _, out_scores, _ = jax.lax.while_loop(cond, body, state)
+    return tokens, out_scores, step
+
+
+def _beam_search(model, params, s: _Settings, cache, logits, tokens, mask, n_prompt, prompt_len, start, batch):
+    k, total = s.num_beams, tokens.shape[1]
+    vocab = logits.shape[-1]
+    beam_scores = jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), batch)  # [B*k]
+    tok_logp = jnp.zeros((batch * k, s.max_new_tokens), jnp.float32)
+    hyp_tokens = jnp.full((batch, k, total), s.pad_token_id, tokens.dtype)
+    hyp_logp = jnp.zeros((batch, k, s.max_new_tokens), jnp.float32)
+    hyp_scores = jnp.full((batch, k), NEG_INF)
+    hyp_len = jnp.zeros((batch, k), jnp.int32)
+    hyp_count = jnp.zeros((batch,), jnp.int32)
+    done = jnp.zeros((batch,), bool)
+
+    def body(state):
+        (step, cache, logits, tokens, beam_scores, tok_logp,
+         hyp_tokens, hyp_logp, hyp_scores, hyp_len, hyp_count, done) = state
+        cur = prompt_len + step  # tokens so far; HF's cur_len in process() is cur + 1
+        processed = ban_repeated_ngrams(jax.nn.log_softmax(logits, axis=-1), tokens, cur, start,
+                                        s.no_repeat_ngram_size)
+        total_scores = (processed + beam_scores[:, None]).reshape(batch, k * vocab)
+        cand_scores, cand = jax.lax.top_k(total_scores, 2 * k)
+        cand_beam, cand_tok = cand // vocab, cand % vocab
+        rows = jnp.arange(batch)[:, None] * k + cand_beam  # [B, 2k] global rows
+        cand_logp = jnp.take_along_axis(processed.reshape(batch, k, vocab)[jnp.arange(batch)[:, None], cand_beam],
+                                        cand_tok[..., None], axis=-1)[..., 0]
+        is_eos = cand_tok == s.eos_token_id
+        rank = jnp.arange(2 * k)[None, :]
+        gen_len = (step + 1).astype(jnp.float32)
+
+        # finished hypotheses: eos among the top k candidates, scored by length ** length_penalty
+        new_hyp = is_eos & (rank < k) & ~done[:, None]
+        new_scores = jnp.where(new_hyp, cand_scores / gen_len ** s.length_penalty, NEG_INF)
+        new_tokens = tokens[rows]  # without the eos, as HF stores them
+        new_logp = tok_logp[rows].at[:, :, step].set(cand_logp)
+        pool_scores = jnp.concatenate([hyp_scores, new_scores], axis=1)
+        keep = jnp.argsort(-pool_scores, axis=1, stable=True)[:, :k]
+        pool_tokens = jnp.concatenate([hyp_tokens, new_tokens], axis=1)
+        pool_logp = jnp.concatenate([hyp_logp, new_logp], axis=1)
+        pool_len = jnp.concatenate([hyp_len, jnp.broadcast_to(step, new_scores.shape).astype(jnp.int32)], axis=1)
+        take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
+        hyp_scores, hyp_tokens, hyp_logp, hyp_len = (take(pool_scores), take(pool_tokens), take(pool_logp),
+                                                     take(pool_len))
+        hyp_count = jnp.minimum(hyp_count + jnp.sum(new_hyp, axis=1), k)
+
+        # next beams: the first k non-eos candidates in rank order
+        order = jnp.argsort(jnp.where(is_eos, 2 * k + rank, rank), axis=1)[:, :k]
+        next_rows = jnp.take_along_axis(rows, order, axis=1).reshape(-1)
+        next_tok = jnp.take_along_axis(cand_tok, order, axis=1).reshape(-1)
+        next_scores = jnp.take_along_axis(cand_scores, order, axis=1).reshape(-1)
+        next_logp = jnp.take_along_axis(cand_logp, order, axis=1).reshape(-1)
+        done_rows = jnp.repeat(done, k)
+        next_rows = jnp.where(done_rows, jnp.arange(batch * k), next_rows)
+        next_tok = jnp.where(done_rows, s.pad_token_id, next_tok).astype(tokens.dtype)
+        next_scores = jnp.where(done_rows, 0.0, next_scores)
+
+        worst = jnp.min(jnp.where(jnp.arange(k)[None] < hyp_count[:, None], hyp_scores, jnp.inf), axis=1)
+        best_possible = jnp.max(cand_scores, axis=1) / gen_len ** s.length_penalty
+        done = done | ((hyp_count >= k) & (worst >= best_possible))
+
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens[next_rows], next_tok[:, None], cur, axis=1)
+        tok_logp = tok_logp[next_rows].at[:, step].set(next_logp)
+        axis = _cache_batch_axis(model)
+        cache = jax.tree_util.tree_map(lambda x: jnp.take(x, next_rows, axis=axis) if x.ndim > 1 else x, cache)
+        logits, cache = _apply_decode(model, params, cache, next_tok[:, None], mask,
+                                      _step_positions(n_prompt, step + 1))
+        return (step + 1, cache, logits, tokens, next_scores, tok_logp,
+                hyp_tokens, hyp_logp, hyp_scores, hyp_len, hyp_count, done)
+
+    def cond(state):
+        return (state[0] < s.max_new_tokens) & ~jnp.all(state[-1])
+
+    state = (0, cache, logits, tokens, beam_scores, tok_logp, hyp_tokens, hyp_logp, hyp_scores, hyp_len,
+             hyp_count, done)
+    state = jax.lax.while_loop(cond, body, state)
+    (step, _, _, tokens, beam_scores, tok_logp, hyp_tokens, hyp_logp, hyp_scores, hyp_len, hyp_count, done) = state
+    return dict(step=step, tokens=tokens, beam_scores=beam_scores, tok_logp=tok_logp, hyp_tokens=hyp_tokens,
+                hyp_logp=hyp_logp, hyp_scores=hyp_scores, hyp_len=hyp_len, hyp_count=hyp_count, done=done)
+
+
+def _finalize_beams(out, s: _Settings, batch: int, prompt_len: int):
+    """HF BeamSearchScorer.finalize on host: unfinished batches add their live beams; the best
+    hypothesis is returned, followed by `</s>` when it ended early."""
+    k = s.num_beams
+    steps = int(out["step"])
+    tokens = np.asarray(out["tokens"]).reshape(batch, k, -1)
+    beam_scores = np.asarray(out["beam_scores"]).reshape(batch, k)
+    tok_logp = np.asarray(out["tok_logp"]).reshape(batch, k, -1)
+    best_tokens, best_logp, best_scores, lengths = [], [], [], []
+    for b in range(batch):
+        hyps = [(float(sc), np.asarray(out["hyp_tokens"][b, j]), np.asarray(out["hyp_logp"][b, j]),
+                 int(out["hyp_len"][b, j]))
+                for j, sc in enumerate(np.asarray(out["hyp_scores"][b])) if j < int(out["hyp_count"][b])]
+        if not bool(out["done"][b]):
+            for j in range(k):
+                score = float(beam_scores[b, j]) / steps ** s.length_penalty
+                hyps.append((score, tokens[b, j], tok_logp[b, j], steps))
+        hyps.sort(key=lambda h: h[0])  # stable; HF pops the last
+        score, toks, logp, n = hyps[-1]
+        best_tokens.append(toks[:prompt_len + n])
+        best_logp.append(logp[:n + 1] if n < steps else logp[:n])
+        best_scores.append(score)
+        lengths.append(n)
+    width = min(max(lengths) + 1, s.max_new_tokens)
+    seqs = np.full((batch, prompt_len + width), s.pad_token_id, np.int64)
+    scores = np.zeros((batch, width), np.float32)
+    for b in range(batch):
+        n = lengths[b]
+        seqs[b, :prompt_len + n] = best_tokens[b]
+        if n < width:
+            seqs[b, prompt_len + n] = s.eos_token_id
+        m = min(len(best_logp[b]), width)
+        scores[b, :m] = best_logp[b][:m]
+    return seqs, scores, np.asarray(best_scores, np.float32)
+
+
+# --- public API -------------------------------------------------------------------------------
+def bucket_length(n: int, bucket: int) -> int:
+    return -(-n // bucket) * bucket
+
+
+def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, max_new_tokens: int,
+             num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             no_repeat_ngram_size: int = 0, eos_token_id: int = 2, pad_token_id: int = 1,
+             length_penalty: float = 1.0, rng: jax.Array | None = None, bucket: int = 32) -> GenerateOutput:
+    """Continue each prompt of `inputs` (the processor's output; left padding for batches of
+    different lengths, as HF requires) by up to `max_new_tokens` tokens."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1 or (num_beams > 1 and do_sample):
+        raise ValueError(f"num_beams={num_beams} with do_sample={do_sample} is not supported")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    if do_sample and rng is None:
+        raise ValueError("do_sample=True needs an rng (jax.random.PRNGKey)")
+    ids = np.asarray(inputs["input_ids"], np.int32)
+    mask = np.asarray(inputs.get("attention_mask", (ids != pad_token_id).astype(np.int32)), np.int32)
+    batch, length = ids.shape
+    if np.any(mask[:, -1] == 0) and batch > 1:
+        raise ValueError("prompts must be left-padded for generation (processor(..., padding_side='left'))")
+    longest = int(np.max(np.sum(ids != pad_token_id, axis=1)))
+    limit = model.config.text.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"{limit} positions")
+    with_image = inputs.get("pixel_values") is not None
+    padded = bucket_length(length, bucket)
+    extra = padded - length
+    prompt = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_token_id)
+    prompt_mask = np.pad(mask, ((0, 0), (extra, 0)))
+    image_mask = np.pad(np.asarray(inputs.get("image_embeds_position_mask", np.zeros_like(ids)), np.int32),
+                        ((0, 0), (extra, 0)))
+    pixels = np.asarray(inputs["pixel_values"], np.float32) if with_image else np.zeros((batch, 1, 1, 3), np.float32)
+    settings = _Settings(max_new_tokens, num_beams, do_sample, float(temperature), float(top_p),
+                         no_repeat_ngram_size, eos_token_id, pad_token_id, float(length_penalty))
+    run = _compiled(model, settings, batch, padded, with_image)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    out = run(params, prompt, prompt_mask, image_mask, pixels, extra, rng)
+    if num_beams == 1:
+        tokens, scores, steps = out
+        steps = int(steps)
+        return GenerateOutput(np.asarray(tokens)[:, extra:padded + steps], np.asarray(scores)[:, :steps])
+    seqs, scores, seq_scores = _finalize_beams(out, settings, batch, padded)
+    return GenerateOutput(seqs[:, extra:], scores, seq_scores)
