@@ -1,0 +1,152 @@
+"""Generation equals HF `generate` token for token (greedy, beam search, n-gram blocking)."""
+
+import jax
+import numpy as np
+import pytest
+
+from hf_reference import SMALL_CONFIGS, grounded_batch, hf_model, torch
+from kosmos2_jax import convert
+from kosmos2_jax.generate import ban_repeated_ngrams, generate, top_p_filter
+
+NAME, VISION, TEXT, QUERIES = SMALL_CONFIGS[0]
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf = hf_model(VISION, TEXT, QUERIES, seed=3)
+    with torch.no_grad():  # make </s> a frequent candidate so that beams and rows finish early
+        hf.text_model.model.embed_tokens.weight[2] *= 4.0
+    config = convert.config_from_hf(hf.config.to_dict())
+    return hf, convert.Kosmos2(config), convert.params_from_hf(hf.state_dict(), config)
+
+
+def _batch(with_image, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = [QUERIES + 9, QUERIES + 4, QUERIES + 6]
+    pixels, ids, attn, img = grounded_batch(rng, 3, QUERIES, TEXT["vocab_size"], VISION["image_size"], lengths,
+                                            left_pad_rows=(0, 1, 2))
+    if not with_image:
+        ids = np.where(img == 1, rng.integers(7, TEXT["vocab_size"], ids.shape), ids)
+        return dict(input_ids=ids, attention_mask=attn)
+    return dict(input_ids=ids, attention_mask=attn, image_embeds_position_mask=img, pixel_values=pixels)
+
+
+def _hf_generate(hf, batch, **kwargs):
+    t = {k: torch.from_numpy(v) for k, v in batch.items() if k != "pixel_values"}
+    with torch.no_grad():
+        if "pixel_values" in batch:
+            out = hf.generate(pixel_values=torch.from_numpy(batch["pixel_values"].transpose(0, 3, 1, 2)),
+                              input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                              image_embeds_position_mask=t["image_embeds_position_mask"], **kwargs)
+        else:
+            out = hf.text_model.generate(input_ids=t["input_ids"], attention_mask=t["attention_mask"], **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_greedy_equals_hf(models, with_image, ngram):
+    hf, model, params = models
+    batch = _batch(with_image, seed=ngram)
+    ref = _hf_generate(hf, batch, max_new_tokens=24, do_sample=False, num_beams=1, no_repeat_ngram_size=ngram,
+                       output_scores=True, return_dict_in_generate=True)
+    ours = generate(model, params, batch, max_new_tokens=24, no_repeat_ngram_size=ngram)
+    np.testing.assert_array_equal(ours.sequences, ref.sequences.numpy())
+    ref_logp = hf.text_model.compute_transition_scores(ref.sequences, ref.scores, normalize_logits=True).numpy()
+    new = ours.sequences[:, -ours.scores.shape[1]:]
+    live = np.cumsum(np.pad(new == 2, ((0, 0), (1, 0)))[:, :-1], axis=1) == 0  # up to and including </s>
+    np.testing.assert_allclose(ours.scores[live], ref_logp[live], atol=1e-4)
+    assert (ours.scores[~live] == 0).all()
+
+
+@pytest.mark.parametrize("num_beams", [3, 5])
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_beam_search_equals_hf(models, num_beams, ngram):
+    hf, model, params = models
+    batch = _batch(True, seed=10 + num_beams + ngram)
+    ref = _hf_generate(hf, batch, max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=ngram,
+                       do_sample=False, output_scores=True, return_dict_in_generate=True)
+    ours = generate(model, params, batch, max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=ngram)
+    np.testing.assert_array_equal(ours.sequences, ref.sequences.numpy())
+    np.testing.assert_allclose(ours.sequence_scores, ref.sequences_scores.numpy(), atol=1e-4)
+
+
+def test_beam_search_text_only_equals_hf(models):
+    hf, model, params = models
+    batch = _batch(False, seed=5)
+    ref = _hf_generate(hf, batch, max_new_tokens=12, num_beams=4, no_repeat_ngram_size=3, do_sample=False)
+    ours = generate(model, params, batch, max_new_tokens=12, num_beams=4, no_repeat_ngram_size=3)
+    np.testing.assert_array_equal(ours.sequences, ref.numpy())
+
+
+def test_eos_paths_are_exercised(models):
+    hf, model, params = models
+    greedy = generate(model, params, _batch(True, seed=3), max_new_tokens=24, no_repeat_ngram_size=3)
+    assert (greedy.sequences[:, -24:] == 2).any(), "no row ended: the tests would not cover finished rows"
+    beams = [generate(model, params, _batch(True, seed=10 + k + n), max_new_tokens=16, num_beams=k,
+                      no_repeat_ngram_size=n) for k in (3, 5) for n in (0, 3)]
+    assert any((b.sequences[:, -16:] == 2).any() for b in beams), "no beam hypothesis ended with </s>"
+
+
+def test_bucketing_reuses_compilations_and_keeps_results(models):
+    hf, model, params = models
+    batch = _batch(True, seed=1)
+    a = generate(model, params, batch, max_new_tokens=8, bucket=32)
+    b = generate(model, params, batch, max_new_tokens=8, bucket=128)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    from kosmos2_jax.generate import _compiled
+
+    before = _compiled.cache_info().misses
+    shorter = {k: v[:, 1:] for k, v in batch.items() if k != "pixel_values"}
+    shorter["pixel_values"] = batch["pixel_values"]
+    generate(model, params, shorter, max_new_tokens=8, bucket=32)  # same bucket -> no new program
+    assert _compiled.cache_info().misses == before
+
+
+def test_sampling_is_reproducible_and_respects_top_p(models):
+    hf, model, params = models
+    batch = _batch(True, seed=2)
+    run = lambda seed, **kw: generate(model, params, batch, max_new_tokens=10, do_sample=True,
+                                      rng=jax.random.PRNGKey(seed), **kw).sequences
+    np.testing.assert_array_equal(run(0), run(0))
+    assert not np.array_equal(run(0), run(1))
+    greedy = generate(model, params, batch, max_new_tokens=10).sequences
+    np.testing.assert_array_equal(run(0, top_p=1e-6), greedy)  # only the top token survives
+
+
+def test_top_p_on_known_logits():
+    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
+    logits = np.log(probs).astype(np.float32)
+    kept = lambda p: np.isfinite(np.asarray(top_p_filter(logits, p)))[0].tolist()
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.7) == [True, True, False, False]
+    assert kept(0.9) == [True, True, True, False]
+    assert kept(1.0) == [True, True, True, True]
+    samples = jax.random.categorical(jax.random.PRNGKey(0), top_p_filter(np.repeat(logits, 4000, 0), 0.7))
+    freq = np.bincount(np.asarray(samples), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
+
+
+def test_ngram_ban_equals_hf_processor():
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4):
+        tokens = rng.integers(0, 5, (6, 14))
+        scores = rng.standard_normal((6, 5)).astype(np.float32)
+        for cur in range(1, 15):
+            ref = NoRepeatNGramLogitsProcessor(n)(torch.from_numpy(tokens[:, :cur]), torch.from_numpy(scores)).numpy()
+            ours = np.asarray(ban_repeated_ngrams(scores, tokens, cur, 0, n))
+            np.testing.assert_array_equal(ours, ref)
+
+
+def test_bad_generation_inputs(models):
+    hf, model, params = models
+    batch = _batch(True)
+    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+        generate(model, params, batch, max_new_tokens=250)
+    right = dict(batch, attention_mask=batch["attention_mask"][:, ::-1].copy())
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, params, right, max_new_tokens=4)
+    with pytest.raises(ValueError, match="rng"):
+        generate(model, params, batch, max_new_tokens=4, do_sample=True)
