@@ -45,7 +45,7 @@ def main():
 
     hf = hf_model(VISION, TEXT, 64)
     model = convert.Kosmos2(convert.config_from_hf(hf.config.to_dict()))
-    params = convert.params_from_hf(hf.state_dict(), model.config)
+    params = convert.to_device(convert.params_from_hf(hf.state_dict(), model.config))
     length = 64 + 3 + args.text_tokens
     pixels, ids, attn, img = grounded_batch(np.random.default_rng(0), args.batch, 64, TEXT["vocab_size"], 224,
                                             [length] * args.batch)

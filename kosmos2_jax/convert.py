@@ -284,6 +284,15 @@ def state_dict_from_params(params: Mapping) -> dict[str, np.ndarray]:
 
 
 # --- folders -----------------------------------------------------------------------------------
+def to_device(params: Mapping) -> dict:
+    """numpy leaves -> jax arrays one at a time, dropping each numpy copy as it goes (so jitted
+    calls do not copy the params from host memory on every call)."""
+    flat = traverse_util.flatten_dict(nn.unbox(params))
+    for key in list(flat):
+        flat[key] = jax.device_put(flat[key])
+    return traverse_util.unflatten_dict(flat)
+
+
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
@@ -293,10 +302,10 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
-    """HF model folder -> (Kosmos2 model, params)."""
+    """HF model folder -> (Kosmos2 model, params on the default device)."""
     config = config_from_hf(read_hf_config(hf_dir), **config_overrides)
     source = TensorSource(hf_dir)
-    return Kosmos2(config), params_from_hf(source, config)
+    return Kosmos2(config), to_device(params_from_hf(source, config))
 
 
 def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> None:
@@ -307,13 +316,7 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> Non
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "model_config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
-    # Move leaves to jax arrays one at a time (freeing the numpy copies as we go): Orbax saves
-    # jax arrays with one staging copy, numpy arrays with two.
-    flat = traverse_util.flatten_dict(nn.unbox(params))
-    for key in list(flat):
-        flat[key] = jax.device_put(flat[key])
-    params = traverse_util.unflatten_dict(flat)
-    del flat
+    params = to_device(params)  # Orbax saves jax arrays with one staging copy, numpy arrays with two
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params, force=True)
 
@@ -335,7 +338,7 @@ def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:
             params = ckptr.restore(os.path.join(ckpt_dir, "params"), target)
     except Exception as e:
         raise ValueError(f"cannot restore params from {ckpt_dir!r} (truncated or for another config?): {e}") from e
-    return model, params
+    return model, to_device(params)
 
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}

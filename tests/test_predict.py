@@ -1,0 +1,93 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import IMAGES_DIR, official_spm_path
+from kosmos2_jax import convert, predict
+from kosmos2_jax.models import Kosmos2, tiny
+from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+from kosmos2_jax.visualize import draw_entities, entity_colours
+
+
+def _checkpoint(tmp_path, spm):
+    tok = Kosmos2Tokenizer.from_file(spm)
+    model = Kosmos2(tiny(vocab_size=tok.vocab_size))
+    q = model.config.latent_query_num
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), np.ones((1, q + 3), np.int32),
+                        None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]
+    convert.save_checkpoint(tmp_path / "ckpt", model.config, params)
+    return str(tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, small_spm):
+    return _checkpoint(tmp_path_factory.mktemp("predict"), small_spm), small_spm
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    path = tmp_path / "shapes.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_predict_end_to_end(tiny_ckpt, image_path, tmp_path, capsys):
+    ckpt, spm = tiny_ckpt
+    rc = predict.main(["--checkpoint", ckpt, "--tokenizer", spm, "--image", image_path, "--image", image_path,
+                       "--prompt", "<grounding>a red circle to the left of", "--box", "a red circle=0.1,0.1,0.4,0.5",
+                       "--max_new_tokens", "12", "--out", str(tmp_path / "out.png"), "--json", str(tmp_path / "o.json")])
+    assert rc == 0
+    for i in (0, 1):
+        assert Image.open(tmp_path / f"out_{i}.png").size == (90, 60)
+    results = json.loads((tmp_path / "o.json").read_text())
+    assert len(results) == 2 and results[0]["prompt"].startswith("<grounding><phrase>a red circle</phrase>")
+    assert results[0]["text"] == results[1]["text"]  # same image, same prompt
+    assert "<object><patch_index_" in results[0]["text"]  # the --box went into the prompt
+    assert all(set(e) == {"phrase", "span", "boxes", "boxes_normalized"} for r in results for e in r["entities"])
+    assert "generated 2 x" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png"], "missing.png"),
+    (["--box", "a red circle=0.5,0.1,0.4,0.5"], "x1 < x2"),
+    (["--box", "a red circle=0.1,0.1,0.4"], "4 coordinates"),
+    (["--box", "a blue star=0.1,0.1,0.4,0.5"], "does not occur in the prompt"),
+    (["--box", "a red circle=10,10,9000,50"], "outside"),
+])
+def test_predict_bad_input(tiny_ckpt, image_path, capsys, args, message):
+    ckpt, spm = tiny_ckpt
+    base = ["--checkpoint", ckpt, "--tokenizer", spm, "--prompt", "<grounding>a red circle", "--max_new_tokens", "4"]
+    if "--image" not in args:
+        base += ["--image", image_path]
+    assert predict.main(base + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pixel_boxes_are_normalized():
+    assert predict.parse_box("a dog=10,20,50,60", (100, 200)) == ("a dog", (0.1, 0.1, 0.5, 0.3))
+
+
+@pytest.mark.skipif(not IMAGES_DIR.is_dir() or official_spm_path() is None, reason="shared demo images/spm absent")
+def test_predict_on_demo_images(tmp_path):
+    ckpt = _checkpoint(tmp_path, official_spm_path())
+    images = sorted(str(p) for p in IMAGES_DIR.iterdir())
+    args = ["--checkpoint", ckpt, "--tokenizer", official_spm_path(), "--max_new_tokens", "8",
+            "--out", str(tmp_path / "demo.png"), "--json", str(tmp_path / "demo.json")]
+    for path in images:
+        args += ["--image", path]
+    assert predict.main(args) == 0
+    assert len(json.loads((tmp_path / "demo.json").read_text())) == len(images)
+    assert all((tmp_path / f"demo_{i}.png").is_file() for i in range(len(images)))
+
+
+def test_draw_entities_colours_each_entity():
+    image = Image.new("RGB", (320, 320), (255, 255, 255))
+    entities = [("a dog", (0, 5), [(0.1, 0.5, 0.4, 0.9)]), ("a cat", (6, 11), [(0.5, 0.5, 0.9, 0.9), (0.6, 0.1, 0.8, 0.3)])]
+    out = np.asarray(draw_entities(image, entities))
+    colours = entity_colours(2)
+    assert tuple(out[int(0.7 * 320), int(0.1 * 320)]) == colours[0]  # left edge of the dog box
+    assert tuple(out[int(0.2 * 320), int(0.8 * 320)]) == colours[1]  # right edge of the cat's second box
+    assert colours[0] != colours[1]
