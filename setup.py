@@ -10,6 +10,9 @@ setup(
         "numpy",
         "pillow",
         "sentencepiece",
+        "jax",
+        "flax",
+        "orbax-checkpoint",
     ],
     extras_require={
         # Parity tests compare against Hugging Face's PyTorch implementation. torch is pinned to
@@ -23,6 +26,7 @@ setup(
             # protobuf 7, which breaks HF's slow->fast tokenizer conversion under protobuf 6.
             "protobuf<7",
             "sentencepiece==0.2.0",
+            "safetensors",
         ],
     },
 )
