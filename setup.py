@@ -4,7 +4,8 @@ setup(
     name="kosmos2_jax",
     version="0.1.0",
     description="KOSMOS-2 in JAX/Flax: grounded multimodal LLM, GRIT data, training and evaluation",
-    packages=find_packages(include=["kosmos2_jax", "kosmos2_jax.*"]),
+    packages=find_packages(include=["kosmos2_jax", "kosmos2_jax.*", "data", "data.*"]),
+    package_data={"data.grit": ["dummy_data/*", "dummy_data/images/*"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy",
@@ -13,6 +14,11 @@ setup(
         "jax",
         "flax",
         "orbax-checkpoint",
+        # the input pipeline (tf.data/tfds, CPU only); importlib_resources is needed by tfds builders
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+        "importlib_resources",
+        "pyarrow",
     ],
     extras_require={
         # Parity tests compare against Hugging Face's PyTorch implementation. torch is pinned to

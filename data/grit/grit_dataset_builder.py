@@ -1,0 +1,110 @@
+"""grit: GRIT-style grounded records with their images, from local files (manual_dir).
+
+    python -m kosmos2_jax.data.build data/grit --data_dir DIR --manual_dir RECORDS/
+
+RECORDS/ holds either
+- record files `*.jsonl` or `*.parquet` (the released GRIT schema: key, caption, width, height,
+  noun_chunks, ref_exps; other columns ignored) with images at `images/{key}.jpg` (or .png), as
+  `kosmos2_jax.grit` writes them; or
+- img2dataset webdataset shards `*.tar` holding `{key}.jpg` + `{key}.json` per record.
+Every record becomes a `train` example. Records whose image is missing or undecodable are skipped
+and counted (printed at the end of the build and kept in the dataset's metadata,
+`builder.info.metadata["skipped_records"]`).
+"""
+
+import collections
+import glob
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+
+def _rows(value):
+    arr = np.asarray([list(map(float, r)) for r in (value if value is not None else [])], np.float32)
+    return arr.reshape(-1, 7)
+
+
+def _image_ok(data):
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # PIL raises many types for bad files
+        return False
+
+
+def _record_files(root):
+    for path in sorted(glob.glob(os.path.join(root, "*.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+    for path in sorted(glob.glob(os.path.join(root, "*.parquet"))):
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+
+
+def _tar_records(root):
+    for path in sorted(glob.glob(os.path.join(root, "*.tar"))):
+        members = collections.defaultdict(dict)
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.isfile():
+                    key, ext = os.path.splitext(m.name)
+                    members[key][ext.lstrip(".")] = tar.extractfile(m).read()
+        for key, parts in sorted(members.items()):
+            meta = json.loads(parts["json"]) if "json" in parts else {}
+            meta.setdefault("key", os.path.basename(key))
+            meta["_image"] = parts.get("jpg") or parts.get("png") or b""
+            yield meta
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "key": tfds.features.Text(),
+                "image": tfds.features.Tensor(shape=(), dtype=tf.string),
+                "caption": tfds.features.Text(),
+                "width": tfds.features.Tensor(shape=(), dtype=np.int32),
+                "height": tfds.features.Tensor(shape=(), dtype=np.int32),
+                "noun_chunks": tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
+                "ref_exps": tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
+            }),
+            metadata=tfds.core.MetadataDict(),
+            description=__doc__.split("\n")[0])
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(str(dl_manager.manual_dir))}
+
+    def _generate_examples(self, root):
+        skipped = collections.Counter()
+        for record in list(_record_files(root)) + list(_tar_records(root)):
+            key = str(record.get("key", ""))
+            data = record.pop("_image", None)
+            if data is None:
+                path = next((p for p in (os.path.join(root, "images", key + e) for e in (".jpg", ".png"))
+                             if os.path.isfile(p)), None)
+                data = open(path, "rb").read() if path else b""
+            if not data:
+                skipped["missing image"] += 1
+                continue
+            if not _image_ok(data):
+                skipped["undecodable image"] += 1
+                continue
+            yield key, {"key": key, "image": data, "caption": str(record.get("caption") or ""),
+                        "width": int(record.get("width") or 0), "height": int(record.get("height") or 0),
+                        "noun_chunks": _rows(record.get("noun_chunks")), "ref_exps": _rows(record.get("ref_exps"))}
+        print(f"grit: skipped {sum(skipped.values())} records: {dict(skipped)}")
+        self.info.metadata["skipped_records"] = dict(skipped)

@@ -1,0 +1,1 @@
+"""The input pipeline: tfds records -> grounded token sequences -> batches. Never imports models/ or train/."""

@@ -1,0 +1,46 @@
+"""Box checks and the pretraining crop: resize the shorter side, center-crop, remap boxes, and drop
+boxes of which less than `min_visible` survives (the original loader's rule, reference §2.6)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def check_boxes(boxes: np.ndarray, where: str) -> None:
+    """Normalized (x1, y1, x2, y2) rows: finite, within [0, 1], x1 < x2, y1 < y2; raises ValueError."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError(f"{where}: NaN or infinite box coordinates")
+    if np.any(boxes < 0) or np.any(boxes > 1):
+        raise ValueError(f"{where}: box coordinates outside [0, 1]")
+    if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
+        raise ValueError(f"{where}: zero-area or inverted box (needs x1 < x2 and y1 < y2)")
+
+
+def shorter_side_resize_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision `Resize(size)`: the shorter side becomes `size`, the longer one is truncated."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def center_crop_offsets(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision `CenterCrop(size)` offsets (left, top)."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+def crop_boxes(boxes: np.ndarray, width: int, height: int, size: int, min_visible: float = 0.2):
+    """Normalized boxes of a `width` x `height` image -> normalized boxes of its shorter-side resize +
+    center crop to `size`, and a keep mask (False where less than `min_visible` of the box's area
+    survives the crop)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    rw, rh = shorter_side_resize_shape(width, height, size)
+    left, top = center_crop_offsets(rw, rh, size)
+    px = boxes * np.array([rw, rh, rw, rh]) - np.array([left, top, left, top])
+    clipped = np.clip(px, 0, size)
+    area = (px[:, 2] - px[:, 0]) * (px[:, 3] - px[:, 1])
+    kept_area = np.clip(clipped[:, 2] - clipped[:, 0], 0, None) * np.clip(clipped[:, 3] - clipped[:, 1], 0, None)
+    keep = (area > 0) & (kept_area >= min_visible * np.where(area > 0, area, math.inf))
+    return (clipped / size).astype(np.float32), keep

@@ -1,0 +1,60 @@
+"""Build a tfds dataset from a builder folder, like `tfds build` but without its Apache Beam import.
+
+    python -m kosmos2_jax.data.build data/shapes --data_dir ~/tensorflow_datasets [--config grounded]
+    python -m kosmos2_jax.data.build data/grit --data_dir DIR --manual_dir GRIT_RECORDS/
+
+A builder folder holds `<name>_dataset_builder.py` defining `Builder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import tensorflow_datasets as tfds
+
+
+def load_builder_class(folder: str):
+    """Import `<folder>/<name>_dataset_builder.py` as `<package>.<name>.<name>_dataset_builder` (tfds
+    reads checksum/metadata files through the package, so the builder must live in one)."""
+    folder = os.path.abspath(folder)
+    name = os.path.basename(folder.rstrip("/"))
+    if not os.path.isfile(os.path.join(folder, f"{name}_dataset_builder.py")):
+        raise ValueError(f"no dataset builder {name}_dataset_builder.py in {folder!r}")
+    package_dir = os.path.dirname(folder)
+    root, package = os.path.dirname(package_dir), os.path.basename(package_dir)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"{package}.{name}.{name}_dataset_builder").Builder
+
+
+def build(folder: str, data_dir: str, config: str | None = None, manual_dir: str | None = None):
+    builder_cls = load_builder_class(folder)
+    builder = builder_cls(data_dir=data_dir, config=config) if config else builder_cls(data_dir=data_dir)
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kosmos2_jax.data.build", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="builder folder, e.g. data/shapes")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--manual_dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        builder = build(args.folder, args.data_dir, args.config, args.manual_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, info in builder.info.splits.items():
+        print(f"{builder.info.full_name} {split}: {info.num_examples} examples")
+    print(f"data in {builder.data_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""One record -> one fixed-length training example (numpy), or `BadRecord` with the reason.
+
+Example fields: `input_ids`, `attention_mask`, `loss_mask`, `image_embeds_position_mask` ([L]
+int32), `pixel_values` ([S, S, 3] float32; zeros for text-only rows) and `has_image`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from kosmos2_jax.data.boxes import center_crop_offsets, check_boxes, crop_boxes, shorter_side_resize_shape
+from kosmos2_jax.data.spans import select_spans
+from kosmos2_jax.processor import CLIP_MEAN, CLIP_STD, Kosmos2Processor, encode_grounded_caption
+
+PREPROCESS_MODES = ("square", "resize_shorter_center_crop")
+
+
+class BadRecord(ValueError):
+    """A record the pipeline skips (and counts); `reason` is a short category."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleConfig:
+    seq_len: int = 128
+    preprocess: str = "square"  # official inference; "resize_shorter_center_crop" as pretraining
+    span_mode: str = "expression"
+    score_threshold: float = 0.65
+    grounded_prob: float = 0.5  # the released setting (use_object_bbox_prob)
+    box_formula: str = "train"
+    min_visible: float = 0.2
+
+    def __post_init__(self):
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess {self.preprocess!r} not in {PREPROCESS_MODES}")
+
+
+def _normalize(pil: Image.Image) -> np.ndarray:
+    x = np.asarray(pil, dtype=np.float32) / 255.0
+    return ((x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)).astype(np.float32)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    if not data:
+        raise BadRecord("missing image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRecord("undecodable image", str(e)) from None
+
+
+def preprocess(image: Image.Image, size: int, mode: str, boxes: np.ndarray, min_visible: float):
+    """Image -> ([size, size, 3] float32, remapped boxes, keep mask)."""
+    if mode == "square":
+        pixels = _normalize(image.resize((size, size), Image.Resampling.BICUBIC))
+        return pixels, np.asarray(boxes, np.float32).reshape(-1, 4), np.ones(len(boxes), bool)
+    w, h = image.size
+    rw, rh = shorter_side_resize_shape(w, h, size)
+    left, top = center_crop_offsets(rw, rh, size)
+    resized = image.resize((rw, rh), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
+    new_boxes, keep = crop_boxes(boxes, w, h, size, min_visible)
+    return _normalize(resized), new_boxes, keep
+
+
+def _pad(seq, processor: Kosmos2Processor, seq_len: int, pixels, has_image: bool) -> dict:
+    ids = seq.input_ids[:seq_len]
+    n = len(ids)
+    out = {
+        "input_ids": np.full(seq_len, processor.tokenizer.pad_id, np.int32),
+        "attention_mask": np.zeros(seq_len, np.int32),
+        "loss_mask": np.zeros(seq_len, np.int32),
+        "image_embeds_position_mask": np.zeros(seq_len, np.int32),
+        "pixel_values": pixels,
+        "has_image": np.int32(has_image),
+    }
+    out["input_ids"][:n] = ids
+    out["attention_mask"][:n] = 1
+    out["loss_mask"][:n] = seq.loss_mask[:n]
+    out["image_embeds_position_mask"][:n] = seq.image_embeds_position_mask[:n]
+    return out
+
+
+def grit_example(record: dict, processor: Kosmos2Processor, config: ExampleConfig, rng: np.random.Generator) -> dict:
+    """A GRIT-style record (caption, image bytes, noun_chunks, ref_exps) -> example."""
+    caption = record["caption"]
+    caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+    if not caption.strip():
+        raise BadRecord("empty caption")
+    min_image_slots = processor.num_image_tokens + 3
+    if config.seq_len <= min_image_slots:
+        raise ValueError(f"seq_len {config.seq_len} leaves no room for text after {min_image_slots} image tokens")
+    chunks = np.asarray(record.get("noun_chunks", np.zeros((0, 7))), np.float32).reshape(-1, 7)
+    exps = np.asarray(record.get("ref_exps", np.zeros((0, 7))), np.float32).reshape(-1, 7)
+    try:
+        for name, rows in (("noun_chunks", chunks), ("ref_exps", exps)):
+            check_boxes(rows[:, 2:6], name)
+        spans = select_spans(caption, chunks, exps, config.span_mode, config.score_threshold)
+    except ValueError as e:
+        raise BadRecord("bad box or span", str(e)) from None
+    image = decode_image(record["image"])
+    flat = np.asarray([b for _, _, boxes in spans for b in boxes], np.float32).reshape(-1, 4)
+    pixels, flat, keep = preprocess(image, processor.image_size, config.preprocess, flat, config.min_visible)
+    remapped, i = [], 0
+    for start, end, boxes in spans:
+        kept = [tuple(flat[j]) for j in range(i, i + len(boxes)) if keep[j]]
+        i += len(boxes)
+        if kept:
+            remapped.append((start, end, kept))
+    grounded = bool(remapped) and rng.random() < config.grounded_prob
+    seq = encode_grounded_caption(processor, caption, remapped if grounded else (), grounded=grounded,
+                                  with_image=True, box_formula=config.box_formula)
+    return _pad(seq, processor, config.seq_len, pixels, True)
+
+
+def text_example(line: str | bytes, processor: Kosmos2Processor, config: ExampleConfig) -> dict:
+    """A plain text line -> `<s> text </s>` with loss on everything after `<s>`, no image."""
+    text = line.decode() if isinstance(line, bytes) else str(line)
+    if not text.strip():
+        raise BadRecord("empty text")
+    seq = encode_grounded_caption(processor, text, (), grounded=False, with_image=False)
+    size = processor.image_size
+    return _pad(seq, processor, config.seq_len, np.zeros((size, size, 3), np.float32), False)

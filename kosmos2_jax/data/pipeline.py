@@ -1,0 +1,221 @@
+"""The input pipeline: tfds splits (and text files) -> per-host shards -> a seeded mixture ->
+examples (decode, resize/crop, span selection, grounded-or-plain, ids, masks) -> batches.
+
+    pipe = Pipeline([Source("shapes", "grit", data_dir="~/tensorflow_datasets/shapes/grounded/1.0.0")],
+                    processor, ExampleConfig(seq_len=128), batch_size=16, seed=0)
+    batch = next(pipe)            # dict of numpy arrays, leading dim = per-host batch
+    state = pipe.state()          # JSON-able; Pipeline(..., state=state) resumes exactly there
+
+Determinism: each source reads its host's shard in a fixed order (file order, then a seeded
+shuffle buffer, repeated), and the example at global index i draws its source and its own random
+choices from `np.random.default_rng([seed, i, ...])`. So the stream is a pure function of the
+seed and the state `{index, per-source positions, bad counts}`; restoring replays record reads
+(`skip`), not decoding. Bad records are skipped and counted by reason; past `max_bad_fraction`
+(after `min_records_for_bad_check` records) the pipeline stops with an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example, text_example
+from kosmos2_jax.processor import Kosmos2Processor
+
+SOURCE_KINDS = ("grit", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """`grit`: a prepared tfds dataset folder (`tfds.builder_from_directory`) with GRIT-schema
+    records. `text`: a text file, one example per line."""
+
+    name: str
+    kind: str
+    data_dir: str = ""
+    split: str = "train"
+    weight: float = 1.0
+    path: str = ""
+
+    def __post_init__(self):
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"source {self.name!r}: kind {self.kind!r} not in {SOURCE_KINDS}")
+
+
+def _tfds_records(source: Source, seed: int, process_index: int, process_count: int, skip: int,
+                  shuffle_buffer: int, repeat: bool):
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    tf.config.set_visible_devices([], "GPU")  # the input pipeline never takes accelerator memory
+    path = os.path.expanduser(source.data_dir)
+    try:
+        builder = tfds.builder_from_directory(path)
+    except Exception as e:  # tfds raises several types for a missing or unprepared folder
+        raise FileNotFoundError(f"source {source.name!r}: no prepared tfds dataset at {path!r} "
+                                f"(build it with python -m kosmos2_jax.data.build): {e}") from None
+    if source.split not in builder.info.splits:
+        raise ValueError(f"source {source.name!r}: split {source.split!r} not in {list(builder.info.splits)}")
+    split = tfds.split_for_jax_process(source.split, process_index=process_index, process_count=process_count)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            read_config=tfds.ReadConfig(interleave_cycle_length=1, options=options))
+    if repeat:
+        ds = ds.repeat()
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds.skip(skip).prefetch(64).as_numpy_iterator()
+
+
+def _text_records(source: Source, process_index: int, process_count: int, skip: int, repeat: bool):
+    path = os.path.expanduser(source.path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"source {source.name!r}: text file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    lines = lines[process_index::process_count]
+    if not lines:
+        raise ValueError(f"source {source.name!r}: no lines for host {process_index} of {process_count}")
+
+    def gen():
+        i = skip
+        while repeat or i < len(lines):
+            yield lines[i % len(lines)]
+            i += 1
+    return gen()
+
+
+class Pipeline:
+    """An iterator of batches (dicts of numpy arrays, `batch_size` rows per host)."""
+
+    def __init__(self, sources: Sequence[Source], processor: Kosmos2Processor, config: ExampleConfig,
+                 batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
+                 state: dict | None = None, shuffle_buffer: int = 1024, repeat: bool = True,
+                 max_bad_fraction: float = 0.05, min_records_for_bad_check: int = 200, num_workers: int = 4):
+        if not sources:
+            raise ValueError("a pipeline needs at least one source")
+        self.sources = list(sources)
+        self.processor, self.config = processor, config
+        self.batch_size, self.seed = batch_size, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.max_bad_fraction, self.min_records = max_bad_fraction, min_records_for_bad_check
+        weights = np.asarray([s.weight for s in self.sources], np.float64)
+        if np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError(f"source weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        self._probs = weights / weights.sum()
+        state = state or {}
+        self._index = int(state.get("index", 0))
+        self._positions = {s.name: int(state.get("positions", {}).get(s.name, 0)) for s in self.sources}
+        self.bad_counts = collections.Counter(state.get("bad_counts", {}))
+        self._records = {}
+        for i, s in enumerate(self.sources):
+            skip = self._positions[s.name]
+            if s.kind == "grit":
+                self._records[s.name] = _tfds_records(s, seed + 1000 * i, process_index, process_count, skip,
+                                                      shuffle_buffer, repeat)
+            else:
+                self._records[s.name] = _text_records(s, process_index, process_count, skip, repeat)
+        self._pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 1 else None
+        self._pending: collections.deque = collections.deque()
+        self._lookahead = max(2 * batch_size, 8)
+        self._exhausted = False
+
+    # --- state ----------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Where the next batch starts; pass it back as `state=` to resume exactly there."""
+        # Work already queued but not yet returned is replayed on restore.
+        index = self._index - len(self._pending)
+        positions = dict(self._positions)
+        for _, source_name, _ in self._pending:
+            positions[source_name] -= 1
+        return {"index": index, "positions": positions, "bad_counts": dict(self.bad_counts)}
+
+    # --- producing examples ---------------------------------------------------------------
+    def _make(self, source: Source, record: Any, index: int) -> dict:
+        if source.kind == "text":
+            return text_example(record, self.processor, self.config)
+        rng = np.random.default_rng([self.seed, index, 1])
+        return grit_example(record, self.processor, self.config, rng)
+
+    def _submit_next(self) -> bool:
+        index = self._index
+        choice = np.random.default_rng([self.seed, index, 0]).choice(len(self.sources), p=self._probs)
+        source = self.sources[choice]
+        try:
+            record = next(self._records[source.name])
+        except StopIteration:
+            return False
+        self._positions[source.name] += 1
+        self._index += 1
+        work = (self._pool.submit(self._safe_make, source, record, index) if self._pool
+                else _Done(self._safe_make(source, record, index)))
+        self._pending.append((index, source.name, work))
+        return True
+
+    def _safe_make(self, source, record, index):
+        try:
+            return self._make(source, record, index)
+        except BadRecord as e:
+            return e
+
+    def _next_example(self) -> dict | None:
+        while True:
+            while not self._exhausted and len(self._pending) < self._lookahead:
+                if not self._submit_next():
+                    self._exhausted = True
+            if not self._pending:
+                return None
+            _, _, work = self._pending.popleft()
+            result = work.result()
+            if isinstance(result, BadRecord):
+                self.bad_counts[result.reason] += 1
+                self._check_bad()
+                continue
+            return result
+
+    def _check_bad(self):
+        bad = sum(self.bad_counts.values())
+        seen = self._index - len(self._pending)
+        if seen >= self.min_records and bad / seen > self.max_bad_fraction:
+            raise RuntimeError(f"{bad} of {seen} records were bad ({dict(self.bad_counts)}), more than "
+                               f"max_bad_fraction={self.max_bad_fraction}: check the data")
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        rows = []
+        while len(rows) < self.batch_size:
+            example = self._next_example()
+            if example is None:
+                if rows:  # a final partial batch (only without repeat)
+                    break
+                raise StopIteration
+            rows.append(example)
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def close(self):
+        if self._pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Done:
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def global_batch(batch: dict, sharding) -> dict:
+    """Per-host numpy batch -> global jax arrays laid out by `sharding` (a NamedSharding over the
+    batch axis), for multi-host training."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,131 @@
+"""The procedurally generated grounded dataset ("shapes"): images with 1-4 coloured shapes on varied
+backgrounds, captions naming them with attributes and relations, exact boxes, in the GRIT record
+schema. Pure numpy/PIL and seeded: example i of a split depends only on (seed, split, i).
+
+    a red circle to the left of two blue squares
+    noun_chunks: [0, 12, box of the circle, 1.0], [28, 44, box of square 1, 1.0], [28, 44, box of square 2, 1.0]
+    ref_exps:    [0, 44, box of the circle, 1.0], ...
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+
+
+def _background(rng, size):
+    kind = rng.integers(3)
+    base = rng.integers(60, 200, 3)
+    if kind == 0:  # flat
+        arr = np.broadcast_to(base, (size, size, 3)).astype(np.float32)
+    elif kind == 1:  # gradient
+        other = rng.integers(60, 200, 3)
+        t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None] if rng.random() < 0.5 else \
+            np.linspace(0, 1, size, dtype=np.float32)[None, :, None]
+        arr = base * (1 - t) + other * t
+        arr = np.broadcast_to(arr, (size, size, 3))
+    else:  # noise texture
+        arr = base + rng.normal(0, 18, (size, size, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _draw(draw, shape, box, colour):
+    x1, y1, x2, y2 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour, outline=(0, 0, 0))
+    elif shape == "square":
+        draw.rectangle(box, fill=colour, outline=(0, 0, 0))
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=colour, outline=(0, 0, 0))
+
+
+def _place(rng, size, taken, max_tries=50):
+    for _ in range(max_tries):
+        side = int(rng.integers(size // 7, size // 3))
+        x, y = (int(v) for v in rng.integers(0, size - side, 2))
+        box = (x, y, x + side, y + side)
+        if all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken):
+            return box
+    return None
+
+
+def _relation(a, b):
+    """Spatial relation of group a to group b from their union boxes' centres."""
+    (ax, ay), (bx, by) = [((g[0] + g[2]) / 2, (g[1] + g[3]) / 2) for g in (a, b)]
+    dx, dy = bx - ax, by - ay
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx > 0 else "to the right of"
+    return "above" if dy > 0 else "below"
+
+
+def _union(boxes):
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def make_example(seed: int, split: str, index: int, image_size: int = 128) -> dict:
+    """One grounded record: encoded PNG, caption, GRIT-style noun_chunks/ref_exps (normalized boxes)."""
+    rng = np.random.default_rng([seed, SPLIT_SEEDS.get(split, 9), index])
+    image = _background(rng, image_size)
+    draw = ImageDraw.Draw(image)
+    colours = list(COLOURS)
+    groups, taken = [], []
+    for _ in range(int(rng.integers(1, 3))):  # one or two groups -> a relation between them
+        colour = colours[rng.integers(len(colours))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        if any(g["colour"] == colour and g["shape"] == shape for g in groups):
+            continue
+        count = int(rng.choice([1, 1, 2, 3]) if len(taken) < 2 else 1)
+        boxes = []
+        for _ in range(count):
+            box = _place(rng, image_size, taken)
+            if box is None:
+                break
+            taken.append(box)
+            boxes.append(box)
+            _draw(draw, shape, box, COLOURS[colour])
+        if boxes:
+            groups.append({"colour": colour, "shape": shape, "boxes": boxes})
+    phrases = [f"{NUMBER_WORDS[len(g['boxes'])]} {g['colour']} {g['shape']}{'s' if len(g['boxes']) > 1 else ''}"
+               for g in groups]
+    if len(groups) == 2:
+        caption = f"{phrases[0]} {_relation(_union(groups[0]['boxes']), _union(groups[1]['boxes']))} {phrases[1]}"
+    else:
+        caption = phrases[0]
+    chunks, exps = [], []
+    pos = 0
+    for i, (phrase, group) in enumerate(zip(phrases, groups)):
+        start = caption.index(phrase, pos)
+        end = start + len(phrase)
+        pos = end
+        exp_end = len(caption) if i == 0 else end  # the first chunk's expression runs to the end
+        for box in group["boxes"]:
+            norm = [box[0] / image_size, box[1] / image_size, box[2] / image_size, box[3] / image_size]
+            chunks.append([start, end, *norm, 1.0])
+            exps.append([start, exp_end, *norm, 1.0])
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return {"key": f"{split}-{index:07d}", "image": buf.getvalue(), "caption": caption,
+            "width": image_size, "height": image_size,
+            "noun_chunks": np.asarray(chunks, np.float32).reshape(-1, 7),
+            "ref_exps": np.asarray(exps, np.float32).reshape(-1, 7)}
+
+
+def refexp_examples(record: dict) -> list[dict]:
+    """Referring-expression items of a record: one per single-object noun chunk (its text, its box)."""
+    out = []
+    chunks = record["noun_chunks"]
+    for start, end in {(int(c[0]), int(c[1])) for c in chunks}:
+        boxes = [c[2:6] for c in chunks if int(c[0]) == start and int(c[1]) == end]
+        if len(boxes) == 1:
+            out.append({"expression": record["caption"][start:end], "box": np.asarray(boxes[0], np.float32)})
+    return sorted(out, key=lambda e: e["expression"])

@@ -1,0 +1,228 @@
+"""Datasets and the input pipeline."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from kosmos2_jax.data import boxes as box_ops
+from kosmos2_jax.data.build import build
+from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example
+from kosmos2_jax.data.pipeline import Pipeline, Source, _tfds_records
+from kosmos2_jax.data.spans import select_spans
+from kosmos2_jax.data.synthetic import make_example
+from kosmos2_jax.processor import Kosmos2Processor
+from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tfds")
+    os.environ.update(SHAPES_NUM_TRAIN="60", SHAPES_NUM_EVAL="10")
+    try:
+        build(str(REPO / "data" / "shapes"), str(d))
+        build(str(REPO / "data" / "shapes"), str(d), config="refexp")
+    finally:
+        os.environ.pop("SHAPES_NUM_TRAIN"), os.environ.pop("SHAPES_NUM_EVAL")
+    builder = build(str(REPO / "data" / "grit"), str(d), manual_dir=str(REPO / "data" / "grit" / "dummy_data"))
+    return d, builder
+
+
+@pytest.fixture(scope="session")
+def small_processor(small_spm):
+    return Kosmos2Processor(Kosmos2Tokenizer.from_file(small_spm), image_size=32, num_image_tokens=8)
+
+
+def _pipe(tfds_root, processor, **kw):
+    source = Source("shapes", "grit", data_dir=str(tfds_root / "shapes" / "grounded" / "1.0.0"))
+    args = dict(batch_size=4, seed=7, shuffle_buffer=16, num_workers=2)
+    args.update(kw)
+    return Pipeline([source], processor, ExampleConfig(seq_len=48, grounded_prob=0.5), **args)
+
+
+# --- builders -----------------------------------------------------------------------------------
+def test_shapes_builder(tfds_dir):
+    import tensorflow_datasets as tfds
+
+    root, _ = tfds_dir
+    builder = tfds.builder_from_directory(str(root / "shapes" / "grounded" / "1.0.0"))
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 60, "validation": 10, "test": 10}
+    ex = next(iter(builder.as_dataset(split="train").take(1).as_numpy_iterator()))
+    ref = make_example(0, "train", int(ex["key"].decode().split("-")[1]))
+    assert ex["caption"].decode() == ref["caption"]
+    np.testing.assert_array_equal(ex["ref_exps"], ref["ref_exps"])
+    refexp = tfds.builder_from_directory(str(root / "shapes" / "refexp" / "1.0.0"))
+    item = next(iter(refexp.as_dataset(split="test").take(1).as_numpy_iterator()))
+    assert item["box"].shape == (4,) and item["expression"]
+
+
+def test_synthetic_examples_are_seeded_and_boxes_are_exact():
+    a, b = make_example(0, "train", 5), make_example(0, "train", 5)
+    assert a["caption"] == b["caption"] and a["image"] == b["image"]
+    assert make_example(0, "test", 5)["image"] != a["image"]
+    for i in range(30):
+        rec = make_example(0, "train", i)
+        image = np.asarray(Image.open(__import__("io").BytesIO(rec["image"])))
+        for row in rec["noun_chunks"]:
+            x1, y1, x2, y2 = (row[2:6] * 128).round().astype(int)
+            assert rec["caption"][int(row[0]):int(row[1])].split()[-1].rstrip("s") in ("circle", "square", "triangle")
+            inside = image[y1 + 2:y2 - 2, x1 + 2:x2 - 2].reshape(-1, 3)
+            assert len(inside) > 0
+
+
+def test_grit_builder_skips_and_counts_bad_images(tfds_dir):
+    _, builder = tfds_dir
+    assert builder.info.splits["train"].num_examples == 4 + 5 + 2  # good + bad-box/caption + tar records
+    assert builder.info.metadata["skipped_records"] == {"missing image": 1, "undecodable image": 2}
+
+
+# --- boxes and spans ----------------------------------------------------------------------------
+def test_crop_remap_hand_cases():
+    # 200x100 image -> shorter side 50 -> 100x50 -> crop 50x50 at left=25
+    assert box_ops.shorter_side_resize_shape(200, 100, 50) == (100, 50)
+    assert box_ops.center_crop_offsets(100, 50, 50) == (25, 0)
+    boxes = np.array([[0.25, 0.0, 0.75, 1.0],    # exactly the crop -> the whole image
+                      [0.0, 0.0, 0.5, 0.5],      # half visible (x 0..50 -> 25..50 after crop): 50% kept
+                      [0.0, 0.0, 0.2, 1.0],      # x 0..20 of 100, crop starts at 25: invisible
+                      [0.2, 0.0, 0.3, 1.0]])     # x 20..30 -> 5 of 10 px visible: 50%
+    new, keep = box_ops.crop_boxes(boxes, 200, 100, 50)
+    np.testing.assert_allclose(new[0], [0, 0, 1, 1])
+    np.testing.assert_allclose(new[1], [0, 0, 0.5, 0.5])
+    assert keep.tolist() == [True, True, False, True]
+    _, keep = box_ops.crop_boxes(np.array([[0.2, 0.0, 0.26, 1.0], [0.2, 0.0, 0.2625, 1.0]]), 200, 100, 50)
+    assert keep.tolist() == [False, True]  # 1/6 visible is dropped; exactly 20% survives
+
+
+def test_span_selection():
+    caption = "a dog in a field of flowers"
+    exps = np.array([[0, 27, .1, .1, .5, .5, .9], [9, 27, .2, .2, .9, .9, .8], [20, 27, .3, .3, .4, .4, .7],
+                     [0, 27, .6, .6, .7, .7, .66], [0, 5, .1, .1, .2, .2, .5]])
+    spans = select_spans(caption, exps, exps, "expression")
+    assert spans == [(0, 27, [(.1, .1, .5, .5), (.6, .6, .7, .7)])]  # contained spans and low scores dropped
+    chunks = np.array([[0, 5, .1, .1, .5, .5, .9], [9, 16, .2, .2, .9, .9, .8], [20, 27, .3, .3, .4, .4, .6]])
+    assert [s[:2] for s in select_spans(caption, chunks, exps, "noun_chunk")] == [(0, 5), (9, 16)]
+
+
+# --- examples -----------------------------------------------------------------------------------
+def _record(**changes):
+    rec = make_example(0, "train", 3)
+    rec.update(changes)
+    return rec
+
+
+def test_grit_example_equals_hf_processor(processor, hf_processor):
+    rec = make_example(0, "train", 1)  # "a black square to the left of two orange triangles"
+    ex = grit_example(rec, processor, ExampleConfig(seq_len=160, grounded_prob=1.0, box_formula="hf"),
+                      np.random.default_rng(0))
+    spans = select_spans(rec["caption"], rec["noun_chunks"], rec["ref_exps"], "expression")
+    text, pos = "<grounding>", 0
+    for start, end, _ in spans:
+        text += rec["caption"][pos:start] + f"<phrase>{rec['caption'][start:end]}</phrase>"
+        pos = end
+    text += rec["caption"][pos:]
+    image = Image.open(__import__("io").BytesIO(rec["image"]))
+    hf = hf_processor(text=text, images=image, bboxes=[[tuple(map(float, b)) for b in s[2]] for s in spans],
+                      add_eos_token=True)
+    n = len(hf["input_ids"])
+    assert ex["input_ids"][:n].tolist() == hf["input_ids"] and (ex["input_ids"][n:] == 1).all()
+    assert ex["image_embeds_position_mask"][:n].tolist() == hf["image_embeds_position_mask"]
+    np.testing.assert_allclose(ex["pixel_values"], hf["pixel_values"][0].transpose(1, 2, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(caption=""), "empty caption"),
+    (dict(image=b""), "missing image"),
+    (dict(image=b"\xff\xd8\xff garbage"), "undecodable image"),
+    (dict(ref_exps=np.array([[0, 5, np.nan, .1, .5, .5, .9]], np.float32)), "bad box or span"),
+    (dict(ref_exps=np.array([[0, 5, .6, .1, .5, .5, .9]], np.float32)), "bad box or span"),
+    (dict(ref_exps=np.array([[0, 5, .5, .1, .5, .5, .9]], np.float32)), "bad box or span"),
+    (dict(ref_exps=np.array([[0, 5, .1, .1, 1.5, .5, .9]], np.float32)), "bad box or span"),
+    (dict(ref_exps=np.array([[0, 500, .1, .1, .5, .5, .9]], np.float32)), "bad box or span"),
+])
+def test_bad_records_raise_bad_record(small_processor, changes, reason):
+    rec = _record(**changes)
+    if "image" in changes and changes["image"].startswith(b"\xff\xd8"):
+        full = make_example(0, "train", 3)["image"]
+        rec["image"] = full[: len(full) // 3]  # truncated PNG
+    with pytest.raises(BadRecord) as err:
+        grit_example(rec, small_processor, ExampleConfig(seq_len=48), np.random.default_rng(0))
+    assert err.value.reason == reason
+
+
+def test_loss_and_image_masks(small_processor):
+    ex = grit_example(make_example(0, "train", 1), small_processor, ExampleConfig(seq_len=64, grounded_prob=1.0),
+                      np.random.default_rng(0))
+    tok = small_processor.tokenizer
+    ids = ex["input_ids"].tolist()
+    assert ids[:2] == [tok.bos_id, tok.image_id] and ids[10] == tok.end_image_id and ids[11] == tok.grounding_id
+    assert ex["image_embeds_position_mask"].tolist()[:11] == [0, 0] + [1] * 8 + [0]
+    n = int(ex["attention_mask"].sum())
+    assert ex["loss_mask"].tolist() == [0] * 11 + [1] * (n - 11) + [0] * (64 - n)
+    assert ids[n - 1] == tok.eos_id and tok.phrase_id in ids
+
+
+# --- pipeline -----------------------------------------------------------------------------------
+def test_pipeline_is_deterministic_and_resumes_exactly(tfds_dir, small_processor):
+    root, _ = tfds_dir
+    a = _pipe(root, small_processor)
+    first = [next(a) for _ in range(6)]
+    b = _pipe(root, small_processor)
+    for x in first:
+        y = next(b)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    grounded = sum(int((x["input_ids"] == small_processor.tokenizer.grounding_id).any(axis=1).sum()) for x in first)
+    assert 0 < grounded < 24  # both forms occur with p = 0.5
+    c = _pipe(root, small_processor)
+    for _ in range(3):
+        next(c)
+    state = c.state()
+    d = _pipe(root, small_processor, state=state)
+    for x in first[3:]:
+        y = next(d)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert state["index"] == 12
+    e = _pipe(root, small_processor, seed=8)
+    assert not np.array_equal(next(e)["input_ids"], first[0]["input_ids"])
+
+
+def test_host_shards_are_disjoint_and_cover_the_split(tfds_dir):
+    root, _ = tfds_dir
+    source = Source("shapes", "grit", data_dir=str(root / "shapes" / "grounded" / "1.0.0"))
+    keys = [[r["key"] for r in _tfds_records(source, 0, i, 2, 0, 8, repeat=False)] for i in range(2)]
+    assert set(keys[0]).isdisjoint(keys[1])
+    assert len(keys[0]) + len(keys[1]) == 60 and len(set(keys[0]) | set(keys[1])) == 60
+
+
+def test_mixture_with_text_source(tfds_dir, small_processor, tmp_path):
+    root, _ = tfds_dir
+    (tmp_path / "lines.txt").write_text("\n".join(f"a text line about {i} circles" for i in range(50)))
+    sources = [Source("shapes", "grit", data_dir=str(root / "shapes" / "grounded" / "1.0.0"), weight=3),
+               Source("text", "text", path=str(tmp_path / "lines.txt"), weight=1)]
+    pipe = Pipeline(sources, small_processor, ExampleConfig(seq_len=48), batch_size=50, seed=0)
+    batch = next(pipe)
+    text_rows = int((batch["has_image"] == 0).sum())
+    assert 5 < text_rows < 25  # ~ 1/4 of 50
+    assert not batch["image_embeds_position_mask"][batch["has_image"] == 0].any()
+
+
+def test_bad_records_are_counted_and_limit_stops_the_pipeline(tfds_dir, small_processor):
+    root, builder = tfds_dir
+    source = Source("grit", "grit", data_dir=builder.data_dir)
+    pipe = Pipeline([source], small_processor, ExampleConfig(seq_len=48), batch_size=6, seed=0, repeat=False,
+                    max_bad_fraction=1.0, shuffle_buffer=1)
+    rows = sum(len(b["input_ids"]) for b in pipe)
+    assert rows == 6 and dict(pipe.bad_counts) == {"empty caption": 1, "bad box or span": 4}
+    strict = Pipeline([source], small_processor, ExampleConfig(seq_len=48), batch_size=2, seed=0,
+                      max_bad_fraction=0.2, min_records_for_bad_check=5)
+    with pytest.raises(RuntimeError, match="max_bad_fraction"):
+        for _ in range(20):
+            next(strict)
+
+
+def test_missing_dataset_is_a_clear_error(small_processor, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no prepared tfds dataset"):
+        Pipeline([Source("x", "grit", data_dir=str(tmp_path / "nope"))], small_processor, ExampleConfig(), 2)
