@@ -4,8 +4,7 @@ setup(
     name="kosmos2_jax",
     version="0.1.0",
     description="KOSMOS-2 in JAX/Flax: grounded multimodal LLM, GRIT data, training and evaluation",
-    packages=find_packages(include=["kosmos2_jax", "kosmos2_jax.*", "data", "data.*"]),
-    package_data={"data.grit": ["dummy_data/*", "dummy_data/images/*"]},
+    packages=find_packages(include=["kosmos2_jax", "kosmos2_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
         "numpy",
