@@ -145,7 +145,8 @@ class Pipeline:
 
     def _submit_next(self) -> bool:
         index = self._index
-        choice = np.random.default_rng([self.seed, index, 0]).choice(len(self.sources), p=self._probs)
+        choice = 0 if len(self.sources) == 1 else np.random.default_rng([self.seed, index, 0]).choice(
+            len(self.sources), p=self._probs)
         source = self.sources[choice]
         try:
             record = next(self._records[source.name])
