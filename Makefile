@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow install clean
+.PHONY: test test-slow install clean demo
 
 # (Re)install when setup.py changes; `make test` on a fresh clone builds everything itself.
 $(STAMP): setup.py
@@ -22,3 +22,22 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+
+# --- the quick start: train the tiny model on the synthetic shapes dataset, on CPU ---------------
+DEMO_DATA := workdir/demo_data
+DEMO_RUN := workdir/shapes_tiny
+DEMO_ENV := SHAPES_NUM_TRAIN=4000 SHAPES_NUM_EVAL=200 TF_CPP_MIN_LOG_LEVEL=2
+
+$(DEMO_DATA)/spm/shapes.model: $(STAMP)
+	$(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt
+	$(PY) -m kosmos2_jax.tokenizer train --input $(DEMO_DATA)/captions.txt --vocab_size 64 --out $(DEMO_DATA)/spm/shapes
+
+$(DEMO_DATA)/tfds/shapes/refexp/1.0.0: $(STAMP)
+	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds
+	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds --config refexp
+
+demo: $(DEMO_DATA)/spm/shapes.model $(DEMO_DATA)/tfds/shapes/refexp/1.0.0
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir $(DEMO_RUN)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
+		--tokenizer $(DEMO_DATA)/spm/shapes.model --data_dir $(DEMO_DATA)/tfds/shapes/refexp/1.0.0 \
+		--split test --out $(DEMO_RUN)/eval/results.json --draw 6

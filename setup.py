@@ -18,6 +18,9 @@ setup(
         "tensorflow-datasets",
         "importlib_resources",
         "pyarrow",
+        "tensorboard",
+        "ml_collections",
+        "optax",
     ],
     extras_require={
         # Parity tests compare against Hugging Face's PyTorch implementation. torch is pinned to

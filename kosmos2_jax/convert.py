@@ -217,16 +217,18 @@ class SafetensorsReader:
         return out.astype(np.float32, copy=False)
 
 
-def params_from_hf(state: Any, config: Kosmos2Config) -> dict:
-    """An HF state dict (mapping, file or folder) -> Flax params for `Kosmos2(config)`.
-
-    Tensors are read one at a time into preallocated arrays (peak memory ~ one copy of the params).
-    A missing, misshaped or unexpected tensor raises ValueError naming the key and the shapes.
-    """
+def iter_params_from_hf(state: Any, config: Kosmos2Config) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(flax path, array) for every parameter of `Kosmos2(config)`, built one at a time from an HF
+    state dict (mapping, file or folder). Checks every tensor's presence and shape, the tied head
+    and unexpected keys; errors name the key and the shapes."""
     source = state if isinstance(state, TensorSource) else TensorSource(state)
     available = set(source.keys())
     expected = traverse_util.flatten_dict(abstract_params(Kosmos2(config)))
-    params, used = {}, set()
+    unexpected = sorted(k for k in available if k != _LM_HEAD and not _IGNORED.match(k)
+                        and k not in {hf_key(_layer_of(p)[0], layer) for p, spec in expected.items()
+                                      for layer in (range(spec.shape[0]) if _layer_of(p)[2] else [_layer_of(p)[1]])})
+    if unexpected:
+        raise ValueError(f"{source.name}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for path, spec in expected.items():
         block_path, loop_layer, stacked = _layer_of(path)
         layers = range(spec.shape[0]) if stacked else [loop_layer]
@@ -244,18 +246,18 @@ def params_from_hf(state: Any, config: Kosmos2Config) -> dict:
                 out[i] = value
             else:
                 out = value
-            used.add(key)
-        params[path] = out.astype(spec.dtype, copy=False)
-    if _LM_HEAD in available:
-        embed = params[("text_model", "embed_tokens", "embedding")]
-        head = source.get(_LM_HEAD)
-        if head.shape != embed.shape or not np.array_equal(head, embed):
-            raise ValueError(f"{source.name}: {_LM_HEAD} differs from the token embeddings; only tied heads are supported")
-        used.add(_LM_HEAD)
-    unexpected = sorted(k for k in available - used if not _IGNORED.match(k))
-    if unexpected:
-        raise ValueError(f"{source.name}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    return traverse_util.unflatten_dict(params)
+        if path == ("text_model", "embed_tokens", "embedding") and _LM_HEAD in available:
+            head = source.get(_LM_HEAD)
+            if head.shape != out.shape or not np.array_equal(head, out):
+                raise ValueError(f"{source.name}: {_LM_HEAD} differs from the token embeddings; only tied heads "
+                                 "are supported")
+            del head
+        yield path, out.astype(spec.dtype, copy=False)
+
+
+def params_from_hf(state: Any, config: Kosmos2Config) -> dict:
+    """An HF state dict (mapping, file or folder) -> Flax params for `Kosmos2(config)` (numpy)."""
+    return traverse_util.unflatten_dict(dict(iter_params_from_hf(state, config)))
 
 
 def _to_hf_shape(path, shape):
@@ -269,7 +271,11 @@ def _to_hf_shape(path, shape):
 
 def params_to_hf(params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
     """Flax params -> (HF key, numpy tensor) pairs, one tensor at a time, in a stable order."""
-    for path, value in sorted(traverse_util.flatten_dict(nn.unbox(params)).items()):
+    return leaves_to_hf(sorted(traverse_util.flatten_dict(nn.unbox(params)).items()))
+
+
+def leaves_to_hf(leaves) -> Iterator[tuple[str, np.ndarray]]:
+    for path, value in leaves:
         block_path, loop_layer, stacked = _layer_of(path)
         value = np.asarray(value)
         if stacked:
@@ -308,21 +314,36 @@ def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
     return Kosmos2(config), to_device(params_from_hf(source, config))
 
 
-def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> None:
-    """Write `model_config.json` + an Orbax params checkpoint under `out_dir/params`."""
+def _leaf_dir(root: str, path: tuple[str, ...]) -> str:
+    return os.path.join(root, "params", ".".join(path))
+
+
+def save_leaves(out_dir: str, config: Kosmos2Config, leaves: Iterator[tuple[tuple[str, ...], Any]]) -> int:
+    """Write `model_config.json` and one Orbax checkpoint per parameter under `out_dir/params/<path>`,
+    saving each leaf as it arrives (so a conversion holds one parameter at a time). Returns the
+    number of parameters written."""
     import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "params"), exist_ok=True)
     with open(os.path.join(out_dir, "model_config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
-    params = to_device(params)  # Orbax saves jax arrays with one staging copy, numpy arrays with two
+    count = 0
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, "params"), params, force=True)
+        for path, value in leaves:
+            ckptr.save(_leaf_dir(out_dir, path), {"value": jax.device_put(value)}, force=True)
+            ckptr.wait_until_finished()
+            count += int(np.prod(value.shape))
+    return count
 
 
-def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:
-    """A folder written by `save_checkpoint` (or `from-hf`) -> (Kosmos2 model, params)."""
+def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int:
+    """Write a params checkpoint (`model_config.json` + `params/`, one Orbax item per parameter)."""
+    return save_leaves(out_dir, config, traverse_util.flatten_dict(nn.unbox(params)).items())
+
+
+def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple[str, ...], np.ndarray]]]:
+    """A folder written by `save_checkpoint` -> (model, generator of (path, numpy array))."""
     import orbax.checkpoint as ocp
 
     ckpt_dir = os.path.abspath(ckpt_dir)
@@ -332,13 +353,26 @@ def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:
     with open(cfg_path) as f:
         config = Kosmos2Config.from_dict(json.load(f))
     model = Kosmos2(config)
-    target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model))
-    try:
+    expected = traverse_util.flatten_dict(abstract_params(model))
+
+    def leaves():
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.join(ckpt_dir, "params"), target)
-    except Exception as e:
-        raise ValueError(f"cannot restore params from {ckpt_dir!r} (truncated or for another config?): {e}") from e
-    return model, to_device(params)
+            for path, spec in expected.items():
+                where = _leaf_dir(ckpt_dir, path)
+                if not os.path.isdir(where):
+                    raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
+                target = {"value": jax.ShapeDtypeStruct(spec.shape, spec.dtype)}
+                try:
+                    yield path, np.asarray(ckptr.restore(where, target)["value"])
+                except Exception as e:  # Orbax raises many types for damaged files
+                    raise ValueError(f"cannot restore {'/'.join(path)} from {ckpt_dir!r}: {e}") from e
+    return model, leaves()
+
+
+def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:
+    """A folder written by `save_checkpoint` (or `from-hf`) -> (Kosmos2 model, params on device)."""
+    model, leaves = iter_checkpoint_leaves(ckpt_dir)
+    return model, traverse_util.unflatten_dict({path: jax.device_put(v) for path, v in leaves})
 
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
@@ -368,19 +402,24 @@ def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]], shap
         raise ValueError(f"tensors missing when writing {path!r}: {order[:5]}")
 
 
-def export_hf(out_dir: str, config: Kosmos2Config, params: Mapping) -> None:
-    """Write config.json + model.safetensors loadable by `Kosmos2ForConditionalGeneration.from_pretrained`."""
+def export_hf(out_dir: str, config: Kosmos2Config, params: Mapping | None = None, leaves=None) -> None:
+    """Write config.json + model.safetensors loadable by `Kosmos2ForConditionalGeneration.from_pretrained`,
+    from `params`, or from a stream of (path, array) `leaves` in the model's parameter order (as
+    `iter_checkpoint_leaves` yields them), writing each tensor as it arrives."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_to_hf(config), f, indent=2)
+    order = list(traverse_util.flatten_dict(abstract_params(Kosmos2(config))).items())
     shapes = {}
-    for path, spec in traverse_util.flatten_dict(nn.unbox(params)).items():
+    for path, spec in order:
         block_path, loop_layer, stacked = _layer_of(path)
         shape = _to_hf_shape(path, spec.shape[1:] if stacked else spec.shape)
         for layer in (range(spec.shape[0]) if stacked else [loop_layer]):
             shapes[hf_key(block_path, layer)] = shape
-    shapes = dict(sorted(shapes.items()))
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), params_to_hf(params), shapes)
+    if params is not None:
+        flat = traverse_util.flatten_dict(nn.unbox(params))
+        leaves = ((path, flat[path]) for path, _ in order)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), leaves_to_hf(leaves), shapes)
 
 
 def main(argv=None) -> int:
@@ -394,16 +433,16 @@ def main(argv=None) -> int:
     b.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        if args.command == "from-hf":
-            model, params = load_hf(args.hf_dir)
-            save_checkpoint(args.out, model.config, params)
+        if args.command == "from-hf":  # streamed: one parameter in memory at a time
+            config = config_from_hf(read_hf_config(args.hf_dir))
+            count = save_leaves(args.out, config, iter_params_from_hf(TensorSource(args.hf_dir), config))
         else:
-            model, params = load_checkpoint(args.checkpoint)
-            export_hf(args.out, model.config, params)
+            model, leaves = iter_checkpoint_leaves(args.checkpoint)
+            export_hf(args.out, model.config, leaves=leaves)
+            count = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(abstract_params(model)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {args.out}: {count:,} parameters")
     return 0
 

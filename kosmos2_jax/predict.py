@@ -68,6 +68,19 @@ def prompt_with_boxes(prompt: str, boxes: list[tuple[str, tuple]]) -> tuple[str,
     return prompt, bboxes
 
 
+def tokenizer_for(spm_path: str, model) -> Kosmos2Tokenizer:
+    """The tokenizer with as many location tokens as the model's vocabulary leaves room for
+    (1024 for the released model; a demo model may use a smaller grid)."""
+    tok = Kosmos2Tokenizer.from_file(spm_path)
+    locations = model.config.text.vocab_size - (tok.vocab_size - tok.num_location_tokens)
+    if locations != tok.num_location_tokens:
+        if locations <= 0 or int(locations ** 0.5) ** 2 != locations:
+            raise ValueError(f"tokenizer {spm_path!r} ({tok.vocab_size - tok.num_location_tokens} tokens before the "
+                             f"location tokens) does not fit the model's vocabulary of {model.config.text.vocab_size}")
+        tok = Kosmos2Tokenizer.from_file(spm_path, num_location_tokens=locations)
+    return tok
+
+
 def load_model(path: str):
     if os.path.isfile(os.path.join(path, "config.json")):
         return convert.load_hf(path)
@@ -91,10 +104,8 @@ def main(argv=None) -> int:
         images = [load_image(path) for path in args.image]
         boxes = [parse_box(b, images[0].size) for b in args.box]
         prompt, bboxes = prompt_with_boxes(args.prompt, boxes)
-        tokenizer = Kosmos2Tokenizer.from_file(args.tokenizer)
         model, params = load_model(args.checkpoint)
-        if tokenizer.vocab_size != model.config.text.vocab_size:
-            raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.text.vocab_size}")
+        tokenizer = tokenizer_for(args.tokenizer, model)
         processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                      num_image_tokens=model.config.latent_query_num)
         inputs = processor([prompt] * len(images), images=images, bboxes=[bboxes] * len(images) if bboxes else None,

@@ -76,3 +76,20 @@ def small_spm(tmp_path_factory):
              for c in colours for s in shapes for c2 in colours[::-1] for s2 in shapes]
     (d / "captions.txt").write_text("\n".join(lines) + "\n")
     return tokenizer.train_sentencepiece(str(d / "captions.txt"), 300, str(d / "shapes"))
+
+
+@pytest.fixture(scope="session")
+def shapes_tfds(tmp_path_factory):
+    """A small prepared shapes dataset (60 train, 10 validation/test) in both configs."""
+    from kosmos2_jax.data.build import build
+
+    d = tmp_path_factory.mktemp("shapes_tfds")
+    old = {k: os.environ.get(k) for k in ("SHAPES_NUM_TRAIN", "SHAPES_NUM_EVAL")}
+    os.environ.update(SHAPES_NUM_TRAIN="60", SHAPES_NUM_EVAL="10")
+    try:
+        build(str(REPO / "data" / "shapes"), str(d))
+        build(str(REPO / "data" / "shapes"), str(d), config="refexp")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return d

@@ -1,7 +1,5 @@
 """Datasets and the input pipeline."""
 
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,16 +16,10 @@ from kosmos2_jax.tokenizer import Kosmos2Tokenizer
 
 
 @pytest.fixture(scope="session")
-def tfds_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tfds")
-    os.environ.update(SHAPES_NUM_TRAIN="60", SHAPES_NUM_EVAL="10")
-    try:
-        build(str(REPO / "data" / "shapes"), str(d))
-        build(str(REPO / "data" / "shapes"), str(d), config="refexp")
-    finally:
-        os.environ.pop("SHAPES_NUM_TRAIN"), os.environ.pop("SHAPES_NUM_EVAL")
+def tfds_dir(shapes_tfds, tmp_path_factory):
+    d = tmp_path_factory.mktemp("grit_tfds")
     builder = build(str(REPO / "data" / "grit"), str(d), manual_dir=str(REPO / "data" / "grit" / "dummy_data"))
-    return d, builder
+    return shapes_tfds, builder
 
 
 @pytest.fixture(scope="session")

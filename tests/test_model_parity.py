@@ -1,6 +1,8 @@
 """The Flax model computes what HF's Kosmos2ForConditionalGeneration computes (float32, eval)."""
 
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -86,10 +88,14 @@ def test_checkpoint_folders_both_ways(tmp_path):
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert convert.main(["from-hf", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     model, params = convert.load_checkpoint(tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt" / "params"))[0] == "image_to_text_projection.dense.bias"
     assert convert.main(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf2")]) == 0
     import transformers
 
     reloaded = transformers.Kosmos2ForConditionalGeneration.from_pretrained(tmp_path / "hf2").eval()
+    shutil.rmtree(tmp_path / "ckpt" / "params" / "text_model.layer_norm.scale")
+    with pytest.raises(ValueError, match="text_model/layer_norm/scale is missing"):
+        convert.load_checkpoint(tmp_path / "ckpt")
     for key, value in hf.state_dict().items():
         np.testing.assert_array_equal(reloaded.state_dict()[key].numpy(), value.numpy(), err_msg=key)
     pixels, ids, attn, img_mask = grounded_batch(np.random.default_rng(3), 1, queries, text["vocab_size"],

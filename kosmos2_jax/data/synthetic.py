@@ -68,6 +68,12 @@ def _relation(a, b):
     return "above" if dy > 0 else "below"
 
 
+def _count_word(count: int, next_word: str) -> str:
+    if count == 1:
+        return "an" if next_word[0] in "aeiou" else "a"
+    return NUMBER_WORDS[count]
+
+
 def _union(boxes):
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
@@ -95,7 +101,7 @@ def make_example(seed: int, split: str, index: int, image_size: int = 128) -> di
             _draw(draw, shape, box, COLOURS[colour])
         if boxes:
             groups.append({"colour": colour, "shape": shape, "boxes": boxes})
-    phrases = [f"{NUMBER_WORDS[len(g['boxes'])]} {g['colour']} {g['shape']}{'s' if len(g['boxes']) > 1 else ''}"
+    phrases = [f"{_count_word(len(g['boxes']), g['colour'])} {g['colour']} {g['shape']}{'s' if len(g['boxes']) > 1 else ''}"
                for g in groups]
     if len(groups) == 2:
         caption = f"{phrases[0]} {_relation(_union(groups[0]['boxes']), _union(groups[1]['boxes']))} {phrases[1]}"
@@ -129,3 +135,29 @@ def refexp_examples(record: dict) -> list[dict]:
         if len(boxes) == 1:
             out.append({"expression": record["caption"][start:end], "box": np.asarray(boxes[0], np.float32)})
     return sorted(out, key=lambda e: e["expression"])
+
+
+def main(argv=None) -> int:
+    """`python -m kosmos2_jax.data.synthetic captions --num 4000 --out captions.txt`: training text
+    for the demo's sentencepiece model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kosmos2_jax.data.synthetic")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cap = sub.add_parser("captions", help="write the captions of the first N train examples")
+    cap.add_argument("--num", type=int, default=4000)
+    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        for i in range(args.num):
+            f.write(make_example(args.seed, "train", i, image_size=32)["caption"] + "\n")
+    print(f"wrote {args.num} captions to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Metrics and task evaluators (the paper's protocols, reference §5)."""

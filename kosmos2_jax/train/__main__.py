@@ -1,0 +1,175 @@
+"""Train from an experiment config.
+
+    python -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir workdir/shapes_tiny \\
+        [--config.train.steps=300 --config.mesh.data=2 ...]
+
+Resumes automatically from the latest checkpoint in the workdir (train state and data position);
+SIGTERM saves a checkpoint and exits; at the end the params are exported to WORKDIR/export
+(a `convert.load_checkpoint` folder). TensorBoard logs go to WORKDIR/tb.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+flags.DEFINE_string("workdir", None, "where checkpoints, logs and the export go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def model_config(cfg, vocab_size: int):
+    from kosmos2_jax.models import Kosmos2Config, TextConfig, VisionConfig
+
+    text = dict(cfg.model.text)
+    if text.get("vocab_size", -1) == -1:
+        text["vocab_size"] = vocab_size
+    elif text["vocab_size"] != vocab_size:
+        raise ValueError(f"config model.text.vocab_size={text['vocab_size']} but the tokenizer has {vocab_size}")
+    return Kosmos2Config(vision=VisionConfig(**dict(cfg.model.vision)), text=TextConfig(**text),
+                         latent_query_num=cfg.model.latent_query_num, dtype=cfg.model.dtype,
+                         param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat_policy,
+                         scan_layers=cfg.model.scan_layers)
+
+
+def data_pipelines(cfg, processor, data_state):
+    import jax
+
+    from kosmos2_jax.data.examples import ExampleConfig
+    from kosmos2_jax.data.pipeline import Pipeline, Source
+
+    d = cfg.data
+    example_config = ExampleConfig(seq_len=d.seq_len, preprocess=d.preprocess, span_mode=d.span_mode,
+                                   score_threshold=d.score_threshold, grounded_prob=d.grounded_prob,
+                                   box_formula=d.box_formula)
+    sources = [Source("train", "grit", data_dir=d.train_dir, split=d.train_split, weight=1.0)]
+    if d.text_file:
+        sources.append(Source("text", "text", path=d.text_file, weight=d.text_weight))
+    if cfg.train.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {cfg.train.batch_size} not divisible by {jax.process_count()} processes")
+    per_host = cfg.train.batch_size // jax.process_count()
+    common = dict(process_index=jax.process_index(), process_count=jax.process_count(), num_workers=d.num_workers)
+    train = Pipeline(sources, processor, example_config, per_host, seed=cfg.seed, state=data_state,
+                     shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction, **common)
+
+    def validation():
+        if not d.val_dir or not d.val_batches:
+            return []
+        val = Pipeline([Source("val", "grit", data_dir=d.val_dir, split=d.val_split)], processor, example_config,
+                       per_host, seed=cfg.seed, repeat=False, shuffle_buffer=1, **common)
+        batches = []
+        for batch in val:
+            if len(batch["input_ids"]) == per_host:
+                batches.append(batch)
+            if len(batches) == d.val_batches:
+                break
+        return batches
+    return train, validation
+
+
+def run(cfg, workdir: str) -> dict:
+    import jax
+
+    from kosmos2_jax import convert
+    from kosmos2_jax.models import Kosmos2
+    from kosmos2_jax.processor import Kosmos2Processor
+    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.train.trainer import Checkpoints, Preemption, Trainer, abstract_like, format_eta
+
+    if cfg.distributed:
+        jax.distributed.initialize()
+    tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
+    init_params = None
+    if cfg.init.hf_dir:
+        model, init_params = convert.load_hf(cfg.init.hf_dir)
+    elif cfg.init.checkpoint:
+        model, init_params = convert.load_checkpoint(cfg.init.checkpoint)
+    else:
+        model = Kosmos2(model_config(cfg, tokenizer.vocab_size))
+    processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
+                                 num_image_tokens=model.config.latent_query_num)
+    checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
+    trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
+    start, data_state = checkpoints.latest_step() or 0, None
+    if start:
+        trainer.state, data_state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
+        print(f"resumed from step {start}", flush=True)
+    train, validation = data_pipelines(cfg, processor, data_state)
+    val_batches = validation()
+    writer = None
+    if jax.process_index() == 0:
+        from flax.metrics import tensorboard
+
+        writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
+    preemption = Preemption()
+    total, log_every = cfg.train.steps, cfg.train.log_every
+    history, last = [], {}
+    t0, tokens_since, steps_since = time.time(), 0.0, 0
+    run_start = time.time()
+    try:
+        for step in range(start, total):
+            batch = next(train)
+            metrics = trainer.train_step(batch)
+            steps_since += 1
+            tokens_since += float(batch["attention_mask"].sum()) * jax.process_count()
+            done = step + 1
+            if done % log_every == 0 or done == total:
+                m = jax.device_get(metrics)
+                loss = float(m["nll_sum"] / max(m["tokens"], 1))
+                elapsed = time.time() - t0
+                rate = steps_since / max(elapsed, 1e-9)
+                last = {"step": done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                        "tokens_per_s": tokens_since / max(elapsed, 1e-9), "step_time": elapsed / steps_since,
+                        "loc_accuracy": float(m["loc_correct"] / max(m["loc_tokens"], 1))}
+                history.append(last)
+                print(f"step {done}/{total} loss {loss:.4f} loc_acc {last['loc_accuracy']:.3f} lr {last['lr']:.2e} "
+                      f"gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
+                      f"ETA {format_eta((total - done) / rate)}", flush=True)
+                if writer:
+                    for k, v in last.items():
+                        if k != "step":
+                            writer.scalar(f"train/{k}", v, done)
+                t0, tokens_since, steps_since = time.time(), 0.0, 0
+            if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == total) and val_batches:
+                ev = trainer.evaluate(val_batches)
+                print(f"step {done} validation loss {ev['loss']:.4f} loc_accuracy {ev['loc_accuracy']:.3f}", flush=True)
+                last.update({f"val_{k}": v for k, v in ev.items()})
+                if writer:
+                    for k, v in ev.items():
+                        writer.scalar(f"val/{k}", v, done)
+            checkpoints.save(done, trainer.state, train.state(), force=preemption.requested or done == total)
+            if preemption.requested:
+                print(f"SIGTERM: saved step {done}, exiting", flush=True)
+                break
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        preemption.restore()
+        train.close()
+        if writer:
+            writer.flush()
+    if not preemption.requested:
+        params = jax.device_get(trainer.state["params"])
+        if jax.process_index() == 0:
+            convert.save_checkpoint(os.path.join(workdir, "export"), model.config, params)
+            print(f"exported params to {os.path.join(workdir, 'export')} ({time.time() - run_start:.0f}s)", flush=True)
+    return {"history": history, "last": last}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
+    try:
+        run(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

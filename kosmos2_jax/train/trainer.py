@@ -1,0 +1,217 @@
+"""The training loop: sharded state, jitted train step, Orbax checkpoints, logging, resume.
+
+State = {step, params, opt_state}. Dropout keys are `fold_in(seed, step)`, and the data pipeline's
+position is saved with every checkpoint, so a run restarted from a checkpoint repeats exactly what
+the uninterrupted run computed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kosmos2_jax.models import Kosmos2
+from kosmos2_jax.train import sharding
+from kosmos2_jax.train.optim import make_optimizer, trainable_mask
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values")
+
+
+def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
+                     num_location_tokens: int):
+    """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
+    location-token accuracy."""
+    logits = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                         batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng})
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    is_loc = ((targets >= first_location_id) & (targets < first_location_id + num_location_tokens)).astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(nll * mask), {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
+                                 "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
+
+
+class Trainer:
+    def __init__(self, model: Kosmos2, config, first_location_id: int, num_location_tokens: int = 1024,
+                 init_params: Any = None):
+        self.model, self.config = model, config
+        self.loc = (first_location_id, num_location_tokens)
+        self.mesh = sharding.create_mesh(dict(config.mesh))
+        self.rules = sharding.DEFAULT_RULES
+        t = config.train
+        self.mask = None
+        self.tx, self.schedule = make_optimizer(config.optim)
+        self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+        self._init_state(init_params)
+        self._step_fn = self._build_step()
+        self._eval_fn = jax.jit(self._eval_batch, in_shardings=(self.state_shardings["params"], self.batch_sharding))
+        self.accum = t.grad_accum_steps
+
+    # --- state ----------------------------------------------------------------------------
+    def _example_inputs(self):
+        c = self.model.config
+        q = c.latent_query_num
+        ids = jnp.ones((1, q + 4), jnp.int32)
+        img = jnp.zeros((1, q + 4), jnp.int32).at[:, 2:2 + q].set(1)
+        pix = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)
+        return pix, ids, img
+
+    def _init_state(self, init_params):
+        pix, ids, img = self._example_inputs()
+        init = lambda rng: self.model.init(rng, pix, ids, None, img)["params"]
+        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+        param_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
+        self.mask = trainable_mask(nn.unbox(boxed), self.config.train.freeze, self.model.config.scan_layers)
+        self.tx, self.schedule = make_optimizer(self.config.optim, self.mask)
+        opt_boxed = jax.eval_shape(self.tx.init, boxed)
+        opt_shardings = sharding.tree_shardings(opt_boxed, self.mesh, self.rules)
+        replicated = NamedSharding(self.mesh, P())
+        self.state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+        with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
+            if init_params is None:
+                params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
+                    jax.random.PRNGKey(self.config.seed))
+            else:
+                params = jax.device_put(nn.unbox(init_params), param_shardings)
+            opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
+        self.state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
+                      "opt_state": opt_state}
+
+    # --- steps ----------------------------------------------------------------------------
+    def _build_step(self):
+        t = self.config.train
+        accum = t.grad_accum_steps
+
+        def step_fn(state, batch):
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
+            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, p, b, r, False, *self.loc), has_aux=True)
+            if accum == 1:
+                grads, metrics = grad_fn(state["params"], batch, rng)
+            else:
+                micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+                def body(carry, xs):
+                    g_acc, m_acc = carry
+                    b, i = xs
+                    g, m = grad_fn(state["params"], b, jax.random.fold_in(rng, i))
+                    return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m)), None
+
+                zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+                zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "tokens", "loc_correct", "loc_tokens")}
+                (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
+            tokens = jnp.maximum(metrics["tokens"], 1.0)
+            grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)  # mean over all target tokens
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))
+            return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+        return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+    def _eval_batch(self, params, batch):
+        return loss_and_metrics(self.model, params, batch, jax.random.PRNGKey(0), True, *self.loc)[1]
+
+    def _put(self, batch):
+        local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+        if jax.process_count() == 1:
+            return jax.device_put(local, self.batch_sharding)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+    def train_step(self, batch) -> dict:
+        with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
+            self.state, metrics = self._step_fn(self.state, self._put(batch))
+        return metrics
+
+    def evaluate(self, batches) -> dict:
+        totals = {}
+        with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
+            for batch in batches:
+                m = jax.device_get(self._eval_fn(self.state["params"], self._put(batch)))
+                for k, v in m.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        tokens = max(totals.get("tokens", 0.0), 1.0)
+        return {"loss": totals.get("nll_sum", 0.0) / tokens,
+                "loc_accuracy": totals.get("loc_correct", 0.0) / max(totals.get("loc_tokens", 0.0), 1.0)}
+
+
+class Checkpoints:
+    """Orbax CheckpointManager over `workdir/checkpoints`: the train state plus the data state (JSON)."""
+
+    def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True):
+        path = os.path.join(os.path.abspath(workdir), "checkpoints")
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"workdir {workdir!r} is not writable: {e}") from None
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(path, options=options)
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                               data=ocp.args.JsonSave(data_state)), force=force)
+
+    def restore(self, step: int, abstract_state):
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                  data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def abstract_like(state, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def write_json(path: str, payload: dict):
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+
+

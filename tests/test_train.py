@@ -1,0 +1,146 @@
+"""Training: resume after SIGKILL, mesh equivalence, gradient accumulation, freezing, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+HERE = os.path.dirname(__file__)
+
+
+def _cmd(workdir, data_root, spm, *extra):
+    return [sys.executable, "-m", "kosmos2_jax.train", f"--config={HERE}/train_tiny_config.py:{data_root},{spm}",
+            f"--workdir={workdir}", *extra]
+
+
+def _params(workdir):
+    from kosmos2_jax import convert
+
+    return jax.device_get(convert.load_checkpoint(os.path.join(workdir, "export"))[1])
+
+
+def _losses(text):
+    return {int(line.split()[1].split("/")[0]): line.split()[3] for line in text.splitlines() if line.startswith("step ")
+            and " loss " in line}
+
+
+def test_sigkill_and_resume_is_bitwise_identical(shapes_tfds, small_spm, tmp_path):
+    full = subprocess.run(_cmd(tmp_path / "a", shapes_tfds, small_spm), capture_output=True, text=True, cwd=REPO)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen(_cmd(tmp_path / "b", shapes_tfds, small_spm), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if line.startswith("step 6/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(_cmd(tmp_path / "b", shapes_tfds, small_spm), capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout
+    a, b = _losses(full.stdout), _losses(resumed.stdout)
+    assert all(a[s] == b[s] for s in range(5, 13)), (a, b)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "a"), _params(tmp_path / "b"))
+
+
+def test_sigterm_saves_and_exits(shapes_tfds, small_spm, tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path / "c", shapes_tfds, small_spm, "--config.train.steps=400"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+        if "SIGTERM: saved step" in line:
+            step = int(line.split("saved step")[1].split(",")[0])
+            break
+    assert proc.wait(timeout=120) == 0
+    assert os.path.isdir(tmp_path / "c" / "checkpoints" / str(step))
+
+
+def test_mesh_2x2x2_equals_single_device(shapes_tfds, small_spm):
+    losses = {}
+    for devices, mesh in ((8, "2,2,2"), (1, "1,1,1")):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        out = subprocess.run([sys.executable, os.path.join(HERE, "trainer_mesh_check.py"), str(shapes_tfds),
+                              small_spm, mesh], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses[mesh] = json.loads(out.stdout.split("LOSSES")[1])
+    np.testing.assert_allclose(losses["2,2,2"], losses["1,1,1"], rtol=1e-5)
+    assert losses["1,1,1"][2] != losses["1,1,1"][0]
+
+
+def _trainer(shapes_tfds, small_spm, **train):
+    sys.path.insert(0, HERE)
+    import train_tiny_config
+
+    from kosmos2_jax.data.examples import ExampleConfig
+    from kosmos2_jax.data.pipeline import Pipeline, Source
+    from kosmos2_jax.models import Kosmos2
+    from kosmos2_jax.processor import Kosmos2Processor
+    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.train.__main__ import model_config
+    from kosmos2_jax.train.trainer import Trainer
+
+    cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
+    cfg.model.text.dropout = 0.0
+    cfg.train.update(train)
+    tok = Kosmos2Tokenizer.from_file(small_spm)
+    pipe = Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], Kosmos2Processor(tok, 32, 8),
+                    ExampleConfig(seq_len=48), 8, seed=0, num_workers=1)
+    return Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id), next(pipe)
+
+
+def test_gradient_accumulation_equals_one_big_batch(shapes_tfds, small_spm):
+    one, batch = _trainer(shapes_tfds, small_spm, grad_accum_steps=1)
+    two, _ = _trainer(shapes_tfds, small_spm, grad_accum_steps=2)
+    m1, m2 = jax.device_get(one.train_step(batch)), jax.device_get(two.train_step(batch))
+    assert m1["tokens"] == m2["tokens"]
+    np.testing.assert_allclose(m1["nll_sum"], m2["nll_sum"], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
+                           jax.device_get(one.state["params"]), jax.device_get(two.state["params"]))
+
+
+@pytest.mark.parametrize("freeze", ["vision_except_last", "all_but_resampler"])
+def test_freezing(shapes_tfds, small_spm, freeze):
+    trainer, batch = _trainer(shapes_tfds, small_spm, freeze=freeze)
+    before = jax.device_get(trainer.state["params"])
+    trainer.train_step(batch)
+    after = jax.device_get(trainer.state["params"])
+    moved = lambda *path: not np.array_equal(_get(before, path), _get(after, path))
+    if freeze == "vision_except_last":
+        fc1_before = before["vision_model"]["encoder"]["layer"]["fc1"]["kernel"]
+        fc1_after = after["vision_model"]["encoder"]["layer"]["fc1"]["kernel"]
+        np.testing.assert_array_equal(fc1_before[:-1], fc1_after[:-1])
+        assert not np.array_equal(fc1_before[-1], fc1_after[-1])
+        assert not moved("vision_model", "patch_embedding", "kernel")
+        assert moved("vision_model", "post_layernorm", "scale") and moved("text_model", "embed_tokens", "embedding")
+    else:
+        assert moved("image_to_text_projection", "latent_query")
+        assert not moved("text_model", "embed_tokens", "embedding") and not moved("vision_model", "class_embedding")
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def test_clear_errors(shapes_tfds, small_spm, tmp_path):
+    bad_key = subprocess.run(_cmd(tmp_path / "x", shapes_tfds, small_spm, "--config.train.stepz=3"),
+                             capture_output=True, text=True, cwd=REPO)
+    assert bad_key.returncode != 0 and "stepz" in bad_key.stderr
+    missing = subprocess.run(_cmd(tmp_path / "y", shapes_tfds, small_spm, f"--config.data.train_dir={tmp_path}/none"),
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and "no prepared tfds dataset" in missing.stderr
+    (tmp_path / "file").write_text("x")
+    unwritable = subprocess.run(_cmd(tmp_path / "file" / "w", shapes_tfds, small_spm), capture_output=True,
+                                text=True, cwd=REPO)
+    assert unwritable.returncode == 2 and "not writable" in unwritable.stderr

@@ -1,0 +1,34 @@
+"""Run with XLA_FLAGS=--xla_force_host_platform_device_count=N: prints the losses of 3 train steps
+on a (data, fsdp, tensor) mesh given as argv[3] ("2,2,2" or "1,1,1") as JSON."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import jax  # noqa: E402
+
+import train_tiny_config  # noqa: E402
+from kosmos2_jax.data.examples import ExampleConfig  # noqa: E402
+from kosmos2_jax.data.pipeline import Pipeline, Source  # noqa: E402
+from kosmos2_jax.processor import Kosmos2Processor  # noqa: E402
+from kosmos2_jax.tokenizer import Kosmos2Tokenizer  # noqa: E402
+from kosmos2_jax.train.__main__ import model_config  # noqa: E402
+from kosmos2_jax.models import Kosmos2  # noqa: E402
+from kosmos2_jax.train.trainer import Trainer  # noqa: E402
+
+data_root, spm, mesh = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = train_tiny_config.get_config(f"{data_root},{spm}")
+cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))))
+cfg.model.text.dropout = 0.0
+tok = Kosmos2Tokenizer.from_file(spm)
+model = Kosmos2(model_config(cfg, tok.vocab_size))
+proc = Kosmos2Processor(tok, image_size=32, num_image_tokens=8)
+pipe = Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], proc, ExampleConfig(seq_len=48), 8, seed=0,
+                num_workers=1)
+trainer = Trainer(model, cfg, tok.first_location_id)
+losses = []
+for _ in range(3):
+    m = jax.device_get(trainer.train_step(next(pipe)))
+    losses.append(float(m["nll_sum"] / m["tokens"]))
+print("LOSSES", json.dumps(losses))
