@@ -93,3 +93,20 @@ def shapes_tfds(tmp_path_factory):
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return d
+
+
+def save_tiny_checkpoint(directory, spm_path):
+    """A random `tiny` model whose vocabulary fits `spm_path`, saved as a params checkpoint."""
+    import jax
+    import numpy as np
+
+    from kosmos2_jax import convert
+    from kosmos2_jax.models import Kosmos2, tiny
+    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+
+    model = Kosmos2(tiny(vocab_size=Kosmos2Tokenizer.from_file(spm_path).vocab_size))
+    q = model.config.latent_query_num
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), np.ones((1, q + 3), np.int32),
+                        None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]
+    convert.save_checkpoint(directory, model.config, params)
+    return str(directory)

@@ -1,13 +1,10 @@
 import json
 
-import jax
-import numpy as np
 import pytest
 
-from kosmos2_jax import convert, evaluate
+from conftest import save_tiny_checkpoint
+from kosmos2_jax import evaluate
 from kosmos2_jax.evaluation.metrics import first_box_hit, iou
-from kosmos2_jax.models import Kosmos2, tiny
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer
 
 
 @pytest.mark.parametrize("a, b, expected", [
@@ -33,12 +30,7 @@ def test_first_box_rule():
 
 
 def test_shapes_task_end_to_end(shapes_tfds, small_spm, tmp_path):
-    tok = Kosmos2Tokenizer.from_file(small_spm)
-    model = Kosmos2(tiny(vocab_size=tok.vocab_size))
-    q = model.config.latent_query_num
-    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), np.ones((1, q + 3), np.int32),
-                        None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]
-    convert.save_checkpoint(tmp_path / "ckpt", model.config, params)
+    save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
     out = tmp_path / "eval" / "results.json"
     rc = evaluate.main(["--task", "shapes", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", small_spm,
                         "--data_dir", str(shapes_tfds / "shapes" / "refexp" / "1.0.0"), "--split", "test",

@@ -1,25 +1,16 @@
 import json
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import IMAGES_DIR, official_spm_path
-from kosmos2_jax import convert, predict
-from kosmos2_jax.models import Kosmos2, tiny
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+from conftest import IMAGES_DIR, official_spm_path, save_tiny_checkpoint
+from kosmos2_jax import predict
 from kosmos2_jax.visualize import draw_entities, entity_colours
 
 
 def _checkpoint(tmp_path, spm):
-    tok = Kosmos2Tokenizer.from_file(spm)
-    model = Kosmos2(tiny(vocab_size=tok.vocab_size))
-    q = model.config.latent_query_num
-    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), np.ones((1, q + 3), np.int32),
-                        None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]
-    convert.save_checkpoint(tmp_path / "ckpt", model.config, params)
-    return str(tmp_path / "ckpt")
+    return save_tiny_checkpoint(tmp_path / "ckpt", spm)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ import os
 import tarfile
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from kosmos2_jax.data.schema import grit_features
 
 
 def _rows(value):
@@ -73,15 +74,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "key": tfds.features.Text(),
-                "image": tfds.features.Tensor(shape=(), dtype=tf.string),
-                "caption": tfds.features.Text(),
-                "width": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "height": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "noun_chunks": tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
-                "ref_exps": tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
-            }),
+            features=grit_features(),
             metadata=tfds.core.MetadataDict(),
             description=__doc__.split("\n")[0])
 

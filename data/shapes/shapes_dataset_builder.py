@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from kosmos2_jax.data.schema import grit_features
 from kosmos2_jax.data.synthetic import make_example, refexp_examples
 
 SEED = 0
@@ -36,15 +37,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         if self.builder_config.name == "grounded":
-            features = tfds.features.FeaturesDict({
-                "key": tfds.features.Text(),
-                "image": tfds.features.Tensor(shape=(), dtype=tf.string),
-                "caption": tfds.features.Text(),
-                "width": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "height": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "noun_chunks": tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
-                "ref_exps": tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
-            })
+            features = grit_features()
         else:
             features = tfds.features.FeaturesDict({
                 "key": tfds.features.Text(),
