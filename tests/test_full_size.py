@@ -1,7 +1,6 @@
 """Full-size (1.66B) checks: slow, run with `make test-slow` (needs ~20 GB RAM and ~14 GB disk)."""
 
 import os
-import resource
 import subprocess
 import sys
 
@@ -23,13 +22,15 @@ def full_hf_dir(tmp_path_factory):
     return d
 
 
+_MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+
+
 def _peak_rss_of(cmd):
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    """Peak resident memory of `cmd` alone (measured by a wrapper process whose only child it is)."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    assert peak > before * 1024, "another child had a larger peak; run this test alone"
-    return peak, out.stdout
+    return int(out.stdout.split("PEAK")[-1]), out.stdout
 
 
 def test_conversion_peak_memory(full_hf_dir, tmp_path):
