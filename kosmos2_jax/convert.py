@@ -375,9 +375,6 @@ def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:
     return model, traverse_util.unflatten_dict({path: jax.device_put(v) for path, v in leaves})
 
 
-_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
-
-
 def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple]) -> None:
     """Stream tensors into a safetensors file: the header is written from `shapes` first, then each
     tensor's bytes as it arrives (float32), so only one tensor is in memory at a time."""

@@ -19,7 +19,6 @@ import re
 import sys
 import time
 
-import numpy as np
 
 from kosmos2_jax import convert, grounding
 from kosmos2_jax.generate import generate

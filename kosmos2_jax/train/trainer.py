@@ -7,7 +7,6 @@ the uninterrupted run computed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -208,10 +207,3 @@ def format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def write_json(path: str, payload: dict):
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-
-
