@@ -99,8 +99,8 @@ def make_example(seed: int, split: str, index: int, image_size: int = 128) -> di
             taken.append(box)
             boxes.append(box)
             _draw(draw, shape, box, COLOURS[colour])
-        if boxes:
-            groups.append({"colour": colour, "shape": shape, "boxes": boxes})
+        if boxes:  # reading order (left to right, then top to bottom): a learnable order for multi-box phrases
+            groups.append({"colour": colour, "shape": shape, "boxes": sorted(boxes, key=lambda b: (b[0], b[1]))})
     phrases = [f"{_count_word(len(g['boxes']), g['colour'])} {g['colour']} {g['shape']}{'s' if len(g['boxes']) > 1 else ''}"
                for g in groups]
     if len(groups) == 2:
