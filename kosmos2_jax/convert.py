@@ -102,6 +102,12 @@ def _layer_of(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None, bool]
     return path, None, False
 
 
+def hf_keys(path: tuple[str, ...], shape: tuple[int, ...]) -> list[str]:
+    """The HF keys a Flax parameter covers: one per layer when stacked by `nn.scan`, else one."""
+    block_path, loop_layer, stacked = _layer_of(path)
+    return [hf_key(block_path, layer) for layer in (range(shape[0]) if stacked else [loop_layer])]
+
+
 def _to_hf_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel" and value.ndim == 4:  # conv HWIO -> OIHW
         return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
@@ -224,17 +230,14 @@ def iter_params_from_hf(state: Any, config: Kosmos2Config) -> Iterator[tuple[tup
     source = state if isinstance(state, TensorSource) else TensorSource(state)
     available = set(source.keys())
     expected = traverse_util.flatten_dict(abstract_params(Kosmos2(config)))
-    unexpected = sorted(k for k in available if k != _LM_HEAD and not _IGNORED.match(k)
-                        and k not in {hf_key(_layer_of(p)[0], layer) for p, spec in expected.items()
-                                      for layer in (range(spec.shape[0]) if _layer_of(p)[2] else [_layer_of(p)[1]])})
+    known = {key for path, spec in expected.items() for key in hf_keys(path, spec.shape)}
+    unexpected = sorted(k for k in available - known if k != _LM_HEAD and not _IGNORED.match(k))
     if unexpected:
         raise ValueError(f"{source.name}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for path, spec in expected.items():
-        block_path, loop_layer, stacked = _layer_of(path)
-        layers = range(spec.shape[0]) if stacked else [loop_layer]
+        stacked = _layer_of(path)[2]
         out = np.empty(spec.shape, np.float32)
-        for i, layer in enumerate(layers):
-            key = hf_key(block_path, layer)
+        for i, key in enumerate(hf_keys(path, spec.shape)):
             if key not in available:
                 raise ValueError(f"{source.name}: missing tensor {key!r} (needed for {'/'.join(path)})")
             value = _from_hf_array(path, source.get(key))
@@ -276,13 +279,13 @@ def params_to_hf(params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
 
 def leaves_to_hf(leaves) -> Iterator[tuple[str, np.ndarray]]:
     for path, value in leaves:
-        block_path, loop_layer, stacked = _layer_of(path)
         value = np.asarray(value)
-        if stacked:
-            for i in range(value.shape[0]):
-                yield hf_key(block_path, i), _to_hf_array(path, value[i])
+        keys = hf_keys(path, value.shape)
+        if _layer_of(path)[2]:
+            for i, key in enumerate(keys):
+                yield key, _to_hf_array(path, value[i])
         else:
-            yield hf_key(block_path, loop_layer), _to_hf_array(path, value)
+            yield keys[0], _to_hf_array(path, value)
 
 
 def state_dict_from_params(params: Mapping) -> dict[str, np.ndarray]:
@@ -409,10 +412,8 @@ def export_hf(out_dir: str, config: Kosmos2Config, params: Mapping | None = None
     order = list(traverse_util.flatten_dict(abstract_params(Kosmos2(config))).items())
     shapes = {}
     for path, spec in order:
-        block_path, loop_layer, stacked = _layer_of(path)
-        shape = _to_hf_shape(path, spec.shape[1:] if stacked else spec.shape)
-        for layer in (range(spec.shape[0]) if stacked else [loop_layer]):
-            shapes[hf_key(block_path, layer)] = shape
+        shape = _to_hf_shape(path, spec.shape[1:] if _layer_of(path)[2] else spec.shape)
+        shapes.update((key, shape) for key in hf_keys(path, spec.shape))
     if params is not None:
         flat = traverse_util.flatten_dict(nn.unbox(params))
         leaves = ((path, flat[path]) for path, _ in order)

@@ -108,14 +108,11 @@ def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, 
         n_prompt = jnp.sum(prompt != model.config.text.pad_token_id, axis=1)
         mask = jnp.concatenate([prompt_mask, jnp.ones((batch, s.max_new_tokens), prompt_mask.dtype)], axis=1)
         tokens = jnp.concatenate([prompt, jnp.full((batch, s.max_new_tokens), s.pad_token_id, prompt.dtype)], axis=1)
-        cache = init_cache(model, batch, total)
+        logits, cache = _apply_decode(model, params, init_cache(model, batch, total), prompt, mask, positions,
+                                      image_embeds, image_mask if with_image else None)
         if k == 1:
-            logits, cache = _apply_decode(model, params, cache, prompt, mask, positions, image_embeds,
-                                          image_mask if with_image else None)
             return _greedy_or_sample(model, params, s, cache, logits, tokens, mask, n_prompt, prompt_len, start, rng)
         # Beam search runs the prefill on B rows and repeats the cache, as HF repeats the prompt.
-        logits, cache = _apply_decode(model, params, cache, prompt, mask, positions, image_embeds,
-                                      image_mask if with_image else None)
         axis = _cache_batch_axis(model)
         cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=axis) if x.ndim > 1 else x, cache)
         return _beam_search(model, params, s, cache, jnp.repeat(logits, k, axis=0), jnp.repeat(tokens, k, axis=0),

@@ -51,14 +51,10 @@ class Trainer:
         self.loc = (first_location_id, num_location_tokens)
         self.mesh = sharding.create_mesh(dict(config.mesh))
         self.rules = sharding.DEFAULT_RULES
-        t = config.train
-        self.mask = None
-        self.tx, self.schedule = make_optimizer(config.optim)
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
         self._init_state(init_params)
         self._step_fn = self._build_step()
         self._eval_fn = jax.jit(self._eval_batch, in_shardings=(self.state_shardings["params"], self.batch_sharding))
-        self.accum = t.grad_accum_steps
 
     # --- state ----------------------------------------------------------------------------
     def _example_inputs(self):
