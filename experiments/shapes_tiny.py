@@ -34,8 +34,10 @@ def get_config(arg=None):
     c.model.remat_policy = "none"
     c.model.scan_layers = True
 
-    # From scratch: 2-D sin-cos tables for the vision positions and the location tokens (train/init.py).
-    c.init = ml_collections.ConfigDict(dict(hf_dir="", checkpoint="", sincos_positions=True, sincos_locations=True))
+    # From scratch (train/init.py): 2-D sin-cos tables for the vision positions and the location
+    # tokens, and a resampler input projection strong enough for the image to reach the latents.
+    c.init = ml_collections.ConfigDict(dict(hf_dir="", checkpoint="", sincos_positions=True, sincos_locations=True,
+                                            connector_dense_std=1.0))
 
     c.data = ml_collections.ConfigDict(dict(
         train_dir="workdir/demo_data/tfds/shapes/grounded/1.0.0", train_split="train",

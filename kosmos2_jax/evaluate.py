@@ -1,87 +1,107 @@
-"""Evaluate a checkpoint on a benchmark.
+"""Evaluate a checkpoint on the paper's benchmarks with the paper's protocols (reference §5).
 
-    python -m kosmos2_jax.evaluate --task shapes --checkpoint workdir/shapes_tiny/export \\
-        --tokenizer workdir/demo_data/spm/shapes.model --data_dir workdir/demo_data/tfds/shapes/refexp/1.0.0 \\
-        --split test --out results.json [--max_examples N] [--batch_size B] [--draw 6]
+    python -m kosmos2_jax.evaluate --task TASK --checkpoint DIR --tokenizer SPM --data_dir DIR \\
+        [--image_dir DIR] [--split S] [--max_examples N] [--batch_size B] --out results.json [--draw N]
 
-Tasks available now: `shapes` (referring-expression grounding on the synthetic dataset, first box,
-IoU >= 0.5). The paper's benchmarks (Flickr30k Entities, RefCOCO/+/g, captioning, VQA, language)
-are not implemented yet.
+Tasks: shapes, refcoco, refcoco+, refcocog, flickr30k_entities, flickr30k_caption, coco_caption,
+vqav2, language (data layouts: `kosmos2_jax/evaluation/tasks.py`). Predictions stream to
+OUT.predictions.jsonl (an interrupted run resumes there); the results JSON holds the metrics, the
+paper's numbers and every prediction, and a Markdown table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
-import time
 
-TASKS = ("shapes",)
+
+def markdown(task: str, split: str, count: int, metrics: dict, paper: dict) -> str:
+    rows = ["| task | split | items | metric | ours | paper |", "|---|---|---|---|---|---|"]
+    for k, v in metrics.items():
+        ref = paper.get(k)
+        rows.append(f"| {task} | {split} | {count} | {k} | {v:.3f} | {'' if ref is None else ref} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
+    from kosmos2_jax.evaluation.tasks import PAPER, TASKS
+
     p = argparse.ArgumentParser(prog="python -m kosmos2_jax.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--data_dir", required=True, help="prepared tfds folder (e.g. .../shapes/refexp/1.0.0)")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--checkpoint", required=True, help="our checkpoint folder or a HF Kosmos-2 folder")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece model")
+    p.add_argument("--data_dir", required=True, help="annotation folder (or prepared tfds folder for shapes)")
+    p.add_argument("--image_dir", default="", help="image folder (default: DATA_DIR/images)")
     p.add_argument("--split", default="test")
     p.add_argument("--max_examples", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--out", required=True)
-    p.add_argument("--draw", type=int, default=0, help="write this many annotated PNGs next to --out")
+    p.add_argument("--draw", type=int, default=0, help="grounding tasks: write this many annotated PNGs next to --out")
     args = p.parse_args(argv)
 
-    import tensorflow_datasets as tfds
-    from PIL import Image
-
-    from kosmos2_jax.evaluation.refexp import evaluate_refexp
+    from kosmos2_jax.evaluation.runner import run_items
+    from kosmos2_jax.evaluation.tasks import Context
     from kosmos2_jax.predict import load_model, tokenizer_for
     from kosmos2_jax.processor import Kosmos2Processor
-    from kosmos2_jax.visualize import draw_entities
 
+    task = TASKS[args.task]
     try:
+        items = task.load(args.data_dir, args.split)
+        if args.max_examples:
+            items = items[:args.max_examples]
+        if not items:
+            raise ValueError(f"no {args.task} items in split {args.split!r} of {args.data_dir}")
+        image_dir = args.image_dir or os.path.join(args.data_dir, "images")
+        if any("image" in it for it in items) and not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"image folder not found: {image_dir} (pass --image_dir)")
         model, params = load_model(args.checkpoint)
         tokenizer = tokenizer_for(args.tokenizer, model)
-        try:
-            builder = tfds.builder_from_directory(args.data_dir)
-        except Exception as e:
-            raise ValueError(f"no prepared dataset at {args.data_dir!r}: {e}") from None
-        ds = builder.as_dataset(split=args.split, shuffle_files=False)
-        if args.max_examples:
-            ds = ds.take(args.max_examples)
-        items = list(ds.as_numpy_iterator())
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                  num_image_tokens=model.config.latent_query_num)
-    start = time.time()
-
-    def progress(done, total):
-        rate = done / max(time.time() - start, 1e-9)
-        print(f"\r{done}/{total} items, ETA {int((total - done) / rate)}s", end="", file=sys.stderr, flush=True)
-
-    result = evaluate_refexp(model, params, processor, items, batch_size=args.batch_size, progress=progress)
-    print(file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    summary = {"task": args.task, "split": args.split, "checkpoint": args.checkpoint,
-               "accuracy": result["accuracy"], "count": result["count"]}
+    ctx = Context(model, params, processor, image_dir=image_dir, batch_size=args.batch_size)
+    jsonl = os.path.splitext(os.path.abspath(args.out))[0] + ".predictions.jsonl"
+    records = run_items(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size)
+    metrics = task.score(records)
+    missing = sum(bool(r.get("missing_image")) for r in records)
+    paper = PAPER.get(args.task, {}).get(args.split, {})
+    result = {"task": args.task, "split": args.split, "checkpoint": args.checkpoint, "count": len(records),
+              "missing_images": missing, "metrics": metrics, "paper": paper, "predictions": records}
+    if "accuracy" in metrics:
+        result["accuracy"] = metrics["accuracy"]
     with open(args.out, "w") as f:
-        json.dump(dict(summary, predictions=result["predictions"]), f, indent=2)
-    print(f"| task | split | items | first-box accuracy (IoU >= 0.5) |\n|---|---|---|---|\n"
-          f"| {args.task} | {args.split} | {result['count']} | {result['accuracy']:.3f} |")
-    for i, (item, pred) in enumerate(zip(items[:args.draw], result["predictions"])):
-        image = Image.open(io.BytesIO(item["image"])).convert("RGB").resize((256, 256))
-        entities = [(f"truth: {pred['expression']}", (0, 0), [tuple(pred["target"])])]
-        entities += [(f"model (IoU {pred['iou']:.2f})", (0, 0), [tuple(b)]) for b in pred["predicted"]]
-        path = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"example_{i}.png")
-        draw_entities(image, entities).save(path)
+        json.dump(result, f, indent=2)
+    if hasattr(task, "server_json"):
+        server = os.path.splitext(os.path.abspath(args.out))[0] + ".server.json"
+        with open(server, "w") as f:
+            json.dump(task.server_json(records), f)
+        print(f"wrote the evaluation server's JSON to {server}")
+    if missing:
+        print(f"{missing} of {len(records)} items had a missing or unreadable image (not scored)", file=sys.stderr)
+    print(markdown(args.task, args.split, len(records), metrics, paper))
     if args.draw:
-        print(f"wrote {min(args.draw, len(items))} annotated examples next to {args.out}")
+        _draw(items, records, args.draw, ctx, os.path.dirname(os.path.abspath(args.out)))
     return 0
+
+
+def _draw(items, records, n, ctx, folder):
+    from kosmos2_jax.visualize import draw_entities
+
+    drawn = 0
+    for item, rec in zip(items, records):
+        if drawn == n or "predicted" not in rec or rec.get("missing_image"):
+            continue
+        image = ctx.image(item).resize((256, 256))
+        truths = [item["target"]] if "target" in item else item.get("targets", [])
+        entities = [(f"truth: {item['phrase']}", (0, 0), [tuple(t) for t in truths])]
+        entities += [(f"model (IoU {rec.get('iou', 0):.2f})", (0, 0), [tuple(b)]) for b in rec["predicted"][:1]]
+        draw_entities(image, entities).save(os.path.join(folder, f"example_{drawn}.png"))
+        drawn += 1
+    print(f"wrote {drawn} annotated examples to {folder}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 
 from conftest import save_tiny_checkpoint
@@ -40,3 +42,251 @@ def test_shapes_task_end_to_end(shapes_tfds, small_spm, tmp_path):
     assert result["count"] == 5 and 0.0 <= result["accuracy"] <= 1.0
     assert all({"expression", "target", "predicted", "iou", "hit", "text"} <= set(p) for p in result["predictions"])
     assert (tmp_path / "eval" / "example_1.png").is_file()
+
+
+# --- the paper's tasks -----------------------------------------------------------------------------
+from kosmos2_jax.evaluation.metrics import merge_boxes, recall_at_k, recall_at_k_merged  # noqa: E402
+from kosmos2_jax.evaluation.vqa import normalize_answer, vqa_accuracy  # noqa: E402
+
+
+def test_recall_at_k_any_box_vs_merged():
+    targets = [(0.0, 0.0, 0.2, 0.2), (0.8, 0.8, 1.0, 1.0)]  # two people far apart
+    pred_one = [(0.8, 0.8, 1.0, 1.0)]
+    assert recall_at_k(pred_one, targets, 1)  # ANY-BOX: matching one of them is a hit
+    assert merge_boxes(targets) == (0.0, 0.0, 1.0, 1.0)
+    assert not recall_at_k_merged(pred_one, targets, 1)  # MERGED-BOX: the union box is what counts
+    assert recall_at_k_merged([(0.0, 0.0, 1.0, 1.0)], targets, 1)
+    ranked = [(0.4, 0.4, 0.6, 0.6), (0.0, 0.0, 0.2, 0.2)]
+    assert not recall_at_k(ranked, targets, 1) and recall_at_k(ranked, targets, 5)
+    # Fewer than k boxes generated: all of them are used, so R@5 = R@10 here.
+    assert recall_at_k(ranked, targets, 10) == recall_at_k(ranked, targets, 5)
+    assert not recall_at_k([(0.0, 0.0, 0.0, 0.0)], targets, 10)  # the parse-failure box is a miss
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("A dog", "dog"), ("the Two dogs.", "2 dogs"), ("an apple", "apple"),  # articles, number words, case
+    ("yes!", "yes"), ("red, white", "red white"), ("1,000", "1000"), ("3.5", "3.5"),  # punctuation rules
+    ("dont", "don't"), ("Its raining", "its raining"), ("isnt", "isn't"),  # contractions
+    ("none", "0"), ("ten", "10"), (" eleven\n", "eleven"),
+])
+def test_vqa_normalization(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_vqa_accuracy():
+    assert vqa_accuracy("two", ["2"] * 10) == 1.0
+    assert vqa_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx((7 * 1.0 + 3 * 2 / 3) / 10)
+    assert vqa_accuracy("2", ["2"] + ["3"] * 9) == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
+
+
+def test_caption_scores_equal_coco_eval_cap(tmp_path, monkeypatch):
+    pytest.importorskip("pycocoevalcap")
+    import pycocoevalcap.eval
+
+    class NoSpice:  # the official driver also runs SPICE, which downloads Stanford models
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(pycocoevalcap.eval, "Spice", NoSpice)
+    import shutil
+
+    if shutil.which("java") is None:
+        pytest.skip("pycocoevalcap's tokenizer and METEOR need Java")
+    from pycocoevalcap.eval import COCOEvalCap
+
+    from kosmos2_jax.evaluation.captions import caption_scores
+
+    refs = {1: ["A man riding a horse on a beach.", "a person rides a brown horse near the sea"],
+            2: ["Two dogs play with a ball in the snow.", "dogs playing in snow"],
+            3: ["A bowl of fruit on a wooden table.", "fresh fruit in a bowl"]}
+    preds = {1: "a man riding a horse on the beach", 2: "two dogs playing in the snow", 3: "a table with food"}
+
+    class FakeCoco:  # the two attributes COCOEvalCap reads
+        def __init__(self, anns):
+            self.imgToAnns = anns
+
+        def getImgIds(self):
+            return list(self.imgToAnns)
+
+    coco = FakeCoco({i: [{"image_id": i, "caption": c} for c in cs] for i, cs in refs.items()})
+    res = FakeCoco({i: [{"image_id": i, "caption": c}] for i, c in preds.items()})
+    official = COCOEvalCap(coco, res)
+    official.params = {"image_id": list(refs)}
+    official.evaluate()
+    ours = caption_scores(preds, refs)
+    for k in ("Bleu_1", "Bleu_4", "METEOR", "CIDEr"):
+        assert ours[k] == pytest.approx(official.eval[k], abs=1e-9), k
+
+
+class _BigramModel:
+    """logits[b, t] = table[ids[b, t]]: log p(next | current) set by hand."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def apply(self, variables, pixel_values, ids, mask, image_mask):
+        import jax.numpy as jnp
+
+        return jnp.asarray(self.table)[ids]
+
+
+class _WordTokenizer:
+    bos_id, pad_id = 0, 1
+    vocab = {"the": 2, "cat": 3, "sat": 4, "dog": 5, "ran": 6}
+
+    def encode(self, text):
+        return [self.vocab[w] for w in text.split()]
+
+
+def test_loglik_picks_the_known_answer_and_sums_candidate_tokens():
+    from kosmos2_jax.evaluation.loglik import candidate_logprobs, choose
+
+    table = np.full((7, 7), -10.0, np.float32)
+    table[3, 4] = 5.0  # after "cat": "sat" is likely
+    table[3, 6] = 1.0
+    model, tok = _BigramModel(table), _WordTokenizer()
+    scores = candidate_logprobs(model, None, tok, "the cat", [" ran", " sat", " sat sat"])
+    assert choose(scores) == 1
+    logp = table[3] - np.log(np.exp(table[3]).sum())
+    assert scores[1]["sum"] == pytest.approx(logp[4], abs=1e-5) and scores[1]["tokens"] == 1
+    logp4 = table[4] - np.log(np.exp(table[4]).sum())
+    assert scores[2]["sum"] == pytest.approx(logp[4] + logp4[4], abs=1e-5)
+    assert scores[2]["mean"] == pytest.approx((logp[4] + logp4[4]) / 2, abs=1e-5)
+
+
+def test_loglik_equals_full_forward(tmp_path, small_spm):
+    from kosmos2_jax.evaluation.loglik import candidate_logprobs
+    from kosmos2_jax.predict import load_model, tokenizer_for
+
+    model, params = load_model(save_tiny_checkpoint(tmp_path / "ckpt", small_spm))
+    tok = tokenizer_for(small_spm, model)
+    context, candidates = "a red circle to the left of", [" two blue squares", " a green star on a grey background"]
+    scores = candidate_logprobs(model, params, tok, context, candidates)
+    for cand, got in zip(candidates, scores):
+        ids = np.asarray([[tok.bos_id] + tok.encode(context + cand)], np.int32)
+        n_ctx = 1 + len(tok.encode(context))
+        logits = np.asarray(model.apply({"params": params}, None, ids, np.ones_like(ids), None)[0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        direct = sum(logp[t - 1, ids[0, t]] for t in range(n_ctx, ids.shape[1]))
+        assert got["sum"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_runner_resumes_without_recomputing(tmp_path):
+    from kosmos2_jax.evaluation.runner import run_items
+
+    items = [{"id": str(i), "x": i} for i in range(7)]
+    calls = []
+
+    def predict(batch, fail_after=None):
+        calls.append([it["id"] for it in batch])
+        if fail_after is not None and len(calls) > fail_after:
+            raise KeyboardInterrupt  # killed mid-way
+        return [{"y": it["x"] ** 2} for it in batch]
+
+    jsonl = str(tmp_path / "p.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        run_items(items, lambda b: predict(b, fail_after=2), jsonl, 2, log=None)
+    with open(jsonl, "a") as f:
+        f.write('{"id": "6", "y"')  # a torn line from the kill
+    calls.clear()
+    records = run_items(items, predict, jsonl, 2, log=None)
+    assert calls == [["4", "5"], ["6"]]  # batches 1-2 were kept
+    assert [r["y"] for r in records] == [i * i for i in range(7)]
+    uninterrupted = run_items(items, predict, str(tmp_path / "q.jsonl"), 2, log=None)
+    assert records == uninterrupted
+
+
+# --- each task end to end on dummy data, with a random tiny model ---------------------------------
+def _dummy_images(folder, names):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (64, 48), (40 * i % 255, 90, 160)).save(folder / name)
+
+
+def _dummy_task_data(task, root):
+    root.mkdir(parents=True, exist_ok=True)
+    if task.startswith("refcoco"):
+        _dummy_images(root / "images", ["a.jpg", "b.jpg"])
+        data = {"images": [{"id": 1, "file_name": "a.jpg", "caption": "red circle", "width": 64, "height": 48},
+                           {"id": 2, "file_name": "b.jpg", "caption": "blue square", "width": 64, "height": 48},
+                           {"id": 3, "file_name": "gone.jpg", "caption": "green star", "width": 64, "height": 48}],
+                "annotations": [{"image_id": i, "bbox": [4, 4, 20, 20]} for i in (1, 2, 3)]}
+        (root / f"finetune_{task}_val.json").write_text(json.dumps(data))
+    elif task == "flickr30k_entities":
+        _dummy_images(root / "images", ["a.jpg"])
+        caption = "a red circle to the left of two blue squares"
+        data = {"images": [{"id": 7, "file_name": "a.jpg", "caption": caption, "width": 64, "height": 48,
+                            "tokens_positive_eval": [[[0, 12]], [[28, 44]]], "phrase_types": ["other", "people"]}],
+                "annotations": [{"image_id": 7, "bbox": [1, 1, 10, 10], "tokens_positive": [[0, 12]]},
+                                {"image_id": 7, "bbox": [30, 5, 10, 10], "tokens_positive": [[28, 44]]},
+                                {"image_id": 7, "bbox": [45, 5, 10, 10], "tokens_positive": [[28, 44]]}]}
+        (root / "final_flickr_separateGT_val.json").write_text(json.dumps(data))
+    elif task.endswith("_caption"):
+        _dummy_images(root / "images", ["a.jpg", "b.jpg"])
+        name = "dataset_flickr30k.json" if task.startswith("flickr") else "dataset_coco.json"
+        data = {"images": [{"filename": f, "imgid": i, "split": "val",
+                            "sentences": [{"raw": "a red circle"}, {"raw": "two blue squares"}]}
+                           for i, f in enumerate(["a.jpg", "b.jpg"])]}
+        (root / name).write_text(json.dumps(data))
+    elif task == "vqav2":
+        _dummy_images(root / "images", ["COCO_val2014_000000000001.jpg"])
+        qs = {"questions": [{"question_id": 11, "image_id": 1, "question": "what colour is the circle?"},
+                            {"question_id": 12, "image_id": 1, "question": "how many squares?"}]}
+        anns = {"annotations": [{"question_id": 11, "answers": [{"answer": "red"}] * 10},
+                                {"question_id": 12, "answers": [{"answer": "two"}] * 10}]}
+        (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(qs))
+        (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(anns))
+    elif task == "language":
+        rows = [{"id": "c1", "task": "COPA", "context": "a red circle to the", "candidates": [" left", " right"], "label": 0},
+                {"id": "b1", "task": "BoolQ", "context": "two blue squares", "candidates": [" yes", " no"], "label": 1}]
+        (root / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("task, split, metric", [
+    ("refcoco", "val", "accuracy"), ("refcocog", "val", "accuracy"), ("flickr30k_entities", "val", "R@1"),
+    ("flickr30k_caption", "val", "CIDEr"), ("vqav2", "val2014", "accuracy"), ("language", "val", "COPA"),
+])
+def test_task_end_to_end_on_dummy_data(task, split, metric, tmp_path, small_spm):
+    import shutil
+
+    if task.endswith("_caption") and shutil.which("java") is None:
+        pytest.skip("caption metrics need Java")
+    root = _dummy_task_data(task, tmp_path / "data")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
+    out = tmp_path / "eval" / "results.json"
+    args = ["--task", task, "--checkpoint", ckpt, "--tokenizer", small_spm, "--data_dir", str(root),
+            "--split", split, "--batch_size", "2", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    result = json.loads(out.read_text())
+    assert metric in result["metrics"] and np.isfinite(result["metrics"][metric])
+    assert len(result["predictions"]) == result["count"] > 0
+    if task == "refcoco":
+        assert result["missing_images"] == 1 and result["count"] == 3  # counted, not fatal
+    if task == "flickr30k_entities":
+        assert result["count"] == 2 and "R@1/people" in result["metrics"]
+    if task == "vqav2":
+        server = json.loads((tmp_path / "eval" / "results.server.json").read_text())
+        assert sorted(r["question_id"] for r in server) == [11, 12]
+    # A rerun finds every prediction in the JSONL and recomputes nothing.
+    assert evaluate.main(args) == 0
+    assert json.loads(out.read_text())["metrics"] == result["metrics"]
+
+
+def test_evaluate_bad_inputs(tmp_path, small_spm, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
+    common = ["--checkpoint", ckpt, "--tokenizer", small_spm, "--out", str(tmp_path / "r.json")]
+    assert evaluate.main(["--task", "refcoco", "--data_dir", str(tmp_path / "nothing"), "--split", "val", *common]) == 2
+    assert "finetune_refcoco_val.json" in capsys.readouterr().err
+    root = _dummy_task_data("refcoco", tmp_path / "data")
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(root / "images")
+    assert evaluate.main(["--task", "refcoco", "--data_dir", str(root), "--split", "val", *common]) == 2
+    assert "image folder not found" in capsys.readouterr().err

@@ -25,11 +25,23 @@ def sincos_2d(side: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
 
 
 def structured_init(params, model_config, first_location_id: int, num_location_tokens: int,
-                    positions: bool = True, locations: bool = True, location_std: float = 0.02):
-    """Return `params` (a plain nested dict of arrays) with the chosen tables rewritten."""
+                    positions: bool = True, locations: bool = True, location_std: float = 0.02,
+                    connector_dense_std: float = 0.0):
+    """Return `params` (a plain nested dict of arrays) with the chosen tables rewritten, and with
+    the resampler's input projection rescaled to `connector_dense_std` when it is > 0."""
     import jax.numpy as jnp
 
     params = dict(params)
+    if connector_dense_std > 0:
+        # The vision tokens reach the resampler L2-normalized (per-dim std ~ 1/sqrt(width)); with the
+        # default N(0, 0.02) projection they enter its attention ~50x weaker than the N(0, 1) latent
+        # queries, so at init every latent is nearly the same image-independent vector.
+        proj = dict(params["image_to_text_projection"])
+        dense = dict(proj["dense"])
+        kernel = dense["kernel"]
+        dense["kernel"] = kernel * (connector_dense_std / jnp.maximum(jnp.std(kernel), 1e-12))
+        proj["dense"] = dense
+        params["image_to_text_projection"] = proj
     if positions:
         vision = dict(params["vision_model"])
         v = model_config.vision

@@ -82,10 +82,12 @@ class Trainer:
                 params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
                     jax.random.PRNGKey(self.config.seed))
                 init_cfg = self.config.get("init", {})
-                if init_cfg.get("sincos_positions", False) or init_cfg.get("sincos_locations", False):
-                    params = jax.device_put(structured_init(
-                        params, self.model.config, *self.loc, positions=init_cfg.get("sincos_positions", False),
-                        locations=init_cfg.get("sincos_locations", False)), param_shardings)
+                options = dict(positions=init_cfg.get("sincos_positions", False),
+                               locations=init_cfg.get("sincos_locations", False),
+                               connector_dense_std=init_cfg.get("connector_dense_std", 0.0))
+                if any(options.values()):
+                    params = jax.device_put(structured_init(params, self.model.config, *self.loc, **options),
+                                            param_shardings)
             else:
                 params = jax.device_put(nn.unbox(init_params), param_shardings)
             opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
