@@ -50,6 +50,15 @@ def test_sigkill_and_resume_is_bitwise_identical(shapes_tfds, small_spm, tmp_pat
     a, b = _losses(full.stdout), _losses(resumed.stdout)
     assert all(a[s] == b[s] for s in range(5, 13)), (a, b)
     jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "a"), _params(tmp_path / "b"))
+    # `python -m kosmos2_jax.export` on the last checkpoint gives the run's own final export.
+    from kosmos2_jax import export
+
+    assert export.main(["--workdir", str(tmp_path / "a"), "--out", str(tmp_path / "exported")]) == 0
+    from kosmos2_jax import convert
+
+    exported = jax.device_get(convert.load_checkpoint(str(tmp_path / "exported"))[1])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, exported, _params(tmp_path / "a"))
+    assert export.main(["--workdir", str(tmp_path / "a"), "--step", "3", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_sigterm_saves_and_exits(shapes_tfds, small_spm, tmp_path):

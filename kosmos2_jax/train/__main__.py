@@ -37,6 +37,15 @@ def model_config(cfg, vocab_size: int):
                          scan_layers=cfg.model.scan_layers)
 
 
+def write_run_config(workdir: str, cfg, model_config) -> None:
+    import json
+
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+        json.dump(model_config.to_dict(), f, indent=2)
+
+
 def data_pipelines(cfg, processor, data_state):
     import jax
 
@@ -94,6 +103,8 @@ def run(cfg, workdir: str) -> dict:
     processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                  num_image_tokens=model.config.latent_query_num)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
+    if jax.process_index() == 0:  # lab notes: what ran, and what `python -m kosmos2_jax.export` needs
+        write_run_config(workdir, cfg, model.config)
     trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
     start, data_state = checkpoints.latest_step() or 0, None
     if start:
