@@ -18,7 +18,12 @@ def get_config(arg=None):
     # A 16 x 16 location grid (the released model uses 32 x 32 = 1024 tokens): a quarter of the
     # classes to learn, which a from-scratch CPU run can manage in minutes.
     c.num_location_tokens = 256
+    # Several processes: distributed=True; on TPU / Slurm / Open MPI the rest is detected, elsewhere
+    # set coordinator_address ("host:port"), num_processes and process_id per process.
     c.distributed = False
+    c.coordinator_address = ""
+    c.num_processes = 0
+    c.process_id = -1
 
     c.model = ml_collections.ConfigDict()
     c.model.vision = ml_collections.ConfigDict(dict(
@@ -44,14 +49,17 @@ def get_config(arg=None):
         val_dir="workdir/demo_data/tfds/shapes/grounded/1.0.0", val_split="validation", val_batches=4,
         text_file="", text_weight=0.0,
         seq_len=64, preprocess="square", span_mode="noun_chunk", score_threshold=0.65, grounded_prob=1.0,
-        box_formula="train", shuffle_buffer=512, num_workers=4, max_bad_fraction=0.05))
+        box_formula="train", shuffle_buffer=512, num_workers=4, max_bad_fraction=0.05,
+        # periodic phrase grounding on held-out referring expressions (train.grounding_eval_every)
+        grounding_dir="workdir/demo_data/tfds/shapes/refexp/1.0.0", grounding_split="validation",
+        grounding_items=64))
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=100, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=2.0))
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, steps=1500, grad_accum_steps=1, freeze="none", log_every=50, eval_every=500,
-        ckpt_every=250, keep=2, async_ckpt=True))
+        ckpt_every=250, keep=2, async_ckpt=True, grounding_eval_every=500))
     c.optim.total_steps = c.train.get_ref("steps")  # decay to zero at the last step
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c

@@ -154,3 +154,40 @@ def test_clear_errors(shapes_tfds, small_spm, tmp_path):
     unwritable = subprocess.run(_cmd(tmp_path / "file" / "w", shapes_tfds, small_spm), capture_output=True,
                                 text=True, cwd=REPO)
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
+
+
+def test_periodic_grounding_evaluation(shapes_tfds, small_spm, tmp_path):
+    run = subprocess.run(_cmd(tmp_path / "g", shapes_tfds, small_spm, "--config.train.steps=4",
+                              "--config.train.grounding_eval_every=2"), capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if "grounding accuracy" in line]
+    assert [line.split()[1] for line in lines] == ["2", "4"]
+    assert all(0.0 <= float(line.split()[4]) <= 1.0 for line in lines)
+    missing = subprocess.run(_cmd(tmp_path / "h", shapes_tfds, small_spm, "--config.train.grounding_eval_every=2",
+                                  f"--config.data.grounding_dir={tmp_path}/none"), capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and "none" in missing.stderr
+
+
+def test_two_processes_equal_one_process(shapes_tfds, small_spm):
+    """jax.distributed on localhost (CPU, gloo): two processes, each reading its host shard, give the
+    losses of one process fed the same global batches."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    script = os.path.join(HERE, "trainer_mesh_check.py")
+    procs = [subprocess.Popen([sys.executable, script, str(shapes_tfds), small_spm, "-1,1,1", f"{pid}@localhost:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for pid in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    multi = [json.loads(out.split("LOSSES")[1]) for out, _ in outs]
+    env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    single = subprocess.run([sys.executable, script, str(shapes_tfds), small_spm, "-1,1,1", "sim2"],
+                            capture_output=True, text=True, env=env2, cwd=REPO, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference = json.loads(single.stdout.split("LOSSES")[1])
+    np.testing.assert_allclose(multi[0], reference, rtol=1e-5)
+    np.testing.assert_allclose(multi[1], multi[0], rtol=0)

@@ -37,6 +37,22 @@ def model_config(cfg, vocab_size: int):
                          scan_layers=cfg.model.scan_layers)
 
 
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """`jax.distributed.initialize`: automatic on TPU / Slurm / Open MPI when the arguments are
+    left empty; give all three elsewhere (e.g. several CPU processes on one machine, where the
+    cross-process collectives run over gloo)."""
+    import jax
+
+    try:  # CPU devices need a collectives backend across processes; GPU / TPU ignore this flag
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # a JAX without the flag
+        pass
+    kwargs = {}
+    if coordinator_address:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+
+
 def write_run_config(workdir: str, cfg, model_config) -> None:
     import json
 
@@ -81,6 +97,24 @@ def data_pipelines(cfg, processor, data_state):
     return train, validation
 
 
+def grounding_evaluator(cfg, model, processor):
+    """A function params -> first-box accuracy on `data.grounding_items` items of the referring-
+    expression dataset at `data.grounding_dir` (the shapes `refexp` config), or None when unset."""
+    d = cfg.data
+    if not d.get("grounding_dir", "") or not cfg.train.get("grounding_eval_every", 0):
+        return None
+    from kosmos2_jax.evaluation.tasks import Context, ShapesTask
+
+    task = ShapesTask()
+    items = task.load(d.grounding_dir, d.grounding_split)[:d.grounding_items]
+
+    def evaluate(params) -> float:
+        ctx = Context(model, params, processor)
+        records = [r for i in range(0, len(items), 32) for r in task.predict(ctx, items[i:i + 32])]
+        return task.score(records)["accuracy"]
+    return evaluate
+
+
 def run(cfg, workdir: str) -> dict:
     import jax
 
@@ -91,7 +125,8 @@ def run(cfg, workdir: str) -> dict:
     from kosmos2_jax.train.trainer import Checkpoints, Preemption, Trainer, abstract_like, format_eta
 
     if cfg.distributed:
-        jax.distributed.initialize()
+        initialize_distributed(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
+                               cfg.get("process_id", -1))
     tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
     init_params = None
     if cfg.init.hf_dir:
@@ -112,6 +147,7 @@ def run(cfg, workdir: str) -> dict:
         print(f"resumed from step {start}", flush=True)
     train, validation = data_pipelines(cfg, processor, data_state)
     val_batches = validation()
+    grounding = grounding_evaluator(cfg, model, processor)
     writer = None
     if jax.process_index() == 0:
         from flax.metrics import tensorboard
@@ -153,6 +189,14 @@ def run(cfg, workdir: str) -> dict:
                 if writer:
                     for k, v in ev.items():
                         writer.scalar(f"val/{k}", v, done)
+            every = cfg.train.get("grounding_eval_every", 0)
+            if grounding and (done % every == 0 or done == total):
+                accuracy = grounding(trainer.state["params"])
+                print(f"step {done} grounding accuracy {accuracy:.3f} (first box, IoU >= 0.5, "
+                      f"{cfg.data.grounding_items} held-out expressions)", flush=True)
+                last["val_grounding_accuracy"] = accuracy
+                if writer:
+                    writer.scalar("val/grounding_accuracy", accuracy, done)
             checkpoints.save(done, trainer.state, train.state(), force=preemption.requested or done == total)
             if preemption.requested:
                 print(f"SIGTERM: saved step {done}, exiting", flush=True)
