@@ -356,3 +356,49 @@ def test_missing_detections_file(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--detector", "precomputed",
                  "--detector_path", str(tmp_path / "dets.jsonl"), "--runner", "local"]) == 2
     assert "dets.jsonl" in capsys.readouterr().err
+
+
+def test_pack_phrases():
+    from kosmos2_jax.grit.detectors import pack_phrases
+
+    assert pack_phrases([3, 4, 5, 2], 8) == [[0, 1], [2, 3]]
+    assert pack_phrases([10, 2], 8) == [[0], [1]]  # too long alone: its own prompt
+    assert pack_phrases([], 8) == []
+
+
+def _tiny_grounding_dino(directory):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "dog", "cat", "red", "circle", "the", "on",
+             "##s", "very", "long"]
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = transformers.BertTokenizerFast(str(directory / "vocab.txt"))
+    text = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                         out_features=["stage2", "stage3", "stage4"])
+    config = transformers.GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, max_text_len=16,
+        num_feature_levels=3, encoder_n_points=2, decoder_n_points=2, use_timm_backbone=False, backbone=None,
+        use_pretrained_backbone=False)
+    torch.manual_seed(0)
+    transformers.GroundingDinoForObjectDetection(config).save_pretrained(directory / "model")
+    image_processor = transformers.GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    transformers.GroundingDinoProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(directory / "model")
+    return str(directory / "model")
+
+
+def test_hf_detector_plumbing_on_random_grounding_dino(tmp_path):
+    from kosmos2_jax.grit.detectors import HFDetector
+
+    det = HFDetector(_tiny_grounding_dino(tmp_path), min_score=0.0)
+    # 16-token text limit: these six phrases need several prompts, each scored on its own tokens.
+    phrases = ["a dog", "a red circle", "the cats on a very long dog", "a cat", "red dogs", "the circle"]
+    (per,) = det.detect([Image.new("RGB", (80, 60), "red")], [phrases], ["k"])
+    assert [len(p) for p in per] == [10] * 6  # every query, for every phrase, at min_score 0
+    for pairs in per:
+        for box, score in pairs:
+            assert all(isinstance(v, float) and math.isfinite(v) for v in box) and 0.0 <= score <= 1.0
+    json.dumps(per)  # plain floats: records can be written as they are

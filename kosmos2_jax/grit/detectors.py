@@ -108,17 +108,8 @@ class HFDetector:
         tokenizer = self.processor.tokenizer
         limit = getattr(self.model.config, "max_text_len", 256) - 2
         per = [[] for _ in phrases]
-        groups, current, used = [], [], 0
-        for i, name in enumerate(phrases):
-            n = len(tokenizer(name + ".", add_special_tokens=False)["input_ids"])
-            if current and used + n > limit:
-                groups.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += n
-        if current:
-            groups.append(current)
-        for group in groups:
+        lengths = [len(tokenizer(name + ".", add_special_tokens=False)["input_ids"]) for name in phrases]
+        for group in pack_phrases(lengths, limit):
             prompt, spans = "", []
             for i in group:
                 spans.append((i, len(prompt), len(prompt) + len(phrases[i])))
@@ -138,9 +129,24 @@ class HFDetector:
                     continue
                 scores = probs[:, tokens].max(axis=1)
                 for q in np.nonzero(scores >= self.min_score)[0]:
-                    cx, cy, w, h = boxes[q]
+                    cx, cy, w, h = map(float, boxes[q])
                     per[i].append(((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), float(scores[q])))
         return per
+
+
+def pack_phrases(lengths: Sequence[int], limit: int) -> list[list[int]]:
+    """Greedy packing of phrases (token counts) into prompts of at most `limit` tokens, in order; a
+    phrase longer than the limit gets a prompt of its own (and is truncated there)."""
+    groups, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > limit:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
 
 
 class Kosmos2Detector:
