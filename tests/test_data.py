@@ -218,3 +218,26 @@ def test_bad_records_are_counted_and_limit_stops_the_pipeline(tfds_dir, small_pr
 def test_missing_dataset_is_a_clear_error(small_processor, tmp_path):
     with pytest.raises(FileNotFoundError, match="no prepared tfds dataset"):
         Pipeline([Source("x", "grit", data_dir=str(tmp_path / "nope"))], small_processor, ExampleConfig(), 2)
+
+
+@pytest.mark.parametrize("folder, config, splits", [
+    ("refcoco", "refcoco", {"val": 2, "testA": 2}), ("flickr30k_entities", None, {"val": 1})])
+def test_grounding_builders_on_dummy_data(folder, config, splits, tmp_path):
+    """MDETR annotation files -> GRIT-style records (fine-tuning data), missing images counted."""
+    import tensorflow_datasets as tfds
+
+    from kosmos2_jax.data.build import build
+
+    builder = build(str(REPO / "data" / folder), str(tmp_path), config=config,
+                    manual_dir=str(REPO / "data" / folder / "dummy_data"))
+    assert {s: i.num_examples for s, i in builder.info.splits.items()} == splits
+    records = list(tfds.as_numpy(builder.as_dataset(split="val")))
+    if folder == "refcoco":
+        assert builder.info.metadata["skipped_records"]["val"] == {"missing image": 1}
+        rec = next(r for r in records if r["caption"] == b"red square on the left")
+        np.testing.assert_allclose(rec["noun_chunks"], [[0, 22, 4 / 64, 6 / 48, 24 / 64, 18 / 48, 1.0]], rtol=1e-6)
+        assert (rec["width"], rec["height"]) == (64, 48)
+    else:
+        (rec,) = records
+        spans = [tuple(r[:2]) for r in rec["noun_chunks"]]
+        assert spans == [(0, 14), (0, 14), (20, 31), (40, 51)]  # "Two young guys" has two boxes

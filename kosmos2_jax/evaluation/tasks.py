@@ -190,7 +190,7 @@ class FlickrEntitiesTask:
                 targets = [_xywh_to_norm(a["bbox"], im["width"], im["height"]) for a in anns[im["id"]]
                            if any(ts < e and s < te for ts, te in a["tokens_positive"])]
                 items.append({"id": f"{im['id']}_{p}", "image": im["file_name"], "phrase": caption[s:e],
-                              "prefix": caption[:s].strip(), "targets": targets,
+                              "prefix": caption[:s].strip(), "targets": targets, "caption": caption, "span": [s, e],
                               "type": types[p] if p < len(types) else "all"})
         return items
 
