@@ -1,12 +1,13 @@
 """Fine-tune released KOSMOS-2 weights on referring expressions.
 
     python -m kosmos2_jax.convert from-hf --hf_dir kosmos-2-patch14-224 --out ckpt/kosmos2
+    python -m kosmos2_jax.data.build data/refcoco --config refcoco --data_dir TFDS --manual_dir MDETR/
     python -m kosmos2_jax.train --config experiments/finetune_refcoco.py --workdir DIR \\
-        --config.init.checkpoint=ckpt/kosmos2 --config.data.train_dir=DIR/grit/1.0.0
+        --config.init.checkpoint=ckpt/kosmos2 --config.data.train_dir=TFDS/refcoco/refcoco/1.0.0 \\
+        --config.data.val_dir=TFDS/refcoco/refcoco/1.0.0 --config.data.val_split=val
 
-The paper's setting freezes the vision tower except its last layer. RefCOCO tfds builders are not
-implemented yet: point `data.train_dir` at a GRIT-schema dataset of RefCOCO train expressions (one
-ref_exp per record). Expected: unmeasured.
+The paper's setting freezes the vision tower except its last layer. The refcoco builder writes
+GRIT-style records (the expression is the caption and its one chunk). Expected: unmeasured.
 """
 
 import os

@@ -38,7 +38,9 @@ def get_config(arg=None):
     c.model.remat_policy = "dots_with_no_batch_dims"
     c.data.update(train_dir="", val_dir="", text_file="", text_weight=93 / 1117, seq_len=2048,
                   preprocess="resize_shorter_center_crop", span_mode="expression", grounded_prob=0.5,
-                  shuffle_buffer=10000, num_workers=16)
+                  shuffle_buffer=10000, num_workers=16, grounding_dir="")
+    # The released model's init (HF's), not the demo's from-scratch tables (see train/init.py).
+    c.init.update(sincos_positions=False, sincos_locations=False, connector_dense_std=0.0)
     c.optim.update(lr=2e-4, warmup_steps=375, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=2.0)
     c.train.update(batch_size=1024, steps=60000, freeze="none", log_every=50, eval_every=2000, ckpt_every=1000,
                    keep=3)
