@@ -214,11 +214,13 @@ def _dummy_task_data(task, root):
     root.mkdir(parents=True, exist_ok=True)
     if task.startswith("refcoco"):
         _dummy_images(root / "images", ["a.jpg", "b.jpg"])
-        data = {"images": [{"id": 1, "file_name": "a.jpg", "caption": "red circle", "width": 64, "height": 48},
-                           {"id": 2, "file_name": "b.jpg", "caption": "blue square", "width": 64, "height": 48},
-                           {"id": 3, "file_name": "gone.jpg", "caption": "green star", "width": 64, "height": 48}],
-                "annotations": [{"image_id": i, "bbox": [4, 4, 20, 20]} for i in (1, 2, 3)]}
-        (root / f"finetune_{task}_val.json").write_text(json.dumps(data))
+        images = [{"id": 1, "file_name": "a.jpg", "caption": "red circle", "width": 64, "height": 48},
+                  {"id": 2, "file_name": "b.jpg", "caption": "blue square", "width": 64, "height": 48},
+                  {"id": 3, "file_name": "gone.jpg", "caption": "green star", "width": 64, "height": 48}]
+        if task.endswith("_reg"):  # a second expression of the first object
+            images.append({"id": 4, "file_name": "a.jpg", "caption": "the round red one", "width": 64, "height": 48})
+        data = {"images": images, "annotations": [{"image_id": im["id"], "bbox": [4, 4, 20, 20]} for im in images]}
+        (root / f"finetune_{task.replace('_reg', '')}_val.json").write_text(json.dumps(data))
     elif task == "flickr30k_entities":
         _dummy_images(root / "images", ["a.jpg"])
         caption = "a red circle to the left of two blue squares"
@@ -252,12 +254,12 @@ def _dummy_task_data(task, root):
 
 @pytest.mark.parametrize("task, split, metric", [
     ("refcoco", "val", "accuracy"), ("refcocog", "val", "accuracy"), ("flickr30k_entities", "val", "R@1"),
-    ("flickr30k_caption", "val", "CIDEr"), ("vqav2", "val2014", "accuracy"), ("language", "val", "COPA"),
+    ("flickr30k_caption", "val", "CIDEr"), ("refcocog_reg", "val", "METEOR"), ("vqav2", "val2014", "accuracy"), ("language", "val", "COPA"),
 ])
 def test_task_end_to_end_on_dummy_data(task, split, metric, tmp_path, small_spm):
     import shutil
 
-    if task.endswith("_caption") and shutil.which("java") is None:
+    if (task.endswith("_caption") or task.endswith("_reg")) and shutil.which("java") is None:
         pytest.skip("caption metrics need Java")
     root = _dummy_task_data(task, tmp_path / "data")
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
@@ -270,6 +272,9 @@ def test_task_end_to_end_on_dummy_data(task, split, metric, tmp_path, small_spm)
     assert len(result["predictions"]) == result["count"] > 0
     if task == "refcoco":
         assert result["missing_images"] == 1 and result["count"] == 3  # counted, not fatal
+    if task == "refcocog_reg":
+        assert result["count"] == 3 and result["missing_images"] == 1  # 4 expressions of 3 objects
+        assert sorted(result["predictions"][0]["references"]) == ["red circle", "the round red one"]
     if task == "flickr30k_entities":
         assert result["count"] == 2 and "R@1/people" in result["metrics"]
     if task == "vqav2":

@@ -10,6 +10,8 @@ records. Data layouts (all local; nothing is downloaded):
 - `flickr30k_entities`: MDETR's `final_flickr_separateGT_{split}.json` in --data_dir (images with
   `caption`, `tokens_positive_eval` = the phrases' character spans, optional `phrase_types`;
   annotations with `bbox` and `tokens_positive`); Flickr30k images in --image_dir.
+- `refcocog_reg`: the RefCOCOg files above; one item per object (image + box), all its
+  expressions as references.
 - `flickr30k_caption`, `coco_caption`: Karpathy's `dataset_flickr30k.json` / `dataset_coco.json`
   in --data_dir (images with `filename`, optional `filepath`, `split`, `sentences[].raw`).
 - `vqav2`: `v2_OpenEnded_mscoco_{split}_questions.json` (+ `v2_mscoco_{split}_annotations.json`
@@ -39,6 +41,7 @@ PAPER = {
     "refcoco+": {"val": {"accuracy": 45.48}, "testA": {"accuracy": 50.73}, "testB": {"accuracy": 42.24}},
     "refcocog": {"val": {"accuracy": 60.57}, "test": {"accuracy": 61.65}},
     "flickr30k_caption": {"test": {"CIDEr": 66.7}},
+    "refcocog_reg": {"test": {"METEOR": 12.2, "CIDEr": 60.3}},
     "vqav2": {"test-dev": {"accuracy": 45.6}},
     "language": {"test": {"StoryCloze": 72.0, "HellaSwag": 49.4, "Winograd": 69.1, "Winogrande": 55.6,
                           "PIQA": 72.9, "BoolQ": 62.0, "CB": 30.4, "COPA": 67.0}},
@@ -76,14 +79,15 @@ class Context:
             return Image.open(io.BytesIO(item["image_bytes"])).convert("RGB")
         return _open_image(os.path.join(self.image_dir, item["image"]))
 
-    def generate_text(self, prompts, images, max_new_tokens: int, num_beams: int = 1, no_repeat_ngram_size: int = 0):
+    def generate_text(self, prompts, images, max_new_tokens: int, num_beams: int = 1, no_repeat_ngram_size: int = 0,
+                      bboxes=None):
         """(whole sequences, continuations after the prompt), decoded as `processor.decode` does (the
         grounding tags kept, `<s>`, `</s>`, padding and image slots dropped)."""
         from kosmos2_jax.generate import generate
 
         tok = self.processor.tokenizer
         inputs = self.processor(list(prompts), images=list(images) if images is not None else None,
-                                padding_side="left")
+                                bboxes=bboxes, padding_side="left")
         out = generate(self.model, self.params, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
                        no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         n = inputs["input_ids"].shape[1]
@@ -245,6 +249,42 @@ class CaptionTask:
         return {k: 100.0 * v for k, v in scores.items()}
 
 
+class RegTask:
+    """Referring-expression generation on RefCOCOg, zero-shot: the prompt
+    `<phrase> It</phrase><object>{box}</object> is` (HF tokens of the paper's `<p> It </p><box>..</box> is`),
+    greedy; the generated expression is scored against every expression of the same object with
+    METEOR and CIDEr. Items are objects (image + box); MDETR's entries are grouped by them."""
+
+    name = "refcocog_reg"
+
+    def load(self, data_dir, split):
+        items = RefExpTask("refcocog").load(data_dir, split)
+        objects = {}
+        for it in items:
+            key = (it["image"], tuple(round(v, 6) for v in it["target"]))
+            objects.setdefault(key, {"id": it["id"], "image": it["image"], "target": it["target"], "references": []})
+            objects[key]["references"].append(it["phrase"])
+        return list(objects.values())
+
+    def predict(self, ctx, batch):
+        def run(items, images):
+            _, new = ctx.generate_text(["<phrase> It</phrase> is"] * len(items), images, max_new_tokens=20,
+                                       bboxes=[[tuple(it["target"])] for it in items])
+            texts = [ctx.processor.post_process_generation(t)[0].strip().split("\n")[0] for t in new]
+            return [{"expression": t.split(".")[0].strip(), "references": it["references"]}
+                    for it, t in zip(items, texts)]
+        return _predict_with_images(ctx, batch, run, lambda it: {})
+
+    def score(self, records):
+        from kosmos2_jax.evaluation.captions import caption_scores
+
+        scored = [r for r in records if not r.get("missing_image")]
+        if not scored:
+            return {}
+        scores = caption_scores({r["id"]: r["expression"] for r in scored}, {r["id"]: r["references"] for r in scored})
+        return {"METEOR": 100.0 * scores["METEOR"], "CIDEr": 100.0 * scores["CIDEr"]}
+
+
 class VQATask:
     """VQAv2: prompt "Question: {q} Answer:", greedy; VQA accuracy with the official normalization;
     the evaluation server's JSON ([{question_id, answer}]) is written next to the results."""
@@ -317,6 +357,7 @@ TASKS = {
     "flickr30k_entities": FlickrEntitiesTask(),
     "flickr30k_caption": CaptionTask("flickr30k_caption", "dataset_flickr30k.json"),
     "coco_caption": CaptionTask("coco_caption", "dataset_coco.json"),
+    "refcocog_reg": RegTask(),
     "vqav2": VQATask(),
     "language": LanguageTask(),
 }
