@@ -1,12 +1,15 @@
 """KOSMOS-2 instruction tuning (paper Table 8), starting from the pretrained checkpoint.
 
     python -m kosmos2_jax.train --config experiments/kosmos2_instruct.py --workdir DIR \\
-        --config.init.checkpoint=ckpt/kosmos2 --config.data.train_dir=DIR/grit/1.0.0
+        --config.init.checkpoint=ckpt/kosmos2 --config.data.train_dir=DIR/grit/1.0.0 \\
+        --config.data.grounded_instruct_dir=DIR/grit/1.0.0 \\
+        --config.data.llava_file=llava_instruct_150k.json --config.data.llava_images=coco/train2014 \\
+        --config.data.text_file=corpus.txt
 
-10,000 steps, 375 warm-up, LR 1e-5, the pretraining optimizer. The paper mixes LLaVA-Instruct,
-Unnatural Instructions, FLANv2 and grounded instruction data built from GRIT (Table 9 templates);
-instruction sources are not implemented in the input pipeline yet, so this config currently
-continues on grounded captions only.
+10,000 steps, 375 warm-up, LR 1e-5, the pretraining optimizer. Sources weighted by Table 8's batch
+sizes: grounded pairs + grounded instructions 1,404 (split evenly here), vision-language
+instructions (LLaVA-Instruct) 351, text 30 (language instructions -- Unnatural Instructions,
+FLANv2 -- and interleaved data have no loader yet; put text in `text_file`). Expected: unmeasured.
 """
 
 import os
@@ -20,4 +23,5 @@ def get_config(arg=None):
     c = kosmos2_pretrain.get_config(arg)
     c.optim.update(lr=1e-5, warmup_steps=375)
     c.train.update(steps=10000, batch_size=1404)
+    c.data.update(grounded_instruct_weight=702 / 702, llava_weight=351 / 702, text_weight=30 / 702)
     return c

@@ -48,6 +48,9 @@ def get_config(arg=None):
         train_dir="workdir/demo_data/tfds/shapes/grounded/1.0.0", train_split="train",
         val_dir="workdir/demo_data/tfds/shapes/grounded/1.0.0", val_split="validation", val_batches=4,
         text_file="", text_weight=0.0,
+        # instruction sources (kosmos2_instruct.py): LLaVA-Instruct JSON + its image folder, and
+        # grounded instructions (Table 9 templates) built from GRIT-schema records
+        llava_file="", llava_images="", llava_weight=0.0, grounded_instruct_dir="", grounded_instruct_weight=0.0,
         seq_len=64, preprocess="square", span_mode="noun_chunk", score_threshold=0.65, grounded_prob=1.0,
         box_formula="train", shuffle_buffer=512, num_workers=4, max_bad_fraction=0.05,
         # periodic phrase grounding on held-out referring expressions (train.grounding_eval_every)

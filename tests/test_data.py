@@ -1,5 +1,7 @@
 """Datasets and the input pipeline."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -241,3 +243,71 @@ def test_grounding_builders_on_dummy_data(folder, config, splits, tmp_path):
         (rec,) = records
         spans = [tuple(r[:2]) for r in rec["noun_chunks"]]
         assert spans == [(0, 14), (0, 14), (20, 31), (40, 51)]  # "Two young guys" has two boxes
+
+
+# --- instruction data -------------------------------------------------------------------------------
+def test_instruction_sequence_loss_on_answers_only(small_processor):
+    from kosmos2_jax.data.instruct import instruction_sequence
+
+    tok = small_processor.tokenizer
+    turns = [("Question: what is red? Answer:", "a circle"), ("Question: and blue? Answer:", "two squares")]
+    seq = instruction_sequence(small_processor, turns)
+    ids, loss = seq.input_ids.tolist(), seq.loss_mask.tolist()
+    answers = tok.encode("a circle") + tok.encode("two squares") + [tok.eos_id]
+    assert [i for i, m in zip(ids, loss) if m] == answers
+    assert ids[:2] == [tok.bos_id, tok.image_id] and seq.image_embeds_position_mask.tolist()[2:10] == [1] * 8
+    p1 = tok.encode("Question: what is red? Answer:")
+    assert ids[11:11 + len(p1)] == p1 and not any(loss[:11 + len(p1)])
+
+
+def test_llava_turns():
+    from kosmos2_jax.data.instruct import llava_turns
+
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "How many squares?"}, {"from": "gpt", "value": "Two."}]
+    assert llava_turns(conv) == [("Question: What colour is the circle? Answer:", "Red."),
+                                 ("Question: How many squares? Answer:", "Two.")]
+    assert llava_turns([{"from": "gpt", "value": "orphan"}]) == []
+
+
+def test_grounded_instruction_turns_cover_both_directions_and_templates():
+    from kosmos2_jax.data.instruct import REG_TEMPLATES, grounded_instruction_turn
+
+    from kosmos2_jax.grounding import box_to_patch_pair, object_string
+
+    obj = object_string([box_to_patch_pair((0.0, 0.0, 0.5, 0.5), 32, "train")])
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        prompt, answer = grounded_instruction_turn("a red circle", [(0.0, 0.0, 0.5, 0.5)], 32, rng)
+        if prompt.startswith("<grounding>"):
+            assert prompt == "<grounding><phrase>a red circle</phrase>"
+            assert answer == obj
+            seen.add("box")
+        else:
+            (question, prefix), = [t for t in REG_TEMPLATES if prompt.startswith(t[0].split("{obj}")[0])]
+            assert question.format(obj=obj) == prompt
+            assert answer == f"{prefix} a red circle."
+            seen.add(question)
+    assert len(seen) == 1 + len(REG_TEMPLATES)
+
+
+def test_instruction_sources_in_the_pipeline(tfds_dir, small_processor, tmp_path):
+    root, _ = tfds_dir
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "images" / "a.jpg")
+    conversations = [{"id": str(i), "image": "a.jpg" if i % 4 else "missing.jpg",
+                      "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                        {"from": "gpt", "value": "red"}]} for i in range(40)]
+    (tmp_path / "llava.json").write_text(json.dumps(conversations))
+    sources = [Source("llava", "llava", path=str(tmp_path / "llava.json"), data_dir=str(tmp_path / "images")),
+               Source("grounded", "grit_instruct", data_dir=str(root / "shapes" / "grounded" / "1.0.0"))]
+    pipe = Pipeline(sources, small_processor, ExampleConfig(seq_len=48), batch_size=16, seed=0, num_workers=1,
+                    max_bad_fraction=0.5)
+    batch = next(pipe)
+    tok = small_processor.tokenizer
+    answer = tok.encode("red") + [tok.eos_id]
+    rows = [r for r in range(16) if [i for i, m in zip(batch["input_ids"][r], batch["loss_mask"][r]) if m] == answer]
+    assert rows, "some rows are the LLaVA conversation, with loss only on its answer"
+    assert pipe.bad_counts["missing image"] > 0  # a quarter of the conversations point at no image
+    assert all(batch["has_image"])

@@ -98,14 +98,7 @@ def grit_example(record: dict, processor: Kosmos2Processor, config: ExampleConfi
     min_image_slots = processor.num_image_tokens + 3
     if config.seq_len <= min_image_slots:
         raise ValueError(f"seq_len {config.seq_len} leaves no room for text after {min_image_slots} image tokens")
-    chunks = np.asarray(record.get("noun_chunks", np.zeros((0, 7))), np.float32).reshape(-1, 7)
-    exps = np.asarray(record.get("ref_exps", np.zeros((0, 7))), np.float32).reshape(-1, 7)
-    try:
-        for name, rows in (("noun_chunks", chunks), ("ref_exps", exps)):
-            check_boxes(rows[:, 2:6], name)
-        spans = select_spans(caption, chunks, exps, config.span_mode, config.score_threshold)
-    except ValueError as e:
-        raise BadRecord("bad box or span", str(e)) from None
+    spans = _record_spans(record, caption, config)
     image = decode_image(record["image"])
     flat = np.asarray([b for _, _, boxes in spans for b in boxes], np.float32).reshape(-1, 4)
     pixels, flat, keep = preprocess(image, processor.image_size, config.preprocess, flat, config.min_visible)
@@ -129,3 +122,51 @@ def text_example(line: str | bytes, processor: Kosmos2Processor, config: Example
     seq = encode_grounded_caption(processor, text, (), grounded=False, with_image=False)
     size = processor.image_size
     return _pad(seq, processor, config.seq_len, np.zeros((size, size, 3), np.float32), False)
+
+
+def _record_spans(record: dict, caption: str, config: ExampleConfig):
+    chunks = np.asarray(record.get("noun_chunks", np.zeros((0, 7))), np.float32).reshape(-1, 7)
+    exps = np.asarray(record.get("ref_exps", np.zeros((0, 7))), np.float32).reshape(-1, 7)
+    try:
+        for name, rows in (("noun_chunks", chunks), ("ref_exps", exps)):
+            check_boxes(rows[:, 2:6], name)
+        return select_spans(caption, chunks, exps, config.span_mode, config.score_threshold)
+    except ValueError as e:
+        raise BadRecord("bad box or span", str(e)) from None
+
+
+def grit_instruction_example(record: dict, processor: Kosmos2Processor, config: ExampleConfig,
+                             rng: np.random.Generator) -> dict:
+    """A GRIT-style record -> one grounded instruction about one of its expressions (Table 9)."""
+    from kosmos2_jax.data.instruct import grounded_instruction_turn, instruction_sequence
+
+    caption = record["caption"]
+    caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+    spans = _record_spans(record, caption, config)
+    image = decode_image(record["image"])
+    if not spans:
+        raise BadRecord("no grounded span")
+    start, end, boxes = spans[rng.integers(len(spans))]
+    pixels, boxes, keep = preprocess(image, processor.image_size, config.preprocess,
+                                     np.asarray(boxes, np.float32), config.min_visible)
+    boxes = [tuple(b) for b, k in zip(boxes, keep) if k]
+    if not boxes:
+        raise BadRecord("no box survives the crop")
+    turn = grounded_instruction_turn(caption[start:end], boxes, processor.num_bins, rng, config.box_formula)
+    return _pad(instruction_sequence(processor, [turn]), processor, config.seq_len, pixels, True)
+
+
+def llava_example(record: dict, image_dir: str, processor: Kosmos2Processor, config: ExampleConfig) -> dict:
+    """A LLaVA-Instruct conversation (image file under `image_dir`) -> example, loss on the answers."""
+    import os
+
+    from kosmos2_jax.data.instruct import instruction_sequence, llava_turns
+
+    turns = llava_turns(record.get("conversations", []))
+    if not turns:
+        raise BadRecord("no question/answer turn")
+    path = os.path.join(image_dir, str(record.get("image", "")))
+    data = open(path, "rb").read() if record.get("image") and os.path.isfile(path) else b""
+    pixels, _, _ = preprocess(decode_image(data), processor.image_size, config.preprocess, np.zeros((0, 4)),
+                              config.min_visible)
+    return _pad(instruction_sequence(processor, turns), processor, config.seq_len, pixels, True)

@@ -24,16 +24,19 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example, text_example
+from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, grit_example, grit_instruction_example,
+                                       llava_example, text_example)
 from kosmos2_jax.processor import Kosmos2Processor
 
-SOURCE_KINDS = ("grit", "text")
+SOURCE_KINDS = ("grit", "text", "grit_instruct", "llava")
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     """`grit`: a prepared tfds dataset folder (`tfds.builder_from_directory`) with GRIT-schema
-    records. `text`: a text file, one example per line."""
+    records. `text`: a text file, one example per line. `grit_instruct`: GRIT-schema records turned
+    into grounded instructions (Table 9). `llava`: a LLaVA-Instruct JSON file (`path`) with its
+    images in `data_dir`."""
 
     name: str
     kind: str
@@ -77,8 +80,13 @@ def _text_records(source: Source, process_index: int, process_count: int, skip: 
     path = os.path.expanduser(source.path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"source {source.name!r}: text file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
+    if source.kind == "llava":
+        from kosmos2_jax.data.instruct import load_llava
+
+        lines = load_llava(path)
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
     lines = lines[process_index::process_count]
     if not lines:
         raise ValueError(f"source {source.name!r}: no lines for host {process_index} of {process_count}")
@@ -116,7 +124,7 @@ class Pipeline:
         self._records = {}
         for i, s in enumerate(self.sources):
             skip = self._positions[s.name]
-            if s.kind == "grit":
+            if s.kind in ("grit", "grit_instruct"):
                 self._records[s.name] = _tfds_records(s, seed + 1000 * i, process_index, process_count, skip,
                                                       shuffle_buffer, repeat)
             else:
@@ -140,7 +148,11 @@ class Pipeline:
     def _make(self, source: Source, record: Any, index: int) -> dict:
         if source.kind == "text":
             return text_example(record, self.processor, self.config)
+        if source.kind == "llava":
+            return llava_example(record, os.path.expanduser(source.data_dir), self.processor, self.config)
         rng = np.random.default_rng([self.seed, index, 1])
+        if source.kind == "grit_instruct":
+            return grit_instruction_example(record, self.processor, self.config, rng)
         return grit_example(record, self.processor, self.config, rng)
 
     def _submit_next(self) -> bool:

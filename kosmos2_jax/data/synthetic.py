@@ -51,7 +51,7 @@ def _draw(draw, shape, box, colour):
 
 def _place(rng, size, taken, max_tries=50):
     for _ in range(max_tries):
-        side = int(rng.integers(size // 7, size // 3))
+        side = int(rng.integers(size // 5, int(size / 2.5)))
         x, y = (int(v) for v in rng.integers(0, size - side, 2))
         box = (x, y, x + side, y + side)
         if all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken):

@@ -75,6 +75,11 @@ def data_pipelines(cfg, processor, data_state):
     sources = [Source("train", "grit", data_dir=d.train_dir, split=d.train_split, weight=1.0)]
     if d.text_file:
         sources.append(Source("text", "text", path=d.text_file, weight=d.text_weight))
+    if d.get("llava_file", ""):
+        sources.append(Source("llava", "llava", path=d.llava_file, data_dir=d.llava_images, weight=d.llava_weight))
+    if d.get("grounded_instruct_dir", ""):
+        sources.append(Source("grounded_instruct", "grit_instruct", data_dir=d.grounded_instruct_dir,
+                              split=d.train_split, weight=d.grounded_instruct_weight))
     if cfg.train.batch_size % jax.process_count():
         raise ValueError(f"batch_size {cfg.train.batch_size} not divisible by {jax.process_count()} processes")
     per_host = cfg.train.batch_size // jax.process_count()
