@@ -295,3 +295,66 @@ def test_evaluate_bad_inputs(tmp_path, small_spm, capsys):
     shutil_rm(root / "images")
     assert evaluate.main(["--task", "refcoco", "--data_dir", str(root), "--split", "val", *common]) == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+# --- language tasks from the tfds catalog ------------------------------------------------------
+def test_language_converters_hand_built():
+    from kosmos2_jax.evaluation.language_data import convert
+
+    copa = convert("COPA", {"premise": b"The man broke his toe.", "question": b"cause", "choice1": b"He dropped a hammer.",
+                            "choice2": b"He wore socks.", "label": 0}, 3)
+    assert copa == {"id": "COPA-3", "task": "COPA", "label": 0, "context": "The man broke his toe because",
+                    "candidates": [" he dropped a hammer.", " he wore socks."]}
+    boolq = convert("BoolQ", {"passage": b"Cats are mammals.", "question": b"is a cat a mammal", "label": 1}, 0)
+    assert boolq["context"] == "Cats are mammals.\nQuestion: is a cat a mammal?\nAnswer:"
+    assert boolq["candidates"][boolq["label"]] == " yes"
+    cb = convert("CB", {"premise": b"It rained.", "hypothesis": b"The ground is wet.", "label": 2}, 0)
+    assert cb["candidates"][cb["label"]] == " Neither"
+    wg = convert("Winogrande", {"sentence": b"The cup fit in the box because the _ was small.", "option1": b"cup",
+                                "option2": b"box", "label": 0}, 0)
+    assert wg["contexts"] == ["The cup fit in the box because the cup", "The cup fit in the box because the box"]
+    assert wg["candidates"] == [" was small.", " was small."]
+    text = "The trophy doesn't fit in the suitcase because it is too big."
+    wsc = convert("Winograd", {"text": text.encode(), "pronoun_start": text.index(" it ") + 1,
+                               "pronoun_end": text.index(" it ") + 3, "option1": b"the trophy",
+                               "option2": b"the suitcase", "label": 0}, 0)
+    assert wsc["contexts"][0] == "The trophy doesn't fit in the suitcase because the trophy"
+    assert wsc["candidates"][0] == " is too big."
+    hs = convert("HellaSwag", {"activity_label": b"Cooking", "context": b"A man cracks eggs [title] into a bowl.",
+                               "endings": [b"He whisks them.", b"He flies."], "label": 0}, 0)
+    assert hs["context"] == "Cooking: A man cracks eggs. into a bowl." and hs["candidates"][0] == " He whisks them."
+    piqa = convert("PIQA", {"goal": b"open a jar", "sol1": b"twist the lid", "sol2": b"eat the lid", "label": 0}, 0)
+    assert piqa["context"] == "Question: open a jar\nAnswer:" and piqa["candidates"][0] == " twist the lid"
+    sc = convert("StoryCloze", {"context": [b"Ann was hungry.", b"She cooked."], "endings": [b"She ate.", b"She slept."],
+                                "label": 0}, 0)
+    assert sc["context"] == "Ann was hungry. She cooked." and sc["candidates"] == [" She ate.", " She slept."]
+
+
+def test_language_data_cli_on_mock_tfds_then_evaluate(tmp_path, small_spm):
+    import tensorflow_datasets as tfds
+
+    from kosmos2_jax.evaluation.language_data import main as language_data
+
+    out = tmp_path / "lang" / "validation.jsonl"
+    with tfds.testing.mock_data(num_examples=3):
+        assert language_data(["--out", str(out), "--tasks", "BoolQ", "CB", "PIQA", "HellaSwag"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["BoolQ"] * 3 + ["CB"] * 3 + ["PIQA"] * 3 + ["HellaSwag"] * 3
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
+    res = tmp_path / "r.json"
+    assert evaluate.main(["--task", "language", "--checkpoint", ckpt, "--tokenizer", small_spm, "--data_dir",
+                          str(out.parent), "--split", "validation", "--out", str(res)]) == 0
+    assert set(json.loads(res.read_text())["metrics"]) == {"BoolQ", "CB", "PIQA", "HellaSwag"}
+
+
+def test_per_candidate_contexts_score_each_pair(tmp_path, small_spm):
+    from kosmos2_jax.evaluation.loglik import candidate_logprobs, pair_logprobs
+    from kosmos2_jax.predict import load_model, tokenizer_for
+
+    model, params = load_model(save_tiny_checkpoint(tmp_path / "ckpt", small_spm))
+    tok = tokenizer_for(small_spm, model)
+    pairs = [("a red circle", " to the left"), ("a blue square", " to the left")]
+    both = pair_logprobs(model, params, tok, pairs)
+    alone = [candidate_logprobs(model, params, tok, c, [x])[0] for c, x in pairs]
+    assert [b["sum"] for b in both] == pytest.approx([a["sum"] for a in alone], rel=1e-5)
+    assert both[0]["sum"] != pytest.approx(both[1]["sum"])

@@ -11,12 +11,18 @@ import numpy as np
 
 
 def candidate_logprobs(model, params, tokenizer, context: str, candidates: Sequence[str]) -> list[dict]:
-    """One forward pass over all candidates (right-padded): [{sum, mean, tokens}] per candidate.
-    Token boundaries: the candidate's tokens are those of encode(context + candidate) after the
-    prefix encode(context); `<s>` is prepended (text only, no image)."""
-    ctx = [tokenizer.bos_id] + tokenizer.encode(context)
+    """Every candidate continuing one context; see `pair_logprobs`."""
+    return pair_logprobs(model, params, tokenizer, [(context, c) for c in candidates])
+
+
+def pair_logprobs(model, params, tokenizer, pairs: Sequence[tuple[str, str]]) -> list[dict]:
+    """One forward pass over all (context, continuation) pairs (right-padded): [{sum, mean, tokens}]
+    per pair. Token boundaries: the continuation's tokens are those of encode(context + continuation)
+    after the prefix encode(context); `<s>` is prepended (text only, no image). Pairs with their own
+    contexts score Winograd-style items (the option substituted, the rest of the sentence scored)."""
     rows, starts = [], []
-    for cand in candidates:
+    for context, cand in pairs:
+        ctx = [tokenizer.bos_id] + tokenizer.encode(context)
         full = [tokenizer.bos_id] + tokenizer.encode(context + cand)
         start = len(ctx) if full[:len(ctx)] == ctx else _common_prefix(full, ctx)
         if start >= len(full):

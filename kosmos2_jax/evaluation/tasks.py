@@ -17,7 +17,8 @@ records. Data layouts (all local; nothing is downloaded):
 - `vqav2`: `v2_OpenEnded_mscoco_{split}_questions.json` (+ `v2_mscoco_{split}_annotations.json`
   when scoring; without it only the server JSON is written); images `COCO_{split}_{id:012d}.jpg`.
 - `language`: `{split}.jsonl` in --data_dir (or --data_dir is the file), one line per item:
-  `{"id", "task", "context", "candidates": [...], "label": index}`; text only.
+  `{"id", "task", "context", "candidates": [...], "label": index}` (or `"contexts"`, one per
+  candidate); text only. `python -m kosmos2_jax.evaluation.language_data` writes it from tfds.
 - `shapes`: the synthetic `refexp` tfds folder as --data_dir.
 """
 
@@ -328,17 +329,20 @@ class LanguageTask:
         with open(_need(path, "language-task JSONL")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         for n, r in enumerate(rows):
-            missing = {"id", "task", "context", "candidates", "label"} - set(r)
+            missing = {"id", "task", "candidates", "label"} - set(r)
+            if "context" not in r and "contexts" not in r:
+                missing.add("context")
             if missing:
                 raise ValueError(f"{path}: line {n + 1} lacks {sorted(missing)}")
         return [dict(r, id=str(r["id"])) for r in rows]
 
     def predict(self, ctx, batch):
-        from kosmos2_jax.evaluation.loglik import candidate_logprobs, choose
+        from kosmos2_jax.evaluation.loglik import choose, pair_logprobs
 
         out = []
         for it in batch:
-            scores = candidate_logprobs(ctx.model, ctx.params, ctx.processor.tokenizer, it["context"], it["candidates"])
+            contexts = it.get("contexts") or [it["context"]] * len(it["candidates"])
+            scores = pair_logprobs(ctx.model, ctx.params, ctx.processor.tokenizer, list(zip(contexts, it["candidates"])))
             pick = choose(scores)
             out.append({"task": it["task"], "choice": pick, "correct": pick == int(it["label"]),
                         "logprobs": [s["sum"] for s in scores]})

@@ -1,0 +1,115 @@
+"""The paper's zero-shot language tasks from the tfds catalog -> the `language` task's JSONL.
+
+    python -m kosmos2_jax.evaluation.language_data --out lang/validation.jsonl [--tasks BoolQ COPA ...]
+        [--data_dir ~/tensorflow_datasets] [--max_per_task N]
+
+Prompt formats follow the common zero-shot conventions (lm-evaluation-harness style), which the
+paper does not spell out:
+- StoryCloze: the four context sentences; each ending is a candidate.
+- HellaSwag: "{activity}: {context}"; each ending ([title]/[header] markers cleaned).
+- Winograd (wsc273) and Winogrande: partial scoring -- each option is substituted for the pronoun
+  (or "_"), and the rest of the sentence is the scored continuation (one context per candidate).
+- PIQA: "Question: {goal}\\nAnswer:" + " {solution}".
+- BoolQ: "{passage}\\nQuestion: {question}?\\nAnswer:" + " no" / " yes".
+- CB: "{premise}\\nQuestion: {hypothesis} True, False or Neither?\\nAnswer:" + " True" / " False" / " Neither".
+- COPA: the premise without its final period + " because" (cause) / " therefore" (effect) + " {choice}"
+  with its first letter lower-cased.
+StoryCloze needs its manual download (tfds `story_cloze`); the others download through tfds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+TFDS = {  # task -> (tfds name, split)
+    "StoryCloze": ("story_cloze", "validation"), "HellaSwag": ("hellaswag", "validation"),
+    "Winograd": ("wsc273", "test"), "Winogrande": ("winogrande", "validation"), "PIQA": ("piqa", "validation"),
+    "BoolQ": ("super_glue/boolq", "validation"), "CB": ("super_glue/cb", "validation"),
+    "COPA": ("super_glue/copa", "validation"),
+}
+
+
+def _s(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def convert(task: str, ex: dict, index: int) -> dict:
+    """One tfds example -> one JSONL item."""
+    item = {"id": f"{task}-{index}", "task": task, "label": int(ex["label"])}
+    if task == "BoolQ":
+        item.update(context=f"{_s(ex['passage'])}\nQuestion: {_s(ex['question'])}?\nAnswer:", candidates=[" no", " yes"])
+    elif task == "CB":
+        item.update(context=f"{_s(ex['premise'])}\nQuestion: {_s(ex['hypothesis'])} True, False or Neither?\nAnswer:",
+                    candidates=[" True", " False", " Neither"])
+    elif task == "COPA":
+        connector = {"cause": " because", "effect": " therefore"}[_s(ex["question"])]
+        item.update(context=_s(ex["premise"]).strip().rstrip(".") + connector,
+                    candidates=[" " + _lower_first(_s(ex["choice1"])), " " + _lower_first(_s(ex["choice2"]))])
+    elif task == "PIQA":
+        item.update(context=f"Question: {_s(ex['goal'])}\nAnswer:", candidates=[" " + _s(ex["sol1"]), " " + _s(ex["sol2"])])
+    elif task == "HellaSwag":
+        context = _hellaswag_clean(f"{_s(ex['activity_label'])}: {_s(ex['context'])}")
+        item.update(context=context, candidates=[" " + _hellaswag_clean(_s(e)) for e in ex["endings"]])
+    elif task == "StoryCloze":
+        context = ex["context"]
+        context = " ".join(_s(c) for c in context) if not isinstance(context, (str, bytes)) else _s(context)
+        item.update(context=context, candidates=[" " + _s(e) for e in ex["endings"]])
+    elif task == "Winogrande":
+        sentence = _s(ex["sentence"])
+        cut = sentence.index("_")
+        rest = " " + sentence[cut + 1:].strip()
+        item.update(contexts=[sentence[:cut] + _s(ex["option1"]), sentence[:cut] + _s(ex["option2"])],
+                    candidates=[rest, rest])
+    elif task == "Winograd":
+        text, start, end = _s(ex["text"]), int(ex["pronoun_start"]), int(ex["pronoun_end"])
+        rest = " " + text[end:].strip()
+        item.update(contexts=[text[:start] + _s(ex["option1"]), text[:start] + _s(ex["option2"])], candidates=[rest, rest])
+    else:
+        raise ValueError(f"unknown task {task!r}; one of {sorted(TFDS)}")
+    return item
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kosmos2_jax.evaluation.language_data", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", nargs="+", default=sorted(TFDS), choices=sorted(TFDS))
+    p.add_argument("--data_dir", default=None, help="tfds data_dir")
+    p.add_argument("--max_per_task", type=int, default=0)
+    args = p.parse_args(argv)
+    import tensorflow_datasets as tfds
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        for task in args.tasks:
+            name, split = TFDS[task]
+            try:
+                ds = tfds.load(name, split=split, data_dir=args.data_dir)
+            except Exception as e:  # tfds raises many types for missing/undownloadable data
+                print(f"error: {task} ({name}): {e}", file=sys.stderr)
+                return 2
+            n = 0
+            for i, ex in enumerate(tfds.as_numpy(ds)):
+                if args.max_per_task and n == args.max_per_task:
+                    break
+                f.write(json.dumps(convert(task, ex, i)) + "\n")
+                n += 1
+            print(f"{task}: {n} items from {name} [{split}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
