@@ -36,19 +36,27 @@ def median_time(fn, repeats):
     return float(np.median(times))
 
 
-def main():
+def parse_args(repeats: int):
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--text_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser.parse_args()
 
+
+def setup(batch: int, text_tokens: int):
+    """The benchmark's HF model, our model with the same weights, and a grounded batch."""
     hf = hf_model(VISION, TEXT, 64)
     model = convert.Kosmos2(convert.config_from_hf(hf.config.to_dict()))
     params = convert.to_device(convert.params_from_hf(hf.state_dict(), model.config))
-    length = 64 + 3 + args.text_tokens
-    pixels, ids, attn, img = grounded_batch(np.random.default_rng(0), args.batch, 64, TEXT["vocab_size"], 224,
-                                            [length] * args.batch)
+    length = 64 + 3 + text_tokens
+    arrays = grounded_batch(np.random.default_rng(0), batch, 64, TEXT["vocab_size"], 224, [length] * batch)
+    return hf, model, params, length, arrays
+
+
+def main():
+    args = parse_args(repeats=5)
+    hf, model, params, length, (pixels, ids, attn, img) = setup(args.batch, args.text_tokens)
 
     fwd = jax.jit(model.apply)
     inputs = [jax.device_put(x) for x in (pixels, ids.astype(np.int32), attn.astype(np.int32), img.astype(np.int32))]

@@ -9,7 +9,6 @@ over the text positions, backward, AdamW update (LR 2e-4, beta (0.9, 0.98), eps 
 Prints the median step time, tokens/s (all sequence positions) and the ratio (target >= 1.5x HF).
 """
 
-import argparse
 import os
 import platform
 import sys
@@ -22,28 +21,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
-from forward import TEXT, VISION, median_time  # noqa: E402
-from hf_reference import grounded_batch, hf_model  # noqa: E402
+from forward import median_time, parse_args, setup  # noqa: E402
 
-from kosmos2_jax import convert  # noqa: E402
 from kosmos2_jax.train.trainer import loss_and_metrics  # noqa: E402
 
 ADAMW = dict(b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--text_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
-    hf = hf_model(VISION, TEXT, 64)
-    model = convert.Kosmos2(convert.config_from_hf(hf.config.to_dict()))
-    params = convert.to_device(convert.params_from_hf(hf.state_dict(), model.config))
-    length = 64 + 3 + args.text_tokens
-    pixels, ids, attn, img = grounded_batch(np.random.default_rng(0), args.batch, 64, TEXT["vocab_size"], 224,
-                                            [length] * args.batch)
+    args = parse_args(repeats=3)
+    hf, model, params, length, (pixels, ids, attn, img) = setup(args.batch, args.text_tokens)
     loss_mask = (img == 0).astype(np.int32)
     loss_mask[:, :66] = 0  # <s> <image> slots </image> are not targets
     batch = {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": attn.astype(np.int32),
