@@ -220,6 +220,17 @@ class FlickrEntitiesTask:
         return metrics
 
 
+def _text_scores(records, field: str) -> dict:
+    """pycocoevalcap scores (x100) of the generated `field` against each record's `references`."""
+    from kosmos2_jax.evaluation.captions import caption_scores
+
+    scored = [r for r in records if not r.get("missing_image")]
+    if not scored:
+        return {}
+    scores = caption_scores({r["id"]: r[field] for r in scored}, {r["id"]: r["references"] for r in scored})
+    return {k: 100.0 * v for k, v in scores.items()}
+
+
 class CaptionTask:
     """Zero-shot captioning: prompt "An image of", beam 5; CIDEr, BLEU-4, METEOR via pycocoevalcap."""
 
@@ -241,13 +252,7 @@ class CaptionTask:
         return _predict_with_images(ctx, batch, run, lambda it: {})
 
     def score(self, records):
-        from kosmos2_jax.evaluation.captions import caption_scores
-
-        scored = [r for r in records if not r.get("missing_image")]
-        if not scored:
-            return {}
-        scores = caption_scores({r["id"]: r["caption"] for r in scored}, {r["id"]: r["references"] for r in scored})
-        return {k: 100.0 * v for k, v in scores.items()}
+        return _text_scores(records, "caption")
 
 
 class RegTask:
@@ -277,13 +282,7 @@ class RegTask:
         return _predict_with_images(ctx, batch, run, lambda it: {})
 
     def score(self, records):
-        from kosmos2_jax.evaluation.captions import caption_scores
-
-        scored = [r for r in records if not r.get("missing_image")]
-        if not scored:
-            return {}
-        scores = caption_scores({r["id"]: r["expression"] for r in scored}, {r["id"]: r["references"] for r in scored})
-        return {"METEOR": 100.0 * scores["METEOR"], "CIDEr": 100.0 * scores["CIDEr"]}
+        return {k: v for k, v in _text_scores(records, "expression").items() if k in ("METEOR", "CIDEr")}
 
 
 class VQATask:
