@@ -42,6 +42,7 @@ setup(
             "protobuf<7",
             "sentencepiece==0.2.0",
             "safetensors",
+            "pycocoevalcap",
             *GRIT,
         ],
     },
