@@ -105,8 +105,13 @@ def data_pipelines(cfg, processor, data_state):
 def grounding_evaluator(cfg, model, processor):
     """A function params -> first-box accuracy on `data.grounding_items` items of the referring-
     expression dataset at `data.grounding_dir` (the shapes `refexp` config), or None when unset."""
+    import jax
+
     d = cfg.data
     if not d.get("grounding_dir", "") or not cfg.train.get("grounding_eval_every", 0):
+        return None
+    if jax.process_count() > 1:  # generation here feeds host-local arrays: single-process only for now
+        print("grounding evaluation during training is skipped with several processes", flush=True)
         return None
     from kosmos2_jax.evaluation.tasks import Context, ShapesTask
 
