@@ -4,6 +4,7 @@ own tokens; the highest wins. Also the per-token mean ("acc_norm"-style) for ref
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -53,8 +54,14 @@ def _common_prefix(a, b) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_forward(model):
+    # One jitted function per model: a fresh `jax.jit(lambda ...)` per call would retrace every item.
+    return jax.jit(lambda p, i, m: model.apply({"params": p}, None, i, m, None))
+
+
 def _forward(model, params, ids, mask):
-    return jax.jit(lambda p, i, m: model.apply({"params": p}, None, i, m, None))(params, ids, mask)
+    return _compiled_forward(model)(params, ids, mask)
 
 
 def choose(scores: Sequence[dict], normalize: bool = False) -> int:
