@@ -2,6 +2,7 @@
 
     python -m kosmos2_jax.evaluate --task TASK --checkpoint DIR --tokenizer SPM --data_dir DIR \\
         [--image_dir DIR] [--split S] [--max_examples N] [--batch_size B] --out results.json [--draw N]
+        [--shots K]  # refcocog_reg k-shot
 
 Tasks: shapes, refcoco, refcoco+, refcocog, flickr30k_entities, flickr30k_caption, coco_caption,
 vqav2, language (data layouts: `kosmos2_jax/evaluation/tasks.py`). Predictions stream to
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_examples", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--out", required=True)
+    p.add_argument("--shots", type=int, default=0, help="refcocog_reg: k demonstrations before each query (k-shot)")
+    p.add_argument("--shots_split", default="train", help="refcocog_reg: the split the demonstrations come from")
     p.add_argument("--draw", type=int, default=0, help="grounding tasks: write this many annotated PNGs next to --out")
     args = p.parse_args(argv)
 
@@ -48,6 +51,10 @@ def main(argv=None) -> int:
 
     task = TASKS[args.task]
     try:
+        if args.shots:
+            if not hasattr(task, "with_shots"):
+                raise ValueError(f"--shots applies to refcocog_reg, not {args.task}")
+            task = task.with_shots(args.shots, args.shots_split)
         items = task.load(args.data_dir, args.split)
         if args.max_examples:
             items = items[:args.max_examples]
@@ -68,8 +75,9 @@ def main(argv=None) -> int:
     records = run_items(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size)
     metrics = task.score(records)
     missing = sum(bool(r.get("missing_image")) for r in records)
-    paper = PAPER.get(args.task, {}).get(args.split, {})
-    result = {"task": args.task, "split": args.split, "checkpoint": args.checkpoint, "count": len(records),
+    name = getattr(task, "name", args.task)
+    paper = PAPER.get(name, {}).get(args.split, {})
+    result = {"task": name, "split": args.split, "checkpoint": args.checkpoint, "count": len(records),
               "missing_images": missing, "metrics": metrics, "paper": paper, "predictions": records}
     if "accuracy" in metrics:
         result["accuracy"] = metrics["accuracy"]
@@ -82,7 +90,7 @@ def main(argv=None) -> int:
         print(f"wrote the evaluation server's JSON to {server}")
     if missing:
         print(f"{missing} of {len(records)} items had a missing or unreadable image (not scored)", file=sys.stderr)
-    print(markdown(args.task, args.split, len(records), metrics, paper))
+    print(markdown(name, args.split, len(records), metrics, paper))
     if args.draw:
         _draw(items, records, args.draw, ctx, os.path.dirname(os.path.abspath(args.out)))
     return 0

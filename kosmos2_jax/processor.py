@@ -146,6 +146,60 @@ class Kosmos2Processor:
                 ids, mask = ids + [tok.eos_id], mask + [0]
         return ids, mask
 
+    def encode_interleaved(self, parts: Sequence[Any]) -> tuple[list[int], list[int], list[Any]]:
+        """An interleaved prompt -> (input_ids, image_embeds_position_mask, images in order).
+
+        `parts` mixes images (PIL images or uint8 arrays; an image becomes `<image>` + slots +
+        `</image>`) and texts (a string, or `(string, bboxes)` to write boxes after its phrases).
+        Each text is tokenized on its own, as the text after the image of `encode_prompt` is, so
+        `[image, text]` encodes exactly as `encode_prompt(text, with_image=True)`. KOSMOS-2 reads
+        such sequences in few-shot prompts (demonstration images, then the query's).
+        """
+        tok = self.tokenizer
+        ids, mask, images = [tok.bos_id], [0], []
+        for part in parts:
+            if isinstance(part, (Image.Image, np.ndarray)):
+                images.append(part)
+                ids += [tok.image_id, *self.image_slot_ids, tok.end_image_id]
+                mask += [0] + [1] * self.num_image_tokens + [0]
+                continue
+            if isinstance(part, str):
+                text, boxes = part, None
+            elif isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], str):
+                text, boxes = part
+            else:
+                raise ValueError(f"bad interleaved part {type(part).__name__}: give a PIL image or uint8 array, "
+                                 "a string, or a (string, bboxes) pair")
+            piece = tok.encode(self.insert_boxes(text.strip(), boxes))
+            ids += piece
+            mask += [0] * len(piece)
+        return ids, mask, images
+
+    def interleaved(self, prompts: Sequence[Sequence[Any]], padding_side: str = "left") -> dict[str, np.ndarray]:
+        """A batch of interleaved prompts (see `encode_interleaved`), every row with the same number
+        N >= 1 of images -> model inputs with `pixel_values` [B, N, H, W, 3]."""
+        rows = [self.encode_interleaved(p) for p in prompts]
+        counts = {len(images) for _, _, images in rows}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(f"every interleaved prompt of a batch needs the same number (>= 1) of images, got {sorted(counts)}")
+        out = self._pad_rows([(ids, mask) for ids, mask, _ in rows], padding_side)
+        out["pixel_values"] = np.stack([np.stack([preprocess_image(im, self.image_size) for im in images])
+                                        for _, _, images in rows])
+        return out
+
+    def _pad_rows(self, rows: Sequence[tuple[list[int], list[int]]], padding_side: str) -> dict[str, np.ndarray]:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        length = max(len(ids) for ids, _ in rows)
+        out = {k: np.zeros((len(rows), length), np.int32) for k in ("input_ids", "attention_mask", "image_embeds_position_mask")}
+        out["input_ids"][:] = self.tokenizer.pad_id
+        for i, (ids, mask) in enumerate(rows):
+            cols = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
+            out["input_ids"][i, cols] = ids
+            out["attention_mask"][i, cols] = 1
+            out["image_embeds_position_mask"][i, cols] = mask
+        return out
+
     # --- the HF processor call ------------------------------------------------------------
     def __call__(self, text: str | Sequence[str], images: Any = None, bboxes: Any = None,
                  add_eos_token: bool = False, padding_side: str = "right",
@@ -153,8 +207,6 @@ class Kosmos2Processor:
         """Returns `input_ids`, `attention_mask`, `image_embeds_position_mask` ([B, L] int32) and,
         with images, `pixel_values` ([B, H, W, 3] float32). A single string is a batch of one.
         Rows are padded with `<pad>` to the longest, on `padding_side`."""
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         batched = not isinstance(text, str)
         texts = list(text) if batched else [text]
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -173,14 +225,7 @@ class Kosmos2Processor:
             box_list = [bboxes]
         rows = [self.encode_prompt(t, images is not None, b, add_eos_token, add_special_tokens)
                 for t, b in zip(texts, box_list)]
-        length = max(len(ids) for ids, _ in rows)
-        out = {k: np.zeros((len(rows), length), np.int32) for k in ("input_ids", "attention_mask", "image_embeds_position_mask")}
-        out["input_ids"][:] = self.tokenizer.pad_id
-        for i, (ids, mask) in enumerate(rows):
-            cols = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
-            out["input_ids"][i, cols] = ids
-            out["attention_mask"][i, cols] = 1
-            out["image_embeds_position_mask"][i, cols] = mask
+        out = self._pad_rows(rows, padding_side)
         if images is not None:
             out["pixel_values"] = np.stack([preprocess_image(im, self.image_size) for im in image_list])
         return out

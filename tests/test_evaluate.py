@@ -221,6 +221,14 @@ def _dummy_task_data(task, root):
             images.append({"id": 4, "file_name": "a.jpg", "caption": "the round red one", "width": 64, "height": 48})
         data = {"images": images, "annotations": [{"image_id": im["id"], "bbox": [4, 4, 20, 20]} for im in images]}
         (root / f"finetune_{task.replace('_reg', '')}_val.json").write_text(json.dumps(data))
+        if task.endswith("_reg"):  # demonstrations for k-shot REG come from the train split
+            _dummy_images(root / "images", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+            train = [{"id": 10 + i, "file_name": f, "caption": c, "width": 64, "height": 48}
+                     for i, (f, c) in enumerate([("c.jpg", "the left cup"), ("d.jpg", "a tall man"),
+                                                 ("d.jpg", "the tall man in red"), ("a.jpg", "small dog")])]
+            boxes = [[4, 4, 20, 20], [30, 2, 30, 40], [30, 2, 30, 40], [0, 0, 10, 10]]
+            (root / "finetune_refcocog_train.json").write_text(json.dumps(
+                {"images": train, "annotations": [{"image_id": im["id"], "bbox": b} for im, b in zip(train, boxes)]}))
     elif task == "flickr30k_entities":
         _dummy_images(root / "images", ["a.jpg"])
         caption = "a red circle to the left of two blue squares"
@@ -283,6 +291,57 @@ def test_task_end_to_end_on_dummy_data(task, split, metric, tmp_path, small_spm)
     # A rerun finds every prediction in the JSONL and recomputes nothing.
     assert evaluate.main(args) == 0
     assert json.loads(out.read_text())["metrics"] == result["metrics"]
+
+
+def test_reg_few_shot_prompts(tmp_path, small_spm):
+    """k-shot REG: k demonstrations from the train split (seeded per item, stored with it), then the
+    query, as one interleaved sequence of k + 1 images."""
+    from kosmos2_jax.evaluation.tasks import Context, RegTask
+    from kosmos2_jax.predict import load_model, tokenizer_for
+    from kosmos2_jax.processor import Kosmos2Processor
+
+    root = _dummy_task_data("refcocog_reg", tmp_path / "data")
+    task = RegTask(shots=2)
+    items = task.load(str(root), "val")
+    assert items == RegTask(shots=2).load(str(root), "val")  # deterministic
+    train_objects = {("c.jpg", "the left cup"), ("d.jpg", "a tall man"), ("d.jpg", "the tall man in red"),
+                     ("a.jpg", "small dog")}
+    for it in items:
+        assert len(it["shots"]) == 2 and len({s["image"] + str(s["target"]) for s in it["shots"]}) == 2
+        assert all((s["image"], s["expression"]) in train_objects for s in it["shots"])
+    model, params = load_model(save_tiny_checkpoint(tmp_path / "ckpt", small_spm))
+    processor = Kosmos2Processor(tokenizer_for(small_spm, model), image_size=model.config.vision.image_size,
+                                 num_image_tokens=model.config.latent_query_num)
+    ctx = Context(model, params, processor, image_dir=str(root / "images"))
+    seen = []
+    original = ctx.generate_interleaved
+    ctx.generate_interleaved = lambda prompts, **kw: (seen.extend(prompts), original(prompts, **kw))[1]
+    records = task.predict(ctx, items[:2])
+    assert len(records) == 2 and all(isinstance(r["expression"], str) for r in records)
+    first = seen[0]
+    assert len(first) == 6  # (image, demonstration) x 2, then (query image, query)
+    shot = items[0]["shots"][0]
+    assert first[1] == (f"<phrase> It</phrase> is {shot['expression']}.", [tuple(shot["target"])])
+    assert first[5] == ("<phrase> It</phrase> is", [tuple(items[0]["target"])])
+    inputs = processor.interleaved(seen)
+    assert inputs["pixel_values"].shape[1] == 3
+    with pytest.raises(ValueError, match="needs 5 demonstration objects"):
+        RegTask(shots=5).load(str(root), "val")
+
+
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="METEOR needs Java")
+def test_reg_few_shot_end_to_end(tmp_path, small_spm):
+    root = _dummy_task_data("refcocog_reg", tmp_path / "data")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
+    out = tmp_path / "r.json"
+    args = ["--task", "refcocog_reg", "--shots", "2", "--checkpoint", ckpt, "--tokenizer", small_spm,
+            "--data_dir", str(root), "--split", "val", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "refcocog_reg_2shot" and result["count"] == 3 and result["missing_images"] == 1
+    assert {"METEOR", "CIDEr"} <= set(result["metrics"])
+    assert [len(p.get("shots", [])) for p in result["predictions"]] == [2, 2, 0]  # the last one's image is missing
+    assert evaluate.main(["--task", "refcoco", "--shots", "2", *args[4:]]) == 2  # --shots is REG-only
 
 
 def test_evaluate_bad_inputs(tmp_path, small_spm, capsys):

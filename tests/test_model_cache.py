@@ -66,3 +66,29 @@ def test_dropout_only_in_training():
                                      rngs={"dropout": jax.random.PRNGKey(seed)})
     np.testing.assert_array_equal(train(1), train(1))
     assert np.abs(train(1) - eval_a).max() > 1e-3 and np.abs(train(1) - train(2)).max() > 1e-3
+
+
+def test_several_images_per_row_fill_their_slots_in_order():
+    """pixel_values [B, N, H, W, 3]: the i-th group of slots takes the i-th image's embeddings,
+    exactly as if those embeddings were passed precomputed (the single-image path is HF's)."""
+    config = tiny(vocab_size=120)
+    model = Kosmos2(config)
+    q = config.latent_query_num
+    rng = np.random.default_rng(1)
+    ids = np.concatenate([[0, 5], np.arange(4, 4 + q), [6], [30, 31], [5], np.arange(4, 4 + q), [6], [40]])[None]
+    img_mask = np.zeros_like(ids)
+    img_mask[0, 2:2 + q] = 1
+    img_mask[0, 5 + q:5 + 2 * q] = 1
+    pixels = rng.standard_normal((1, 2, 28, 28, 3)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), pixels, ids, None, img_mask)["params"]
+    feats = model.apply({"params": params}, pixels, method=Kosmos2.image_features)
+    first = model.apply({"params": params}, pixels[:, 0], method=Kosmos2.image_features)
+    second = model.apply({"params": params}, pixels[:, 1], method=Kosmos2.image_features)
+    np.testing.assert_allclose(feats, np.concatenate([first, second], axis=1), atol=1e-6)
+    logits = model.apply({"params": params}, pixels, ids, None, img_mask)
+    expected = model.apply({"params": params}, None, ids, None, img_mask, image_embeds=jnp.concatenate([first, second], 1))
+    np.testing.assert_allclose(logits, expected, atol=1e-6)
+    swapped = model.apply({"params": params}, pixels[:, ::-1], ids, None, img_mask)
+    expected = model.apply({"params": params}, None, ids, None, img_mask, image_embeds=jnp.concatenate([second, first], 1))
+    np.testing.assert_allclose(swapped, expected, atol=1e-6)
+    assert np.abs(swapped - logits).max() > 1e-5  # the order matters

@@ -142,6 +142,33 @@ def test_bad_images(processor, tmp_path):
         processor("x", padding_side="middle")
 
 
+def test_interleaved_prompts(processor):
+    image, other = _image(0), _image(1)
+    text = "<grounding><phrase> a dog</phrase>"
+    single = processor([text, text], images=[image, image], bboxes=[[(3, 40)], [(3, 40)]], padding_side="left")
+    inter = processor.interleaved([[image, (text, [(3, 40)])]] * 2)
+    for k in ("input_ids", "attention_mask", "image_embeds_position_mask"):
+        np.testing.assert_array_equal(inter[k], single[k])
+    np.testing.assert_array_equal(inter["pixel_values"][:, 0], single["pixel_values"])
+
+    two = processor.interleaved([[image, "<phrase> It</phrase> is a dog.", other, "<phrase> It</phrase> is"],
+                                 [other, "a cat", image, "a"]])
+    assert two["pixel_values"].shape == (2, 2, 224, 224, 3)
+    np.testing.assert_array_equal(two["pixel_values"][0, 1], two["pixel_values"][1, 0])
+    q = processor.num_image_tokens
+    assert (two["image_embeds_position_mask"].sum(axis=1) == 2 * q).all()
+    row = two["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    assert row[0] == tok.bos_id and row.count(tok.image_id) == 2 and row.count(tok.end_image_id) == 2
+    assert row.count(tok.bos_id) == 1  # one <s> for the whole interleaved sequence
+    second_image = [i for i, t in enumerate(row) if t == tok.image_id][1]
+    assert two["image_embeds_position_mask"][0, second_image + 1:second_image + 1 + q].all()
+    with pytest.raises(ValueError, match="same number"):
+        processor.interleaved([[image, "a"], [image, "b", other]])
+    with pytest.raises(ValueError, match="bad interleaved part"):
+        processor.interleaved([[image, 3]])
+
+
 # --- grounded training sequences ----------------------------------------------------------------
 def test_grounded_caption_sequence_matches_hf_prompt(processor, hf_processor):
     caption = "a dog next to a cat"

@@ -11,7 +11,7 @@ records. Data layouts (all local; nothing is downloaded):
   `caption`, `tokens_positive_eval` = the phrases' character spans, optional `phrase_types`;
   annotations with `bbox` and `tokens_positive`); Flickr30k images in --image_dir.
 - `refcocog_reg`: the RefCOCOg files above; one item per object (image + box), all its
-  expressions as references.
+  expressions as references; k-shot (`--shots k`) draws demonstrations from the train split's file.
 - `flickr30k_caption`, `coco_caption`: Karpathy's `dataset_flickr30k.json` / `dataset_coco.json`
   in --data_dir (images with `filename`, optional `filepath`, `split`, `sentences[].raw`).
 - `vqav2`: `v2_OpenEnded_mscoco_{split}_questions.json` (+ `v2_mscoco_{split}_annotations.json`
@@ -28,6 +28,7 @@ import collections
 import io
 import json
 import os
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -43,6 +44,8 @@ PAPER = {
     "refcocog": {"val": {"accuracy": 60.57}, "test": {"accuracy": 61.65}},
     "flickr30k_caption": {"test": {"CIDEr": 66.7}},
     "refcocog_reg": {"test": {"METEOR": 12.2, "CIDEr": 60.3}},
+    "refcocog_reg_2shot": {"test": {"METEOR": 13.8, "CIDEr": 62.2}},
+    "refcocog_reg_4shot": {"test": {"METEOR": 14.1, "CIDEr": 62.3}},
     "vqav2": {"test-dev": {"accuracy": 45.6}},
     "language": {"test": {"StoryCloze": 72.0, "HellaSwag": 49.4, "Winograd": 69.1, "Winogrande": 55.6,
                           "PIQA": 72.9, "BoolQ": 62.0, "CB": 30.4, "COPA": 67.0}},
@@ -84,11 +87,18 @@ class Context:
                       bboxes=None):
         """(whole sequences, continuations after the prompt), decoded as `processor.decode` does (the
         grounding tags kept, `<s>`, `</s>`, padding and image slots dropped)."""
+        inputs = self.processor(list(prompts), images=list(images) if images is not None else None,
+                                bboxes=bboxes, padding_side="left")
+        return self._generate(inputs, max_new_tokens, num_beams, no_repeat_ngram_size)
+
+    def generate_interleaved(self, prompts, max_new_tokens: int, num_beams: int = 1, no_repeat_ngram_size: int = 0):
+        """`generate_text` for interleaved prompts (`Kosmos2Processor.interleaved`: several images per row)."""
+        return self._generate(self.processor.interleaved(prompts), max_new_tokens, num_beams, no_repeat_ngram_size)
+
+    def _generate(self, inputs, max_new_tokens, num_beams, no_repeat_ngram_size):
         from kosmos2_jax.generate import generate
 
         tok = self.processor.tokenizer
-        inputs = self.processor(list(prompts), images=list(images) if images is not None else None,
-                                bboxes=bboxes, padding_side="left")
         out = generate(self.model, self.params, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
                        no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         n = inputs["input_ids"].shape[1]
@@ -256,29 +266,71 @@ class CaptionTask:
 
 
 class RegTask:
-    """Referring-expression generation on RefCOCOg, zero-shot: the prompt
-    `<phrase> It</phrase><object>{box}</object> is` (HF tokens of the paper's `<p> It </p><box>..</box> is`),
-    greedy; the generated expression is scored against every expression of the same object with
-    METEOR and CIDEr. Items are objects (image + box); MDETR's entries are grouped by them."""
+    """Referring-expression generation on RefCOCOg: the prompt `<phrase> It</phrase><object>{box}</object> is`
+    (HF tokens of the paper's `<p> It </p><box>..</box> is`), greedy; the generated expression is
+    scored against every expression of the same object with METEOR and CIDEr. Items are objects
+    (image + box); MDETR's entries are grouped by them.
 
-    name = "refcocog_reg"
+    k-shot (`shots=k`, the paper's k = 2, 4): k demonstrations `[image] <phrase> It</phrase><object>
+    {box}</object> is {expression}.` precede the query, as one interleaved sequence. They are drawn
+    from the `shots_split` objects (one of their expressions each), seeded by the query's id, so a
+    rerun or a resumed run prompts identically; they are stored with the item."""
 
-    def load(self, data_dir, split):
-        items = RefExpTask("refcocog").load(data_dir, split)
+    def __init__(self, shots: int = 0, shots_split: str = "train"):
+        if shots < 0:
+            raise ValueError(f"shots must be >= 0, got {shots}")
+        self.shots, self.shots_split = shots, shots_split
+        self.name = "refcocog_reg" if shots == 0 else f"refcocog_reg_{shots}shot"
+
+    def with_shots(self, shots: int, shots_split: str = "train") -> "RegTask":
+        return RegTask(shots, shots_split)
+
+    @staticmethod
+    def _objects(data_dir, split):
         objects = {}
-        for it in items:
+        for it in RefExpTask("refcocog").load(data_dir, split):
             key = (it["image"], tuple(round(v, 6) for v in it["target"]))
             objects.setdefault(key, {"id": it["id"], "image": it["image"], "target": it["target"], "references": []})
             objects[key]["references"].append(it["phrase"])
         return list(objects.values())
 
+    def load(self, data_dir, split):
+        items = self._objects(data_dir, split)
+        if self.shots:
+            pool = self._objects(data_dir, self.shots_split)
+            if len(pool) < self.shots:
+                raise ValueError(f"{self.shots}-shot REG needs {self.shots} demonstration objects; split "
+                                 f"{self.shots_split!r} of {data_dir} has {len(pool)}")
+            for it in items:
+                rng = np.random.default_rng(zlib.crc32(f"{self.name}/{it['id']}".encode()))
+                picks = rng.choice(len(pool), self.shots, replace=False)
+                it["shots"] = [{"image": pool[i]["image"], "target": pool[i]["target"],
+                                "expression": pool[i]["references"][rng.integers(len(pool[i]["references"]))]}
+                               for i in picks]
+        return items
+
+    def _demonstrations(self, ctx, item):
+        parts = []
+        for shot in item["shots"]:
+            image = ctx.image(shot)
+            if image is None:
+                raise FileNotFoundError(f"demonstration image not found or unreadable: "
+                                        f"{os.path.join(ctx.image_dir, shot['image'])}")
+            parts += [image, (f"<phrase> It</phrase> is {shot['expression']}.", [tuple(shot["target"])])]
+        return parts
+
     def predict(self, ctx, batch):
         def run(items, images):
-            _, new = ctx.generate_text(["<phrase> It</phrase> is"] * len(items), images, max_new_tokens=20,
-                                       bboxes=[[tuple(it["target"])] for it in items])
+            query = [("<phrase> It</phrase> is", [tuple(it["target"])]) for it in items]
+            if self.shots:
+                prompts = [self._demonstrations(ctx, it) + [im, q] for it, im, q in zip(items, images, query)]
+                _, new = ctx.generate_interleaved(prompts, max_new_tokens=20)
+            else:
+                _, new = ctx.generate_text([q for q, _ in query], images, max_new_tokens=20,
+                                           bboxes=[b for _, b in query])
             texts = [ctx.processor.post_process_generation(t)[0].strip().split("\n")[0] for t in new]
-            return [{"expression": t.split(".")[0].strip(), "references": it["references"]}
-                    for it, t in zip(items, texts)]
+            return [{"expression": t.split(".")[0].strip(), "references": it["references"],
+                     **({"shots": it["shots"]} if self.shots else {})} for it, t in zip(items, texts)]
         return _predict_with_images(ctx, batch, run, lambda it: {})
 
     def score(self, records):

@@ -5,7 +5,10 @@ the decoder's token sequence at `image_embeds_position_mask` (reference §1.2).
     logits = model.apply({"params": params}, pixel_values, input_ids, attention_mask, image_embeds_position_mask)
     feats = model.apply({"params": params}, pixel_values, method=Kosmos2.image_features)
 
-`pixel_values` are NHWC. Pass `pixel_values=None` (or precomputed `image_embeds`) for text only.
+`pixel_values` are NHWC, [B, H, W, 3]; interleaved prompts with several images per row pass
+[B, N, H, W, 3], and the row's image slots take the N images' embeddings in order (the decoder
+fills the k-th slot with the k-th embedding). Pass `pixel_values=None` (or precomputed
+`image_embeds`) for text only.
 Cached decoding: `init_cache` creates a `cache` collection of a given length; then call with
 `decode=True, mutable=["cache"]`, giving `position_ids` and an `attention_mask` over the cache.
 """
@@ -37,7 +40,13 @@ class Kosmos2(nn.Module):
         self.text_model = TextDecoder(self.config)
 
     def image_features(self, pixel_values, interpolate_pos_encoding: bool = False, deterministic: bool = True):
-        """pixel_values [B, H, W, 3] -> image embeddings [B, latent_query_num, embed_dim]."""
+        """pixel_values [B, H, W, 3] -> image embeddings [B, latent_query_num, embed_dim];
+        [B, N, H, W, 3] -> [B, N * latent_query_num, embed_dim] (the N images in order)."""
+        if pixel_values.ndim == 5:
+            b, n = pixel_values.shape[:2]
+            feats = self.image_features(pixel_values.reshape(b * n, *pixel_values.shape[2:]),
+                                        interpolate_pos_encoding, deterministic)
+            return feats.reshape(b, n * feats.shape[1], feats.shape[2])
         tokens = self.vision_model(pixel_values, interpolate_pos_encoding, deterministic)
         return self.image_to_text_projection(l2_normalize(tokens), deterministic)
 
