@@ -19,7 +19,7 @@ import kosmos2_pretrain  # noqa: E402
 
 def get_config(arg=None):
     c = kosmos2_pretrain.get_config(arg)
-    c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256)
+    c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256, pack=False)  # batch = 256 expressions
     c.optim.update(lr=1e-5, warmup_steps=100)
     c.train.update(steps=5000, batch_size=256, freeze="vision_except_last")
     return c

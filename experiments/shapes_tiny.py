@@ -53,6 +53,9 @@ def get_config(arg=None):
         llava_file="", llava_images="", llava_weight=0.0, grounded_instruct_dir="", grounded_instruct_weight=0.0,
         seq_len=64, preprocess="square", span_mode="noun_chunk", score_threshold=0.65, grounded_prob=1.0,
         box_formula="train", shuffle_buffer=512, num_workers=4, max_bad_fraction=0.05,
+        # sequence packing: several examples per row (up to pack_max_images images), kept apart by
+        # segment ids; the demo's rows hold one example, so it is off here
+        pack=False, pack_max_images=4,
         # periodic phrase grounding on held-out referring expressions (train.grounding_eval_every)
         grounding_dir="workdir/demo_data/tfds/shapes/refexp/1.0.0", grounding_split="validation",
         grounding_items=64))

@@ -6,6 +6,10 @@ examples (decode, resize/crop, span selection, grounded-or-plain, ids, masks) ->
     batch = next(pipe)            # dict of numpy arrays, leading dim = per-host batch
     state = pipe.state()          # JSON-able; Pipeline(..., state=state) resumes exactly there
 
+With `pack=True` several examples share a row (`packing.py`: `segment_ids`, per-row
+`pixel_values` [pack_max_images, S, S, 3]); an example that no longer fits opens the next row,
+and a saved state replays it.
+
 Determinism: each source reads its host's shard in a fixed order (file order, then a seeded
 shuffle buffer, repeated), and the example at global index i draws its source and its own random
 choices from `np.random.default_rng([seed, i, ...])`. So the stream is a pure function of the
@@ -26,6 +30,7 @@ import numpy as np
 
 from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, grit_example, grit_instruction_example,
                                        llava_example, text_example)
+from kosmos2_jax.data.packing import fits, pack_row
 from kosmos2_jax.processor import Kosmos2Processor
 
 SOURCE_KINDS = ("grit", "text", "grit_instruct", "llava")
@@ -105,9 +110,12 @@ class Pipeline:
     def __init__(self, sources: Sequence[Source], processor: Kosmos2Processor, config: ExampleConfig,
                  batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
                  state: dict | None = None, shuffle_buffer: int = 1024, repeat: bool = True,
-                 max_bad_fraction: float = 0.05, min_records_for_bad_check: int = 200, num_workers: int = 4):
+                 max_bad_fraction: float = 0.05, min_records_for_bad_check: int = 200, num_workers: int = 4,
+                 pack: bool = False, pack_max_images: int = 4):
         if not sources:
             raise ValueError("a pipeline needs at least one source")
+        if pack and pack_max_images < 1:
+            raise ValueError(f"packing needs pack_max_images >= 1, got {pack_max_images}")
         self.sources = list(sources)
         self.processor, self.config = processor, config
         self.batch_size, self.seed = batch_size, seed
@@ -133,6 +141,8 @@ class Pipeline:
         self._pending: collections.deque = collections.deque()
         self._lookahead = max(2 * batch_size, 8)
         self._exhausted = False
+        self.pack, self.pack_max_images = pack, pack_max_images
+        self._carry = None  # (example, source name): read but left for the next packed row
 
     # --- state ----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -142,6 +152,9 @@ class Pipeline:
         positions = dict(self._positions)
         for _, source_name, _ in self._pending:
             positions[source_name] -= 1
+        if self._carry is not None:  # replayed too: it opens the next packed row
+            index -= 1
+            positions[self._carry[1]] -= 1
         return {"index": index, "positions": positions, "bad_counts": dict(self.bad_counts)}
 
     # --- producing examples ---------------------------------------------------------------
@@ -177,20 +190,37 @@ class Pipeline:
         except BadRecord as e:
             return e
 
-    def _next_example(self) -> dict | None:
+    def _next_example(self) -> tuple[dict, str] | None:
         while True:
             while not self._exhausted and len(self._pending) < self._lookahead:
                 if not self._submit_next():
                     self._exhausted = True
             if not self._pending:
                 return None
-            _, _, work = self._pending.popleft()
+            _, source_name, work = self._pending.popleft()
             result = work.result()
             if isinstance(result, BadRecord):
                 self.bad_counts[result.reason] += 1
                 self._check_bad()
                 continue
-            return result
+            return result, source_name
+
+    def _next_row(self) -> dict | None:
+        if not self.pack:
+            got = self._next_example()
+            return None if got is None else got[0]
+        examples = []
+        while True:
+            got, self._carry = (self._carry, None) if self._carry is not None else (self._next_example(), None)
+            if got is None:
+                break
+            if examples and not fits(examples, got[0], self.config.seq_len, self.pack_max_images):
+                self._carry = got
+                break
+            examples.append(got[0])
+        if not examples:
+            return None
+        return pack_row(examples, self.config.seq_len, self.pack_max_images, self.processor.tokenizer.pad_id)
 
     def _check_bad(self):
         bad = sum(self.bad_counts.values())
@@ -205,7 +235,7 @@ class Pipeline:
     def __next__(self) -> dict:
         rows = []
         while len(rows) < self.batch_size:
-            example = self._next_example()
+            example = self._next_row()
             if example is None:
                 if rows:  # a final partial batch (only without repeat)
                     break

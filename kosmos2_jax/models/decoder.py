@@ -26,6 +26,17 @@ def position_ids_from_input_ids(input_ids: jax.Array, pad_token_id: int, past_le
     return (jnp.cumsum(not_pad, axis=1) + past_length) * not_pad + pad_token_id
 
 
+def position_ids_from_segments(segment_ids: jax.Array, pad_token_id: int):
+    """Positions for packed rows: each segment (1, 2, ... ; 0 = pad) counts its own tokens from
+    `pad_token_id + 1`, exactly as it would alone in a row (`position_ids_from_input_ids`)."""
+    not_pad = (segment_ids > 0).astype(jnp.int32)
+    count = jnp.cumsum(not_pad, axis=1)
+    previous = jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+    starts = (segment_ids != previous) & (segment_ids > 0)
+    base = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)
+    return (count - base) * not_pad + pad_token_id
+
+
 def sinusoidal_positions(position_ids: jax.Array, dim: int, padding_idx: int) -> jax.Array:
     """Rows of fairseq's table: [sin(p f_0..f_{h-1}), cos(p f_0..f_{h-1})], zero at `padding_idx`."""
     half = dim // 2
@@ -37,15 +48,20 @@ def sinusoidal_positions(position_ids: jax.Array, dim: int, padding_idx: int) ->
     return jnp.where((position_ids == padding_idx)[..., None], 0.0, emb)
 
 
-def attention_bias(attention_mask: jax.Array, q_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
+def attention_bias(attention_mask: jax.Array, q_len: int, q_offset: jax.Array | int = 0,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
     """Additive [B, 1, q_len, kv_len] mask built as HF builds it: causal + key padding, each the
-    dtype's minimum where masked (so fully masked rows of pad queries behave identically)."""
+    dtype's minimum where masked (so fully masked rows of pad queries behave identically); with
+    `segment_ids` (packed rows) a query also sees only keys of its own segment."""
     kv_len = attention_mask.shape[1]
     neg = jnp.finfo(jnp.float32).min
     q_pos = jnp.arange(q_len)[:, None] + q_offset
     causal = jnp.where(jnp.arange(kv_len)[None, :] > q_pos, neg, 0.0)
     padding = jnp.where(attention_mask[:, None, None, :] == 0, neg, 0.0)
-    return causal[None, None] + padding
+    bias = causal[None, None] + padding
+    if segment_ids is not None:
+        bias = bias + jnp.where(segment_ids[:, None, :, None] != segment_ids[:, None, None, :], neg, 0.0)
+    return bias
 
 
 class TextBlock(nn.Module):
@@ -86,14 +102,19 @@ class TextDecoder(nn.Module):
 
     `attention_mask` is [B, T], or [B, cache_length] with `decode=True`, where the queries sit at
     cache positions `cache_index .. cache_index + T` (the caller passes `position_ids` then).
+    `segment_ids` [B, T] (1, 2, ... per packed example, 0 on padding) keep packed examples apart:
+    each attends within itself and counts its own positions.
     """
 
     config: Kosmos2Config
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, image_embeds=None, image_embeds_position_mask=None,
-                 position_ids=None, deterministic: bool = True, decode: bool = False, return_hidden: bool = False):
+                 position_ids=None, deterministic: bool = True, decode: bool = False, return_hidden: bool = False,
+                 segment_ids=None):
         t, dt, pdt = self.config.text, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+        if segment_ids is not None and decode:
+            raise ValueError("segment_ids (packed rows) are for training forwards, not cached decoding")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         embed_tokens = nn.Embed(
@@ -109,7 +130,8 @@ class TextDecoder(nn.Module):
         if t.scale_embedding:
             x = x * jnp.asarray(math.sqrt(t.embed_dim), x.dtype)
         if position_ids is None:
-            position_ids = position_ids_from_input_ids(input_ids, t.pad_token_id)
+            position_ids = (position_ids_from_input_ids(input_ids, t.pad_token_id) if segment_ids is None
+                            else position_ids_from_segments(segment_ids, t.pad_token_id))
         x = x + sinusoidal_positions(position_ids, t.embed_dim, t.pad_token_id).astype(x.dtype)
         x = nn.Dropout(t.dropout)(x, deterministic=deterministic)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
@@ -120,7 +142,7 @@ class TextDecoder(nn.Module):
             q_offset = index.value
             if self.is_mutable_collection("cache") and self.has_variable("cache", "index"):
                 index.value = index.value + input_ids.shape[1]
-        bias = attention_bias(attention_mask, input_ids.shape[1], q_offset)
+        bias = attention_bias(attention_mask, input_ids.shape[1], q_offset, segment_ids)
         x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.scan_layers, "layers",
                             config=self.config, deterministic=deterministic, decode=decode)(x, (bias,))
         x = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(x)

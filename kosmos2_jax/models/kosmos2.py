@@ -8,7 +8,7 @@ the decoder's token sequence at `image_embeds_position_mask` (reference §1.2).
 `pixel_values` are NHWC, [B, H, W, 3]; interleaved prompts with several images per row pass
 [B, N, H, W, 3], and the row's image slots take the N images' embeddings in order (the decoder
 fills the k-th slot with the k-th embedding). Pass `pixel_values=None` (or precomputed
-`image_embeds`) for text only.
+`image_embeds`) for text only. Packed training rows (several examples per row) pass `segment_ids`.
 Cached decoding: `init_cache` creates a `cache` collection of a given length; then call with
 `decode=True, mutable=["cache"]`, giving `position_ids` and an `attention_mask` over the cache.
 """
@@ -52,13 +52,14 @@ class Kosmos2(nn.Module):
 
     def __call__(self, pixel_values, input_ids, attention_mask=None, image_embeds_position_mask=None,
                  image_embeds=None, position_ids=None, deterministic: bool = True, decode: bool = False,
-                 interpolate_pos_encoding: bool = False, return_hidden: bool = False):
+                 interpolate_pos_encoding: bool = False, return_hidden: bool = False, segment_ids=None):
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.image_features(pixel_values, interpolate_pos_encoding, deterministic)
         if image_embeds is not None and image_embeds_position_mask is None:
             raise ValueError("image inputs need image_embeds_position_mask (1 on the image slots)")
         return self.text_model(input_ids, attention_mask, image_embeds, image_embeds_position_mask, position_ids,
-                               deterministic=deterministic, decode=decode, return_hidden=return_hidden)
+                               deterministic=deterministic, decode=decode, return_hidden=return_hidden,
+                               segment_ids=segment_ids)
 
     def decode_step(self, input_ids, attention_mask, position_ids, image_embeds=None, image_embeds_position_mask=None):
         """One cached step (or a cached prefill): logits for `input_ids` given the `cache` collection."""

@@ -85,7 +85,8 @@ def data_pipelines(cfg, processor, data_state):
     per_host = cfg.train.batch_size // jax.process_count()
     common = dict(process_index=jax.process_index(), process_count=jax.process_count(), num_workers=d.num_workers)
     train = Pipeline(sources, processor, example_config, per_host, seed=cfg.seed, state=data_state,
-                     shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction, **common)
+                     shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction,
+                     pack=d.get("pack", False), pack_max_images=d.get("pack_max_images", 4), **common)
 
     def validation():
         if not d.val_dir or not d.val_batches:

@@ -25,7 +25,8 @@ from kosmos2_jax.train import sharding
 from kosmos2_jax.train.init import structured_init
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
 
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values")
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
+              "segment_ids")  # segment_ids: packed rows only
 
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
@@ -33,7 +34,8 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
     location-token accuracy."""
     logits = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                         batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng})
+                         batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng},
+                         segment_ids=batch.get("segment_ids"))
     logits = logits[:, :-1].astype(jnp.float32)
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -130,7 +132,7 @@ class Trainer:
         return loss_and_metrics(self.model, params, batch, jax.random.PRNGKey(0), True, *self.loc)[1]
 
     def _put(self, batch):
-        local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+        local = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
         if jax.process_count() == 1:
             return jax.device_put(local, self.batch_sharding)
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
