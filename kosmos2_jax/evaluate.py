@@ -4,7 +4,7 @@
         [--image_dir DIR] [--split S] [--max_examples N] [--batch_size B] --out results.json [--draw N]
         [--shots K]  # refcocog_reg k-shot
 
-Tasks: shapes, refcoco, refcoco+, refcocog, flickr30k_entities, flickr30k_caption, coco_caption,
+Tasks: shapes, refcoco, refcoco+, refcocog, refcocog_reg, flickr30k_entities, flickr30k_caption, coco_caption,
 vqav2, language (data layouts: `kosmos2_jax/evaluation/tasks.py`). Predictions stream to
 OUT.predictions.jsonl (an interrupted run resumes there); the results JSON holds the metrics, the
 paper's numbers and every prediction, and a Markdown table is printed.
