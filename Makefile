@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CORE_STAMP := $(VENV)/.installed-core
 
 .PHONY: test test-slow install clean demo
 
@@ -11,6 +12,14 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
+
+# The demo needs only the core package (no torch/transformers/spaCy/Beam): a faster first install.
+# A venv that already has the test extras has the core too.
+$(CORE_STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if [ -f $(STAMP) ] && [ $(STAMP) -nt setup.py ]; then true; else \
+		$(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e .; fi
+	touch $(CORE_STAMP)
 
 install: $(STAMP)
 
@@ -28,11 +37,11 @@ DEMO_DATA := workdir/demo_data
 DEMO_RUN := workdir/shapes_tiny
 DEMO_ENV := SHAPES_NUM_TRAIN=4000 SHAPES_NUM_EVAL=200 TF_CPP_MIN_LOG_LEVEL=2
 
-$(DEMO_DATA)/spm/shapes.model: $(STAMP)
+$(DEMO_DATA)/spm/shapes.model: $(CORE_STAMP)
 	$(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt
 	$(PY) -m kosmos2_jax.tokenizer train --input $(DEMO_DATA)/captions.txt --vocab_size 64 --out $(DEMO_DATA)/spm/shapes
 
-$(DEMO_DATA)/tfds/shapes/refexp/1.0.0: $(STAMP)
+$(DEMO_DATA)/tfds/shapes/refexp/1.0.0: $(CORE_STAMP)
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds --config refexp
 

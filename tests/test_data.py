@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,7 +10,7 @@ from PIL import Image
 from conftest import REPO
 from kosmos2_jax.data import boxes as box_ops
 from kosmos2_jax.data.build import build
-from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example
+from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example, normalize_pixels
 from kosmos2_jax.data.pipeline import Pipeline, Source, _tfds_records
 from kosmos2_jax.data.spans import select_spans
 from kosmos2_jax.data.synthetic import make_example
@@ -122,7 +123,10 @@ def test_grit_example_equals_hf_processor(processor, hf_processor):
     n = len(hf["input_ids"])
     assert ex["input_ids"][:n].tolist() == hf["input_ids"] and (ex["input_ids"][n:] == 1).all()
     assert ex["image_embeds_position_mask"][:n].tolist() == hf["image_embeds_position_mask"]
-    np.testing.assert_allclose(ex["pixel_values"], hf["pixel_values"][0].transpose(1, 2, 0), atol=1e-5)
+    # uint8 from the pipeline, CLIP-normalized on the device by the trainer (same function, jnp)
+    assert ex["pixel_values"].dtype == np.uint8
+    np.testing.assert_allclose(normalize_pixels(ex["pixel_values"]), hf["pixel_values"][0].transpose(1, 2, 0), atol=1e-5)
+    np.testing.assert_allclose(normalize_pixels(ex["pixel_values"], jnp), normalize_pixels(ex["pixel_values"]), atol=1e-6)
 
 
 @pytest.mark.parametrize("changes, reason", [

@@ -38,7 +38,7 @@ def pack_row(examples: Sequence[dict], seq_len: int, max_images: int, pad_id: in
     row["input_ids"][:] = pad_id
     row["segment_ids"] = np.zeros(seq_len, np.int32)
     image_shape = examples[0]["pixel_values"].shape
-    row["pixel_values"] = np.zeros((max_images, *image_shape), np.float32)
+    row["pixel_values"] = np.zeros((max_images, *image_shape), examples[0]["pixel_values"].dtype)
     pos = images = 0
     for segment, ex in enumerate(examples, start=1):
         n = example_length(ex)

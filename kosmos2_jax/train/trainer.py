@@ -20,6 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kosmos2_jax.data.examples import normalize_pixels
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import sharding
 from kosmos2_jax.train.init import structured_init
@@ -32,8 +33,12 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
                      num_location_tokens: int):
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
-    location-token accuracy."""
-    logits = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+    location-token accuracy. uint8 `pixel_values` (the input pipeline's) are CLIP-normalized here,
+    on the device; float ones are taken as already normalized."""
+    pixels = batch["pixel_values"]
+    if pixels.dtype == jnp.uint8:
+        pixels = normalize_pixels(pixels, jnp)
+    logits = model.apply({"params": params}, pixels, batch["input_ids"], batch["attention_mask"],
                          batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng},
                          segment_ids=batch.get("segment_ids"))
     logits = logits[:, :-1].astype(jnp.float32)
