@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from kosmos2_jax.processor import CLIP_MEAN, CLIP_STD
 
 HERE = os.path.dirname(__file__)
 
@@ -115,6 +116,37 @@ def test_gradient_accumulation_equals_one_big_batch(shapes_tfds, small_spm):
     np.testing.assert_allclose(m1["nll_sum"], m2["nll_sum"], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
                            jax.device_get(one.state["params"]), jax.device_get(two.state["params"]))
+
+
+def test_location_loss_weight(small_spm):
+    """`train.location_loss_weight` w adds (w - 1) x the location-token nll to the loss; the
+    reported nll is unweighted."""
+    from kosmos2_jax.models import Kosmos2, tiny
+    from kosmos2_jax.processor import Kosmos2Processor, encode_grounded_caption
+    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.train.trainer import loss_and_metrics
+
+    tok = Kosmos2Tokenizer.from_file(small_spm)
+    model = Kosmos2(tiny(vocab_size=tok.vocab_size))
+    proc = Kosmos2Processor(tok, 28, model.config.latent_query_num)
+    seq = encode_grounded_caption(proc, "a red circle", [(0, 12, [(0.1, 0.2, 0.5, 0.6)])])
+    batch = {"input_ids": seq.input_ids[None], "attention_mask": np.ones_like(seq.input_ids)[None],
+             "loss_mask": seq.loss_mask[None], "image_embeds_position_mask": seq.image_embeds_position_mask[None],
+             "pixel_values": np.full((1, 28, 28, 3), 128, np.uint8)}
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), batch["input_ids"], None,
+                        batch["image_embeds_position_mask"])["params"]
+    loc = (tok.first_location_id, tok.num_location_tokens)
+    plain, m1 = loss_and_metrics(model, params, batch, jax.random.PRNGKey(0), True, *loc)
+    weighted, m3 = loss_and_metrics(model, params, batch, jax.random.PRNGKey(0), True, *loc, 3.0)
+    logits = model.apply({"params": params}, (batch["pixel_values"] / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD),
+                         batch["input_ids"], None, batch["image_embeds_position_mask"])
+    logp = jax.nn.log_softmax(np.asarray(logits[0, :-1], np.float64))
+    targets = seq.input_ids[1:]
+    is_loc = (targets >= loc[0]) & (targets < loc[0] + loc[1])
+    assert is_loc.sum() == 2
+    loc_nll = -sum(logp[i, t] for i, t in enumerate(targets) if is_loc[i])
+    np.testing.assert_allclose(float(weighted) - float(plain), 2.0 * loc_nll, rtol=1e-4)
+    assert m1["nll_sum"] == m3["nll_sum"] == plain
 
 
 def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):

@@ -31,10 +31,12 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position
 
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
-                     num_location_tokens: int):
+                     num_location_tokens: int, location_weight: float = 1.0):
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
-    location-token accuracy. uint8 `pixel_values` (the input pipeline's) are CLIP-normalized here,
-    on the device; float ones are taken as already normalized."""
+    location-token accuracy. `location_weight` scales the location-token targets in the loss
+    (1.0, the paper's plain LM loss, by default; the reported `nll_sum` is always unweighted).
+    uint8 `pixel_values` (the input pipeline's) are CLIP-normalized here, on the device; float
+    ones are taken as already normalized."""
     pixels = batch["pixel_values"]
     if pixels.dtype == jnp.uint8:
         pixels = normalize_pixels(pixels, jnp)
@@ -48,7 +50,8 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     is_loc = ((targets >= first_location_id) & (targets < first_location_id + num_location_tokens)).astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(nll * mask), {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
+    weights = mask * (1.0 + (location_weight - 1.0) * is_loc)
+    return jnp.sum(nll * weights), {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
                                  "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
 
 
@@ -108,7 +111,9 @@ class Trainer:
 
         def step_fn(state, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
-            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, p, b, r, False, *self.loc), has_aux=True)
+            weight = t.get("location_loss_weight", 1.0)
+            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, p, b, r, False, *self.loc, weight),
+                               has_aux=True)
             if accum == 1:
                 grads, metrics = grad_fn(state["params"], batch, rng)
             else:
