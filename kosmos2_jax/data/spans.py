@@ -20,13 +20,13 @@ def select_spans(caption: str, noun_chunks: np.ndarray, ref_exps: np.ndarray, mo
         raise ValueError(f"unknown span mode {mode!r}; expected one of {SPAN_MODES}")
     rows = np.asarray(ref_exps if mode == "expression" else noun_chunks, np.float64).reshape(-1, 7)
     grouped: dict[tuple[int, int], list[tuple[float, ...]]] = {}
-    for row in rows:
+    for row in rows.tolist():
         if row[6] < score_threshold:
             continue
         start, end = int(row[0]), int(row[1])
         if not 0 <= start < end <= len(caption):
             raise ValueError(f"span ({start}, {end}) outside the {len(caption)}-character caption")
-        grouped.setdefault((start, end), []).append(tuple(float(v) for v in row[2:6]))
+        grouped.setdefault((start, end), []).append(tuple(row[2:6]))
     spans = sorted(grouped)
     if mode == "expression":
         spans = [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
