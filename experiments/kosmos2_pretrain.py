@@ -46,6 +46,7 @@ def get_config(arg=None):
     c.init.update(sincos_positions=False, sincos_locations=False, connector_dense_std=0.0)
     c.optim.update(lr=2e-4, warmup_steps=375, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=2.0)
     c.train.update(batch_size=208, steps=60000, freeze="none", log_every=50, eval_every=2000, ckpt_every=1000,
+                   location_loss_weight=1.0,  # the paper's plain LM loss
                    keep=3)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c

@@ -65,9 +65,10 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, steps=1500, grad_accum_steps=1, freeze="none", log_every=50, eval_every=500,
-        ckpt_every=250, keep=2, async_ckpt=True, grounding_eval_every=500,
-        # >1 weights the location-token targets in the loss (1.0 = the paper's plain LM loss)
-        location_loss_weight=1.0))
+        ckpt_every=250, keep=2, async_ckpt=True, grounding_eval_every=750,
+        # Location-token targets count twice in the loss (the paper's plain LM loss is 1.0): in
+        # the same 1500 steps, held-out first-box accuracy 0.578 -> 0.646 (README, make demo).
+        location_loss_weight=2.0))
     c.optim.total_steps = c.train.get_ref("steps")  # decay to zero at the last step
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c
