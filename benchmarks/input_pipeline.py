@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/input_pipeline.py [--examples 2000] [--workers 4] [--rounds 3]
 
 Builds a shapes dataset (128 px PNGs) in a temporary folder, then measures examples/s of
-(a) decode + 224 px resize + normalize only, through the same thread pool, and (b) the whole
-pipeline (decode, resize, span selection, grounded/plain choice, tokenization, masks, padding,
-batching), alternating the two for --rounds rounds. Prints the medians and the median ratio
+(a) decode + 224 px resize only (uint8; the CLIP normalization runs on the device), through the
+same thread pool, and (b) the whole pipeline (record reads, decode, resize, span selection,
+grounded/plain choice, tokenization, masks, padding, batching), alternating the two for --rounds rounds. Prints the medians and the median ratio
 (target >= 80%).
 """
 
