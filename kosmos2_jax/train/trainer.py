@@ -46,8 +46,8 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     logits = logits[:, :-1].astype(jnp.float32)
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    # logsumexp - target logit: the [B, T, vocab] log-probabilities are never materialized
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     is_loc = ((targets >= first_location_id) & (targets < first_location_id + num_location_tokens)).astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     weights = mask * (1.0 + (location_weight - 1.0) * is_loc)
