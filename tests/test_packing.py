@@ -30,7 +30,7 @@ def test_pack_row_hand_built():
     a = _example([0, 5, 9, 9, 2], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0], img_a, True, 12)
     t = _example([0, 7, 2], [0, 1, 1], [0, 0, 0], np.zeros((2, 2, 3), np.float32), False, 12)
     b = _example([0, 5, 8, 2], [0, 0, 1, 1], [0, 1, 0, 0], img_b, True, 12)
-    assert fits([a, t], b, 12, 2) and not fits([a, t], b, 11, 2) and not fits([a, t], b, 12, 1)
+    assert fits(8, 1, b, 12, 2) and not fits(8, 1, b, 11, 2) and not fits(8, 1, b, 12, 1)  # a + t: 8 tokens, 1 image
     row = pack_row([a, t, b], 12, 3, pad_id=1)
     assert row["input_ids"].tolist() == [0, 5, 9, 9, 2, 0, 7, 2, 0, 5, 8, 2]
     assert row["segment_ids"].tolist() == [1] * 5 + [2] * 3 + [3] * 4

@@ -22,11 +22,10 @@ def example_length(example: dict) -> int:
     return int(np.sum(example["attention_mask"]))
 
 
-def fits(examples: Sequence[dict], candidate: dict, seq_len: int, max_images: int) -> bool:
-    """Whether `candidate` fits in a row already holding `examples`."""
-    tokens = sum(example_length(e) for e in examples) + example_length(candidate)
-    images = sum(int(e["has_image"]) for e in examples) + int(candidate["has_image"])
-    return tokens <= seq_len and images <= max_images
+def fits(tokens: int, images: int, candidate: dict, seq_len: int, max_images: int) -> bool:
+    """Whether `candidate` fits in a row already holding `tokens` tokens and `images` images."""
+    return (tokens + example_length(candidate) <= seq_len
+            and images + int(candidate["has_image"]) <= max_images)
 
 
 def pack_row(examples: Sequence[dict], seq_len: int, max_images: int, pad_id: int) -> dict:

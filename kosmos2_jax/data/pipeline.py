@@ -30,7 +30,7 @@ import numpy as np
 
 from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, grit_example, grit_instruction_example,
                                        llava_example, text_example)
-from kosmos2_jax.data.packing import fits, pack_row
+from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.processor import Kosmos2Processor
 
 SOURCE_KINDS = ("grit", "text", "grit_instruct", "llava")
@@ -103,13 +103,14 @@ def _numpy_records(ds, chunk: int):
 
     if ragged:
         ds = ds.map(flatten)
+    inner = {k: tuple(spec[k].shape[1:]) for k in ragged}
+    row_size = {k: int(np.prod(inner[k])) for k in ragged}
     for batch in ds.padded_batch(chunk).prefetch(2).as_numpy_iterator():
         for i in range(len(batch[next(iter(spec))])):
             record = {k: batch[k][i] for k in spec if k not in ragged}
             for k in ragged:
-                inner = tuple(spec[k].shape[1:])
                 rows = int(batch[f"{k}/rows"][i])
-                record[k] = batch[k][i][:rows * int(np.prod(inner))].reshape(rows, *inner)
+                record[k] = batch[k][i][:rows * row_size[k]].reshape(rows, *inner[k])
             yield record
 
 
@@ -241,15 +242,17 @@ class Pipeline:
         if not self.pack:
             got = self._next_example()
             return None if got is None else got[0]
-        examples = []
+        examples, tokens, images = [], 0, 0
         while True:
             got, self._carry = (self._carry, None) if self._carry is not None else (self._next_example(), None)
             if got is None:
                 break
-            if examples and not fits(examples, got[0], self.config.seq_len, self.pack_max_images):
+            if examples and not fits(tokens, images, got[0], self.config.seq_len, self.pack_max_images):
                 self._carry = got
                 break
             examples.append(got[0])
+            tokens += example_length(got[0])
+            images += int(got[0]["has_image"])
         if not examples:
             return None
         return pack_row(examples, self.config.seq_len, self.pack_max_images, self.processor.tokenizer.pad_id)
