@@ -47,12 +47,14 @@ class Dense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        # A 2-D matmul (and bias) on [B*T, D]: XLA:CPU runs the gradients of a [B, T, D] dot,
+        # contracting over B and T, ~1.6x slower than the same contraction on the flattened rows.
+        y = jnp.dot(x.astype(self.dtype).reshape(-1, x.shape[-1]), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
-        return y
+        return y.reshape(*x.shape[:-1], self.features)
 
 
 def layer_norm(eps: float, axis_name: str = "norm", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,

@@ -24,6 +24,7 @@ from kosmos2_jax.data.examples import normalize_pixels
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import sharding
 from kosmos2_jax.train.init import structured_init
+from kosmos2_jax.train.loss import lm_head_loss
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
@@ -31,28 +32,27 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position
 
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
-                     num_location_tokens: int, location_weight: float = 1.0):
+                     num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 16):
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
     location-token accuracy. `location_weight` scales the location-token targets in the loss
     (1.0, the paper's plain LM loss, by default; the reported `nll_sum` is always unweighted).
-    uint8 `pixel_values` (the input pipeline's) are CLIP-normalized here, on the device; float
-    ones are taken as already normalized."""
+    The tied LM head runs only on chunks of `loss_chunk` positions per row that hold targets
+    (`kosmos2_jax.train.loss`). uint8 `pixel_values` (the input pipeline's) are CLIP-normalized
+    here, on the device; float ones are taken as already normalized."""
     pixels = batch["pixel_values"]
     if pixels.dtype == jnp.uint8:
         pixels = normalize_pixels(pixels, jnp)
-    logits = model.apply({"params": params}, pixels, batch["input_ids"], batch["attention_mask"],
+    hidden = model.apply({"params": params}, pixels, batch["input_ids"], batch["attention_mask"],
                          batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng},
-                         segment_ids=batch.get("segment_ids"))
-    logits = logits[:, :-1].astype(jnp.float32)
+                         segment_ids=batch.get("segment_ids"), return_hidden=True)
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    # logsumexp - target logit: the [B, T, vocab] log-probabilities are never materialized
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     is_loc = ((targets >= first_location_id) & (targets < first_location_id + num_location_tokens)).astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     weights = mask * (1.0 + (location_weight - 1.0) * is_loc)
-    return jnp.sum(nll * weights), {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
-                                 "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
+    embedding = nn.unbox(params["text_model"]["embed_tokens"]["embedding"])
+    loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk)
+    return loss, {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
+                  "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
 
 
 class Trainer:
@@ -111,8 +111,8 @@ class Trainer:
 
         def step_fn(state, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
-            weight = t.get("location_loss_weight", 1.0)
-            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, p, b, r, False, *self.loc, weight),
+            weight, chunk = t.get("location_loss_weight", 1.0), t.get("loss_chunk", 16)
+            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, p, b, r, False, *self.loc, weight, chunk),
                                has_aux=True)
             if accum == 1:
                 grads, metrics = grad_fn(state["params"], batch, rng)
@@ -139,7 +139,8 @@ class Trainer:
                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
     def _eval_batch(self, params, batch):
-        return loss_and_metrics(self.model, params, batch, jax.random.PRNGKey(0), True, *self.loc)[1]
+        return loss_and_metrics(self.model, params, batch, jax.random.PRNGKey(0), True, *self.loc,
+                                loss_chunk=self.config.train.get("loss_chunk", 16))[1]
 
     def _put(self, batch):
         local = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}

@@ -1,0 +1,108 @@
+"""Next-token cross-entropy through the tied LM head, only where there are targets, in chunks.
+
+The decoder's final states are multiplied by the [vocab, embed] token embedding chunk by chunk of
+positions, and only for chunks that hold a target: in KOSMOS-2 batches the 64 image slots of every
+image (and padding) are never targets, so a plain head spends about half its work, in the largest
+matmul of the model, on logits nobody reads. The [B, T, vocab] logits are never materialized either
+(at 2048 tokens x 65,037 entries per row they would not fit on an accelerator).
+
+Each row's target positions are first moved to its front (a stable sort), so "skip the chunks with no
+target" works for packed rows too. The gradient is computed in the forward pass (the loss is a plain
+weighted sum, so its cotangent is one scalar): each computed chunk costs three matmuls (logits,
+d hidden, d embedding) and no logits are kept for the backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
+                 active: jax.Array, chunk: int = 16):
+    """Cross-entropy of `targets` under logits `hidden @ embedding.T`.
+
+    hidden [B, T, D] (the decoder's final-LayerNormed states; their dtype is the compute dtype),
+    embedding [V, D], targets [B, T] ints, weights [B, T] (the loss weight of each target), active
+    [B, T] bools: the positions to compute (every position with a non-zero weight must be active).
+    `chunk`: positions per row computed together.
+
+    Returns (sum(weights * nll), nll [B, T], correct [B, T]) where nll = logsumexp(logits) -
+    logits[target] and correct = argmax(logits) == target, both 0 off `active`. Only the first
+    output is differentiable (the other two are metrics).
+    """
+    b, t, d = hidden.shape
+    order = jnp.argsort(~active, axis=1, stable=True)  # each row's active positions first
+    take = lambda x: jnp.take_along_axis(x, order if x.ndim == 2 else order[..., None], axis=1)
+    pad = -t % chunk
+    padded = [jnp.pad(take(x), ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+              for x in (hidden, targets, weights.astype(jnp.float32), active)]
+    n = (t + pad) // chunk
+    # [n, B, chunk, ...]: chunk j holds positions j*chunk .. of every row
+    xs = tuple(x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1) for x in padded)
+    loss, nll, correct = _chunked_loss(*xs, embedding)
+    unsort = jnp.argsort(order, axis=1)
+    back = lambda x: jnp.take_along_axis(x.swapaxes(0, 1).reshape(b, t + pad)[:, :t], unsort, axis=1)
+    return loss, back(nll) * active, back(correct) * active
+
+
+def _chunk(h, targets, weights, embedding, with_grad: bool):
+    """One chunk: h [B, c, D] -> (weighted loss, nll [B, c], correct [B, c], grads or None)."""
+    b, c, d = h.shape
+    emb = embedding.astype(h.dtype)
+    rows, tgt, w = h.reshape(b * c, d), targets.reshape(-1), weights.reshape(-1)
+    logits = jnp.dot(rows, emb.T, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, axis=-1) == tgt).astype(jnp.float32)
+    loss = jnp.sum(nll * w)
+    grads = None
+    if with_grad:  # d loss / d logits = w * (softmax - onehot(target))
+        dlogits = (jnp.exp(logits - lse[:, None]) * w[:, None]).at[jnp.arange(b * c), tgt].add(-w)
+        dlogits = dlogits.astype(h.dtype)
+        d_h = jnp.dot(dlogits, emb, preferred_element_type=jnp.float32).astype(h.dtype).reshape(b, c, d)
+        d_emb = jnp.dot(dlogits.T, rows, preferred_element_type=jnp.float32)
+        grads = (d_h, d_emb)
+    return loss, nll.reshape(b, c), correct.reshape(b, c), grads
+
+
+def _scan_chunks(h, targets, weights, active, embedding, with_grad: bool):
+    """Scan over the chunks; a chunk without an active position is skipped (`cond`)."""
+
+    def body(carry, x):
+        h_c, t_c, w_c, a_c = x
+
+        def compute(carry):
+            loss, nll, correct, grads = _chunk(h_c, t_c, w_c, embedding, with_grad)
+            if not with_grad:
+                return carry + loss, (nll, correct)
+            return (carry[0] + loss, carry[1] + grads[1]), (nll, correct, grads[0])
+
+        def skip(carry):
+            zeros = jnp.zeros(t_c.shape, jnp.float32)
+            return carry, ((zeros, zeros, jnp.zeros_like(h_c)) if with_grad else (zeros, zeros))
+
+        return jax.lax.cond(jnp.any(a_c), compute, skip, carry)
+
+    init = (jnp.float32(0), jnp.zeros(embedding.shape, jnp.float32)) if with_grad else jnp.float32(0)
+    return jax.lax.scan(body, init, (h, targets, weights, active))
+
+
+@jax.custom_vjp
+def _chunked_loss(h, targets, weights, active, embedding):
+    loss, (nll, correct) = _scan_chunks(h, targets, weights, active, embedding, with_grad=False)
+    return loss, nll, correct
+
+
+def _fwd(h, targets, weights, active, embedding):
+    (loss, d_emb), (nll, correct, d_h) = _scan_chunks(h, targets, weights, active, embedding, with_grad=True)
+    return (loss, nll, correct), (d_h, d_emb.astype(embedding.dtype))
+
+
+def _bwd(residuals, cotangents):
+    d_h, d_emb = residuals
+    g = cotangents[0]  # nll and correct are metrics: their cotangents are ignored
+    return (d_h * g.astype(d_h.dtype), None, None, None, d_emb * g.astype(d_emb.dtype))
+
+
+_chunked_loss.defvjp(_fwd, _bwd)
