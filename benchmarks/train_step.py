@@ -44,7 +44,7 @@ def main():
     parser.add_argument("--text_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--loss_chunk", type=int, default=16)
+    parser.add_argument("--loss_chunk", type=int, default=8)
     parser.add_argument("--scan", action="store_true", help="scan over layers (nn.scan) instead of a Python loop")
     args = parser.parse_args()
     hf, model, params, length, (pixels, ids, attn, img) = setup(args.batch, args.text_tokens)

@@ -36,6 +36,7 @@ def get_config(arg=None):
     c.model.latent_query_num = 64
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "dots_with_no_batch_dims"
+    c.model.scan_layers = True  # one compiled layer for 24
     c.data.update(train_dir="", val_dir="", text_file="", text_weight=93 / 1117, seq_len=2048,
                   preprocess="resize_shorter_center_crop", span_mode="expression", grounded_prob=0.5,
                   shuffle_buffer=10000, num_workers=16, grounding_dir="",
@@ -47,6 +48,7 @@ def get_config(arg=None):
     c.optim.update(lr=2e-4, warmup_steps=375, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=2.0)
     c.train.update(batch_size=208, steps=60000, freeze="none", log_every=50, eval_every=2000, ckpt_every=1000,
                    location_loss_weight=1.0,  # the paper's plain LM loss
+                   loss_chunk=64,  # 26 rows/device x 64 positions per LM-head matmul
                    keep=3)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c

@@ -37,7 +37,9 @@ def get_config(arg=None):
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat_policy = "none"
-    c.model.scan_layers = True
+    # Layers as a Python loop: on CPU a scanned stack is ~13% slower per step (XLA zero-fills and
+    # copies the stacked per-layer activations); scan (kosmos2_pretrain.py) compiles 24 layers once.
+    c.model.scan_layers = False
 
     # From scratch (train/init.py): 2-D sin-cos tables for the vision positions and the location
     # tokens, and a resampler input projection strong enough for the image to reach the latents.
@@ -71,7 +73,7 @@ def get_config(arg=None):
         location_loss_weight=2.0,
         # The LM head runs on chunks of this many positions per row, only where there are targets
         # (image slots and padding never are; train/loss.py). Smaller: less wasted work, smaller matmuls.
-        loss_chunk=16))
+        loss_chunk=8))
     c.optim.total_steps = c.train.get_ref("steps")  # decay to zero at the last step
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c

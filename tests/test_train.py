@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import REPO
@@ -175,9 +176,22 @@ def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):
 
 @pytest.mark.parametrize("freeze", ["vision_except_last", "all_but_resampler"])
 def test_freezing(shapes_tfds, small_spm, freeze):
+    from kosmos2_jax.train.trainer import BATCH_KEYS, loss_and_metrics
+
     trainer, batch = _trainer(shapes_tfds, small_spm, freeze=freeze)
     before = jax.device_get(trainer.state["params"])
-    trainer.train_step(batch)  # the warm-up starts at LR 0: two steps move the trainable weights
+    # the clipped (and reported) gradient norm counts the trainable parameters only, as torch's
+    # clip_grad_norm_ over requires_grad parameters does
+    inputs = {k: batch[k] for k in BATCH_KEYS if k in batch}
+    grads, m = jax.grad(lambda p: loss_and_metrics(trainer.model, p, inputs, jax.random.PRNGKey(0), True, *trainer.loc,
+                                                   trainer.config.train.location_loss_weight), has_aux=True)(before)
+    grads = jax.tree_util.tree_map(lambda g: g / m["tokens"], grads)
+    trainable = jax.tree_util.tree_map(lambda g, k: g * k, grads, trainer.mask)
+    metrics = trainer.train_step(batch)  # the warm-up starts at LR 0: two steps move the trainable weights
+    frozen = jax.tree_util.tree_map(lambda g, k: g * (1 - k), grads, trainer.mask)
+    frozen_sq, trainable_sq = float(optax.global_norm(frozen)) ** 2, float(optax.global_norm(trainable)) ** 2
+    assert frozen_sq > 0
+    assert abs(float(metrics["grad_norm"]) ** 2 - trainable_sq) < 0.25 * frozen_sq
     trainer.train_step(batch)
     after = jax.device_get(trainer.state["params"])
     moved = lambda *path: not np.array_equal(_get(before, path), _get(after, path))

@@ -15,6 +15,7 @@ def get_config(arg=None):
                           image_size=32, patch_size=8)
     c.model.text.update(embed_dim=64, layers=2, ffn_dim=128, attention_heads=4, dropout=0.1)
     c.model.latent_query_num = 8
+    c.model.scan_layers = True  # the scanned stack (the tests look at stacked layer params)
     grounded = os.path.join(data_root, "shapes", "grounded", "1.0.0")
     c.data.update(train_dir=grounded, val_dir=grounded, val_batches=1, seq_len=48, shuffle_buffer=16, num_workers=2,
                   grounding_dir=os.path.join(data_root, "shapes", "refexp", "1.0.0"), grounding_items=4)

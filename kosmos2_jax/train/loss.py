@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 
 def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
-                 active: jax.Array, chunk: int = 16):
+                 active: jax.Array, chunk: int = 8):
     """Cross-entropy of `targets` under logits `hidden @ embedding.T`.
 
     hidden [B, T, D] (the decoder's final-LayerNormed states; their dtype is the compute dtype),
@@ -52,50 +52,55 @@ def _chunk(h, targets, weights, embedding, with_grad: bool):
     emb = embedding.astype(h.dtype)
     rows, tgt, w = h.reshape(b * c, d), targets.reshape(-1), weights.reshape(-1)
     logits = jnp.dot(rows, emb.T, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    nll = lse - jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
-    correct = (jnp.argmax(logits, axis=-1) == tgt).astype(jnp.float32)
+    top = jnp.max(logits, axis=-1)
+    exp = jnp.exp(logits - top[:, None])
+    total = jnp.sum(exp, axis=-1)
+    target_logit = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
+    nll = top + jnp.log(total) - target_logit
+    # the target is the argmax (a tie with another maximum counts as correct)
+    correct = (target_logit >= top).astype(jnp.float32)
     loss = jnp.sum(nll * w)
     grads = None
     if with_grad:  # d loss / d logits = w * (softmax - onehot(target))
-        dlogits = (jnp.exp(logits - lse[:, None]) * w[:, None]).at[jnp.arange(b * c), tgt].add(-w)
-        dlogits = dlogits.astype(h.dtype)
+        dlogits = (exp * (w / total)[:, None]).at[jnp.arange(b * c), tgt].add(-w).astype(h.dtype)
         d_h = jnp.dot(dlogits, emb, preferred_element_type=jnp.float32).astype(h.dtype).reshape(b, c, d)
         d_emb = jnp.dot(dlogits.T, rows, preferred_element_type=jnp.float32)
         grads = (d_h, d_emb)
     return loss, nll.reshape(b, c), correct.reshape(b, c), grads
 
 
-def _scan_chunks(h, targets, weights, active, embedding, with_grad: bool):
-    """Scan over the chunks; a chunk without an active position is skipped (`cond`)."""
+def _loop_chunks(h, targets, weights, active, embedding, with_grad: bool):
+    """Chunk after chunk while any row has targets left: rows hold their targets first, so the
+    chunks with targets are a prefix and the loop stops at the first chunk without one. The first
+    chunk is computed before the loop (its gradient starts the accumulator: no zero-filled
+    [vocab, embed] buffer; without targets its weights are all 0 and so are its contributions)."""
+    n_active = jnp.sum(jnp.any(active, axis=(1, 2)))
+    put = lambda buf, x, j: jax.lax.dynamic_update_index_in_dim(buf, x, j, 0)
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    loss, nll_c, correct_c, grads = _chunk(h[0], targets[0], weights[0], embedding, with_grad)
+    init = (jnp.int32(1), loss, put(zeros, nll_c, 0), put(zeros, correct_c, 0))
+    if with_grad:
+        init += (put(jnp.zeros_like(h), grads[0], 0), grads[1])
 
-    def body(carry, x):
-        h_c, t_c, w_c, a_c = x
+    def body(state):
+        j, loss_sum, nll, correct = state[:4]
+        at = lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False)
+        loss, nll_c, correct_c, grads = _chunk(at(h), at(targets), at(weights), embedding, with_grad)
+        out = (j + 1, loss_sum + loss, put(nll, nll_c, j), put(correct, correct_c, j))
+        if with_grad:
+            out += (put(state[4], grads[0], j), state[5] + grads[1])
+        return out
 
-        def compute(carry):
-            loss, nll, correct, grads = _chunk(h_c, t_c, w_c, embedding, with_grad)
-            if not with_grad:
-                return carry + loss, (nll, correct)
-            return (carry[0] + loss, carry[1] + grads[1]), (nll, correct, grads[0])
-
-        def skip(carry):
-            zeros = jnp.zeros(t_c.shape, jnp.float32)
-            return carry, ((zeros, zeros, jnp.zeros_like(h_c)) if with_grad else (zeros, zeros))
-
-        return jax.lax.cond(jnp.any(a_c), compute, skip, carry)
-
-    init = (jnp.float32(0), jnp.zeros(embedding.shape, jnp.float32)) if with_grad else jnp.float32(0)
-    return jax.lax.scan(body, init, (h, targets, weights, active))
+    return jax.lax.while_loop(lambda state: state[0] < n_active, body, init)[1:]
 
 
 @jax.custom_vjp
 def _chunked_loss(h, targets, weights, active, embedding):
-    loss, (nll, correct) = _scan_chunks(h, targets, weights, active, embedding, with_grad=False)
-    return loss, nll, correct
+    return _loop_chunks(h, targets, weights, active, embedding, with_grad=False)
 
 
 def _fwd(h, targets, weights, active, embedding):
-    (loss, d_emb), (nll, correct, d_h) = _scan_chunks(h, targets, weights, active, embedding, with_grad=True)
+    loss, nll, correct, d_h, d_emb = _loop_chunks(h, targets, weights, active, embedding, with_grad=True)
     return (loss, nll, correct), (d_h, d_emb.astype(embedding.dtype))
 
 

@@ -32,7 +32,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position
 
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
-                     num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 16):
+                     num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 8):
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
     location-token accuracy. `location_weight` scales the location-token targets in the loss
     (1.0, the paper's plain LM loss, by default; the reported `nll_sum` is always unweighted).
@@ -53,6 +53,13 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk)
     return loss, {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
                   "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
+
+
+def _freeze(params, mask):
+    """Wholly frozen leaves behind `stop_gradient`, so XLA drops their backward (with the vision
+    tower frozen and its layers unscanned, the backward stops at the last trainable layer)."""
+    frozen = lambda m: m.ndim == 0 and float(m) == 0.0
+    return jax.tree_util.tree_map(lambda p, m: jax.lax.stop_gradient(p) if frozen(m) else p, params, mask)
 
 
 class Trainer:
@@ -111,9 +118,9 @@ class Trainer:
 
         def step_fn(state, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
-            weight, chunk = t.get("location_loss_weight", 1.0), t.get("loss_chunk", 16)
-            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, p, b, r, False, *self.loc, weight, chunk),
-                               has_aux=True)
+            weight, chunk = t.get("location_loss_weight", 1.0), t.get("loss_chunk", 8)
+            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, _freeze(p, self.mask), b, r, False,
+                                                                *self.loc, weight, chunk), has_aux=True)
             if accum == 1:
                 grads, metrics = grad_fn(state["params"], batch, rng)
             else:
@@ -129,7 +136,8 @@ class Trainer:
                 zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "tokens", "loc_correct", "loc_tokens")}
                 (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
             tokens = jnp.maximum(metrics["tokens"], 1.0)
-            grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)  # mean over all target tokens
+            # mean over all target tokens; frozen parameters have no gradient (nor a share of the clipped norm)
+            grads = jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype) / tokens, grads, self.mask)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))
@@ -140,7 +148,7 @@ class Trainer:
 
     def _eval_batch(self, params, batch):
         return loss_and_metrics(self.model, params, batch, jax.random.PRNGKey(0), True, *self.loc,
-                                loss_chunk=self.config.train.get("loss_chunk", 16))[1]
+                                loss_chunk=self.config.train.get("loss_chunk", 8))[1]
 
     def _put(self, batch):
         local = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
