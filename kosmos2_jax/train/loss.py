@@ -28,8 +28,8 @@ def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, we
     `chunk`: positions per row computed together.
 
     Returns (sum(weights * nll), nll [B, T], correct [B, T]) where nll = logsumexp(logits) -
-    logits[target] and correct = argmax(logits) == target, both 0 off `active`. Only the first
-    output is differentiable (the other two are metrics).
+    logits[target] and correct = (logits[target] is the maximum logit), both 0 off `active`. Only
+    the first output is differentiable (the other two are metrics).
     """
     b, t, d = hidden.shape
     order = jnp.argsort(~active, axis=1, stable=True)  # each row's active positions first
