@@ -4,7 +4,7 @@
     python -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir workdir/shapes_tiny
 
 Expected: on a 2-core CPU, first-box grounding accuracy (IoU >= 0.5) on held-out shapes >= 0.6
-within ~15 minutes (see README for the measured table).
+within 15 minutes, all included (measured: 0.677 in 11 min 16 s; see README for the table).
 """
 
 import ml_collections
