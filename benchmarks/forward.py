@@ -44,10 +44,11 @@ def parse_args(repeats: int):
     return parser.parse_args()
 
 
-def setup(batch: int, text_tokens: int):
-    """The benchmark's HF model, our model with the same weights, and a grounded batch."""
+def setup(batch: int, text_tokens: int, **config_overrides):
+    """The benchmark's HF model, our model with the same weights (`config_overrides`, e.g.
+    `scan_layers`, go to our config), and a grounded batch."""
     hf = hf_model(VISION, TEXT, 64)
-    model = convert.Kosmos2(convert.config_from_hf(hf.config.to_dict()))
+    model = convert.Kosmos2(convert.config_from_hf(hf.config.to_dict(), **config_overrides))
     params = convert.to_device(convert.params_from_hf(hf.state_dict(), model.config))
     length = 64 + 3 + text_tokens
     arrays = grounded_batch(np.random.default_rng(0), batch, 64, TEXT["vocab_size"], 224, [length] * batch)

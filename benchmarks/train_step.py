@@ -15,7 +15,6 @@ positions) and the median of the per-round ratios (target >= 1.5x HF).
 """
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -29,9 +28,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
 from forward import median_time, setup  # noqa: E402
-
-from kosmos2_jax import convert  # noqa: E402
-from kosmos2_jax.models import Kosmos2  # noqa: E402
 
 from kosmos2_jax.train.trainer import loss_and_metrics  # noqa: E402
 
@@ -47,10 +43,7 @@ def main():
     parser.add_argument("--loss_chunk", type=int, default=8)
     parser.add_argument("--scan", action="store_true", help="scan over layers (nn.scan) instead of a Python loop")
     args = parser.parse_args()
-    hf, model, params, length, (pixels, ids, attn, img) = setup(args.batch, args.text_tokens)
-    if not args.scan:
-        model = Kosmos2(dataclasses.replace(model.config, scan_layers=False))
-        params = convert.to_device(convert.params_from_hf(hf.state_dict(), model.config))
+    hf, model, params, length, (pixels, ids, attn, img) = setup(args.batch, args.text_tokens, scan_layers=args.scan)
     loss_mask = (img == 0).astype(np.int32)
     loss_mask[:, :66] = 0  # <s> <image> slots </image> are not targets
     batch = {"pixel_values": pixels, "input_ids": ids.astype(np.int32), "attention_mask": attn.astype(np.int32),

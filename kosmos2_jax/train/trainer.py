@@ -67,6 +67,7 @@ class Trainer:
                  init_params: Any = None):
         self.model, self.config = model, config
         self.loc = (first_location_id, num_location_tokens)
+        self.loss_chunk = config.train.get("loss_chunk", 8)
         self.mesh = sharding.create_mesh(dict(config.mesh))
         self.rules = sharding.DEFAULT_RULES
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
@@ -118,9 +119,9 @@ class Trainer:
 
         def step_fn(state, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
-            weight, chunk = t.get("location_loss_weight", 1.0), t.get("loss_chunk", 8)
+            weight = t.get("location_loss_weight", 1.0)
             grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, _freeze(p, self.mask), b, r, False,
-                                                                *self.loc, weight, chunk), has_aux=True)
+                                                                *self.loc, weight, self.loss_chunk), has_aux=True)
             if accum == 1:
                 grads, metrics = grad_fn(state["params"], batch, rng)
             else:
@@ -148,7 +149,7 @@ class Trainer:
 
     def _eval_batch(self, params, batch):
         return loss_and_metrics(self.model, params, batch, jax.random.PRNGKey(0), True, *self.loc,
-                                loss_chunk=self.config.train.get("loss_chunk", 8))[1]
+                                loss_chunk=self.loss_chunk)[1]
 
     def _put(self, batch):
         local = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
