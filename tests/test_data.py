@@ -11,7 +11,7 @@ from conftest import REPO
 from kosmos2_jax.data import boxes as box_ops
 from kosmos2_jax.data.build import build
 from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example, normalize_pixels
-from kosmos2_jax.data.pipeline import Pipeline, Source, _tfds_records
+from kosmos2_jax.data.pipeline import END_OF_SPLIT, Pipeline, Source, _Reader, _tfds_records
 from kosmos2_jax.data.spans import select_spans
 from kosmos2_jax.data.synthetic import make_example
 from kosmos2_jax.processor import Kosmos2Processor
@@ -185,6 +185,43 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tfds_dir, small_processor
     assert state["index"] == 12
     e = _pipe(root, small_processor, seed=8)
     assert not np.array_equal(next(e)["input_ids"], first[0]["input_ids"])
+
+
+def test_record_reader_order_errors_and_end_before_teardown():
+    """The background reader keeps the order, re-raises reading errors in the consumer, and ends the
+    stream at `END_OF_SPLIT` without waiting for the source's teardown."""
+    import time
+
+    def failing():
+        yield from range(3)
+        raise OSError("truncated file")
+
+    reader = _Reader(failing(), ahead=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(OSError, match="truncated file"):
+        next(reader)
+    with pytest.raises(StopIteration):
+        next(reader)
+
+    def slow_teardown():
+        try:
+            yield from range(5)
+            yield END_OF_SPLIT
+        finally:
+            time.sleep(3)
+
+    start = time.perf_counter()
+    assert list(_Reader(slow_teardown())) == list(range(5))
+    assert time.perf_counter() - start < 2
+
+
+def test_pipeline_close_stops_its_threads(tfds_dir, small_processor):
+    pipe = _pipe(tfds_dir[0], small_processor)
+    next(pipe)
+    reader = pipe._records["shapes"]._thread
+    pipe.close()
+    reader.join(timeout=5)
+    assert not reader.is_alive()
 
 
 def test_host_shards_are_disjoint_and_cover_the_split(tfds_dir):

@@ -24,6 +24,9 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
+import queue
+import threading
+import weakref
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -55,8 +58,11 @@ class Source:
             raise ValueError(f"source {self.name!r}: kind {self.kind!r} not in {SOURCE_KINDS}")
 
 
+END_OF_SPLIT = object()  # yielded by `_numpy_records(..., mark_end=True)` before tf.data teardown
+
+
 def _tfds_records(source: Source, seed: int, process_index: int, process_count: int, skip: int,
-                  shuffle_buffer: int, repeat: bool):
+                  shuffle_buffer: int, repeat: bool, mark_end: bool = False):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
@@ -78,16 +84,18 @@ def _tfds_records(source: Source, seed: int, process_index: int, process_count: 
         ds = ds.repeat()
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return _numpy_records(ds.skip(skip), 64)
+    return _numpy_records(ds.skip(skip), 64, mark_end)
 
 
-def _numpy_records(ds, chunk: int):
+def _numpy_records(ds, chunk: int, mark_end: bool = False):
     """Iterate `ds` as numpy dicts, `chunk` records per tf.data step.
 
     Pulling records one at a time costs ~2 ms each in TF's eager iterator (per tensor, in the
     main thread), which capped the whole pipeline; batching in tf.data and splitting in numpy
     costs a fraction of that. Features with a variable leading dim ([None, 7] boxes) travel
-    flattened with their row count. Same records, same order.
+    flattened with their row count. Same records, same order. With `mark_end`, `END_OF_SPLIT`
+    follows the last record: leaving this generator tears the tf.data objects down, which was
+    seen to take ~2 s under load (a shuffled split), and a consumer should not wait for it.
     """
     import tensorflow as tf
 
@@ -112,6 +120,66 @@ def _numpy_records(ds, chunk: int):
                 rows = int(batch[f"{k}/rows"][i])
                 record[k] = batch[k][i][:rows * row_size[k]].reshape(rows, *inner[k])
             yield record
+    if mark_end:
+        yield END_OF_SPLIT
+
+
+class _Reader:
+    """Iterates `records` in a daemon thread, up to `ahead` records in advance, same order.
+
+    The main thread only takes records from a queue: TF's eager iterator, the record splitting and
+    the tf.data teardown at the end of a split (after `END_OF_SPLIT`) all happen off the thread
+    that hands out work and assembles batches. Errors raised while reading are re-raised by
+    `__next__`.
+    """
+
+    _END = END_OF_SPLIT
+
+    def __init__(self, records: Iterator[dict], ahead: int = 256):
+        self._queue: queue.Queue = queue.Queue(ahead)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(records,), daemon=True, name="record-reader")
+        self._thread.start()
+
+    def _run(self, records):
+        try:
+            for record in records:
+                if not self._put(record) or record is self._END:
+                    break
+            else:
+                self._put(self._END)
+            if hasattr(records, "close"):
+                records.close()  # the teardown runs here, whoever else still holds `records`
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
 
 
 def _text_records(source: Source, process_index: int, process_count: int, skip: int, repeat: bool):
@@ -166,11 +234,14 @@ class Pipeline:
         for i, s in enumerate(self.sources):
             skip = self._positions[s.name]
             if s.kind in ("grit", "grit_instruct"):
-                self._records[s.name] = _tfds_records(s, seed + 1000 * i, process_index, process_count, skip,
-                                                      shuffle_buffer, repeat)
+                self._records[s.name] = _Reader(_tfds_records(s, seed + 1000 * i, process_index, process_count,
+                                                              skip, shuffle_buffer, repeat, mark_end=True))
             else:
                 self._records[s.name] = _text_records(s, process_index, process_count, skip, repeat)
         self._pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 1 else None
+        # Stops the reader threads and the pool when the pipeline is closed or garbage-collected.
+        self._closer = weakref.finalize(self, _shut_down, [r for r in self._records.values() if isinstance(r, _Reader)],
+                                        self._pool)
         self._pending: collections.deque = collections.deque()
         self._lookahead = max(2 * batch_size, 8)
         self._exhausted = False
@@ -279,8 +350,14 @@ class Pipeline:
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def close(self):
-        if self._pool:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._closer()
+
+
+def _shut_down(readers, pool):
+    for reader in readers:
+        reader.close()
+    if pool:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Done:
