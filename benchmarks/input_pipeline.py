@@ -11,6 +11,7 @@ grounded/plain choice, tokenization, masks, padding, batching), alternating the 
 
 import argparse
 import collections
+import gc
 import concurrent.futures
 import os
 import pathlib
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from kosmos2_jax.data.build import build  # noqa: E402
 from kosmos2_jax.data.examples import ExampleConfig, decode_image, preprocess  # noqa: E402
-from kosmos2_jax.data.pipeline import Pipeline, Source, _tfds_records  # noqa: E402
+from kosmos2_jax.data.pipeline import END_OF_SPLIT, Pipeline, Source, _tfds_records  # noqa: E402
 from kosmos2_jax.processor import Kosmos2Processor  # noqa: E402
 from kosmos2_jax.tokenizer import Kosmos2Tokenizer, train_sentencepiece  # noqa: E402
 
@@ -71,12 +72,13 @@ def main():
                 count += n
         return count / (time.perf_counter() - first), first - start
 
-    def floor_items():
+    def floor_items(records):
         # Reads records as it goes, `lookahead` in flight like the pipeline (`pool.map` would
         # read the whole split up front).
-        records = _tfds_records(source, 0, 0, 1, 0, 1, repeat=False)
         pending = collections.deque()
         for record in records:
+            if record is END_OF_SPLIT:
+                break
             pending.append(pool.submit(floor_fn, record))
             if len(pending) >= lookahead:
                 pending.popleft().result()
@@ -85,12 +87,21 @@ def main():
             pending.popleft().result()
             yield 1
 
+    # tf.data objects take up to ~2 s to tear down under load; that happens after each timed
+    # region (close + collect), not in whichever measurement the garbage collector next runs in.
     def floor_rate():
-        return steady_rate(floor_items())
+        records = _tfds_records(source, 0, 0, 1, 0, 1, repeat=False, mark_end=True)
+        rate = steady_rate(floor_items(records))
+        records.close()
+        gc.collect()
+        return rate
 
     def pipeline_rate():
         pipe = Pipeline([source], processor, config, batch_size=16, seed=0, repeat=False, num_workers=args.workers)
-        return steady_rate(len(b["input_ids"]) for b in pipe)
+        rate = steady_rate(len(b["input_ids"]) for b in pipe)
+        pipe.close()
+        gc.collect()
+        return rate
 
     # Alternate the two measurements so that load from other processes on a shared machine hits
     # both alike, and report the median of the per-round ratios.
