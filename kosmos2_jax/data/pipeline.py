@@ -113,7 +113,10 @@ def _numpy_records(ds, chunk: int, mark_end: bool = False):
         ds = ds.map(flatten)
     inner = {k: tuple(spec[k].shape[1:]) for k in ragged}
     row_size = {k: int(np.prod(inner[k])) for k in ragged}
-    for batch in ds.padded_batch(chunk).prefetch(2).as_numpy_iterator():
+    # Named, so that the loop's end does not free the iterator (a teardown of up to ~2 s): that
+    # happens when this generator is closed, after `END_OF_SPLIT`.
+    batches = ds.padded_batch(chunk).prefetch(2).as_numpy_iterator()
+    for batch in batches:
         for i in range(len(batch[next(iter(spec))])):
             record = {k: batch[k][i] for k in spec if k not in ragged}
             for k in ragged:
