@@ -10,6 +10,7 @@ from PIL import Image
 from conftest import REPO
 from kosmos2_jax.data import boxes as box_ops
 from kosmos2_jax.data.build import build
+from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example, normalize_pixels
 from kosmos2_jax.data.pipeline import END_OF_SPLIT, Pipeline, Source, _Reader, _tfds_records
 from kosmos2_jax.data.spans import select_spans
@@ -185,6 +186,24 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tfds_dir, small_processor
     assert state["index"] == 12
     e = _pipe(root, small_processor, seed=8)
     assert not np.array_equal(next(e)["input_ids"], first[0]["input_ids"])
+
+
+def test_example_random_is_a_pure_function_and_uniform():
+    def draws(seed, index, stream):
+        rng = ExampleRandom(seed, index, stream)
+        return [rng.random() for _ in range(4)]
+
+    assert draws(0, 5, 1) == draws(0, 5, 1)
+    assert len({tuple(draws(*key)) for key in [(0, 5, 1), (1, 5, 1), (0, 6, 1), (0, 5, 0)]}) == 4
+    rng = ExampleRandom(3, 7, 1)
+    u = np.asarray([rng.random() for _ in range(20000)])
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+    counts = np.bincount([rng.integers(5) for _ in range(20000)], minlength=5)
+    assert counts.min() > 3700 and counts.max() < 4300  # 4000 each
+    firsts = np.asarray([ExampleRandom(0, i, 1).random() for i in range(20000)])  # across examples too
+    assert abs(firsts.mean() - 0.5) < 0.01 and abs((firsts < 0.25).mean() - 0.25) < 0.01
+    with pytest.raises(ValueError):
+        rng.integers(0)
 
 
 def test_record_reader_order_errors_and_end_before_teardown():

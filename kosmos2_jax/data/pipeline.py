@@ -12,7 +12,7 @@ and a saved state replays it.
 
 Determinism: each source reads its host's shard in a fixed order (file order, then a seeded
 shuffle buffer, repeated), and the example at global index i draws its source and its own random
-choices from `np.random.default_rng([seed, i, ...])`. So the stream is a pure function of the
+choices from `ExampleRandom(seed, i, stream)`. So the stream is a pure function of the
 seed and the state `{index, per-source positions, bad counts}`; restoring replays record reads
 (`skip`), not decoding. Bad records are skipped and counted by reason; past `max_bad_fraction`
 (after `min_records_for_bad_check` records) the pipeline stops with an error.
@@ -33,6 +33,7 @@ import numpy as np
 
 from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, grit_example, grit_instruction_example,
                                        llava_example, text_example)
+from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.processor import Kosmos2Processor
 
@@ -228,7 +229,7 @@ class Pipeline:
         weights = np.asarray([s.weight for s in self.sources], np.float64)
         if np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"source weights must be >= 0 with a positive sum, got {weights.tolist()}")
-        self._probs = weights / weights.sum()
+        self._cumulative = np.cumsum(weights / weights.sum())
         state = state or {}
         self._index = int(state.get("index", 0))
         self._positions = {s.name: int(state.get("positions", {}).get(s.name, 0)) for s in self.sources}
@@ -270,15 +271,16 @@ class Pipeline:
             return text_example(record, self.processor, self.config)
         if source.kind == "llava":
             return llava_example(record, os.path.expanduser(source.data_dir), self.processor, self.config)
-        rng = np.random.default_rng([self.seed, index, 1])
+        rng = ExampleRandom(self.seed, index, 1)
         if source.kind == "grit_instruct":
             return grit_instruction_example(record, self.processor, self.config, rng)
         return grit_example(record, self.processor, self.config, rng)
 
     def _submit_next(self) -> bool:
         index = self._index
-        choice = 0 if len(self.sources) == 1 else np.random.default_rng([self.seed, index, 0]).choice(
-            len(self.sources), p=self._probs)
+        choice = 0 if len(self.sources) == 1 else min(
+            int(np.searchsorted(self._cumulative, ExampleRandom(self.seed, index, 0).random(), side="right")),
+            len(self.sources) - 1)
         source = self.sources[choice]
         try:
             record = next(self._records[source.name])
