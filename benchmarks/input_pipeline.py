@@ -12,8 +12,8 @@ CPU time per example.
 
 import argparse
 import collections
-import gc
 import concurrent.futures
+import gc
 import os
 import pathlib
 import sys
@@ -68,11 +68,11 @@ def main():
         start = time.perf_counter()
         first = first_cpu = None
         count = 0
-        for n in items:
+        for examples in items:
             if first is None:
                 first, first_cpu = time.perf_counter(), time.process_time()
             else:
-                count += n
+                count += examples
         return (count / (time.perf_counter() - first), first - start,
                 (time.process_time() - first_cpu) / count * 1e3)
 
