@@ -137,8 +137,6 @@ class _Reader:
     `__next__`.
     """
 
-    _END = END_OF_SPLIT
-
     def __init__(self, records: Iterator[dict], ahead: int = 256):
         self._queue: queue.Queue = queue.Queue(ahead)
         self._stop = threading.Event()
@@ -149,10 +147,10 @@ class _Reader:
     def _run(self, records):
         try:
             for record in records:
-                if not self._put(record) or record is self._END:
+                if not self._put(record) or record is END_OF_SPLIT:
                     break
             else:
-                self._put(self._END)
+                self._put(END_OF_SPLIT)
             if hasattr(records, "close"):
                 records.close()  # the teardown runs here, whoever else still holds `records`
         except BaseException as e:  # noqa: BLE001 -- handed to the consumer
@@ -174,7 +172,7 @@ class _Reader:
         if self._done:
             raise StopIteration
         item = self._queue.get()
-        if item is self._END:
+        if item is END_OF_SPLIT:
             self._done = True
             raise StopIteration
         if isinstance(item, BaseException):
