@@ -1,10 +1,10 @@
 """Input pipeline throughput vs its floor (decode + resize alone), same records, same run.
 
-    .venv/bin/python benchmarks/input_pipeline.py [--examples 2000] [--workers 4] [--rounds 9]
+    .venv/bin/python benchmarks/input_pipeline.py [--examples 2000] [--workers 4] [--examples_per_task 8] [--rounds 9]
 
 Builds a shapes dataset (128 px PNGs) in a temporary folder, then measures examples/s of
 (a) decode + 224 px resize only (uint8; the CLIP normalization runs on the device), through the
-same thread pool, and (b) the whole pipeline (record reads, decode, resize, span selection,
+same thread pool in the same tasks of `--examples_per_task` records, and (b) the whole pipeline (record reads, decode, resize, span selection,
 grounded/plain choice, tokenization, masks, padding, batching), alternating the two for --rounds
 rounds. Prints the medians, the median per-round ratio (target >= 80%) and the ratio of process
 CPU time per example.
@@ -46,6 +46,7 @@ def main():
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--examples_per_task", type=int, default=8)
     args = parser.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp())
     os.environ.update(SHAPES_NUM_TRAIN=str(args.examples), SHAPES_NUM_EVAL="1")
@@ -57,7 +58,7 @@ def main():
     n = args.examples
 
     pool = concurrent.futures.ThreadPoolExecutor(args.workers)
-    lookahead = 32  # the pipeline's, at batch size 16
+    lookahead = max(32, 2 * args.workers * args.examples_per_task)  # the pipeline's, at batch size 16
     floor_fn = lambda r: preprocess(decode_image(r["image"]), 224, "square", np.zeros((0, 4)), 0.2)[0]
 
     def steady_rate(items):
@@ -77,19 +78,25 @@ def main():
                 (time.process_time() - first_cpu) / count * 1e3)
 
     def floor_items(records):
-        # Reads records as it goes, `lookahead` in flight like the pipeline (`pool.map` would
-        # read the whole split up front).
-        pending = collections.deque()
+        # Reads records as it goes and hands them to the pool in tasks of `--examples_per_task`,
+        # `lookahead` examples in flight, as the pipeline does (`pool.map` would read the whole
+        # split up front).
+        def run(task):
+            return [floor_fn(r) for r in task]
+
+        pending, task = collections.deque(), []
         for record in records:
+            if record is not END_OF_SPLIT:
+                task.append(record)
+            if task and (len(task) == args.examples_per_task or record is END_OF_SPLIT):
+                pending.append(pool.submit(run, task))
+                task = []
+            while len(pending) * args.examples_per_task >= lookahead:
+                yield len(pending.popleft().result())
             if record is END_OF_SPLIT:
                 break
-            pending.append(pool.submit(floor_fn, record))
-            if len(pending) >= lookahead:
-                pending.popleft().result()
-                yield 1
         while pending:
-            pending.popleft().result()
-            yield 1
+            yield len(pending.popleft().result())
 
     # tf.data objects take up to ~2 s to tear down under load; that happens after each timed
     # region (close + collect), not in whichever measurement the garbage collector next runs in.
@@ -101,7 +108,8 @@ def main():
         return rate
 
     def pipeline_rate():
-        pipe = Pipeline([source], processor, config, batch_size=16, seed=0, repeat=False, num_workers=args.workers)
+        pipe = Pipeline([source], processor, config, batch_size=16, seed=0, repeat=False, num_workers=args.workers,
+                        examples_per_task=args.examples_per_task)
         rate = steady_rate(len(b["input_ids"]) for b in pipe)
         pipe.close()
         gc.collect()

@@ -26,6 +26,7 @@ Entity = tuple[str, tuple[int, int], list[Box]]
 
 BOX_FORMULAS = ("hf", "train")
 _TRAIN_UPPER = 0.99999
+DELIMITER = "</delimiter_of_multi_objects/>"
 
 
 def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
@@ -84,7 +85,7 @@ def location_pair_string(pair: tuple[int, int]) -> str:
 
 def object_string(pairs: Sequence[tuple[int, int]]) -> str:
     """`<object><patch_index_a><patch_index_b>[</delimiter_of_multi_objects/>...]</object>`."""
-    return "<object>" + "</delimiter_of_multi_objects/>".join(location_pair_string(p) for p in pairs) + "</object>"
+    return "<object>" + DELIMITER.join(location_pair_string(p) for p in pairs) + "</object>"
 
 
 def grounded_caption(caption: str, spans: Sequence[tuple[int, int, Sequence[Sequence[float]]]],
@@ -95,6 +96,13 @@ def grounded_caption(caption: str, spans: Sequence[tuple[int, int, Sequence[Sequ
     (start, end) are merged (their boxes joined by the delimiter). Spans must not overlap:
     choose between nested expressions before calling (the data pipeline's span selection does).
     """
+    return "".join(grounded_pieces(caption, spans, num_bins, formula, grounding_token))
+
+
+def grounded_pieces(caption: str, spans: Sequence[tuple[int, int, Sequence[Sequence[float]]]],
+                    num_bins: int = 32, formula: str = "train", grounding_token: bool = True) -> list[str]:
+    """`grounded_caption`'s text as a list whose `"".join` it is: caption slices, and each tag and
+    location token as its own item (so a tokenizer need not find them again)."""
     grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for span in spans:
         start, end, boxes = span
@@ -109,14 +117,17 @@ def grounded_caption(caption: str, spans: Sequence[tuple[int, int, Sequence[Sequ
     for (s0, e0), (s1, e1) in zip(ordered, ordered[1:]):
         if s1 < e0:
             raise ValueError(f"spans ({s0}, {e0}) {caption[s0:e0]!r} and ({s1}, {e1}) {caption[s1:e1]!r} overlap")
-    out, pos = [], 0
+    out, pos = ["<grounding>"] if grounding_token else [], 0
     for start, end in ordered:
-        out.append(caption[pos:start])
-        out.append(f"<phrase>{caption[start:end]}</phrase>{object_string(grouped[(start, end)])}")
+        out += (caption[pos:start], "<phrase>", caption[start:end], "</phrase>", "<object>")
+        for k, (ul, lr) in enumerate(grouped[(start, end)]):
+            if k:
+                out.append(DELIMITER)
+            out += (location_token(ul), location_token(lr))
+        out.append("</object>")
         pos = end
     out.append(caption[pos:])
-    text = "".join(out)
-    return "<grounding>" + text if grounding_token else text
+    return out
 
 
 # --- parsing generated text (HF post_process_generation) --------------------------------------

@@ -134,8 +134,14 @@ class Kosmos2Processor:
     def encode_prompt(self, text: str, with_image: bool, bboxes: Sequence[Any] | None = None,
                       add_eos_token: bool = False, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
         """One prompt -> (input_ids, image_embeds_position_mask)."""
+        ids = self.tokenizer.encode(self.insert_boxes(text.strip(), bboxes))
+        return self.add_special_ids(ids, with_image, add_eos_token, add_special_tokens)
+
+    def add_special_ids(self, ids: list[int], with_image: bool, add_eos_token: bool = False,
+                        add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        """A prompt's text ids -> (input_ids, image_embeds_position_mask) with `<s>`, the image
+        slots and `</s>` as `encode_prompt` adds them."""
         tok = self.tokenizer
-        ids = tok.encode(self.insert_boxes(text.strip(), bboxes))
         mask = [0] * len(ids)
         if with_image:
             ids = [tok.image_id, *self.image_slot_ids, tok.end_image_id] + ids
@@ -265,10 +271,15 @@ def encode_grounded_caption(processor: Kosmos2Processor, caption: str,
     official loader's grounded form); otherwise the plain caption is used and `spans` ignored.
     Boxes use `box_formula` ("train", the original loader's, by default).
     """
-    text = (grounding.grounded_caption(caption, spans, processor.num_bins, box_formula) if grounded and spans
-            else ("<grounding>" + caption if grounded else caption))
-    ids, image_mask = processor.encode_prompt(text, with_image, None, add_eos_token=add_eos)
+    if grounded and spans and "<" not in caption:  # the tags are known: skip finding them in the text again
+        pieces = grounding.grounded_pieces(caption, spans, processor.num_bins, box_formula)
+        text = "".join(pieces)
+        ids, image_mask = processor.add_special_ids(processor.tokenizer.encode_pieces(pieces), with_image, add_eos)
+    else:
+        text = (grounding.grounded_caption(caption, spans, processor.num_bins, box_formula) if grounded and spans
+                else ("<grounding>" + caption if grounded else caption))
+        ids, image_mask = processor.encode_prompt(text, with_image, None, add_eos_token=add_eos)
     prefix = 1 + (processor.num_image_tokens + 2 if with_image else 0)  # <s> [<image> slots </image>]
-    loss_mask = [0] * prefix + [1] * (len(ids) - prefix)
-    return GroundedSequence(np.asarray(ids, np.int32), np.asarray(loss_mask, np.int32),
-                            np.asarray(image_mask, np.int32), text)
+    loss_mask = np.ones(len(ids), np.int32)
+    loss_mask[:prefix] = 0
+    return GroundedSequence(np.array(ids, np.int32), loss_mask, np.array(image_mask, np.int32), text)

@@ -182,6 +182,33 @@ class Kosmos2Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_pieces(self, pieces: Sequence[str]) -> list[int]:
+        """`encode("".join(pieces).strip())` for pieces that are each an added token or text with no
+        `<` in it (so no tag can start inside), without searching the joined text for tags again."""
+        ids: list[int] = []
+        text: list[str] = []  # the text since the last added token
+        at_start = True
+        for piece in pieces:
+            token_id = self._added_to_id.get(piece)
+            if token_id is None:
+                if "<" in piece:
+                    raise ValueError(f"text piece {piece!r} contains '<': encode the joined text instead")
+                text.append(piece)
+                continue
+            before = "".join(text)
+            self._encode_text(before.lstrip() if at_start else before, piece in self._lstrip, ids)
+            ids.append(token_id)
+            text, at_start = [], False
+        rest = "".join(text)
+        self._encode_text(rest.lstrip() if at_start else rest, True, ids)
+        return ids
+
+    def _encode_text(self, text: str, rstrip: bool, ids: list[int]) -> None:
+        if rstrip:
+            text = text.rstrip()
+        if text:
+            ids.extend(p + 1 if p else self.unk_id for p in self.sp.encode(text))
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. `skip_special_tokens` drops <s> <pad> </s> <unk> <mask>, never tags or locations."""
         out = []

@@ -178,12 +178,18 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tfds_dir, small_processor
     for _ in range(3):
         next(c)
     state = c.state()
-    d = _pipe(root, small_processor, state=state)
-    for x in first[3:]:
-        y = next(d)
+    assert state["index"] == 12  # read ahead (in tasks of 8 examples) but not returned: replayed
+    for per_task in (8, 3):  # how examples are grouped into pool tasks does not change the stream
+        d = _pipe(root, small_processor, state=state, examples_per_task=per_task)
+        for x in first[3:]:
+            y = next(d)
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key])
+    one_split = [list(_pipe(root, small_processor, repeat=False, examples_per_task=k)) for k in (1, 7)]
+    assert len(one_split[0]) == len(one_split[1]) > 1
+    for x, y in zip(*one_split):  # 60 records: the last task of 7 is a partial one
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
-    assert state["index"] == 12
     e = _pipe(root, small_processor, seed=8)
     assert not np.array_equal(next(e)["input_ids"], first[0]["input_ids"])
 

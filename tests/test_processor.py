@@ -185,6 +185,27 @@ def test_grounded_caption_sequence_matches_hf_prompt(processor, hf_processor):
     assert loss == [0] * first_text + [1] * (len(ids) - first_text)
 
 
+@pytest.mark.parametrize("caption, phrases", [
+    ("  a dog  next to   a cat  ", [("a dog", 1), ("a cat", 1)]),
+    ("two dogs on grass", [("two dogs", 2)]),
+    ("a cat", [("a cat", 3)]),
+    ("a <b>dog</b> and a cat", [("a cat", 1)]),  # "<" in the caption: the tags are found in the text
+])
+def test_grounded_sequence_matches_hf_prompt_on_odd_captions(processor, hf_processor, caption, phrases):
+    boxes = [(0.1, 0.2, 0.45, 0.9), (0.5, 0.4, 0.95, 0.8), (0.0, 0.0, 1.0, 1.0)]
+    spans, text, pos = [], "<grounding>", 0
+    for phrase, n in phrases:
+        start = caption.index(phrase)
+        spans.append((start, start + len(phrase), boxes[:n]))
+        text += caption[pos:start] + f"<phrase>{phrase}</phrase>"
+        pos = start + len(phrase)
+    text += caption[pos:]
+    seq = encode_grounded_caption(processor, caption, spans, box_formula="hf")
+    hf = hf_processor(text=text, images=_image(0), bboxes=[list(b) for _, _, b in spans], add_eos_token=True)
+    assert seq.input_ids.tolist() == hf["input_ids"]
+    assert seq.image_embeds_position_mask.tolist() == hf["image_embeds_position_mask"]
+
+
 def test_plain_caption_sequence(processor):
     seq = encode_grounded_caption(processor, "a dog next to a cat", [(0, 5, [(0.1, 0.2, 0.45, 0.9)])], grounded=False)
     assert processor.tokenizer.grounding_id not in seq.input_ids and processor.tokenizer.phrase_id not in seq.input_ids

@@ -73,6 +73,41 @@ def test_encode_equals_hf_on_random_mixtures(tokenizer, hf_processor, parts):
     assert tokenizer.encode(text) == _hf_ids(hf_processor, text)
 
 
+_ADDED_PIECES = list(TAG_TOKENS) + ["<s>", "</s>", "<pad>", "<unk>", "<mask>", "<patch_index_0000>",
+                                    "<patch_index_1023>", "<patch_index_0512>"]
+_TEXT_PIECES = [" ", "  ", "a", " dog ", "x.", ">", "\u00e9", "\U0001F600", "\n", "", " two\tcats "]
+
+
+@pytest.fixture(scope="module")
+def whitespace_keeping_tokenizer(tmp_path_factory):
+    """A model that keeps spaces as written (the official one collapses and strips them, which
+    would hide where the tag rules strip)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("ws_spm")
+    (d / "lines.txt").write_text("\n".join(f"a  dog {i} and   two cats \t" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(d / "lines.txt"), model_prefix=str(d / "ws"), vocab_size=40,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, remove_extra_whitespaces=False,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return Kosmos2Tokenizer.from_file(str(d / "ws.model"))
+
+
+@pytest.mark.parametrize("which", ["official", "whitespace_keeping"])
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.one_of(st.sampled_from(_ADDED_PIECES + _TEXT_PIECES),
+                                 st.text(alphabet=st.characters(blacklist_characters="<"), max_size=6)), max_size=12))
+def test_encode_pieces_equals_encode_of_stripped_join(tokenizer, whitespace_keeping_tokenizer, which, pieces):
+    # Pieces are whole added tokens or text without "<" (adjacent texts included), as
+    # `grounded_pieces` gives them; the ids must be those of the joined, stripped text.
+    tok = tokenizer if which == "official" else whitespace_keeping_tokenizer
+    assert tok.encode_pieces(pieces) == tok.encode("".join(pieces).strip())
+
+
+def test_encode_pieces_rejects_a_tag_inside_text(tokenizer):
+    with pytest.raises(ValueError, match="contains '<'"):
+        tokenizer.encode_pieces(["a <phrase>dog"])
+
+
 def test_decode_equals_hf_fast_tokenizer(tokenizer, hf_fast_tokenizer):
     rng = random.Random(0)
     special = [0, 1, 2, 3, 64001]
