@@ -101,21 +101,15 @@ def resize_pixels(image: Image.Image, size: int, mode: str) -> np.ndarray:
 
 
 def _pad(seq, processor: Kosmos2Processor, seq_len: int, pixels, has_image: bool) -> dict:
-    ids = seq.input_ids[:seq_len]
-    n = len(ids)
-    out = {
-        "input_ids": np.full(seq_len, processor.tokenizer.pad_id, np.int32),
-        "attention_mask": np.zeros(seq_len, np.int32),
-        "loss_mask": np.zeros(seq_len, np.int32),
-        "image_embeds_position_mask": np.zeros(seq_len, np.int32),
-        "pixel_values": pixels,
-        "has_image": np.int32(has_image),
-    }
-    out["input_ids"][:n] = ids
-    out["attention_mask"][:n] = 1
-    out["loss_mask"][:n] = seq.loss_mask[:n]
-    out["image_embeds_position_mask"][:n] = seq.image_embeds_position_mask[:n]
-    return out
+    n = min(len(seq.input_ids), seq_len)
+    rows = np.zeros((4, seq_len), np.int32)  # one allocation for the four token fields
+    rows[0, n:] = processor.tokenizer.pad_id
+    rows[0, :n] = seq.input_ids[:n]
+    rows[1, :n] = 1
+    rows[2, :n] = seq.loss_mask[:n]
+    rows[3, :n] = seq.image_embeds_position_mask[:n]
+    return {"input_ids": rows[0], "attention_mask": rows[1], "loss_mask": rows[2],
+            "image_embeds_position_mask": rows[3], "pixel_values": pixels, "has_image": np.int32(has_image)}
 
 
 def grit_example(record: dict, processor: Kosmos2Processor, config: ExampleConfig, rng: ExampleRandom) -> dict:
