@@ -221,12 +221,14 @@ def test_record_reader_order_errors_and_end_before_teardown():
         yield from range(3)
         raise OSError("truncated file")
 
-    reader = _Reader(failing(), ahead=2)
-    assert [next(reader) for _ in range(3)] == [0, 1, 2]
-    with pytest.raises(OSError, match="truncated file"):
-        next(reader)
-    with pytest.raises(StopIteration):
-        next(reader)
+    for chunk in (1, 2, 16):  # records cross the queue `chunk` at a time
+        reader = _Reader(failing(), ahead=2, chunk=chunk)
+        assert [next(reader) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(OSError, match="truncated file"):
+            next(reader)
+        with pytest.raises(StopIteration):
+            next(reader)
+        assert list(_Reader(iter(range(7)), ahead=4, chunk=chunk)) == list(range(7))
 
     def slow_teardown():
         try:

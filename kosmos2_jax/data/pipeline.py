@@ -133,28 +133,37 @@ class _Reader:
 
     The main thread only takes records from a queue: TF's eager iterator, the record splitting and
     the tf.data teardown at the end of a split (after `END_OF_SPLIT`) all happen off the thread
-    that hands out work and assembles batches. Errors raised while reading are re-raised by
-    `__next__`.
+    that hands out work and assembles batches. Records cross the queue `chunk` at a time (one
+    lock hand-off per chunk, not per record). Errors raised while reading are re-raised by
+    `__next__` after the records read before them.
     """
 
-    def __init__(self, records: Iterator[dict], ahead: int = 256):
-        self._queue: queue.Queue = queue.Queue(ahead)
+    def __init__(self, records: Iterator[dict], ahead: int = 256, chunk: int = 16):
+        self._queue: queue.Queue = queue.Queue(max(1, ahead // chunk))
+        self._chunk = chunk
+        self._taken: collections.deque = collections.deque()  # the current chunk, in the consumer
         self._stop = threading.Event()
         self._done = False
         self._thread = threading.Thread(target=self._run, args=(records,), daemon=True, name="record-reader")
         self._thread.start()
 
     def _run(self, records):
+        chunk = []
         try:
             for record in records:
-                if not self._put(record) or record is END_OF_SPLIT:
+                if record is END_OF_SPLIT:
                     break
-            else:
-                self._put(END_OF_SPLIT)
+                chunk.append(record)
+                if len(chunk) == self._chunk:
+                    if not self._put(chunk):
+                        return
+                    chunk = []
+            if not self._put(chunk + [END_OF_SPLIT]):
+                return
             if hasattr(records, "close"):
                 records.close()  # the teardown runs here, whoever else still holds `records`
         except BaseException as e:  # noqa: BLE001 -- handed to the consumer
-            self._put(e)
+            self._put(chunk + [e])
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -171,7 +180,9 @@ class _Reader:
     def __next__(self) -> dict:
         if self._done:
             raise StopIteration
-        item = self._queue.get()
+        if not self._taken:
+            self._taken.extend(self._queue.get())
+        item = self._taken.popleft()
         if item is END_OF_SPLIT:
             self._done = True
             raise StopIteration
