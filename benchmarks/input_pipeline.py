@@ -1,6 +1,6 @@
 """Input pipeline throughput vs its floor (decode + resize alone), same records, same run.
 
-    .venv/bin/python benchmarks/input_pipeline.py [--examples 2000] [--workers 4] [--examples_per_task 8] [--rounds 9]
+    .venv/bin/python benchmarks/input_pipeline.py [--examples 2000] [--workers 4] [--examples_per_task 8] [--rounds 15]
 
 Builds a shapes dataset (128 px PNGs) in a temporary folder, then measures examples/s of
 (a) decode + 224 px resize only (uint8; the CLIP normalization runs on the device), through the
@@ -45,7 +45,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--examples_per_task", type=int, default=8)
     args = parser.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp())

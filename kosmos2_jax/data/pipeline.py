@@ -151,15 +151,13 @@ class _Reader:
         chunk = []
         try:
             for record in records:
-                if record is END_OF_SPLIT:
+                if record is END_OF_SPLIT or self._stop.is_set():
                     break
                 chunk.append(record)
                 if len(chunk) == self._chunk:
-                    if not self._put(chunk):
-                        return
+                    self._put(chunk)  # returns at once when the reader was closed
                     chunk = []
-            if not self._put(chunk + [END_OF_SPLIT]):
-                return
+            self._put(chunk + [END_OF_SPLIT])
             if hasattr(records, "close"):
                 records.close()  # the teardown runs here, whoever else still holds `records`
         except BaseException as e:  # noqa: BLE001 -- handed to the consumer
