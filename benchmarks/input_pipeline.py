@@ -1,13 +1,14 @@
 """Input pipeline throughput vs its floor (decode + resize alone), same records, same run.
 
-    .venv/bin/python benchmarks/input_pipeline.py [--examples 2000] [--workers 4] [--examples_per_task 8] [--rounds 15]
+    .venv/bin/python benchmarks/input_pipeline.py [--examples 2000] [--workers 4] [--examples_per_task 8]
+                                                  [--rounds 15]
 
 Builds a shapes dataset (128 px PNGs) in a temporary folder, then measures examples/s of
 (a) decode + 224 px resize only (uint8; the CLIP normalization runs on the device), through the
-same thread pool in the same tasks of `--examples_per_task` records, and (b) the whole pipeline (record reads, decode, resize, span selection,
-grounded/plain choice, tokenization, masks, padding, batching), alternating the two for --rounds
-rounds. Prints the medians, the median per-round ratio (target >= 80%) and the ratio of process
-CPU time per example.
+same thread pool in the same tasks of `--examples_per_task` records, and (b) the whole pipeline
+(record reads, decode, resize, span selection, grounded/plain choice, tokenization, masks,
+padding, batching), alternating the two for --rounds rounds. Prints the medians, the median
+per-round ratio (target >= 80%) and the ratio of process CPU time per example.
 """
 
 import argparse

@@ -177,7 +177,7 @@ class Kosmos2Tokenizer:
             if part in self._added_to_id:
                 ids.append(self._added_to_id[part])
             else:
-                ids.extend(p + 1 if p else self.unk_id for p in self.sp.encode(part))
+                self._encode_text(part, False, ids)
         if add_eos:
             ids.append(self.eos_id)
         return ids

@@ -155,7 +155,7 @@ class _Reader:
                     break
                 chunk.append(record)
                 if len(chunk) == self._chunk:
-                    self._put(chunk)  # returns at once when the reader was closed
+                    self._put(chunk)
                     chunk = []
             self._put(chunk + [END_OF_SPLIT])
             if hasattr(records, "close"):
@@ -163,14 +163,13 @@ class _Reader:
         except BaseException as e:  # noqa: BLE001 -- handed to the consumer
             self._put(chunk + [e])
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
+    def _put(self, item) -> None:
+        while not self._stop.is_set():  # a closed reader drops the item
             try:
                 self._queue.put(item, timeout=0.1)
-                return True
+                return
             except queue.Full:
                 pass
-        return False
 
     def __iter__(self):
         return self
