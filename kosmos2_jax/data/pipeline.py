@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, grit_examples,
+from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, bad_record_or, grit_examples,
                                        grit_instruction_example, llava_example, text_example)
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.packing import example_length, fits, pack_row
@@ -265,7 +265,7 @@ class Pipeline:
         # Work already queued but not yet returned is replayed on restore.
         index = self._index - len(self._pending)
         positions = dict(self._positions)
-        for _, source_name, _, _ in self._pending:
+        for source_name, _, _ in self._pending:
             positions[source_name] -= 1
         if self._carry is not None:  # replayed too: it opens the next packed row
             index -= 1
@@ -302,8 +302,8 @@ class Pipeline:
         if not items:
             return False
         work = (self._pool.submit(self._make_all, items) if self._pool else _Done(self._make_all(items)))
-        for k, (source, _, index) in enumerate(items):
-            self._pending.append((index, source.name, work, k))
+        for k, (source, _, _) in enumerate(items):
+            self._pending.append((source.name, work, k))  # one entry per example: `state()` counts them
         return len(items) == self._per_task
 
     def _make_all(self, items):
@@ -312,13 +312,7 @@ class Pipeline:
         grit = [k for k, (source, _, _) in enumerate(items) if source.kind == "grit"]
         made = dict(zip(grit, grit_examples([items[k][1] for k in grit], self.processor, self.config,
                                             [ExampleRandom(self.seed, items[k][2], 1) for k in grit])))
-        return [made[k] if k in made else self._safe_make(*item) for k, item in enumerate(items)]
-
-    def _safe_make(self, source, record, index):
-        try:
-            return self._make(source, record, index)
-        except BadRecord as e:
-            return e
+        return [made[k] if k in made else bad_record_or(self._make, *item) for k, item in enumerate(items)]
 
     def _next_example(self) -> tuple[dict, str] | None:
         while True:
@@ -327,7 +321,7 @@ class Pipeline:
                     self._exhausted = True
             if not self._pending:
                 return None
-            _, source_name, work, k = self._pending.popleft()
+            source_name, work, k = self._pending.popleft()
             result = work.result()[k]
             if isinstance(result, BadRecord):
                 self.bad_counts[result.reason] += 1
