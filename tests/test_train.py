@@ -76,6 +76,32 @@ def test_sigterm_saves_and_exits(shapes_tfds, small_spm, tmp_path):
     assert os.path.isdir(tmp_path / "c" / "checkpoints" / str(step))
 
 
+def test_sigterm_right_after_a_skipped_save_saves_the_next_step(shapes_tfds, small_spm, tmp_path, monkeypatch, capsys):
+    """SIGTERM landing between a (skipped, off-interval) save and the flag check must not claim that
+    step was saved: the run saves the next step and says so (the race behind an old flake)."""
+    sys.path.insert(0, HERE)
+    import train_tiny_config
+
+    from kosmos2_jax.train import trainer
+    from kosmos2_jax.train.__main__ import run
+
+    real_save = trainer.Checkpoints.save
+
+    def save_then_sigterm(self, step, *args, **kwargs):
+        saved = real_save(self, step, *args, **kwargs)
+        if step == 2:
+            assert not saved  # off the save interval (ckpt_every=4)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return saved
+
+    monkeypatch.setattr(trainer.Checkpoints, "save", save_then_sigterm)
+    cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
+    cfg.train.steps = 400
+    run(cfg, str(tmp_path))
+    assert "SIGTERM: saved step 3, exiting" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
+
+
 def test_mesh_2x2x2_equals_single_device(shapes_tfds, small_spm):
     losses = {}
     for devices, mesh in ((8, "2,2,2"), (1, "1,1,1")):

@@ -168,7 +168,7 @@ def run(cfg, workdir: str) -> dict:
     total, log_every = cfg.train.steps, cfg.train.log_every
     history, last = [], {}
     t0, tokens_since, steps_since = time.time(), 0.0, 0
-    run_start = time.time()
+    run_start, stopped = time.time(), False
     try:
         for step in range(start, total):
             batch = next(train)
@@ -208,8 +208,12 @@ def run(cfg, workdir: str) -> dict:
                 last["val_grounding_accuracy"] = accuracy
                 if writer:
                     writer.scalar("val/grounding_accuracy", accuracy, done)
-            checkpoints.save(done, trainer.state, train.state(), force=preemption.requested or done == total)
-            if preemption.requested:
+            stop = preemption.requested  # read once: SIGTERM may land between the save and the check
+            saved = checkpoints.save(done, trainer.state, train.state(), force=stop or done == total)
+            if stop:
+                stopped = True
+                if not saved:
+                    raise RuntimeError(f"SIGTERM: the checkpoint of step {done} was not saved")
                 print(f"SIGTERM: saved step {done}, exiting", flush=True)
                 break
     finally:
@@ -219,7 +223,7 @@ def run(cfg, workdir: str) -> dict:
         train.close()
         if writer:
             writer.flush()
-    if not preemption.requested:
+    if not stopped:
         params = jax.device_get(trainer.state["params"])
         if jax.process_index() == 0:
             convert.save_checkpoint(os.path.join(workdir, "export"), model.config, params)
