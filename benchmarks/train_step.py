@@ -5,13 +5,14 @@ same config, weights and batch, same run.
 
 The mid-size config of benchmarks/forward.py (6-layer 512-wide decoder, 6-layer 384-wide ViT/14 at
 224 px, 64 latent queries, full vocabulary), float32. Both steps: forward, next-token cross-entropy
-over the text positions, backward, AdamW update (LR 2e-4, beta (0.9, 0.98), eps 1e-6, wd 0.01).
-Ours runs as the trainer runs it: the LM head only on chunks of positions that hold targets
-(`--loss_chunk`, train/loss.py), layers as a Python loop (`--scan` for `nn.scan`, which costs
-~15% here: XLA:CPU zero-fills and copies the stacked per-layer activations). The two losses of the
-first step are printed (they must agree: the same computation). Ours and HF alternate for
-`--rounds` rounds of `--repeats` steps each; prints median step times, tokens/s (all sequence
-positions) and the median of the per-round ratios (target >= 1.5x HF).
+over the text positions, backward, AdamW update (LR 2e-4, beta (0.9, 0.98), eps 1e-6, wd 0.01). Ours
+runs as the trainer runs it: the LM head only on chunks of positions that hold targets
+(`--loss_chunk` positions per row, 64 as in kosmos2_pretrain.py; train/loss.py), layers as a Python
+loop (`--scan` for `nn.scan`, which costs ~15% here: XLA:CPU zero-fills and copies the stacked
+per-layer activations). The two losses of the first step are printed (they must agree: the same
+computation). Ours and HF alternate for `--rounds` rounds of `--repeats` steps each; prints median
+step times, tokens/s (all sequence positions) and the median of the per-round ratios (target >= 1.5x
+HF).
 """
 
 import argparse
@@ -40,7 +41,7 @@ def main():
     parser.add_argument("--text_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--loss_chunk", type=int, default=8)
+    parser.add_argument("--loss_chunk", type=int, default=64)
     parser.add_argument("--scan", action="store_true", help="scan over layers (nn.scan) instead of a Python loop")
     args = parser.parse_args()
     hf, model, params, length, (pixels, ids, attn, img) = setup(args.batch, args.text_tokens, scan_layers=args.scan)

@@ -30,14 +30,14 @@ def _inputs(dtype=np.float32):
     return [jnp.asarray(x) for x in (hidden, embedding, targets, weights, active)]
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
-def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk):
+@pytest.mark.parametrize("chunk,tail", [(1, 8), (5, 8), (16, 8), (16, 3), (64, 8), (7, 2)])
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk, tail):
     hidden, embedding, targets, weights, active = _inputs()
     (ref, (ref_nll, ref_correct)), ref_grads = jax.value_and_grad(
         lambda h, e: _plain(h, e, targets, weights, active), (0, 1), has_aux=True)(hidden, embedding)
 
     def ours(h, e):
-        loss, nll, correct = lm_head_loss(h, e, targets, weights, active, chunk)
+        loss, nll, correct = lm_head_loss(h, e, targets, weights, active, chunk, tail)
         return loss, (nll, correct)
 
     (loss, (nll, correct)), grads = jax.jit(jax.value_and_grad(ours, (0, 1), has_aux=True))(hidden, embedding)
