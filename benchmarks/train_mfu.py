@@ -1,0 +1,191 @@
+"""The trainer's own train step on a full-size config: tokens/s and MFU (model FLOPs utilization).
+
+    python benchmarks/train_mfu.py                          # experiments/kosmos2_pretrain.py, 4 packed rows
+    python benchmarks/train_mfu.py --rows 8 --max_images 12 --steps 20
+    python benchmarks/train_mfu.py --tiny --steps 2         # a seconds-scale CPU smoke run
+
+Builds `Trainer` from the experiment config (bf16 compute, fp32 params and AdamW, layers scanned
+with the config's remat policy, the LM head on 64-position chunks of targets) and times
+`Trainer.train_step` on packed synthetic rows shaped like the pretraining batch: `--rows` rows of
+`seq_len` tokens, each holding `--images_per_row` examples of [<s> <image> 64 slots </image>
+caption </s>] with `--caption_tokens` caption tokens (the loss targets), and `--max_images` image
+slots per row (the config's `pack_max_images`; the vision tower runs on every slot, empty ones
+included).
+
+Model FLOPs count the useful work once (`train_flops`): the vision tower and resampler on the real
+images, the decoder on every position (attention over the whole row, as computed), the LM head on
+the targets only; the backward as twice the forward. Remat recomputation, empty image slots and
+padding are not model FLOPs: they show in the hardware FLOPs XLA reports for the compiled step
+(`cost_analysis`), printed beside them. MFU = model FLOPs / step time / the chip's peak (dense
+bf16; `--peak_tflops` for chips not in PEAK_TFLOPS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)  # runs from a checkout without `pip install -e .` (e.g. on a lent GPU machine)
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+
+# dense bf16 peak per chip, TFLOP/s (vendor data sheets; H100/H200 SXM)
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0}
+
+
+def peak_tflops(device) -> float | None:
+    kind = device.device_kind
+    for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):  # "TPU v5 lite" before "TPU v5"
+        if name in kind:
+            return peak
+    return None
+
+
+def forward_flops(config, rows: int, seq_len: int, images: int) -> dict:
+    """Matmul FLOPs of one forward without the LM head: {part: flops}; `images` real images in all."""
+    v, t, q = config.vision, config.text, config.latent_query_num
+    patches = (v.image_size // v.patch_size) ** 2
+    n = patches + 1  # + the class token
+    vision = images * (2 * patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
+                       + v.num_hidden_layers * (n * 2 * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+                                                + 2 * 2 * n * n * v.hidden_size))
+    d = t.embed_dim
+    resampler = images * (2 * n * v.hidden_size * d  # dense to the text width
+                          + 2 * q * d * d * 2  # q_proj and out_proj on the queries
+                          + 2 * (n + q) * d * d * 2  # k_proj and v_proj on [tokens; queries]
+                          + 2 * 2 * q * (n + q) * d)  # logits and weighted sum
+    tokens = rows * seq_len
+    decoder = t.layers * (tokens * 2 * (4 * d * d + 2 * d * t.ffn_dim) + rows * 2 * 2 * seq_len * seq_len * d)
+    return {"vision": vision, "resampler": resampler, "decoder": decoder}
+
+
+def train_flops(config, rows: int, seq_len: int, images: int, targets: int) -> float:
+    """Model FLOPs of one train step: 3x the forward (the backward is twice it), plus the LM head
+    on `targets` positions (logits, d hidden, d embedding: 3 matmuls)."""
+    head = 3 * targets * 2 * config.text.embed_dim * config.text.vocab_size
+    return 3 * sum(forward_flops(config, rows, seq_len, images).values()) + head
+
+
+def packed_batch(config, rows: int, seq_len: int, images_per_row: int, max_images: int, caption_tokens: int,
+                 rng: np.random.Generator) -> tuple[dict, int]:
+    """Synthetic packed rows in the input pipeline's layout (`data/packing.py`) and their target count."""
+    from kosmos2_jax.data.packing import pack_row
+
+    q, size = config.latent_query_num, config.vision.image_size
+    length = 4 + q + caption_tokens
+    if images_per_row * length > seq_len or images_per_row > max_images:
+        raise ValueError(f"{images_per_row} examples of {length} tokens do not fit a row of {seq_len} tokens "
+                         f"and {max_images} image slots")
+    vocab = config.text.vocab_size
+    out = []
+    for _ in range(rows):
+        examples = []
+        for _ in range(images_per_row):
+            ids = np.full(seq_len, config.text.pad_token_id, np.int32)
+            ids[:length] = rng.integers(4, vocab, length)
+            ids[0], ids[length - 1] = config.text.bos_token_id, config.text.eos_token_id
+            img = np.zeros(seq_len, np.int32)
+            img[2:2 + q] = 1
+            loss = np.zeros(seq_len, np.int32)
+            loss[3 + q:length] = 1  # the caption and </s>
+            examples.append({"input_ids": ids, "attention_mask": (np.arange(seq_len) < length).astype(np.int32),
+                             "loss_mask": loss, "image_embeds_position_mask": img, "has_image": True,
+                             "pixel_values": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)})
+        out.append(pack_row(examples, seq_len, max_images, config.text.pad_token_id))
+    batch = {k: np.stack([r[k] for r in out]) for k in out[0] if k != "has_image"}
+    return batch, int(batch["loss_mask"][:, 1:].sum())
+
+
+def tiny(cfg):
+    """A seconds-scale variant of the config (same code paths: bf16, scan, remat, packing)."""
+    cfg.model.vision.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=56)
+    cfg.model.text.update(vocab_size=2048, embed_dim=64, layers=2, ffn_dim=128, attention_heads=4, dropout=0.0,
+                          attention_dropout=0.0)
+    cfg.model.latent_query_num = 8
+    cfg.data.seq_len = 128
+    cfg.num_location_tokens = 64
+    return cfg
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="kosmos2_pretrain", help="a module in experiments/")
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--images_per_row", type=int, default=12)
+    parser.add_argument("--caption_tokens", type=int, default=100)
+    parser.add_argument("--max_images", type=int, default=None, help="image slots per row (default: the config's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps, after 2 untimed ones")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the chip's dense bf16 peak")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
+    args = parser.parse_args(argv)
+
+    import importlib
+
+    from kosmos2_jax.train.__main__ import model_config
+    from kosmos2_jax.models import Kosmos2
+    from kosmos2_jax.train import sharding
+    from kosmos2_jax.train.trainer import Trainer
+
+    cfg = importlib.import_module(args.config).get_config()
+    if args.tiny:
+        cfg = tiny(cfg)
+        args.images_per_row, args.caption_tokens = min(args.images_per_row, 3), min(args.caption_tokens, 20)
+    config = model_config(cfg, cfg.model.text.vocab_size)
+    seq_len, max_images = cfg.data.seq_len, args.max_images or cfg.data.get("pack_max_images", args.images_per_row)
+    batch, targets = packed_batch(config, args.rows, seq_len, args.images_per_row, max_images, args.caption_tokens,
+                                  np.random.default_rng(0))
+    device = jax.devices()[0]
+    print(f"{args.config}{' (tiny)' if args.tiny else ''}: {args.rows} rows x {seq_len} tokens, "
+          f"{args.images_per_row} images in {max_images} slots per row, {targets} targets; "
+          f"{config.dtype} compute, remat {config.remat_policy}, scan {config.scan_layers}, "
+          f"loss_chunk {cfg.train.get('loss_chunk', 8)}; {jax.device_count()} x {device.device_kind}", flush=True)
+
+    start = time.perf_counter()
+    trainer = Trainer(Kosmos2(config), cfg, config.text.vocab_size - cfg.num_location_tokens, cfg.num_location_tokens)
+    print(f"init {time.perf_counter() - start:.1f}s", flush=True)
+    with jax.set_mesh(trainer.mesh), sharding.logical_axis_rules(trainer.rules):
+        on_device = trainer._put(batch)  # one batch, kept on the device: this times the step, not the input
+        start = time.perf_counter()
+        compiled = trainer._step_fn.lower(trainer.state, on_device).compile()  # the program train_step runs
+        print(f"compile {time.perf_counter() - start:.1f}s", flush=True)
+        hardware = None
+        try:  # best-effort: not every backend reports costs
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            hardware = float(cost["flops"]) if cost and "flops" in cost else None
+        except Exception as e:
+            print(f"(no XLA cost analysis: {type(e).__name__}: {e})")
+        times = []
+        for i in range(args.steps + 2):
+            start = time.perf_counter()
+            trainer.state, metrics = compiled(trainer.state, on_device)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    times = times[2:]  # the first two warm up
+    step = float(np.median(times))
+    loss = float(metrics["nll_sum"] / max(float(metrics["tokens"]), 1.0))
+    images = args.rows * args.images_per_row
+    model = train_flops(config, args.rows, seq_len, images, targets)
+    tokens = args.rows * seq_len
+    peak = args.peak_tflops or peak_tflops(device)
+    chips = jax.device_count()
+    print(f"| step (median of {args.steps}) | tokens/s | model TFLOP/step | model TFLOP/s per chip | MFU | "
+          f"XLA TFLOP/step (HFU) |\n|---|---|---|---|---|---|")
+    achieved = model / step / chips / 1e12
+    mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (peak unknown: --peak_tflops)"
+    hfu = (f"{hardware / 1e12:.4g} ({100 * hardware / step / chips / 1e12 / peak:.1f}%)" if hardware and peak
+           else f"{hardware / 1e12:.4g}" if hardware else "n/a")
+    print(f"| {step:.3f} s | {tokens / step:,.0f} | {model / 1e12:.4g} | {achieved:.4g} | {mfu} | {hfu} |")
+    print(f"loss {loss:.4f}; step times {', '.join(f'{t:.3f}' for t in times)}")
+    return {"step_s": step, "tokens_per_s": tokens / step, "model_flops": model, "hardware_flops": hardware,
+            "loss": loss}
+
+
+if __name__ == "__main__":
+    main()
