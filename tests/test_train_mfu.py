@@ -47,8 +47,9 @@ def test_forward_flops_match_the_models_matmuls():
     batch, _ = train_mfu.packed_batch(config, rows, seq_len, 2, slots, 6, np.random.default_rng(0))
     model = Kosmos2(config)
     pixels = jnp.asarray(batch["pixel_values"], jnp.float32)
-    params = model.init(jax.random.PRNGKey(0), pixels, batch["input_ids"], batch["attention_mask"],
-                        batch["image_embeds_position_mask"], segment_ids=batch["segment_ids"])["params"]
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), pixels, batch["input_ids"],
+                                               batch["attention_mask"], batch["image_embeds_position_mask"],
+                                               segment_ids=batch["segment_ids"])["params"])
     forward = lambda p: model.apply({"params": p}, pixels, batch["input_ids"], batch["attention_mask"],
                                     batch["image_embeds_position_mask"], segment_ids=batch["segment_ids"],
                                     return_hidden=True)
