@@ -5,12 +5,12 @@
     python benchmarks/train_mfu.py --tiny --steps 2         # a seconds-scale CPU smoke run
 
 Builds `Trainer` from the experiment config (bf16 compute, fp32 params and AdamW, layers scanned
-with the config's remat policy, the LM head on 64-position chunks of targets) and times
-`Trainer.train_step` on packed synthetic rows shaped like the pretraining batch: `--rows` rows of
-`seq_len` tokens, each holding `--images_per_row` examples of [<s> <image> 64 slots </image>
-caption </s>] with `--caption_tokens` caption tokens (the loss targets), and `--max_images` image
-slots per row (the config's `pack_max_images`; the vision tower runs on every slot, empty ones
-included).
+with the config's remat policy, the LM head on 64-position chunks of targets) and times the program
+`Trainer.train_step` runs, compiled once and fed one batch kept on the device, on packed synthetic
+rows shaped like the pretraining batch: `--rows` rows of `seq_len` tokens, each holding
+`--images_per_row` examples of [<s> <image> 64 slots </image> caption </s>] with `--caption_tokens`
+caption tokens (the loss targets), and `--max_images` image slots per row (the config's
+`pack_max_images`; the vision tower runs on every slot, empty ones included).
 
 Model FLOPs count the useful work once (`train_flops`): the vision tower and resampler on the real
 images, the decoder on every position (attention over the whole row, as computed), the LM head on
@@ -51,9 +51,9 @@ def forward_flops(config, rows: int, seq_len: int, images: int) -> dict:
     v, t, q = config.vision, config.text, config.latent_query_num
     patches = (v.image_size // v.patch_size) ** 2
     n = patches + 1  # + the class token
+    dense = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size  # q, k, v, out, fc1, fc2
     vision = images * (2 * patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
-                       + v.num_hidden_layers * (n * 2 * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-                                                + 2 * 2 * n * n * v.hidden_size))
+                       + v.num_hidden_layers * (n * 2 * dense + 2 * 2 * n * n * v.hidden_size))
     d = t.embed_dim
     resampler = images * (2 * n * v.hidden_size * d  # dense to the text width
                           + 2 * q * d * d * 2  # q_proj and out_proj on the queries
@@ -162,7 +162,7 @@ def main(argv=None):
         except Exception as e:
             print(f"(no XLA cost analysis: {type(e).__name__}: {e})")
         times = []
-        for i in range(args.steps + 2):
+        for _ in range(args.steps + 2):
             start = time.perf_counter()
             trainer.state, metrics = compiled(trainer.state, on_device)
             jax.block_until_ready(metrics)
@@ -179,8 +179,9 @@ def main(argv=None):
           f"XLA TFLOP/step (HFU) |\n|---|---|---|---|---|---|")
     achieved = model / step / chips / 1e12
     mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (peak unknown: --peak_tflops)"
-    hfu = (f"{hardware / 1e12:.4g} ({100 * hardware / step / chips / 1e12 / peak:.1f}%)" if hardware and peak
-           else f"{hardware / 1e12:.4g}" if hardware else "n/a")
+    hfu = "n/a"
+    if hardware:
+        hfu = f"{hardware / 1e12:.4g}" + (f" ({100 * hardware / step / chips / 1e12 / peak:.1f}%)" if peak else "")
     print(f"| {step:.3f} s | {tokens / step:,.0f} | {model / 1e12:.4g} | {achieved:.4g} | {mfu} | {hfu} |")
     print(f"loss {loss:.4f}; step times {', '.join(f'{t:.3f}' for t in times)}")
     return {"step_s": step, "tokens_per_s": tokens / step, "model_flops": model, "hardware_flops": hardware,

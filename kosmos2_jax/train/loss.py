@@ -44,8 +44,9 @@ def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, we
     take = lambda x: jnp.take_along_axis(x, order if x.ndim == 2 else order[..., None], axis=1)
     # padded by one chunk, so a chunk starting at any position < T fits
     padded = [jnp.pad(take(x), ((0, 0), (0, chunk)) + ((0, 0),) * (x.ndim - 2))
-              for x in (hidden, targets, weights.astype(jnp.float32), active)]
-    loss, nll, correct = _chunked_loss(*padded, embedding, chunk, min(tail_chunk, chunk))
+              for x in (hidden, targets, weights.astype(jnp.float32))]
+    longest = jnp.max(jnp.sum(active, axis=1))  # the most targets in a row
+    loss, nll, correct = _chunked_loss(*padded, longest, embedding, chunk, min(tail_chunk, chunk))
     unsort = jnp.argsort(order, axis=1)
     back = lambda x: jnp.take_along_axis(x[:, :t], unsort, axis=1)
     return loss, back(nll) * active, back(correct) * active
@@ -74,14 +75,13 @@ def _chunk(h, targets, weights, embedding, with_grad: bool):
     return loss, nll.reshape(b, c), correct.reshape(b, c), grads
 
 
-def _loop_chunks(h, targets, weights, active, embedding, chunk: int, tail: int, with_grad: bool):
+def _loop_chunks(h, targets, weights, longest, embedding, chunk: int, tail: int, with_grad: bool):
     """Chunk after chunk of positions while any row has targets left: rows hold their targets first,
     so the chunks with targets are a prefix and the loop stops after the longest row's last target.
     Each chunk is `chunk` positions wide while at least half a `chunk` of targets is left, else
     `tail`. The first chunk (`tail` wide) is computed before the loop: its gradient starts the
     accumulator (no zero-filled [vocab, embed] buffer; without targets its weights are all 0 and so
     are its contributions)."""
-    longest = jnp.max(jnp.sum(active, axis=1))
     put = lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=1)
 
     def step(state, width):
@@ -109,12 +109,12 @@ def _loop_chunks(h, targets, weights, active, embedding, chunk: int, tail: int, 
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunked_loss(h, targets, weights, active, embedding, chunk, tail):
-    return _loop_chunks(h, targets, weights, active, embedding, chunk, tail, with_grad=False)
+def _chunked_loss(h, targets, weights, longest, embedding, chunk, tail):
+    return _loop_chunks(h, targets, weights, longest, embedding, chunk, tail, with_grad=False)
 
 
-def _fwd(h, targets, weights, active, embedding, chunk, tail):
-    loss, nll, correct, d_h, d_emb = _loop_chunks(h, targets, weights, active, embedding, chunk, tail, with_grad=True)
+def _fwd(h, targets, weights, longest, embedding, chunk, tail):
+    loss, nll, correct, d_h, d_emb = _loop_chunks(h, targets, weights, longest, embedding, chunk, tail, with_grad=True)
     return (loss, nll, correct), (d_h, d_emb.astype(embedding.dtype))
 
 
