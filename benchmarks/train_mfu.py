@@ -34,6 +34,8 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)  # runs from a checkout without `pip install -e .` (e.g. on a lent GPU machine)
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
+from kosmos2_jax.models.config import ATTENTION_IMPLS  # noqa: E402
+
 # dense bf16 peak per chip, TFLOP/s (vendor data sheets; H100/H200 SXM)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0}
 
@@ -122,6 +124,8 @@ def main(argv=None):
     parser.add_argument("--max_images", type=int, default=None, help="image slots per row (default: the config's)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps, after 2 untimed ones")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the chip's dense bf16 peak")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
+                        help="model.attention_impl (default: the config's); not 'einsum' sets attention dropout to 0")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
     args = parser.parse_args(argv)
 
@@ -136,6 +140,10 @@ def main(argv=None):
     if args.tiny:
         cfg = tiny(cfg)
         args.images_per_row, args.caption_tokens = min(args.images_per_row, 3), min(args.caption_tokens, 20)
+    if args.attention:
+        cfg.model.attention_impl = args.attention
+    if cfg.model.attention_impl != "einsum":  # jax.nn.dot_product_attention has no dropout
+        cfg.model.text.attention_dropout = cfg.model.vision.attention_dropout = 0.0
     config = model_config(cfg, cfg.model.text.vocab_size)
     seq_len, max_images = cfg.data.seq_len, args.max_images or cfg.data.get("pack_max_images", args.images_per_row)
     batch, targets = packed_batch(config, args.rows, seq_len, args.images_per_row, max_images, args.caption_tokens,
@@ -144,6 +152,7 @@ def main(argv=None):
     print(f"{args.config}{' (tiny)' if args.tiny else ''}: {args.rows} rows x {seq_len} tokens, "
           f"{args.images_per_row} images in {max_images} slots per row, {targets} targets; "
           f"{config.dtype} compute, remat {config.remat_policy}, scan {config.scan_layers}, "
+          f"attention {config.attention_impl} (dropout {config.text.attention_dropout}), "
           f"loss_chunk {cfg.train.get('loss_chunk', 8)}; {jax.device_count()} x {device.device_kind}", flush=True)
 
     start = time.perf_counter()

@@ -10,7 +10,9 @@ score > 0.65, grounded form with probability 0.5. The paper's batch is ~419K tok
 mixture (text 93, image-caption 1117, grounded 1117, interleaved 47 sequences); only GRIT and plain
 text sources exist here yet. The paper initialized from KOSMOS-1 (not public): set
 --config.init.hf_dir to a converted checkpoint to start from released weights. Expected: not
-reproducible here (needs GRIT-91M and 256 V100-days).
+reproducible here (needs GRIT-91M and 256 V100-days). On GPUs, `--config.model.attention_impl=cudnn
+--config.model.text.attention_dropout=0` trades the paper's attention dropout for cuDNN's fused
+flash attention (benchmarks/train_mfu.py --attention cudnn measures the difference).
 """
 
 import os

@@ -40,6 +40,9 @@ def get_config(arg=None):
     # Layers as a Python loop: on CPU a scanned stack is ~13% slower per step (XLA zero-fills and
     # copies the stacked per-layer activations); scan (kosmos2_pretrain.py) compiles 24 layers once.
     c.model.scan_layers = False
+    # "einsum" (HF's numerics, attention dropout) | "xla" | "cudnn" (fused flash attention on GPUs,
+    # no attention dropout): models/config.py ATTENTION_IMPLS
+    c.model.attention_impl = "einsum"
 
     # From scratch (train/init.py): 2-D sin-cos tables for the vision positions and the location
     # tokens, and a resampler input projection strong enough for the image to reach the latents.

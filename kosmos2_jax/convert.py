@@ -341,8 +341,11 @@ def save_leaves(out_dir: str, config: Kosmos2Config, leaves: Iterator[tuple[tupl
 
 
 def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int:
-    """Write a params checkpoint (`model_config.json` + `params/`, one Orbax item per parameter)."""
-    return save_leaves(out_dir, config, traverse_util.flatten_dict(nn.unbox(params)).items())
+    """Write a params checkpoint (`model_config.json` + `params/`, one Orbax item per parameter).
+    Its config has the default `attention_impl`: how a run trained (cuDNN on GPUs) is not a property
+    of the weights, and the checkpoint is loaded anywhere (CPU, cached decoding)."""
+    return save_leaves(out_dir, config.replace(attention_impl="einsum"),
+                       traverse_util.flatten_dict(nn.unbox(params)).items())
 
 
 def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple[str, ...], np.ndarray]]]:

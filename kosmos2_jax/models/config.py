@@ -11,6 +11,11 @@ import dataclasses
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# "einsum": our own softmax(QK^T + bias)V, HF's numerics exactly (the default; the only one with
+# attention dropout and cached decoding). "xla" / "cudnn": `jax.nn.dot_product_attention` with that
+# implementation for the vision and decoder self-attention in training and scoring forwards;
+# "cudnn" is cuDNN's fused flash attention (GPU only, no attention dropout).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +64,13 @@ class Kosmos2Config:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         for name, width, heads in (("vision", self.vision.hidden_size, self.vision.num_attention_heads),
                                    ("text", self.text.embed_dim, self.text.attention_heads)):
             if width % heads:

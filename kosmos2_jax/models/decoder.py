@@ -75,8 +75,9 @@ class TextBlock(nn.Module):
         drop = lambda h: nn.Dropout(t.dropout)(h, deterministic=self.deterministic)
         h = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="self_attn_layer_norm")(x)
         h = Attention(t.attention_heads, inner_layer_norm_eps=t.layer_norm_eps, dropout=t.attention_dropout,
-                      dtype=dt, param_dtype=pdt, name="self_attn")(h, bias=bias, deterministic=self.deterministic,
-                                                                  decode=self.decode)
+                      dtype=dt, param_dtype=pdt, impl=self.config.attention_impl,
+                      name="self_attn")(h, bias=bias, deterministic=self.deterministic, decode=self.decode,
+                                        causal=True)
         x = x + drop(h)
         h = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="final_layer_norm")(x)
         h = FFN(self.config, self.deterministic, name="ffn")(h)

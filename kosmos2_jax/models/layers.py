@@ -71,9 +71,16 @@ class Attention(nn.Module):
     head_dim^-0.5 after its projection, softmax in float32, and an optional LayerNorm on the
     merged heads before `out_proj` (MAGNETO's sub-LN, `inner_attn_ln`).
 
-    `bias` is an additive mask broadcastable to [batch, heads, q_len, kv_len]. With `decode=True`
-    keys and values are written into the `cache` collection at `cache_index` and the queries attend
-    over the whole cache (the caller's `bias` covers the cache length).
+    `bias` is an additive mask broadcastable to [batch, heads, q_len, kv_len], 0 where a key is
+    visible and <= the float32 minimum where it is masked; `causal=True` says it includes the causal
+    mask. With `decode=True` keys and values are written into the `cache` collection at
+    `cache_index` and the queries attend over the whole cache (the caller's `bias` covers the cache
+    length).
+
+    `impl` (config.ATTENTION_IMPLS): "einsum" computes the scores itself, as HF does; "xla" and
+    "cudnn" hand q, k, v and the mask to `jax.nn.dot_product_attention` (not when decoding), where
+    "cudnn" is the fused flash-attention kernel that skips the causal upper triangle. The query
+    rows that see no key at all (padding) then come out differently from HF's; the others agree.
     """
 
     num_heads: int
@@ -81,9 +88,11 @@ class Attention(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = "einsum"
 
     @nn.compact
-    def __call__(self, x, kv=None, bias=None, deterministic: bool = True, decode: bool = False):
+    def __call__(self, x, kv=None, bias=None, deterministic: bool = True, decode: bool = False,
+                 causal: bool = False):
         kv = x if kv is None else kv
         width = x.shape[-1]
         head_dim = width // self.num_heads
@@ -96,17 +105,31 @@ class Attention(nn.Module):
         q = constrain(q, ("act_batch", "act_len", "act_heads", None))
         if decode:
             k, v = self._update_cache(k, v)
+        if self.impl == "einsum" or decode:
+            out = self._einsum_attention(q, k, v, bias, deterministic)
+        else:
+            if self.dropout > 0.0 and not deterministic:
+                raise ValueError(f"attention_impl={self.impl!r} has no attention dropout "
+                                 f"(jax.nn.dot_product_attention); set the towers' attention_dropout to 0.0 "
+                                 f"or use attention_impl='einsum'")
+            mask = None if bias is None else jnp.broadcast_to(bias == 0, (bias.shape[0], 1, *bias.shape[2:]))
+            # q is already scaled by head_dim^-0.5 (HF's order), hence scale=1
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0,
+                                               is_causal=causal, implementation=self.impl)
+        out = out.reshape(*x.shape[:2], width)
+        out = constrain(out, ("act_batch", "act_len", "act_heads"))
+        if self.inner_layer_norm_eps is not None:
+            out = layer_norm(self.inner_layer_norm_eps, "heads", self.dtype, self.param_dtype, name="inner_attn_ln")(out)
+        return Dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
+
+    def _einsum_attention(self, q, k, v, bias, deterministic):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32).astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1)
         if self.dropout > 0.0 and not deterministic:
             weights = nn.Dropout(self.dropout)(weights, deterministic=False)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v).reshape(*x.shape[:2], width)
-        out = constrain(out, ("act_batch", "act_len", "act_heads"))
-        if self.inner_layer_norm_eps is not None:
-            out = layer_norm(self.inner_layer_norm_eps, "heads", self.dtype, self.param_dtype, name="inner_attn_ln")(out)
-        return Dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
 
     def _update_cache(self, k, v):
         """Write this step's keys/values at `cache_index`; the cache is created by `init` with the

@@ -45,7 +45,7 @@ class VisionBlock(nn.Module):
         c, dt, pdt = self.config.vision, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
         h = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm1")(x)
         h = Attention(c.num_attention_heads, dropout=c.attention_dropout, dtype=dt, param_dtype=pdt,
-                      name="self_attn")(h, deterministic=self.deterministic)
+                      impl=self.config.attention_impl, name="self_attn")(h, deterministic=self.deterministic)
         x = x + h
         h = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm2")(x)
         h = Dense(c.intermediate_size, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(h)

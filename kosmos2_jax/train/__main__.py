@@ -34,7 +34,7 @@ def model_config(cfg, vocab_size: int):
     return Kosmos2Config(vision=VisionConfig(**dict(cfg.model.vision)), text=TextConfig(**text),
                          latent_query_num=cfg.model.latent_query_num, dtype=cfg.model.dtype,
                          param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat_policy,
-                         scan_layers=cfg.model.scan_layers)
+                         scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.get("attention_impl", "einsum"))
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
