@@ -317,6 +317,41 @@ def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
     return Kosmos2(config), to_device(params_from_hf(source, config))
 
 
+# Dropout rates are training settings: a run sets its own, whatever the weights were trained with.
+_TRAINING_FIELDS = {"vision": ("attention_dropout",), "text": ("dropout", "attention_dropout", "activation_dropout")}
+
+
+def architecture_differences(weights: Kosmos2Config, wanted: Kosmos2Config) -> list[str]:
+    """'tower.field: weights' value vs wanted value' for every architecture field that differs
+    (compute settings such as dtype, remat, scan_layers and attention_impl are not architecture)."""
+    diffs = [f"latent_query_num: {weights.latent_query_num} vs {wanted.latent_query_num}"
+             ] if weights.latent_query_num != wanted.latent_query_num else []
+    for tower in ("vision", "text"):
+        a, b = getattr(weights, tower), getattr(wanted, tower)
+        diffs += [f"{tower}.{name}: {getattr(a, name)} vs {getattr(b, name)}" for name in type(a).__dataclass_fields__
+                  if name not in _TRAINING_FIELDS[tower] and getattr(a, name) != getattr(b, name)]
+    return diffs
+
+
+def load_params_for(config: Kosmos2Config, source: str) -> dict:
+    """Params (numpy) for `Kosmos2(config)` from `source`, an HF model folder or a kosmos2_jax
+    checkpoint of the same architecture. The weights are laid out for `config` (layers scanned or
+    not); dtype, remat, attention_impl and dropout stay `config`'s."""
+    if os.path.isfile(os.path.join(source, "model_config.json")):
+        with open(os.path.join(source, "model_config.json")) as f:
+            weights = Kosmos2Config.from_dict(json.load(f))
+    else:
+        weights = config_from_hf(read_hf_config(source))
+    diffs = architecture_differences(weights, config)
+    if diffs:
+        raise ValueError(f"{source}: the weights' architecture differs from the config's model "
+                         f"(weights vs config): {'; '.join(diffs)}")
+    if os.path.isdir(os.path.join(source, "params")):
+        _, leaves = iter_checkpoint_leaves(source)
+        return params_from_hf(dict(leaves_to_hf(leaves)), config)
+    return params_from_hf(TensorSource(source), config)
+
+
 def _leaf_dir(root: str, path: tuple[str, ...]) -> str:
     return os.path.join(root, "params", ".".join(path))
 

@@ -252,6 +252,37 @@ def test_clear_errors(shapes_tfds, small_spm, tmp_path):
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
 
 
+def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, small_spm, tmp_path):
+    """`--config.init.checkpoint`: the weights come from the checkpoint (scanned layers), the model
+    settings from the config (a loop of layers, attention through jax.nn.dot_product_attention);
+    with LR 0 the run's export is the checkpoint's weights, bit for bit."""
+    import train_tiny_config
+    from kosmos2_jax import convert
+    from kosmos2_jax.models import Kosmos2
+    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.train.__main__ import model_config
+    from kosmos2_jax.train.trainer import Trainer
+
+    cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
+    tok = Kosmos2Tokenizer.from_file(small_spm, num_location_tokens=cfg.num_location_tokens)
+    weights = Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id,
+                      tok.num_location_tokens).state["params"]
+    convert.save_checkpoint(str(tmp_path / "init"), model_config(cfg, tok.vocab_size), weights)
+    run = subprocess.run(_cmd(tmp_path / "w", shapes_tfds, small_spm, f"--config.init.checkpoint={tmp_path}/init",
+                              "--config.model.scan_layers=False", "--config.model.attention_impl=xla",
+                              "--config.model.text.dropout=0.0", "--config.optim.lr=0.0", "--config.train.steps=1"),
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "w" / "model_config.json") as f:
+        ran = json.load(f)
+    assert ran["scan_layers"] is False and ran["attention_impl"] == "xla"
+    exported = convert.state_dict_from_params(_params(tmp_path / "w"))
+    expected = convert.state_dict_from_params(jax.device_get(weights))
+    assert exported.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(exported[key], expected[key], err_msg=key)
+
+
 def test_periodic_grounding_evaluation(shapes_tfds, small_spm, tmp_path):
     run = subprocess.run(_cmd(tmp_path / "g", shapes_tfds, small_spm, "--config.train.steps=4",
                               "--config.train.grounding_eval_every=2"), capture_output=True, text=True, cwd=REPO)

@@ -139,13 +139,11 @@ def run(cfg, workdir: str) -> dict:
         initialize_distributed(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
                                cfg.get("process_id", -1))
     tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
-    init_params = None
-    if cfg.init.hf_dir:
-        model, init_params = convert.load_hf(cfg.init.hf_dir)
-    elif cfg.init.checkpoint:
-        model, init_params = convert.load_checkpoint(cfg.init.checkpoint)
-    else:
-        model = Kosmos2(model_config(cfg, tokenizer.vocab_size))
+    model, init_params = Kosmos2(model_config(cfg, tokenizer.vocab_size)), None
+    if cfg.init.hf_dir and cfg.init.checkpoint:
+        raise ValueError("set one of init.hf_dir and init.checkpoint, not both")
+    if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
+        init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
     processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                  num_image_tokens=model.config.latent_query_num)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
