@@ -131,3 +131,18 @@ def test_packed_pipeline_holds_the_unpacked_stream_and_resumes_exactly(shapes_tf
         got = next(resumed)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_input_counts_of_packed_and_unpacked_batches():
+    """Real tokens / positions and real images / image slots the vision tower runs on (logged as
+    the fills of each log interval)."""
+    from kosmos2_jax.train.trainer import input_counts
+
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int32)
+    packed = {"attention_mask": mask, "pixel_values": np.zeros((2, 3, 8, 8, 3), np.float32),
+              "has_image": np.array([2, 1], np.int32)}
+    assert input_counts(packed).tolist() == [5, 8, 3, 6]
+    unpacked = {"attention_mask": mask, "pixel_values": np.zeros((2, 8, 8, 3), np.float32),
+                "has_image": np.array([1, 0], np.int32)}  # the text row still runs the vision tower
+    assert input_counts(unpacked).tolist() == [5, 8, 1, 2]
+    assert input_counts({"attention_mask": mask}).tolist() == [5, 8, 0, 0]

@@ -51,6 +51,9 @@ def test_sigkill_and_resume_is_bitwise_identical(shapes_tfds, small_spm, tmp_pat
     assert "resumed from step 4" in resumed.stdout
     a, b = _losses(full.stdout), _losses(resumed.stdout)
     assert all(a[s] == b[s] for s in range(5, 13)), (a, b)
+    # every shapes example has an image, so all image slots are filled; padding leaves token positions empty
+    fills = [line.split("fill: tokens ")[1].split()[:3] for line in full.stdout.splitlines() if " loss " in line]
+    assert len(fills) == 12 and all(0.3 < float(t) < 1 and im == "1.00" for t, _, im in fills), fills
     jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "a"), _params(tmp_path / "b"))
     # `python -m kosmos2_jax.export` on the last checkpoint gives the run's own final export.
     from kosmos2_jax import export

@@ -128,12 +128,13 @@ def grounding_evaluator(cfg, model, processor):
 
 def run(cfg, workdir: str) -> dict:
     import jax
+    import numpy as np
 
     from kosmos2_jax import convert
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.processor import Kosmos2Processor
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.trainer import Checkpoints, Preemption, Trainer, abstract_like, format_eta
+    from kosmos2_jax.train.trainer import Checkpoints, Preemption, Trainer, abstract_like, format_eta, input_counts
 
     if cfg.distributed:
         initialize_distributed(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
@@ -165,14 +166,14 @@ def run(cfg, workdir: str) -> dict:
     preemption = Preemption()
     total, log_every = cfg.train.steps, cfg.train.log_every
     history, last = [], {}
-    t0, tokens_since, steps_since = time.time(), 0.0, 0
+    t0, counts, steps_since = time.time(), np.zeros(4), 0  # counts: input_counts summed since the last log line
     run_start, stopped = time.time(), False
     try:
         for step in range(start, total):
             batch = next(train)
             metrics = trainer.train_step(batch)
             steps_since += 1
-            tokens_since += float(batch["attention_mask"].sum()) * jax.process_count()
+            counts = counts + input_counts(batch) * jax.process_count()
             done = step + 1
             if done % log_every == 0 or done == total:
                 m = jax.device_get(metrics)
@@ -180,17 +181,19 @@ def run(cfg, workdir: str) -> dict:
                 elapsed = time.time() - t0
                 rate = steps_since / max(elapsed, 1e-9)
                 last = {"step": done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                        "tokens_per_s": tokens_since / max(elapsed, 1e-9), "step_time": elapsed / steps_since,
-                        "loc_accuracy": float(m["loc_correct"] / max(m["loc_tokens"], 1))}
+                        "tokens_per_s": counts[0] / max(elapsed, 1e-9), "step_time": elapsed / steps_since,
+                        "loc_accuracy": float(m["loc_correct"] / max(m["loc_tokens"], 1)),
+                        "token_fill": counts[0] / max(counts[1], 1), "image_fill": counts[2] / max(counts[3], 1)}
                 history.append(last)
                 print(f"step {done}/{total} loss {loss:.4f} loc_acc {last['loc_accuracy']:.3f} lr {last['lr']:.2e} "
                       f"gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
+                      f"fill: tokens {last['token_fill']:.2f} images {last['image_fill']:.2f} "
                       f"ETA {format_eta((total - done) / rate)}", flush=True)
                 if writer:
                     for k, v in last.items():
                         if k != "step":
                             writer.scalar(f"train/{k}", v, done)
-                t0, tokens_since, steps_since = time.time(), 0.0, 0
+                t0, counts, steps_since = time.time(), np.zeros(4), 0
             if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == total) and val_batches:
                 ev = trainer.evaluate(val_batches)
                 print(f"step {done} validation loss {ev['loss']:.4f} loc_accuracy {ev['loc_accuracy']:.3f}", flush=True)

@@ -227,6 +227,18 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
+def input_counts(batch) -> np.ndarray:
+    """[real tokens, token positions, real images, image slots] of a host batch: how much of what
+    the step computes is data. The vision tower runs on every slot (`pixel_values` [B, slots, ...]
+    when packed, [B, ...] otherwise, text-only rows included), so empty slots are compute spent on
+    nothing; lower `data.pack_max_images` when the image fill stays low."""
+    mask = np.asarray(batch["attention_mask"])
+    pixels = batch.get("pixel_values")
+    slots = 0 if pixels is None else mask.shape[0] * (pixels.shape[1] if np.ndim(pixels) == 5 else 1)
+    images = 0 if pixels is None else int(np.asarray(batch["has_image"]).sum())
+    return np.array([mask.sum(), mask.size, images, slots], np.float64)
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
