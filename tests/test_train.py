@@ -263,7 +263,7 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     from kosmos2_jax import convert
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.__main__ import model_config
+    from kosmos2_jax.train.__main__ import model_config, run
     from kosmos2_jax.train.trainer import Trainer
 
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
@@ -271,11 +271,12 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     weights = Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id,
                       tok.num_location_tokens).state["params"]
     convert.save_checkpoint(str(tmp_path / "init"), model_config(cfg, tok.vocab_size), weights)
-    run = subprocess.run(_cmd(tmp_path / "w", shapes_tfds, small_spm, f"--config.init.checkpoint={tmp_path}/init",
-                              "--config.model.scan_layers=False", "--config.model.attention_impl=xla",
-                              "--config.model.text.dropout=0.0", "--config.optim.lr=0.0", "--config.train.steps=1"),
-                         capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-3000:]
+    cfg.init.checkpoint = str(tmp_path / "init")
+    cfg.model.update(scan_layers=False, attention_impl="xla")
+    cfg.model.text.dropout = 0.0
+    cfg.optim.lr = 0.0
+    cfg.train.steps = 1
+    run(cfg, str(tmp_path / "w"))  # in-process: the same `run` that `python -m kosmos2_jax.train` calls
     with open(tmp_path / "w" / "model_config.json") as f:
         ran = json.load(f)
     assert ran["scan_layers"] is False and ran["attention_impl"] == "xla"
