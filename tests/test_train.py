@@ -203,6 +203,28 @@ def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):
                            jax.device_get(plain_trainer.state["params"]), jax.device_get(packed_trainer.state["params"]))
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_vision_except_last_mask(scan):
+    """The trainable mask of `vision_except_last` on both layer layouts (the demo config loops)."""
+    from flax import traverse_util
+
+    from kosmos2_jax import convert
+    from kosmos2_jax.models import Kosmos2, tiny
+    from kosmos2_jax.train.optim import trainable_mask
+
+    params = convert.abstract_params(Kosmos2(tiny(vocab_size=97, scan_layers=scan)))
+    mask = traverse_util.flatten_dict(trainable_mask(params, "vision_except_last", scan))
+    trained = {path: np.asarray(m).reshape(-1).tolist() for path, m in mask.items() if path[0] == "vision_model"}
+    for path, m in trained.items():
+        if path[1] == "post_layernorm":
+            assert m == [1.0], path
+        elif path[1] == "encoder":  # two layers: the last trains
+            assert m == ([0.0, 1.0] if scan else [float(path[2] == "layer_1")]), path
+        else:
+            assert m == [0.0], path
+    assert all(np.all(np.asarray(m) == 1) for path, m in mask.items() if path[0] != "vision_model")
+
+
 @pytest.mark.parametrize("freeze", ["vision_except_last", "all_but_resampler"])
 def test_freezing(shapes_tfds, small_spm, freeze):
     from kosmos2_jax.train.trainer import BATCH_KEYS, loss_and_metrics

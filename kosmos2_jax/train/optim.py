@@ -28,6 +28,8 @@ def trainable_mask(params, mode: str, scan_layers: bool = True):
     if mode not in FREEZE_MODES:
         raise ValueError(f"freeze mode {mode!r} not in {FREEZE_MODES}")
     flat = traverse_util.flatten_dict(params)
+    vision_layers = [int(m.group(1)) for p in flat if p[:2] == ("vision_model", "encoder")
+                     for m in [re.fullmatch(r"layer_(\d+)", p[2])] if m]  # unscanned layers only
     out = {}
     for path, value in flat.items():
         if mode == "none":
@@ -40,8 +42,7 @@ def trainable_mask(params, mode: str, scan_layers: bool = True):
             layers = value.shape[0]
             out[path] = (jnp.arange(layers) == layers - 1).astype(jnp.float32).reshape((layers,) + (1,) * (value.ndim - 1))
         elif path[1] == "encoder":
-            last = max(int(m.group(1)) for p in flat for m in [re.fullmatch(r"layer_(\d+)", p[2])] if p[1] == "encoder" and m)
-            out[path] = jnp.asarray(float(path[2] == f"layer_{last}"), jnp.float32)
+            out[path] = jnp.asarray(float(path[2] == f"layer_{max(vision_layers)}"), jnp.float32)
         else:
             out[path] = jnp.zeros((), jnp.float32)
     return traverse_util.unflatten_dict(out)
