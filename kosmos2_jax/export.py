@@ -31,8 +31,8 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "") ->
             raise FileNotFoundError(f"{path} not found: is {workdir!r} a kosmos2_jax.train workdir?")
     with open(paths[0]) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    with open(paths[1]) as f:
-        model = Kosmos2(Kosmos2Config.from_dict(json.load(f)))
+    with open(paths[1]) as f:  # the attention kernel a run trained with (cuDNN) may not exist here
+        model = Kosmos2(Kosmos2Config.from_dict(json.load(f)).replace(attention_impl="einsum"))
     tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, async_save=False)
     step = step if step is not None else checkpoints.latest_step()

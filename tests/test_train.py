@@ -280,7 +280,8 @@ def test_clear_errors(shapes_tfds, small_spm, tmp_path):
 def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, small_spm, tmp_path):
     """`--config.init.checkpoint`: the weights come from the checkpoint (scanned layers), the model
     settings from the config (a loop of layers, attention through jax.nn.dot_product_attention);
-    with LR 0 the run's export is the checkpoint's weights, bit for bit."""
+    with LR 0 the run's export is the checkpoint's weights, bit for bit, and so is `export` of the
+    workdir on a machine without the run's attention kernel (cuDNN)."""
     import train_tiny_config
     from kosmos2_jax import convert
     from kosmos2_jax.models import Kosmos2
@@ -307,6 +308,15 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     assert exported.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(exported[key], expected[key], err_msg=key)
+    # a workdir trained with cuDNN attention exports on a machine without cuDNN (this one)
+    from kosmos2_jax import export
+
+    ran["attention_impl"] = "cudnn"
+    with open(tmp_path / "w" / "model_config.json", "w") as f:
+        json.dump(ran, f)
+    assert export.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "e")]) == 0
+    again = convert.state_dict_from_params(convert.load_checkpoint(str(tmp_path / "e"))[1])
+    assert all(np.array_equal(again[key], expected[key]) for key in expected)
 
 
 def test_periodic_grounding_evaluation(shapes_tfds, small_spm, tmp_path):
