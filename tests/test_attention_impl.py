@@ -94,16 +94,19 @@ def test_attention_dropout_needs_the_einsum_path():
     jax.eval_shape(lambda p: forward(p, True), params)  # deterministic forwards are fine
 
 
-def test_unknown_attention_impl_is_an_error():
+def test_attention_impl_errors():
     assert ATTENTION_IMPLS == ("einsum", "xla", "cudnn")
     with pytest.raises(ValueError, match="attention_impl 'flash' not in"):
         tiny(attention_impl="flash")
+    with pytest.raises(ValueError, match="bfloat16 or float16, not dtype='float32'"):
+        tiny(attention_impl="cudnn")
+    assert tiny(attention_impl="cudnn", dtype="bfloat16").attention_impl == "cudnn"
 
 
 def test_a_params_checkpoint_loads_with_the_default_attention(tmp_path):
     from kosmos2_jax import convert
 
-    model = Kosmos2(tiny(vocab_size=97, attention_impl="cudnn"))
+    model = Kosmos2(tiny(vocab_size=97, attention_impl="cudnn", dtype="bfloat16"))
     params = {"w": np.ones((2, 3), np.float32)}
     convert.save_checkpoint(str(tmp_path), model.config, params)
     with open(tmp_path / "model_config.json") as f:

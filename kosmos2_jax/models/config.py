@@ -71,6 +71,8 @@ class Kosmos2Config:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"attention_impl='cudnn' computes in bfloat16 or float16, not dtype={self.dtype!r}")
         for name, width, heads in (("vision", self.vision.hidden_size, self.vision.num_attention_heads),
                                    ("text", self.text.embed_dim, self.text.attention_heads)):
             if width % heads:
