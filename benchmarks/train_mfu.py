@@ -193,6 +193,10 @@ def main(argv=None):
         hfu = f"{hardware / 1e12:.4g}" + (f" ({100 * hardware / step / chips / 1e12 / peak:.1f}%)" if peak else "")
     print(f"| {step:.3f} s | {tokens / step:,.0f} | {model / 1e12:.4g} | {achieved:.4g} | {mfu} | {hfu} |")
     print(f"loss {loss:.4f}; step times {', '.join(f'{t:.3f}' for t in times)}")
+    stats = device.memory_stats() or {}  # accelerators report it; the CPU does not
+    if "peak_bytes_in_use" in stats:
+        print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB of "
+              f"{stats.get('bytes_limit', 0) / 2**30:.1f} GiB")
     return {"step_s": step, "tokens_per_s": tokens / step, "model_flops": model, "hardware_flops": hardware,
             "loss": loss}
 
