@@ -63,9 +63,8 @@ def test_xla_dot_product_attention_matches_einsum_on_packed_rows():
 
 def test_decoding_keeps_the_einsum_path():
     """A cached step (decode=True) computes the same with every attention_impl."""
-    from kosmos2_jax.models.layers import Attention
-
     from kosmos2_jax.models.decoder import attention_bias
+    from kosmos2_jax.models.layers import Attention
 
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 16))
     seen = np.ones((1, 5), np.int32)
