@@ -311,7 +311,7 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     # a workdir trained with cuDNN attention exports on a machine without cuDNN (this one)
     from kosmos2_jax import export
 
-    ran["attention_impl"] = "cudnn"
+    ran.update(attention_impl="cudnn", dtype="bfloat16")  # what a GPU run would have written
     with open(tmp_path / "w" / "model_config.json", "w") as f:
         json.dump(ran, f)
     assert export.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "e")]) == 0
