@@ -337,19 +337,17 @@ def load_params_for(config: Kosmos2Config, source: str) -> dict:
     """Params (numpy) for `Kosmos2(config)` from `source`, an HF model folder or a kosmos2_jax
     checkpoint of the same architecture. The weights are laid out for `config` (layers scanned or
     not); dtype, remat, attention_impl and dropout stay `config`'s."""
-    if os.path.isfile(os.path.join(source, "model_config.json")):
-        with open(os.path.join(source, "model_config.json")) as f:
-            weights = Kosmos2Config.from_dict(json.load(f))
+    ours = os.path.isfile(os.path.join(source, "model_config.json"))
+    if ours:  # the leaves are read lazily, after the architecture check
+        saved, leaves = iter_checkpoint_leaves(source)
+        weights = saved.config
     else:
         weights = config_from_hf(read_hf_config(source))
     diffs = architecture_differences(weights, config)
     if diffs:
         raise ValueError(f"{source}: the weights' architecture differs from the config's model "
                          f"(weights vs config): {'; '.join(diffs)}")
-    if os.path.isdir(os.path.join(source, "params")):
-        _, leaves = iter_checkpoint_leaves(source)
-        return params_from_hf(dict(leaves_to_hf(leaves)), config)
-    return params_from_hf(TensorSource(source), config)
+    return params_from_hf(dict(leaves_to_hf(leaves)) if ours else TensorSource(source), config)
 
 
 def _leaf_dir(root: str, path: tuple[str, ...]) -> str:

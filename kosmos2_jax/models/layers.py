@@ -112,7 +112,7 @@ class Attention(nn.Module):
                 raise ValueError(f"attention_impl={self.impl!r} has no attention dropout "
                                  f"(jax.nn.dot_product_attention); set the towers' attention_dropout to 0.0 "
                                  f"or use attention_impl='einsum'")
-            mask = None if bias is None else jnp.broadcast_to(bias == 0, (bias.shape[0], 1, *bias.shape[2:]))
+            mask = None if bias is None else bias == 0  # [B, 1, q_len, kv_len]
             # q is already scaled by head_dim^-0.5 (HF's order), hence scale=1
             out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0,
                                                is_causal=causal, implementation=self.impl)
