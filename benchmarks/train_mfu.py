@@ -34,7 +34,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)  # runs from a checkout without `pip install -e .` (e.g. on a lent GPU machine)
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
-from kosmos2_jax.models.config import ATTENTION_IMPLS  # noqa: E402
+from kosmos2_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
 
 # dense bf16 peak per chip, TFLOP/s (vendor data sheets; H100/H200 SXM)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0}
@@ -126,6 +126,7 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None, help="the chip's dense bf16 peak")
     parser.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
                         help="model.attention_impl (default: the config's); not 'einsum' sets attention dropout to 0")
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="model.remat_policy (default: the config's)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
     args = parser.parse_args(argv)
 
@@ -142,6 +143,8 @@ def main(argv=None):
         args.images_per_row, args.caption_tokens = min(args.images_per_row, 3), min(args.caption_tokens, 20)
     if args.attention:
         cfg.model.attention_impl = args.attention
+    if args.remat:
+        cfg.model.remat_policy = args.remat
     if cfg.model.attention_impl != "einsum":  # jax.nn.dot_product_attention has no dropout
         cfg.model.text.attention_dropout = cfg.model.vision.attention_dropout = 0.0
     config = model_config(cfg, cfg.model.text.vocab_size)
@@ -189,7 +192,9 @@ def main(argv=None):
     achieved = model / step / chips / 1e12
     mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (peak unknown: --peak_tflops)"
     hfu = "n/a"
-    if hardware:
+    if hardware and hardware < model:  # XLA:GPU leaves the cuBLAS/cuDNN custom calls out of its count
+        hfu = f"n/a (XLA counts {hardware / 1e12:.3g}, not the library calls)"
+    elif hardware:
         hfu = f"{hardware / 1e12:.4g}" + (f" ({100 * hardware / step / chips / 1e12 / peak:.1f}%)" if peak else "")
     print(f"| {step:.3f} s | {tokens / step:,.0f} | {model / 1e12:.4g} | {achieved:.4g} | {mfu} | {hfu} |")
     print(f"loss {loss:.4f}; step times {', '.join(f'{t:.3f}' for t in times)}")

@@ -111,3 +111,27 @@ def test_a_params_checkpoint_loads_with_the_default_attention(tmp_path):
     with open(tmp_path / "model_config.json") as f:
         saved = json.load(f)
     assert saved["attention_impl"] == "einsum" and saved["text"] == json.loads(json.dumps(model.config.to_dict()))["text"]
+
+
+@pytest.mark.parametrize("q_len,kv_len,causal", [(9, 9, True), (6, 5, False)])
+def test_fused_attention_pads_odd_lengths_exactly(q_len, kv_len, causal):
+    """cuDNN's training rule rejects odd lengths; `fused_attention` pads them and hides the extra key.
+    Checked on the `xla` path, which runs the same padding lines."""
+    from kosmos2_jax.models.layers import fused_attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 8)), jnp.float32) for n in (q_len, kv_len, kv_len))
+    mask = rng.random((2, 1, q_len, kv_len)) < 0.7
+    mask[..., 0] = True  # every query sees a key
+    if causal:
+        mask &= np.tril(np.ones((q_len, kv_len), bool))
+
+    def reference(q, k, v):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) + jnp.where(mask, 0.0, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+    fused = lambda q, k, v: fused_attention(q, k, v, jnp.asarray(mask), causal, "xla")
+    np.testing.assert_allclose(fused(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
+    grad = lambda f: jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grad(fused), grad(reference)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

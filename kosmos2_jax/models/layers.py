@@ -66,6 +66,29 @@ def layer_norm(eps: float, axis_name: str = "norm", dtype: Dtype = jnp.float32, 
                         name=name)
 
 
+def fused_attention(q, k, v, mask, causal: bool, impl: str):
+    """`jax.nn.dot_product_attention` on [B, len, heads, head_dim] inputs with q already scaled
+    (HF's order, hence scale=1), odd lengths padded to even ones.
+
+    The padding is for cuDNN: JAX's training rule for its fused kernel (through JAX 0.11) sees a
+    bias even when there is none, and with a bias it rejects odd lengths, such as CLIP's 257
+    tokens. The extra key is hidden by `key_value_seq_lengths`, the extra query row is dropped. The
+    `xla` path pads the same way, so the CPU tests run the lines cuDNN runs.
+    """
+    q_len, kv_len = q.shape[1], k.shape[1]
+    pad_q, pad_kv = q_len % 2, kv_len % 2
+    kv_lengths = None
+    if pad_q or pad_kv:
+        pad = lambda t, n: jnp.pad(t, ((0, 0), (0, n), (0, 0), (0, 0)))
+        q, k, v = pad(q, pad_q), pad(k, pad_kv), pad(v, pad_kv)
+        kv_lengths = jnp.full((q.shape[0],), kv_len, jnp.int32)
+        if mask is not None:  # the extra query row sees every key, so that no row is empty
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, pad_kv)), constant_values=True)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, is_causal=causal,
+                                       key_value_seq_lengths=kv_lengths, implementation=impl)
+    return out[:, :q_len]
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (all with bias), query scaled by
     head_dim^-0.5 after its projection, softmax in float32, and an optional LayerNorm on the
@@ -113,9 +136,7 @@ class Attention(nn.Module):
                                  f"(jax.nn.dot_product_attention); set the towers' attention_dropout to 0.0 "
                                  f"or use attention_impl='einsum'")
             mask = None if bias is None else bias == 0  # [B, 1, q_len, kv_len]
-            # q is already scaled by head_dim^-0.5 (HF's order), hence scale=1
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0,
-                                               is_causal=causal, implementation=self.impl)
+            out = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, causal, self.impl)
         out = out.reshape(*x.shape[:2], width)
         out = constrain(out, ("act_batch", "act_len", "act_heads"))
         if self.inner_layer_norm_eps is not None:
