@@ -10,7 +10,9 @@ with the config's remat policy, the LM head on 64-position chunks of targets) an
 rows shaped like the pretraining batch: `--rows` rows of `seq_len` tokens, each holding
 `--images_per_row` examples of [<s> <image> 64 slots </image> caption </s>] with `--caption_tokens`
 caption tokens (the loss targets), and `--max_images` image slots per row (the config's
-`pack_max_images`; the vision tower runs on every slot, empty ones included).
+`pack_max_images`). With `train.compact_images` (the default) the vision tower runs on the real
+images only, in blocks of a quarter of the slots (train/image_slots.py); `--no_compact` runs it on
+every slot, empty ones included.
 
 Model FLOPs count the useful work once (`train_flops`): the vision tower and resampler on the real
 images, the decoder on every position (attention over the whole row, as computed), the LM head on
@@ -99,7 +101,7 @@ def packed_batch(config, rows: int, seq_len: int, images_per_row: int, max_image
                              "loss_mask": loss, "image_embeds_position_mask": img, "has_image": True,
                              "pixel_values": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)})
         out.append(pack_row(examples, seq_len, max_images, config.text.pad_token_id))
-    batch = {k: np.stack([r[k] for r in out]) for k in out[0] if k != "has_image"}
+    batch = {k: np.stack([r[k] for r in out]) for k in out[0]}
     return batch, int(batch["loss_mask"][:, 1:].sum())
 
 
@@ -126,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None, help="the chip's dense bf16 peak")
     parser.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
                         help="model.attention_impl (default: the config's); not 'einsum' sets attention dropout to 0")
+    parser.add_argument("--no_compact", action="store_true",
+                        help="train.compact_images=False: the vision tower on every image slot, empty ones included")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="model.remat_policy (default: the config's)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
     args = parser.parse_args(argv)
@@ -145,6 +149,8 @@ def main(argv=None):
         cfg.model.attention_impl = args.attention
     if args.remat:
         cfg.model.remat_policy = args.remat
+    if args.no_compact:
+        cfg.train.compact_images = False
     if cfg.model.attention_impl != "einsum":  # jax.nn.dot_product_attention has no dropout
         cfg.model.text.attention_dropout = cfg.model.vision.attention_dropout = 0.0
     config = model_config(cfg, cfg.model.text.vocab_size)
@@ -163,6 +169,8 @@ def main(argv=None):
     print(f"init {time.perf_counter() - start:.1f}s", flush=True)
     with jax.set_mesh(trainer.mesh), sharding.logical_axis_rules(trainer.rules):
         on_device = trainer._put(batch)  # one batch, kept on the device: this times the step, not the input
+        print(f"vision tower on {trainer.image_slots} images per step ({args.rows * args.images_per_row} real, "
+              f"{args.rows * max_images} slots)", flush=True)
         start = time.perf_counter()
         compiled = trainer._step_fn.lower(trainer.state, on_device).compile()  # the program train_step runs
         print(f"compile {time.perf_counter() - start:.1f}s", flush=True)

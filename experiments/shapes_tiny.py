@@ -76,7 +76,9 @@ def get_config(arg=None):
         location_loss_weight=2.0,
         # The LM head runs on chunks of this many positions per row, only where there are targets
         # (image slots and padding never are; train/loss.py). Smaller: less wasted work, smaller matmuls.
-        loss_chunk=8))
+        loss_chunk=8,
+        # The vision tower runs on the real images only, not on empty image slots (train/image_slots.py).
+        compact_images=True))
     c.optim.total_steps = c.train.get_ref("steps")  # decay to zero at the last step
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c

@@ -113,11 +113,13 @@ def test_mesh_2x2x2_equals_single_device(shapes_tfds, small_spm):
                               small_spm, mesh], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         losses[mesh] = json.loads(out.stdout.split("LOSSES")[1])
+        slots = json.loads(out.stdout.split("SLOTS")[1].split("LOSSES")[0])
+        assert any(ran < total for ran, total in slots), slots  # the vision tower skipped empty slots
     np.testing.assert_allclose(losses["2,2,2"], losses["1,1,1"], rtol=1e-5)
     assert losses["1,1,1"][2] != losses["1,1,1"][0]
 
 
-def _trainer(shapes_tfds, small_spm, **train):
+def _trainer(shapes_tfds, small_spm, packed=False, **train):
     sys.path.insert(0, HERE)
     import train_tiny_config
 
@@ -133,15 +135,19 @@ def _trainer(shapes_tfds, small_spm, **train):
     cfg.model.text.dropout = 0.0
     cfg.train.update(train)
     tok = Kosmos2Tokenizer.from_file(small_spm)
+    rows = dict(pack=True, pack_max_images=6) if packed else {}
     pipe = Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], Kosmos2Processor(tok, 32, 8),
-                    ExampleConfig(seq_len=48), 8, seed=0, num_workers=1)
+                    ExampleConfig(seq_len=96 if packed else 48), 8, seed=0, num_workers=1, **rows)
     return Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id), next(pipe)
 
 
 def test_gradient_accumulation_equals_one_big_batch(shapes_tfds, small_spm):
-    one, batch = _trainer(shapes_tfds, small_spm, grad_accum_steps=1)
-    two, _ = _trainer(shapes_tfds, small_spm, grad_accum_steps=2)
+    """On packed rows with empty image slots: the compacted images split into whole blocks per
+    micro-batch (one block per micro-batch here)."""
+    one, batch = _trainer(shapes_tfds, small_spm, packed=True, grad_accum_steps=1)
+    two, _ = _trainer(shapes_tfds, small_spm, packed=True, grad_accum_steps=2)
     m1, m2 = jax.device_get(one.train_step(batch)), jax.device_get(two.train_step(batch))
+    assert two.image_groups == 2 and 0 < two.image_slots < batch["pixel_values"].shape[0] * 6
     assert m1["tokens"] == m2["tokens"]
     np.testing.assert_allclose(m1["nll_sum"], m2["nll_sum"], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
@@ -192,11 +198,13 @@ def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):
     source = Source("s", "grit", data_dir=plain_trainer.config.data.train_dir)
     pipe = lambda batch, **kw: Pipeline([source], Kosmos2Processor(tok, 32, 8), ExampleConfig(seq_len=96), batch,
                                         seed=0, num_workers=1, **kw)
-    packed = next(pipe(4, pack=True, pack_max_images=4))
+    packed = next(pipe(4, pack=True, pack_max_images=6))
     count = int(packed["segment_ids"].max(axis=1).sum())
     plain = next(pipe(count))
     assert count > 4 and packed["pixel_values"].ndim == 5
     m_plain, m_packed = jax.device_get(plain_trainer.train_step(plain)), jax.device_get(packed_trainer.train_step(packed))
+    # the packed step ran the vision tower on the real images only, in a block of fewer than the 24 slots
+    assert packed["has_image"].sum() <= packed_trainer.image_slots < 24 == packed["pixel_values"][:, :, 0, 0, 0].size
     assert m_plain["tokens"] == m_packed["tokens"]
     np.testing.assert_allclose(m_packed["nll_sum"], m_plain["nll_sum"], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
@@ -347,6 +355,8 @@ def test_two_processes_equal_one_process(shapes_tfds, small_spm):
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
     multi = [json.loads(out.split("LOSSES")[1]) for out, _ in outs]
+    slots = json.loads(outs[0][0].split("SLOTS")[1].split("LOSSES")[0])
+    assert any(ran < total for ran, total in slots), slots  # compacted, at a capacity both processes agreed on
     env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     single = subprocess.run([sys.executable, script, str(shapes_tfds), small_spm, "-1,1,1", "sim2"],
                             capture_output=True, text=True, env=env2, cwd=REPO, timeout=600)

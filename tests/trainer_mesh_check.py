@@ -1,5 +1,7 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=N: prints the losses of 3 train steps
-on a (data, fsdp, tensor) mesh given as argv[3] ("2,2,2" or "1,1,1") as JSON.
+on a (data, fsdp, tensor) mesh given as argv[3] ("2,2,2" or "1,1,1") as JSON, and the image slots
+the vision tower ran on against the batches' slots (packed rows: their real images are compacted
+into one block per batch shard, train/image_slots.py).
 
 Optional argv[4], two hosts' data: "sim2" = one process feeding the concatenated local batches of
 hosts 0 and 1 (of 2); "PID@HOST:PORT" = this is process PID of 2 under `jax.distributed`, reading
@@ -36,8 +38,8 @@ model = Kosmos2(model_config(cfg, tok.vocab_size))
 proc = Kosmos2Processor(tok, image_size=32, num_image_tokens=8)
 
 def pipeline(batch, index=0, count=1):
-    return Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], proc, ExampleConfig(seq_len=48), batch, seed=0,
-                    num_workers=1, process_index=index, process_count=count)
+    return Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], proc, ExampleConfig(seq_len=96), batch, seed=0,
+                    num_workers=1, process_index=index, process_count=count, pack=True, pack_max_images=6)
 
 
 if hosts == "sim2":
@@ -50,8 +52,11 @@ elif hosts:
 else:
     batches = pipeline(8)
 trainer = Trainer(model, cfg, tok.first_location_id)
-losses = []
+losses, slots = [], []
 for _ in range(3):
-    m = jax.device_get(trainer.train_step(next(batches)))
+    batch = next(batches)
+    m = jax.device_get(trainer.train_step(batch))
     losses.append(float(m["nll_sum"] / m["tokens"]))
+    slots.append([trainer.image_slots, batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]])
+print("SLOTS", json.dumps(slots))
 print("LOSSES", json.dumps(losses))

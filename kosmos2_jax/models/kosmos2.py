@@ -9,6 +9,8 @@ the decoder's token sequence at `image_embeds_position_mask` (reference §1.2).
 [B, N, H, W, 3], and the row's image slots take the N images' embeddings in order (the decoder
 fills the k-th slot with the k-th embedding). Pass `pixel_values=None` (or precomputed
 `image_embeds`) for text only. Packed training rows (several examples per row) pass `segment_ids`.
+Training batches may pass only their real images, compacted (`train/image_slots.py`):
+`pixel_values` [groups * capacity, H, W, 3] with `image_index` [groups, rows / groups, slots].
 Cached decoding: `init_cache` creates a `cache` collection of a given length; then call with
 `decode=True, mutable=["cache"]`, giving `position_ids` and an `attention_mask` over the cache.
 """
@@ -29,6 +31,16 @@ def l2_normalize(x, eps: float = 1e-12):
     """torch.nn.functional.normalize: x / max(||x||, eps), in float32."""
     x32 = x.astype(jnp.float32)
     return (x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), eps)).astype(x.dtype)
+
+
+def gather_image_embeds(feats, image_index):
+    """Embeddings of compacted images [groups * capacity, Q, D] -> each row's slots in order
+    [rows, slots * Q, D], slot k of a row taking `feats[group * capacity + image_index[group, row, k]]`.
+    Batched over groups, so that a batch sharded over groups gathers on each device's own rows."""
+    groups, group_rows, slots = image_index.shape
+    feats = feats.reshape(groups, -1, *feats.shape[1:])  # [groups, capacity, Q, D]
+    rows = jax.vmap(lambda f, i: f[i])(feats, image_index)  # [groups, group_rows, slots, Q, D]
+    return rows.reshape(groups * group_rows, slots * feats.shape[2], feats.shape[3])
 
 
 class Kosmos2(nn.Module):
@@ -52,9 +64,12 @@ class Kosmos2(nn.Module):
 
     def __call__(self, pixel_values, input_ids, attention_mask=None, image_embeds_position_mask=None,
                  image_embeds=None, position_ids=None, deterministic: bool = True, decode: bool = False,
-                 interpolate_pos_encoding: bool = False, return_hidden: bool = False, segment_ids=None):
+                 interpolate_pos_encoding: bool = False, return_hidden: bool = False, segment_ids=None,
+                 image_index=None):
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.image_features(pixel_values, interpolate_pos_encoding, deterministic)
+            if image_index is not None:
+                image_embeds = gather_image_embeds(image_embeds, image_index)
         if image_embeds is not None and image_embeds_position_mask is None:
             raise ValueError("image inputs need image_embeds_position_mask (1 on the image slots)")
         return self.text_model(input_ids, attention_mask, image_embeds, image_embeds_position_mask, position_ids,

@@ -173,7 +173,7 @@ def run(cfg, workdir: str) -> dict:
             batch = next(train)
             metrics = trainer.train_step(batch)
             steps_since += 1
-            counts = counts + input_counts(batch) * jax.process_count()
+            counts = counts + input_counts(batch, trainer.image_slots) * jax.process_count()
             done = step + 1
             if done % log_every == 0 or done == total:
                 m = jax.device_get(metrics)

@@ -18,17 +18,18 @@ import numpy as np
 import flax.linen as nn
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kosmos2_jax.data.examples import normalize_pixels
 from kosmos2_jax.models import Kosmos2
-from kosmos2_jax.train import sharding
+from kosmos2_jax.train import image_slots, sharding
 from kosmos2_jax.train.init import structured_init
 from kosmos2_jax.train.loss import lm_head_loss
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
-              "segment_ids")  # segment_ids: packed rows only
+              "segment_ids")  # segment_ids: packed rows only; `_put` may add image_index (train/image_slots.py)
 
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
@@ -44,7 +45,8 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
         pixels = normalize_pixels(pixels, jnp)
     hidden = model.apply({"params": params}, pixels, batch["input_ids"], batch["attention_mask"],
                          batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng},
-                         segment_ids=batch.get("segment_ids"), return_hidden=True)
+                         segment_ids=batch.get("segment_ids"), image_index=batch.get("image_index"),
+                         return_hidden=True)
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     is_loc = ((targets >= first_location_id) & (targets < first_location_id + num_location_tokens)).astype(jnp.float32)
@@ -71,6 +73,9 @@ class Trainer:
         self.mesh = sharding.create_mesh(dict(config.mesh))
         self.rules = sharding.DEFAULT_RULES
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+        # compacted images: one block per batch shard, whole blocks per micro-batch
+        self.image_groups = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], config.train.grad_accum_steps)
+        self.image_slots = 0  # image slots the vision tower ran on in the last batch put on the devices
         self._init_state(init_params)
         self._step_fn = self._build_step()
         self._eval_fn = jax.jit(self._eval_batch, in_shardings=(self.state_shardings["params"], self.batch_sharding))
@@ -153,9 +158,30 @@ class Trainer:
 
     def _put(self, batch):
         local = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
+        local, self.image_slots = self._compact_images(local, batch.get("has_image"))
         if jax.process_count() == 1:
             return jax.device_put(local, self.batch_sharding)
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+    def _compact_images(self, local: dict, has_image):
+        """The real images only, in one block per batch shard (`train.compact_images`,
+        train/image_slots.py): -> (the batch to put, image slots the vision tower runs on here)."""
+        pixels = local.get("pixel_values")
+        if pixels is None:
+            return local, 0
+        slots = pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)
+        groups = self.image_groups // jax.process_count()
+        if not self.config.train.get("compact_images", True) or has_image is None or pixels.shape[0] % groups:
+            return local, slots
+        counts = image_slots.image_counts(pixels, has_image)
+        needed = int(counts.reshape(groups, -1).sum(axis=1).max())
+        if jax.process_count() > 1:  # every process compiles the same shapes
+            needed = int(np.max(multihost_utils.process_allgather(np.int32(needed))))
+        cap = image_slots.capacity(needed, slots // groups)
+        if cap == slots // groups:
+            return local, slots
+        local["pixel_values"], local["image_index"] = image_slots.compact_images(pixels, counts, groups, cap)
+        return local, groups * cap
 
     def train_step(self, batch) -> dict:
         with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
@@ -227,16 +253,17 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def input_counts(batch) -> np.ndarray:
+def input_counts(batch, image_slots: int | None = None) -> np.ndarray:
     """[real tokens, token positions, real images, image slots] of a host batch: how much of what
-    the step computes is data. The vision tower runs on every slot (`pixel_values` [B, slots, ...]
-    when packed, [B, ...] otherwise, text-only rows included), so empty slots are compute spent on
-    nothing; lower `data.pack_max_images` when the image fill stays low."""
+    the step computes is data. `image_slots` is what the vision tower ran on (`Trainer.image_slots`
+    after the step); by default every slot of `pixel_values` ([B, slots, ...] when packed, [B, ...]
+    otherwise, text-only rows included), as without `train.compact_images`."""
     mask = np.asarray(batch["attention_mask"])
     pixels = batch.get("pixel_values")
-    slots = 0 if pixels is None else mask.shape[0] * (pixels.shape[1] if np.ndim(pixels) == 5 else 1)
+    if image_slots is None:
+        image_slots = 0 if pixels is None else mask.shape[0] * (pixels.shape[1] if np.ndim(pixels) == 5 else 1)
     images = 0 if pixels is None else int(np.asarray(batch["has_image"]).sum())
-    return np.array([mask.sum(), mask.size, images, slots], np.float64)
+    return np.array([mask.sum(), mask.size, images, image_slots], np.float64)
 
 
 def format_eta(seconds: float) -> str:
