@@ -170,8 +170,9 @@ class Trainer:
         if pixels is None:
             return local, 0
         slots = pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)
-        groups = self.image_groups // jax.process_count()
-        if not self.config.train.get("compact_images", True) or has_image is None or pixels.shape[0] % groups:
+        groups = self.image_groups // jax.process_count()  # 0: a batch shard spans processes
+        if (not self.config.train.get("compact_images", True) or has_image is None or groups == 0
+                or pixels.shape[0] % groups):
             return local, slots
         counts = image_slots.image_counts(pixels, has_image)
         needed = int(counts.reshape(groups, -1).sum(axis=1).max())
