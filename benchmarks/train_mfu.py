@@ -3,6 +3,7 @@
     python benchmarks/train_mfu.py                          # experiments/kosmos2_pretrain.py, 4 packed rows
     python benchmarks/train_mfu.py --rows 8 --max_images 12 --steps 20
     python benchmarks/train_mfu.py --tiny --steps 2         # a seconds-scale CPU smoke run
+    python benchmarks/train_mfu.py --profile /tmp/prof      # + where the time goes, by model part and op kind
 
 Builds `Trainer` from the experiment config (bf16 compute, fp32 params and AdamW, layers scanned
 with the config's remat policy, the LM head on 64-position chunks of targets) and times the program
@@ -132,6 +133,10 @@ def main(argv=None):
                         help="train.compact_images=False: the vision tower on every image slot, empty ones included")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="model.remat_policy (default: the config's)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="after timing, trace --profile_steps more steps to DIR (TensorBoard/Perfetto) "
+                             "and print where the time goes (kosmos2_jax/train/profiling.py)")
+    parser.add_argument("--profile_steps", type=int, default=3)
     args = parser.parse_args(argv)
 
     import importlib
@@ -187,6 +192,16 @@ def main(argv=None):
             trainer.state, metrics = compiled(trainer.state, on_device)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
+        summary = None
+        if args.profile:
+            from kosmos2_jax.train import profiling
+
+            def one_step():
+                trainer.state, out = compiled(trainer.state, on_device)
+                return out
+
+            profiling.trace(one_step, args.profile_steps, args.profile)
+            summary = profiling.summarize(args.profile, compiled.as_text(), args.profile_steps)
     times = times[2:]  # the first two warm up
     step = float(np.median(times))
     loss = float(metrics["nll_sum"] / max(float(metrics["tokens"]), 1.0))
@@ -210,8 +225,11 @@ def main(argv=None):
     if "peak_bytes_in_use" in stats:
         print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB of "
               f"{stats.get('bytes_limit', 0) / 2**30:.1f} GiB")
+    if summary:
+        print(f"\nprofile of {args.profile_steps} steps in {args.profile}:\n"
+              + profiling.format_summary(summary, step))
     return {"step_s": step, "tokens_per_s": tokens / step, "model_flops": model, "hardware_flops": hardware,
-            "loss": loss}
+            "loss": loss, "profile": summary}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One training step, ours (jitted JAX + optax AdamW) vs Hugging Face PyTorch (+ torch AdamW),
 same config, weights and batch, same run.
 
-    .venv/bin/python benchmarks/train_step.py [--batch 8] [--text_tokens 64] [--rounds 3] [--repeats 3]
+    .venv/bin/python benchmarks/train_step.py [--batch 8] [--text_tokens 64] [--rounds 3] [--repeats 3] [--profile DIR]
 
 The mid-size config of benchmarks/forward.py (6-layer 512-wide decoder, 6-layer 384-wide ViT/14 at
 224 px, 64 latent queries, full vocabulary), float32. Both steps: forward, next-token cross-entropy
@@ -43,6 +43,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loss_chunk", type=int, default=64)
     parser.add_argument("--scan", action="store_true", help="scan over layers (nn.scan) instead of a Python loop")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="after timing, trace 2 of our steps to DIR and print where their time goes")
     args = parser.parse_args()
     hf, model, params, length, (pixels, ids, attn, img) = setup(args.batch, args.text_tokens, scan_layers=args.scan)
     loss_mask = (img == 0).astype(np.int32)
@@ -56,20 +58,21 @@ def main():
     def step(params, opt_state, batch):
         grads, metrics = jax.grad(lambda p: loss_and_metrics(model, p, batch, jax.random.PRNGKey(0), True, 0, 1,
                                                              loss_chunk=args.loss_chunk), has_aux=True)(params)
-        tokens = jnp.maximum(metrics["tokens"], 1)
-        grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics["nll_sum"] / tokens
+        with jax.named_scope("optimizer"):
+            tokens = jnp.maximum(metrics["tokens"], 1)
+            grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, metrics["nll_sum"] / tokens
 
-    step = jax.jit(step, donate_argnums=(0, 1))
     state = [params, tx.init(params)]
+    step = jax.jit(step, donate_argnums=(0, 1)).lower(state[0], state[1], batch).compile()
 
     def ours_step():
         state[0], state[1], loss = step(state[0], state[1], batch)
         jax.block_until_ready(state[0])
         return float(loss)
 
-    ours_loss = ours_step()  # compile
+    ours_loss = ours_step()  # warm-up
 
     hf.train()
     for m in hf.modules():  # dropout off on both sides: the same computation
@@ -111,6 +114,12 @@ def main():
     print(f"| kosmos2_jax (jit, float32, optax AdamW) | {ours:.3f} | {tokens / ours:.0f} |")
     print(f"| HF transformers (PyTorch, float32, torch AdamW) | {theirs:.3f} | {tokens / theirs:.0f} |")
     print(f"ours / HF tokens/s per round: {', '.join(f'{r:.2f}x' for r in ratios)}; median {np.median(ratios):.2f}x")
+    if args.profile:
+        from kosmos2_jax.train import profiling
+
+        profiling.trace(ours_step, 2, args.profile)
+        print(f"\nour step, profiled (2 steps, {args.profile}):\n"
+              + profiling.format_summary(profiling.summarize(args.profile, step.as_text(), 2), ours))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ def get_config(arg=None):
         # (image slots and padding never are; train/loss.py). Smaller: less wasted work, smaller matmuls.
         loss_chunk=8,
         # The vision tower runs on the real images only, not on empty image slots (train/image_slots.py).
-        compact_images=True))
+        compact_images=True,
+        # > 0: trace steps [profile_start, profile_start + profile_steps) into WORKDIR/profile and print
+        # where their time went, by model part and kind of op (train/profiling.py).
+        profile_start=0, profile_steps=3))
     c.optim.total_steps = c.train.get_ref("steps")  # decay to zero at the last step
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c

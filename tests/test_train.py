@@ -364,3 +364,26 @@ def test_two_processes_equal_one_process(shapes_tfds, small_spm):
     reference = json.loads(single.stdout.split("LOSSES")[1])
     np.testing.assert_allclose(multi[0], reference, rtol=1e-5)
     np.testing.assert_allclose(multi[1], multi[0], rtol=0)
+
+
+def test_profile_window(shapes_tfds, small_spm, tmp_path, capsys):
+    """`train.profile_start`/`profile_steps`: a trace of those steps in WORKDIR/profile and the table
+    of where they spent their time; a window outside the run's steps says so and traces nothing."""
+    import train_tiny_config
+
+    from kosmos2_jax.train.__main__ import run
+
+    cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
+    cfg.train.update(steps=3, profile_start=1, profile_steps=5, eval_every=0)  # the window ends with the run
+    run(cfg, str(tmp_path / "p"))
+    out = capsys.readouterr().out
+    assert f"profile of steps 1-2 in {tmp_path / 'p' / 'profile'}" in out
+    table = out.split("profile of steps", 1)[1]
+    for part in ("vision tower", "decoder", "LM head + loss", "optimizer"):
+        assert f"| {part} |" in table, table
+    traces = [f for _, _, files in os.walk(tmp_path / "p" / "profile") for f in files if f.endswith(".xplane.pb")]
+    assert len(traces) == 1
+    cfg.train.update(steps=2, profile_start=5)
+    run(cfg, str(tmp_path / "q"))
+    assert "train.profile_start=5 is outside this run's steps [0, 2): no profile" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "q" / "profile")

@@ -75,8 +75,17 @@ def test_peak_lookup():
     assert train_mfu.peak_tflops(kind("cpu")) is None
 
 
-def test_tiny_smoke_run(capsys):
-    out = train_mfu.main(["--tiny", "--steps", "1", "--rows", "2"])
+def test_tiny_smoke_run(capsys, tmp_path):
+    out = train_mfu.main(["--tiny", "--steps", "1", "--rows", "2", "--profile", str(tmp_path), "--profile_steps", "2"])
     assert np.isfinite(out["loss"]) and out["step_s"] > 0 and out["model_flops"] > 0
     text = capsys.readouterr().out
     assert "| step (median of 1) |" in text and "attention einsum" in text
+    # the profile: every part of the model shows up with time, matmuls and attention among it
+    table = out["profile"]["table"]
+    parts = {p for p, _ in table}
+    assert {"vision tower", "resampler", "decoder", "LM head + loss", "optimizer"} <= parts, parts
+    kinds = {k: sum(v for (_, q), v in table.items() if q == k) for k in ("matmul", "attention")}
+    assert all(v > 0 for v in kinds.values()), kinds
+    total = sum(table.values())
+    assert table.get(("other", "other"), 0.0) < 0.5 * total  # most time is attributed to a part
+    assert "| decoder |" in text and "| LM head + loss |" in text

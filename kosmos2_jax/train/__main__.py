@@ -126,6 +126,49 @@ def grounding_evaluator(cfg, model, processor):
     return evaluate
 
 
+class Profile:
+    """`train.profile_start` > 0: an XLA trace of steps [profile_start, profile_start + profile_steps)
+    (0-based, so after the compiling first step) in WORKDIR/profile, for TensorBoard's profile plugin
+    or Perfetto, and a table of where those steps spent their time (train/profiling.py)."""
+
+    def __init__(self, first: int, steps: int, workdir: str, start: int, total: int):
+        self.first, self.dir, self.active = first, os.path.join(workdir, "profile"), False
+        self.last = min(first + max(steps, 1), total) - 1
+        if first and not start <= first < total:
+            print(f"train.profile_start={first} is outside this run's steps [{start}, {total}): no profile",
+                  flush=True)
+            self.first = 0
+
+    def before(self, step: int):
+        if self.first and step == self.first:
+            import jax
+
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after(self, step: int, metrics, trainer, batch):
+        if not self.active or step < self.last:
+            return
+        import jax
+
+        from kosmos2_jax.train import profiling
+
+        jax.block_until_ready(metrics)
+        traced = step + 1 - self.first
+        self.close()
+        if jax.process_index() == 0:
+            summary = profiling.summarize(self.dir, trainer.step_hlo(batch), traced)
+            print(f"profile of steps {self.first}-{step} in {self.dir}:\n{profiling.format_summary(summary)}",
+                  flush=True)
+
+    def close(self):
+        if self.active:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def run(cfg, workdir: str) -> dict:
     import jax
     import numpy as np
@@ -168,10 +211,13 @@ def run(cfg, workdir: str) -> dict:
     history, last = [], {}
     t0, counts, steps_since = time.time(), np.zeros(4), 0  # counts: input_counts summed since the last log line
     run_start, stopped = time.time(), False
+    profile = Profile(cfg.train.get("profile_start", 0), cfg.train.get("profile_steps", 3), workdir, start, total)
     try:
         for step in range(start, total):
             batch = next(train)
+            profile.before(step)
             metrics = trainer.train_step(batch)
+            profile.after(step, metrics, trainer, batch)
             steps_since += 1
             counts = counts + input_counts(batch, trainer.image_slots) * jax.process_count()
             done = step + 1
@@ -218,6 +264,7 @@ def run(cfg, workdir: str) -> dict:
                 print(f"SIGTERM: saved step {done}, exiting", flush=True)
                 break
     finally:
+        profile.close()
         checkpoints.wait()
         checkpoints.close()
         preemption.restore()

@@ -52,7 +52,8 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     is_loc = ((targets >= first_location_id) & (targets < first_location_id + num_location_tokens)).astype(jnp.float32)
     weights = mask * (1.0 + (location_weight - 1.0) * is_loc)
     embedding = nn.unbox(params["text_model"]["embed_tokens"]["embedding"])
-    loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk)
+    with jax.named_scope("lm_head"):  # named for the profile summary (train/profiling.py)
+        loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk)
     return loss, {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
                   "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
 
@@ -141,12 +142,13 @@ class Trainer:
                 zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
                 zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "tokens", "loc_correct", "loc_tokens")}
                 (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
-            tokens = jnp.maximum(metrics["tokens"], 1.0)
-            # mean over all target tokens; frozen parameters have no gradient (nor a share of the clipped norm)
-            grads = jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype) / tokens, grads, self.mask)
-            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))
+            with jax.named_scope("optimizer"):
+                tokens = jnp.maximum(metrics["tokens"], 1.0)
+                # mean over all target tokens; frozen parameters have no gradient (nor a share of the clipped norm)
+                grads = jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype) / tokens, grads, self.mask)
+                updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+                params = optax.apply_updates(state["params"], updates)
+                metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))
             return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
         return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -188,6 +190,12 @@ class Trainer:
         with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
             self.state, metrics = self._step_fn(self.state, self._put(batch))
         return metrics
+
+    def step_hlo(self, batch) -> str:
+        """The optimized HLO of the compiled train step for this batch's shapes (from jit's cache,
+        not compiled again once the step has run)."""
+        with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
+            return self._step_fn.lower(self.state, self._put(batch)).compile().as_text()
 
     def evaluate(self, batches) -> dict:
         totals = {}
