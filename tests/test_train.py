@@ -387,3 +387,14 @@ def test_profile_window(shapes_tfds, small_spm, tmp_path, capsys):
     run(cfg, str(tmp_path / "q"))
     assert "train.profile_start=5 is outside this run's steps [0, 2): no profile" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "q" / "profile")
+
+
+def test_profile_dir_per_process(monkeypatch, tmp_path):
+    """Processes of one run (on one host, say) trace into folders of their own."""
+    from kosmos2_jax.train.__main__ import Profile
+
+    assert Profile(1, 3, str(tmp_path), 0, 10).dir == str(tmp_path / "profile")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    profile = Profile(1, 3, str(tmp_path), 0, 10)
+    assert profile.dir == str(tmp_path / "profile" / "process_1") and profile.last == 3

@@ -129,10 +129,15 @@ def grounding_evaluator(cfg, model, processor):
 class Profile:
     """`train.profile_start` > 0: an XLA trace of steps [profile_start, profile_start + profile_steps)
     (0-based, so after the compiling first step) in WORKDIR/profile, for TensorBoard's profile plugin
-    or Perfetto, and a table of where those steps spent their time (train/profiling.py)."""
+    or Perfetto (WORKDIR/profile/process_I for each process of a multi-process run), and a table of
+    where those steps spent their time (train/profiling.py), printed by the first process."""
 
     def __init__(self, first: int, steps: int, workdir: str, start: int, total: int):
+        import jax
+
         self.first, self.dir, self.active = first, os.path.join(workdir, "profile"), False
+        if jax.process_count() > 1:  # processes on one host would write the same file
+            self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
         self.last = min(first + max(steps, 1), total) - 1
         if first and not start <= first < total:
             print(f"train.profile_start={first} is outside this run's steps [{start}, {total}): no profile",
