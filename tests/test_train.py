@@ -327,13 +327,24 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     assert all(np.array_equal(again[key], expected[key]) for key in expected)
 
 
-def test_periodic_grounding_evaluation(shapes_tfds, small_spm, tmp_path):
+def test_periodic_grounding_evaluation_and_a_profile_window(shapes_tfds, small_spm, tmp_path):
+    """One run for two features (each run costs ~40 s of `make test`): grounding accuracy every 2
+    steps, and `train.profile_start`/`profile_steps`: a trace of steps 2-3 in WORKDIR/profile and
+    the table of where they spent their time."""
     run = subprocess.run(_cmd(tmp_path / "g", shapes_tfds, small_spm, "--config.train.steps=4",
-                              "--config.train.grounding_eval_every=2"), capture_output=True, text=True, cwd=REPO)
+                              "--config.train.grounding_eval_every=2", "--config.train.profile_start=2",
+                              "--config.train.profile_steps=5"),  # the window ends with the run
+                         capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if "grounding accuracy" in line]
     assert [line.split()[1] for line in lines] == ["2", "4"]
     assert all(0.0 <= float(line.split()[4]) <= 1.0 for line in lines)
+    assert f"profile of steps 2-3 in {tmp_path / 'g' / 'profile'}" in run.stdout
+    table = run.stdout.split("profile of steps", 1)[1]
+    for part in ("vision tower", "decoder", "LM head + loss", "optimizer"):
+        assert f"| {part} |" in table, table
+    traces = [f for _, _, files in os.walk(tmp_path / "g" / "profile") for f in files if f.endswith(".xplane.pb")]
+    assert len(traces) == 1
     missing = subprocess.run(_cmd(tmp_path / "h", shapes_tfds, small_spm, "--config.train.grounding_eval_every=2",
                                   f"--config.data.grounding_dir={tmp_path}/none"), capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "none" in missing.stderr
@@ -366,33 +377,16 @@ def test_two_processes_equal_one_process(shapes_tfds, small_spm):
     np.testing.assert_allclose(multi[1], multi[0], rtol=0)
 
 
-def test_profile_window(shapes_tfds, small_spm, tmp_path, capsys):
-    """`train.profile_start`/`profile_steps`: a trace of those steps in WORKDIR/profile and the table
-    of where they spent their time; a window outside the run's steps says so and traces nothing."""
-    import train_tiny_config
-
-    from kosmos2_jax.train.__main__ import run
-
-    cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
-    cfg.train.update(steps=3, profile_start=1, profile_steps=5, eval_every=0)  # the window ends with the run
-    run(cfg, str(tmp_path / "p"))
-    out = capsys.readouterr().out
-    assert f"profile of steps 1-2 in {tmp_path / 'p' / 'profile'}" in out
-    table = out.split("profile of steps", 1)[1]
-    for part in ("vision tower", "decoder", "LM head + loss", "optimizer"):
-        assert f"| {part} |" in table, table
-    traces = [f for _, _, files in os.walk(tmp_path / "p" / "profile") for f in files if f.endswith(".xplane.pb")]
-    assert len(traces) == 1
-    cfg.train.update(steps=2, profile_start=5)
-    run(cfg, str(tmp_path / "q"))
-    assert "train.profile_start=5 is outside this run's steps [0, 2): no profile" in capsys.readouterr().out
-    assert not os.path.exists(tmp_path / "q" / "profile")
-
-
-def test_profile_dir_per_process(monkeypatch, tmp_path):
-    """Processes of one run (on one host, say) trace into folders of their own."""
+def test_profile_window_outside_the_run_and_per_process(monkeypatch, tmp_path, capsys):
+    """A window outside the run's steps says so and traces nothing; processes of one run (on one
+    host, say) trace into folders of their own."""
     from kosmos2_jax.train.__main__ import Profile
 
+    outside = Profile(5, 3, str(tmp_path), 0, 2)
+    assert "train.profile_start=5 is outside this run's steps [0, 2): no profile" in capsys.readouterr().out
+    for step in range(2):
+        outside.before(step)
+    assert not outside.active and not os.path.exists(tmp_path / "profile")
     assert Profile(1, 3, str(tmp_path), 0, 10).dir == str(tmp_path / "profile")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
