@@ -178,7 +178,7 @@ def format_summary(summary: dict, step_seconds: float | None = None, top: int = 
     for p in parts:
         row = [table.get((p, k), 0.0) for k in KINDS]
         lines.append(f"| {p} | " + " | ".join(f"{v * 1e3:.1f} ms" for v in row)
-                     + f" | {sum(row) * 1e3:.1f} ms | {100 * sum(row) / max(total, 1e-12):.1f}% |")
+                     + f" | {sum(row) * 1e3:.1f} ms | {100 * sum(row) / total:.1f}% |")
     column = [sum(table.get((p, k), 0.0) for p in parts) for k in KINDS]
     lines.append("| all | " + " | ".join(f"{v * 1e3:.1f} ms" for v in column) + f" | {total * 1e3:.1f} ms | 100% |")
     lines += ["", "| op | per step | opcode | op_name |", "|---|---|---|---|"]
