@@ -186,19 +186,18 @@ def main(argv=None):
             hardware = float(cost["flops"]) if cost and "flops" in cost else None
         except Exception as e:
             print(f"(no XLA cost analysis: {type(e).__name__}: {e})")
+        def one_step():
+            trainer.state, out = compiled(trainer.state, on_device)
+            return jax.block_until_ready(out)
+
         times = []
         for _ in range(args.steps + 2):
             start = time.perf_counter()
-            trainer.state, metrics = compiled(trainer.state, on_device)
-            jax.block_until_ready(metrics)
+            metrics = one_step()
             times.append(time.perf_counter() - start)
         summary = None
         if args.profile:
             from kosmos2_jax.train import profiling
-
-            def one_step():
-                trainer.state, out = compiled(trainer.state, on_device)
-                return out
 
             profiling.trace(one_step, args.profile_steps, args.profile)
             summary = profiling.summarize(args.profile, compiled.as_text(), args.profile_steps)

@@ -1,7 +1,7 @@
 """Where a compiled step spends its time: an XLA profile summed by model part and kind of op.
 
 `trace(fn, steps, logdir)` runs `fn` under `jax.profiler.trace` (the trace opens in TensorBoard's
-profile plugin or Perfetto) and `summarize(logdir, hlo_text)` reads it back with
+profile plugin or Perfetto) and `summarize(logdir, hlo_text, steps)` reads it back with
 `jax.profiler.ProfileData`, with no TensorFlow needed: the time of every XLA op of the program
 whose optimized HLO is `hlo_text` (`compiled.as_text()`), attributed to
 
