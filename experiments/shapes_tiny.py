@@ -61,6 +61,10 @@ def get_config(arg=None):
         # sequence packing: several examples per row (up to pack_max_images images), kept apart by
         # segment ids; the demo's rows hold one example, so it is off here
         pack=False, pack_max_images=4,
+        # host shards the data is read as (0: one per process); each process reads shards/processes
+        # of them. A checkpoint resumes on any process count dividing it; set it to a pod's host
+        # count to replay that pod's exact batches on one machine
+        shards=0,
         # periodic phrase grounding on held-out referring expressions (train.grounding_eval_every)
         grounding_dir="workdir/demo_data/tfds/shapes/refexp/1.0.0", grounding_split="validation",
         grounding_items=64))

@@ -3,8 +3,9 @@
     python -m kosmos2_jax.convert from-hf --hf_dir kosmos-2-patch14-224/ --out ckpt/kosmos2
     python -m kosmos2_jax.convert to-hf --checkpoint ckpt/kosmos2 --out hf_export/
 
-A converted checkpoint folder holds `model_config.json` (our `Kosmos2Config`) and `params/` (an
-Orbax checkpoint of the params tree). In Python:
+A converted checkpoint folder holds `model_config.json` (our `Kosmos2Config`) and `params/`: one
+Orbax item per parameter as `from-hf` streams them, or (training's export, `kosmos2_jax.export`) the
+whole params tree as one Orbax PyTree checkpoint, written shard by shard by every process. In Python:
 
     model, params = load_hf("kosmos-2-patch14-224/")      # HF folder -> (Kosmos2, params)
     model, params = load_checkpoint("ckpt/kosmos2")       # converted folder -> (Kosmos2, params)
@@ -373,16 +374,60 @@ def save_leaves(out_dir: str, config: Kosmos2Config, leaves: Iterator[tuple[tupl
     return count
 
 
+def _is_tree_checkpoint(ckpt_dir: str) -> bool:
+    """`params/` as one Orbax PyTree checkpoint (`save_checkpoint`), not one item per parameter (`save_leaves`)."""
+    return os.path.isfile(os.path.join(ckpt_dir, "params", "_METADATA"))
+
+
 def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int:
-    """Write a params checkpoint (`model_config.json` + `params/`, one Orbax item per parameter).
-    Its config has the default `attention_impl`: how a run trained (cuDNN on GPUs) is not a property
-    of the weights, and the checkpoint is loaded anywhere (CPU, cached decoding)."""
-    return save_leaves(out_dir, config.replace(attention_impl="einsum"),
-                       traverse_util.flatten_dict(nn.unbox(params)).items())
+    """Write a params checkpoint: `model_config.json` + `params/`, the params tree as one Orbax
+    PyTree checkpoint (`ocp.StandardCheckpointer().restore(OUT/params)` restores it anywhere).
+    `params` may be global arrays sharded over several processes: collective then, every process
+    writes its own shards and none gathers the model. Its config has the default `attention_impl`:
+    how a run trained (cuDNN on GPUs) is not a property of the weights. Returns the parameter count."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    tree = nn.unbox(params)
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+            json.dump(config.replace(attention_impl="einsum").to_dict(), f, indent=2)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
+        ckptr.wait_until_finished()
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _tree_leaves(ckpt_dir: str, expected: dict) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    import orbax.checkpoint as ocp
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        where = os.path.join(ckpt_dir, "params")
+        try:
+            saved = traverse_util.flatten_dict(ckptr.metadata(where).item_metadata.tree)
+        except Exception as e:  # Orbax raises many types for damaged files
+            raise ValueError(f"cannot read the params metadata of {ckpt_dir!r}: {e}") from e
+        for path, spec in expected.items():
+            if path not in saved:
+                raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
+            if tuple(saved[path].shape) != tuple(spec.shape):
+                raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} has shape {tuple(saved[path].shape)}, "
+                                 f"model_config.json says {tuple(spec.shape)}")
+        target = traverse_util.unflatten_dict(
+            {path: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=device) for path, spec in expected.items()})
+        try:
+            restored = traverse_util.flatten_dict(ckptr.restore(where, target))
+        except Exception as e:
+            raise ValueError(f"cannot restore the params of {ckpt_dir!r}: {e}") from e
+    for path in expected:
+        yield path, np.asarray(restored.pop(path))
 
 
 def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple[str, ...], np.ndarray]]]:
-    """A folder written by `save_checkpoint` -> (model, generator of (path, numpy array))."""
+    """A folder written by `save_checkpoint` (one PyTree) or `save_leaves` (one item per
+    parameter, as `from-hf` writes) -> (model, generator of (path, numpy array))."""
     import orbax.checkpoint as ocp
 
     ckpt_dir = os.path.abspath(ckpt_dir)
@@ -393,6 +438,8 @@ def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple
         config = Kosmos2Config.from_dict(json.load(f))
     model = Kosmos2(config)
     expected = traverse_util.flatten_dict(abstract_params(model))
+    if _is_tree_checkpoint(ckpt_dir):
+        return model, _tree_leaves(ckpt_dir, expected)
 
     def leaves():
         with ocp.StandardCheckpointer() as ckptr:

@@ -23,7 +23,7 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "") ->
     from kosmos2_jax import convert
     from kosmos2_jax.models import Kosmos2, Kosmos2Config
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.trainer import Checkpoints, Trainer, abstract_like
+    from kosmos2_jax.train.trainer import Checkpoints, Trainer
 
     paths = [os.path.join(workdir, n) for n in ("config.json", "model_config.json")]
     for path in paths:
@@ -39,14 +39,17 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "") ->
     if step is None or step not in checkpoints.manager.all_steps():
         raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}/checkpoints "
                                 f"(have {sorted(checkpoints.manager.all_steps())})")
-    trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens)
-    state, _ = checkpoints.restore(step, abstract_like(trainer.state, trainer.state_shardings))
+    # The run's mesh may need more devices than this machine has: restore onto all of the local
+    # ones instead (Orbax reshards), with nothing allocated but the checkpoint itself.
+    cfg.unlock()
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, abstract=True)
+    state, _ = checkpoints.restore(step, trainer.state)
     checkpoints.close()
-    params = jax.device_get(state["params"])
-    count = convert.save_checkpoint(out, model.config, params)
+    count = convert.save_checkpoint(out, model.config, state["params"])
     print(f"step {step}: wrote {count:,} parameters to {out}")
     if hf_out:
-        convert.export_hf(hf_out, model.config, params)
+        convert.export_hf(hf_out, model.config, jax.device_get(state["params"]))
         print(f"wrote HF config.json + model.safetensors to {hf_out}")
     return step
 

@@ -26,10 +26,10 @@ from kosmos2_jax.train.trainer import Trainer  # noqa: E402
 data_root, spm, mesh = sys.argv[1], sys.argv[2], sys.argv[3]
 hosts = sys.argv[4] if len(sys.argv) > 4 else ""
 if "@" in hosts:
-    from kosmos2_jax.train.__main__ import initialize_distributed  # noqa: E402
+    from kosmos2_jax.multihost import initialize  # noqa: E402
 
     pid, address = hosts.split("@")
-    initialize_distributed(address, 2, int(pid))
+    initialize(address, 2, int(pid))
 cfg = train_tiny_config.get_config(f"{data_root},{spm}")
 cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))))
 cfg.model.text.dropout = 0.0

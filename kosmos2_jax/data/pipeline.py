@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -386,6 +386,46 @@ class _Done:
 
     def result(self):
         return self._value
+
+
+class HostShards:
+    """This process's share of `shards` host shards of the data: pipelines `make(shard, state)` for
+    shards [p * shards / P, (p + 1) * shards / P) of process p of P, their batches concatenated in
+    shard order. With one shard per process (the default) it is one pipeline; with more, one
+    machine reads the data exactly as a pod of `shards` hosts would. `state()` is one pipeline
+    state per shard held here; `states` (all shards', e.g. from a checkpoint) restores them."""
+
+    def __init__(self, make: Callable[[int, dict | None], Pipeline], shards: int,
+                 states: Sequence[dict] | None = None, process_index: int | None = None,
+                 process_count: int | None = None):
+        import jax
+
+        index = jax.process_index() if process_index is None else process_index
+        count = jax.process_count() if process_count is None else process_count
+        if shards % count:
+            raise ValueError(f"{shards} data shards do not divide among {count} processes")
+        if states is not None and len(states) != shards:
+            raise ValueError(f"{len(states)} saved data states for {shards} data shards")
+        per = shards // count
+        self.shards = list(range(index * per, (index + 1) * per))
+        self.pipelines = [make(k, None if states is None else states[k]) for k in self.shards]
+        self.batch_size = sum(p.batch_size for p in self.pipelines)
+
+    def state(self) -> list[dict]:
+        return [p.state() for p in self.pipelines]
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if len(self.pipelines) == 1:
+            return next(self.pipelines[0])
+        parts = [next(p) for p in self.pipelines]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+    def close(self):
+        for p in self.pipelines:
+            p.close()
 
 
 def global_batch(batch: dict, sharding) -> dict:

@@ -37,22 +37,6 @@ def model_config(cfg, vocab_size: int):
                          scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.get("attention_impl", "einsum"))
 
 
-def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
-    """`jax.distributed.initialize`: automatic on TPU / Slurm / Open MPI when the arguments are
-    left empty; give all three elsewhere (e.g. several CPU processes on one machine, where the
-    cross-process collectives run over gloo)."""
-    import jax
-
-    try:  # CPU devices need a collectives backend across processes; GPU / TPU ignore this flag
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except AttributeError:  # a JAX without the flag
-        pass
-    kwargs = {}
-    if coordinator_address:
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
-    jax.distributed.initialize(**kwargs)
-
-
 def write_run_config(workdir: str, cfg, model_config) -> None:
     import json
 
@@ -62,11 +46,27 @@ def write_run_config(workdir: str, cfg, model_config) -> None:
         json.dump(model_config.to_dict(), f, indent=2)
 
 
-def data_pipelines(cfg, processor, data_state):
+def data_shards(cfg) -> int:
+    """How many host shards the data is read as (`data.shards`, default: one per process). Each
+    process reads `shards / processes` of them and concatenates their batches, so one machine can
+    replay a pod's exact data order, and a checkpoint resumes on any process count dividing it."""
+    import jax
+
+    shards = cfg.data.get("shards", 0) or jax.process_count()
+    if shards % jax.process_count():
+        raise ValueError(f"data.shards={shards} is not a multiple of the {jax.process_count()} processes")
+    if cfg.train.batch_size % shards:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {shards} data shards "
+                         f"(data.shards, default: one per process)")
+    return shards
+
+
+def data_pipelines(cfg, processor, shard_states=None):
+    """(the training batches of this process's data shards, a function -> its validation batches)."""
     import jax
 
     from kosmos2_jax.data.examples import ExampleConfig
-    from kosmos2_jax.data.pipeline import Pipeline, Source
+    from kosmos2_jax.data.pipeline import HostShards, Pipeline, Source
 
     d = cfg.data
     example_config = ExampleConfig(seq_len=d.seq_len, preprocess=d.preprocess, span_mode=d.span_mode,
@@ -80,49 +80,52 @@ def data_pipelines(cfg, processor, data_state):
     if d.get("grounded_instruct_dir", ""):
         sources.append(Source("grounded_instruct", "grit_instruct", data_dir=d.grounded_instruct_dir,
                               split=d.train_split, weight=d.grounded_instruct_weight))
-    if cfg.train.batch_size % jax.process_count():
-        raise ValueError(f"batch_size {cfg.train.batch_size} not divisible by {jax.process_count()} processes")
-    per_host = cfg.train.batch_size // jax.process_count()
-    common = dict(process_index=jax.process_index(), process_count=jax.process_count(), num_workers=d.num_workers)
-    train = Pipeline(sources, processor, example_config, per_host, seed=cfg.seed, state=data_state,
-                     shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction,
-                     pack=d.get("pack", False), pack_max_images=d.get("pack_max_images", 4), **common)
+    shards = data_shards(cfg)
+    per_shard = cfg.train.batch_size // shards
+    common = dict(process_count=shards, num_workers=d.num_workers)
+    train = HostShards(lambda shard, state: Pipeline(
+        sources, processor, example_config, per_shard, seed=cfg.seed, state=state, shuffle_buffer=d.shuffle_buffer,
+        max_bad_fraction=d.max_bad_fraction, pack=d.get("pack", False), pack_max_images=d.get("pack_max_images", 4),
+        process_index=shard, **common), shards, shard_states)
 
     def validation():
-        if not d.val_dir or not d.val_batches:
-            return []
-        val = Pipeline([Source("val", "grit", data_dir=d.val_dir, split=d.val_split)], processor, example_config,
-                       per_host, seed=cfg.seed, repeat=False, shuffle_buffer=1, **common)
+        """Collective: up to `data.val_batches` full batches, as many on every process."""
+        from kosmos2_jax import multihost
+
         batches = []
-        for batch in val:
-            if len(batch["input_ids"]) == per_host:
-                batches.append(batch)
-            if len(batches) == d.val_batches:
-                break
-        return batches
+        if d.val_dir and d.val_batches:
+            val = HostShards(lambda shard, _: Pipeline(
+                [Source("val", "grit", data_dir=d.val_dir, split=d.val_split)], processor, example_config,
+                per_shard, seed=cfg.seed, repeat=False, shuffle_buffer=1, process_index=shard, **common), shards)
+            for batch in val:
+                if len(batch["input_ids"]) == val.batch_size:
+                    batches.append(batch)
+                if len(batches) == d.val_batches:
+                    break
+            val.close()
+        return batches[:min(multihost.allgather_int(len(batches)))]
     return train, validation
 
 
 def grounding_evaluator(cfg, model, processor):
     """A function params -> first-box accuracy on `data.grounding_items` items of the referring-
-    expression dataset at `data.grounding_dir` (the shapes `refexp` config), or None when unset."""
-    import jax
-
+    expression dataset at `data.grounding_dir` (the shapes `refexp` config), or None when unset.
+    Collective: each process generates for its share of the batches, on one device of its own
+    with a copy of the params, and the records are combined (the same numbers on any process count)."""
     d = cfg.data
     if not d.get("grounding_dir", "") or not cfg.train.get("grounding_eval_every", 0):
         return None
-    if jax.process_count() > 1:  # generation here feeds host-local arrays: single-process only for now
-        print("grounding evaluation during training is skipped with several processes", flush=True)
-        return None
+    from kosmos2_jax import multihost
     from kosmos2_jax.evaluation.tasks import Context, ShapesTask
 
-    task = ShapesTask()
+    task, batch = ShapesTask(), 32
     items = task.load(d.grounding_dir, d.grounding_split)[:d.grounding_items]
+    mine = [items[i] for i in multihost.batch_share(len(items), batch)]
 
     def evaluate(params) -> float:
-        ctx = Context(model, params, processor)
-        records = [r for i in range(0, len(items), 32) for r in task.predict(ctx, items[i:i + 32])]
-        return task.score(records)["accuracy"]
+        ctx = Context(model, multihost.to_host_local(params), processor)
+        records = [r for i in range(0, len(mine), batch) for r in task.predict(ctx, mine[i:i + batch])]
+        return task.score(multihost.merge_shares(multihost.allgather_json(records), len(items), batch))["accuracy"]
     return evaluate
 
 
@@ -174,43 +177,71 @@ class Profile:
             self.active = False
 
 
+def banner(trainer, start: int) -> str:
+    import jax
+
+    mesh = " ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
+    total, trainable = trainer.parameter_counts()
+    return (f"{jax.device_count()} {jax.devices()[0].platform} devices on {jax.process_count()} process(es); "
+            f"mesh {mesh}; {total:,} parameters ({trainable:,} trainable); "
+            + (f"resumed from step {start}" if start else "fresh start"))
+
+
+def restore_data_states(checkpoints, step: int, shards: int) -> list[dict]:
+    """The checkpoint's per-shard pipeline positions, or a clear error when it was read as other shards."""
+    import jax
+
+    states = checkpoints.data_states(step)
+    if len(states) != shards:
+        raise ValueError(f"the checkpoint of step {step} was written reading the data as {len(states)} host "
+                         f"shard(s) (one per process by default); this run has {jax.process_count()} "
+                         f"process(es) reading {shards}: resume with a process count that divides {len(states)} "
+                         f"and --config.data.shards={len(states)}")
+    return states
+
+
 def run(cfg, workdir: str) -> dict:
     import jax
     import numpy as np
 
-    from kosmos2_jax import convert
+    from kosmos2_jax import convert, multihost
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.processor import Kosmos2Processor
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
     from kosmos2_jax.train.trainer import Checkpoints, Preemption, Trainer, abstract_like, format_eta, input_counts
 
     if cfg.distributed:
-        initialize_distributed(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
-                               cfg.get("process_id", -1))
+        multihost.initialize(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
+                             cfg.get("process_id", -1))
+    primary = multihost.is_primary()
     tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
     model, init_params = Kosmos2(model_config(cfg, tokenizer.vocab_size)), None
     if cfg.init.hf_dir and cfg.init.checkpoint:
         raise ValueError("set one of init.hf_dir and init.checkpoint, not both")
+    shards = data_shards(cfg)
+    checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
+    start = checkpoints.latest_step() or 0
+    shard_states = restore_data_states(checkpoints, start, shards) if start else None
     if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
         init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
     processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                  num_image_tokens=model.config.latent_query_num)
-    checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
-    if jax.process_index() == 0:  # lab notes: what ran, and what `python -m kosmos2_jax.export` needs
+    if primary:  # lab notes: what ran, and what `python -m kosmos2_jax.export` needs
         write_run_config(workdir, cfg, model.config)
     trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
-    start, data_state = checkpoints.latest_step() or 0, None
     if start:
-        trainer.state, data_state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
-        print(f"resumed from step {start}", flush=True)
-    train, validation = data_pipelines(cfg, processor, data_state)
+        trainer.state, _ = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
+    if primary:
+        print(banner(trainer, start), flush=True)
+    train, validation = data_pipelines(cfg, processor, shard_states)
     val_batches = validation()
     grounding = grounding_evaluator(cfg, model, processor)
     writer = None
-    if jax.process_index() == 0:
+    if primary:
         from flax.metrics import tensorboard
 
         writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
+    say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
     preemption = Preemption()
     total, log_every = cfg.train.steps, cfg.train.log_every
     history, last = [], {}
@@ -236,10 +267,10 @@ def run(cfg, workdir: str) -> dict:
                         "loc_accuracy": float(m["loc_correct"] / max(m["loc_tokens"], 1)),
                         "token_fill": counts[0] / max(counts[1], 1), "image_fill": counts[2] / max(counts[3], 1)}
                 history.append(last)
-                print(f"step {done}/{total} loss {loss:.4f} loc_acc {last['loc_accuracy']:.3f} lr {last['lr']:.2e} "
-                      f"gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
-                      f"fill: tokens {last['token_fill']:.2f} images {last['image_fill']:.2f} "
-                      f"ETA {format_eta((total - done) / rate)}", flush=True)
+                say(f"step {done}/{total} loss {loss:.6f} loc_acc {last['loc_accuracy']:.3f} lr {last['lr']:.2e} "
+                    f"gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
+                    f"fill: tokens {last['token_fill']:.2f} images {last['image_fill']:.2f} "
+                    f"ETA {format_eta((total - done) / rate)}")
                 if writer:
                     for k, v in last.items():
                         if k != "step":
@@ -247,7 +278,7 @@ def run(cfg, workdir: str) -> dict:
                 t0, counts, steps_since = time.time(), np.zeros(4), 0
             if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == total) and val_batches:
                 ev = trainer.evaluate(val_batches)
-                print(f"step {done} validation loss {ev['loss']:.4f} loc_accuracy {ev['loc_accuracy']:.3f}", flush=True)
+                say(f"step {done} validation loss {ev['loss']:.6f} loc_accuracy {ev['loc_accuracy']:.3f}")
                 last.update({f"val_{k}": v for k, v in ev.items()})
                 if writer:
                     for k, v in ev.items():
@@ -255,18 +286,19 @@ def run(cfg, workdir: str) -> dict:
             every = cfg.train.get("grounding_eval_every", 0)
             if grounding and (done % every == 0 or done == total):
                 accuracy = grounding(trainer.state["params"])
-                print(f"step {done} grounding accuracy {accuracy:.3f} (first box, IoU >= 0.5, "
-                      f"{cfg.data.grounding_items} held-out expressions)", flush=True)
+                say(f"step {done} grounding accuracy {accuracy:.3f} (first box, IoU >= 0.5, "
+                    f"{cfg.data.grounding_items} held-out expressions)")
                 last["val_grounding_accuracy"] = accuracy
                 if writer:
                     writer.scalar("val/grounding_accuracy", accuracy, done)
-            stop = preemption.requested  # read once: SIGTERM may land between the save and the check
-            saved = checkpoints.save(done, trainer.state, train.state(), force=stop or done == total)
+            stop = preemption.stop(done)  # read once: SIGTERM may land between the save and the check
+            saved = checkpoints.save(done, trainer.state, train.state, force=stop or done == total)
             if stop:
                 stopped = True
-                if not saved:
+                checkpoints.wait()  # "saved" only once the step is committed on disk
+                if not (saved and checkpoints.committed(done)):
                     raise RuntimeError(f"SIGTERM: the checkpoint of step {done} was not saved")
-                print(f"SIGTERM: saved step {done}, exiting", flush=True)
+                say(f"SIGTERM: saved step {done}, exiting")
                 break
     finally:
         profile.close()
@@ -276,11 +308,9 @@ def run(cfg, workdir: str) -> dict:
         train.close()
         if writer:
             writer.flush()
-    if not stopped:
-        params = jax.device_get(trainer.state["params"])
-        if jax.process_index() == 0:
-            convert.save_checkpoint(os.path.join(workdir, "export"), model.config, params)
-            print(f"exported params to {os.path.join(workdir, 'export')} ({time.time() - run_start:.0f}s)", flush=True)
+    if not stopped:  # every process writes its own shards of the params; none gathers the model
+        convert.save_checkpoint(os.path.join(workdir, "export"), model.config, trainer.state["params"])
+        say(f"exported params to {os.path.join(workdir, 'export')} ({time.time() - run_start:.0f}s)")
     return {"history": history, "last": last}
 
 

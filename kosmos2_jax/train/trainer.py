@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kosmos2_jax import multihost
 from kosmos2_jax.data.examples import normalize_pixels
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import image_slots, sharding
@@ -66,18 +67,22 @@ def _freeze(params, mask):
 
 
 class Trainer:
+    """The sharded train state and the jitted steps over `config.mesh`. `abstract=True` builds the
+    state as `jax.ShapeDtypeStruct`s with their shardings and allocates nothing (to restore a
+    checkpoint into, or to compile for `devices` that are not attached: `train/compile_check.py`)."""
+
     def __init__(self, model: Kosmos2, config, first_location_id: int, num_location_tokens: int = 1024,
-                 init_params: Any = None):
+                 init_params: Any = None, abstract: bool = False, devices=None):
         self.model, self.config = model, config
         self.loc = (first_location_id, num_location_tokens)
         self.loss_chunk = config.train.get("loss_chunk", 8)
-        self.mesh = sharding.create_mesh(dict(config.mesh))
+        self.mesh = sharding.create_mesh(dict(config.mesh), devices)
         self.rules = sharding.DEFAULT_RULES
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
         # compacted images: one block per batch shard, whole blocks per micro-batch
         self.image_groups = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], config.train.grad_accum_steps)
         self.image_slots = 0  # image slots the vision tower ran on in the last batch put on the devices
-        self._init_state(init_params)
+        self._init_state(init_params, abstract)
         self._step_fn = self._build_step()
         self._eval_fn = jax.jit(self._eval_batch, in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
@@ -90,7 +95,7 @@ class Trainer:
         pix = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)
         return pix, ids, img
 
-    def _init_state(self, init_params):
+    def _init_state(self, init_params, abstract: bool = False):
         pix, ids, img = self._example_inputs()
         init = lambda rng: self.model.init(rng, pix, ids, None, img)["params"]
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -101,6 +106,12 @@ class Trainer:
         opt_shardings = sharding.tree_shardings(opt_boxed, self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, P())
         self.state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+        self.logical_params = boxed  # the parameters' logical axis names (compile_check's sharding table)
+        if abstract:
+            shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": nn.unbox(boxed),
+                      "opt_state": nn.unbox(opt_boxed)}
+            self.state = abstract_like(shapes, self.state_shardings)
+            return
         with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
             if init_params is None:
                 params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
@@ -191,6 +202,16 @@ class Trainer:
             self.state, metrics = self._step_fn(self.state, self._put(batch))
         return metrics
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(all parameters, trainable ones): a frozen leaf's mask is 0, a partly frozen stack's is per layer."""
+        params, total, trainable = self.state["params"], 0, 0
+        for p, m in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(self.mask)):
+            n = int(np.prod(p.shape))
+            total += n
+            m = np.asarray(m, np.float64)
+            trainable += int(round(n * float(m.mean()))) if m.ndim else n * int(float(m) != 0.0)
+        return total, trainable
+
     def step_hlo(self, batch) -> str:
         """The optimized HLO of the compiled train step for this batch's shapes (from jit's cache,
         not compiled again once the step has run)."""
@@ -210,15 +231,20 @@ class Trainer:
 
 
 class Checkpoints:
-    """Orbax CheckpointManager over `workdir/checkpoints`: the train state plus the data state (JSON)."""
+    """Orbax CheckpointManager over `workdir/checkpoints`: the train state plus the data state (JSON).
+
+    The data state is one input-pipeline position per data shard (`{"shards": S, "states": [...]}`,
+    `train.data_shards`): each process reads its own shards, so each resumes at its own place (with
+    packing, hosts consume different numbers of examples per step). Saving is collective."""
 
     def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True):
         path = os.path.join(os.path.abspath(workdir), "checkpoints")
         try:
             os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, ".write_test")
-            open(probe, "w").close()
-            os.remove(probe)
+            if jax.process_index() == 0:  # processes sharing one folder would race on the probe
+                probe = os.path.join(path, ".write_test")
+                open(probe, "w").close()
+                os.remove(probe)
         except OSError as e:
             raise ValueError(f"workdir {workdir!r} is not writable: {e}") from None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
@@ -228,9 +254,25 @@ class Checkpoints:
     def latest_step(self):
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+    def save(self, step: int, state, local_data_states, force: bool = False) -> bool:
+        """`local_data_states`: a callable -> this process's shard states, in shard order (called, and
+        gathered from every process, only when this step is saved)."""
+        if not (force or self.manager.should_save(step)):
+            return False
+        states = [s for per_process in multihost.allgather_json(local_data_states()) for s in per_process]
+        data = {"shards": len(states), "states": states}
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               data=ocp.args.JsonSave(data_state)), force=force)
+                                                               data=ocp.args.JsonSave(data)), force=force)
+
+    def committed(self, step: int) -> bool:
+        """Whether `step` is on disk for good (after `wait`: an async save may still be writing)."""
+        self.manager.reload()
+        return step in self.manager.all_steps()
+
+    def data_states(self, step: int) -> list[dict]:
+        """The saved pipeline position of every data shard (an old checkpoint's single state is one shard)."""
+        data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        return data["states"] if "states" in data else [data]
 
     def restore(self, step: int, abstract_state):
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -249,17 +291,29 @@ def abstract_like(state, shardings):
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+    """SIGTERM -> the run saves and exits cleanly. With one process, a flag the loop checks; with
+    several, JAX's preemption sync manager (started by `jax.distributed.initialize`): a SIGTERM to
+    any process makes `stop(step)` true on every process at the same step."""
 
     def __init__(self):
         self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._synced = jax.process_count() > 1
+        self._old = None
+        if not self._synced:  # a Python handler would replace the sync manager's own
+            self._old = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def stop(self, step: int) -> bool:
+        """Collective with several processes: call it once per step, on every process."""
+        if self._synced:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def input_counts(batch, image_slots: int | None = None) -> np.ndarray:
