@@ -7,7 +7,9 @@
 Tasks: shapes, refcoco, refcoco+, refcocog, refcocog_reg, flickr30k_entities, flickr30k_caption, coco_caption,
 vqav2, language (data layouts: `kosmos2_jax/evaluation/tasks.py`). Predictions stream to
 OUT.predictions.jsonl (an interrupted run resumes there); the results JSON holds the metrics, the
-paper's numbers and every prediction, and a Markdown table is printed.
+paper's numbers and every prediction, and a Markdown table is printed. With `--distributed`, each
+process evaluates its share of the batches (OUT.predictions.process_P-of-N.jsonl) with the whole
+model on one of its devices, and process 0 writes the combined results: the same as one process.
 """
 
 from __future__ import annotations
@@ -42,15 +44,24 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, default=0, help="refcocog_reg: k demonstrations before each query (k-shot)")
     p.add_argument("--shots_split", default="train", help="refcocog_reg: the split the demonstrations come from")
     p.add_argument("--draw", type=int, default=0, help="grounding tasks: write this many annotated PNGs next to --out")
+    p.add_argument("--distributed", action="store_true",
+                   help="several processes (jax.distributed): each evaluates a share of the batches and process 0 "
+                        "writes the results; on TPU / Slurm / Open MPI the rest is detected, elsewhere give:")
+    p.add_argument("--coordinator_address", default="", help="with --distributed: HOST:PORT of process 0")
+    p.add_argument("--num_processes", type=int, default=0, help="with --distributed")
+    p.add_argument("--process_id", type=int, default=-1, help="with --distributed")
     args = p.parse_args(argv)
 
-    from kosmos2_jax.evaluation.runner import run_items
+    from kosmos2_jax import multihost
+    from kosmos2_jax.evaluation.runner import run_shared
     from kosmos2_jax.evaluation.tasks import Context
     from kosmos2_jax.predict import load_model, tokenizer_for
     from kosmos2_jax.processor import Kosmos2Processor
 
     task = TASKS[args.task]
     try:
+        if args.distributed:
+            multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
         if args.shots:
             if not hasattr(task, "with_shots"):
                 raise ValueError(f"--shots applies to refcocog_reg, not {args.task}")
@@ -72,7 +83,9 @@ def main(argv=None) -> int:
                                  num_image_tokens=model.config.latent_query_num)
     ctx = Context(model, params, processor, image_dir=image_dir, batch_size=args.batch_size)
     jsonl = os.path.splitext(os.path.abspath(args.out))[0] + ".predictions.jsonl"
-    records = run_items(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size)
+    records = run_shared(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size)
+    if not multihost.is_primary():  # process 0 writes and prints the results
+        return 0
     metrics = task.score(records)
     missing = sum(bool(r.get("missing_image")) for r in records)
     name = getattr(task, "name", args.task)

@@ -7,6 +7,10 @@ import shutil
 
 import pytest
 
+# The suite runs on the CPU. With libtpu installed (the compile-only check's tests), JAX would
+# otherwise probe for a TPU in every process and hold libtpu's lock file.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_KOSMOS2 = pathlib.Path(os.environ.get("KOSMOS2_SHARED_DIR", REPO.parent / "shared" / "kosmos2"))
 IMAGES_DIR = SHARED_KOSMOS2 / "images"

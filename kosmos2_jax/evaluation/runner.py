@@ -50,3 +50,22 @@ def run_items(items: Sequence[dict], predict_batch: Callable[[list], list], json
     if log and todo:
         print(file=log)
     return [done[str(it["id"])] for it in items]
+
+
+def run_shared(items: Sequence[dict], predict_batch: Callable[[list], list], jsonl: str, batch_size: int,
+               log=sys.stderr) -> list[dict]:
+    """`run_items` over several processes (collective): the items are cut into batches as one
+    process would cut them and the batches dealt out round-robin (`multihost.batch_share`), each
+    process streaming its share to `JSONL-STEM.process_P-of-N.jsonl`; every process returns all
+    records, in item order. With one process it is `run_items` on `jsonl`."""
+    import jax
+
+    from kosmos2_jax import multihost
+
+    if jax.process_count() == 1:
+        return run_items(items, predict_batch, jsonl, batch_size, log)
+    share = multihost.batch_share(len(items), batch_size)
+    stem = os.path.splitext(jsonl)[0]
+    part = f"{stem}.process_{jax.process_index()}-of-{jax.process_count()}.jsonl"
+    mine = run_items([items[i] for i in share], predict_batch, part, batch_size, log if multihost.is_primary() else None)
+    return multihost.merge_shares(multihost.allgather_json(mine), len(items), batch_size)

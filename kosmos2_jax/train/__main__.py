@@ -3,6 +3,8 @@
     python -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir workdir/shapes_tiny \\
         [--config.train.steps=300 --config.mesh.data=2 ...]
 
+    python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --compile_only --topology v5p-128
+
 Resumes automatically from the latest checkpoint in the workdir (train state and data position);
 SIGTERM saves a checkpoint and exits; at the end the params are exported to WORKDIR/export
 (a `convert.load_checkpoint` folder). TensorBoard logs go to WORKDIR/tb.
@@ -17,24 +19,15 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kosmos2_jax.train.trainer import model_config  # noqa: F401  (tests and benchmarks import it from here)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, logs and the export go")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def model_config(cfg, vocab_size: int):
-    from kosmos2_jax.models import Kosmos2Config, TextConfig, VisionConfig
-
-    text = dict(cfg.model.text)
-    if text.get("vocab_size", -1) == -1:
-        text["vocab_size"] = vocab_size
-    elif text["vocab_size"] != vocab_size:
-        raise ValueError(f"config model.text.vocab_size={text['vocab_size']} but the tokenizer has {vocab_size}")
-    return Kosmos2Config(vision=VisionConfig(**dict(cfg.model.vision)), text=TextConfig(**text),
-                         latent_query_num=cfg.model.latent_query_num, dtype=cfg.model.dtype,
-                         param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat_policy,
-                         scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.get("attention_impl", "einsum"))
+flags.DEFINE_bool("compile_only", False, "compile the train step for --topology and report memory and sharding; "
+                  "trains nothing (train/compile_check.py)")
+flags.DEFINE_string("topology", "", "with --compile_only: a TPU slice, e.g. v5p-128 or v5p:4x4x8 (needs libtpu)")
+flags.mark_flags_as_required(["config"])
 
 
 def write_run_config(workdir: str, cfg, model_config) -> None:
@@ -318,6 +311,15 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
     try:
+        if FLAGS.compile_only:
+            if not FLAGS.topology:
+                raise ValueError("--compile_only needs --topology (e.g. v5p-128 or v5p:4x4x8)")
+            from kosmos2_jax.train.compile_check import check
+
+            check(FLAGS.config, FLAGS.topology)
+            return
+        if not FLAGS.workdir:
+            raise ValueError("--workdir is required (where checkpoints, logs and the export go)")
         run(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,21 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position
               "segment_ids")  # segment_ids: packed rows only; `_put` may add image_index (train/image_slots.py)
 
 
+def model_config(cfg, vocab_size: int):
+    """The experiment config's `model` -> a Kosmos2Config (`text.vocab_size=-1`: the tokenizer's)."""
+    from kosmos2_jax.models import Kosmos2Config, TextConfig, VisionConfig
+
+    text = dict(cfg.model.text)
+    if text.get("vocab_size", -1) == -1:
+        text["vocab_size"] = vocab_size
+    elif text["vocab_size"] != vocab_size:
+        raise ValueError(f"config model.text.vocab_size={text['vocab_size']} but the tokenizer has {vocab_size}")
+    return Kosmos2Config(vision=VisionConfig(**dict(cfg.model.vision)), text=TextConfig(**text),
+                         latent_query_num=cfg.model.latent_query_num, dtype=cfg.model.dtype,
+                         param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat_policy,
+                         scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.get("attention_impl", "einsum"))
+
+
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
                      num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 8):
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and

@@ -1,0 +1,182 @@
+"""Compile-only check of a training config for a TPU slice this machine does not have.
+
+    python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --compile_only --topology v5p-128 \\
+        [--config.train.batch_size=256 ...]
+
+libtpu describes the slice (`jax.experimental.topologies.get_topology_desc`; `pip install
+libtpu==0.0.42.1` for jax 0.10.2 — no TPU needed), the trainer's real step is lowered with abstract
+state and batch (`jax.ShapeDtypeStruct`s carrying the config's shardings) on the slice's devices and
+compiled ahead of time. It reports per-device memory against the chip's HBM, how every parameter is
+sharded (and why one stays replicated), and XLA's FLOP count against the model's.
+
+The batch is the worst case: `train.batch_size` full rows of `data.seq_len` tokens with every image
+slot filled (no image compaction). XLA's `cost_analysis()` counts a scanned loop's body once, so
+with `model.scan_layers` its FLOPs are far below the model's; the ratio is printed, not judged.
+GPU clusters: JAX cannot describe GPU devices without the GPUs, so this check is TPU-only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+
+import jax
+import numpy as np
+import flax.linen as nn
+from flax import traverse_util
+
+from kosmos2_jax.train import sharding
+from kosmos2_jax.train.flops import train_flops
+
+# HBM per chip, GiB (Cloud TPU system architecture pages)
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+_SHAPES = {3: ["2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16"],
+           2: ["1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"]}
+
+
+def _describe(generation: str, shape: str):
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError("the compile-only check needs libtpu to describe TPU slices: pip install libtpu==0.0.42.1 "
+                         "(the version for jax 0.10.2; no TPU needed)")
+    # Describing a slice needs no TPU: don't contend for libtpu's lock with a job that uses the chips.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shape}").devices
+    except Exception as e:  # a shape libtpu does not know
+        raise ValueError(f"libtpu cannot describe TPU topology {generation}:{shape}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]}") from None
+
+
+def topology_devices(name: str) -> tuple[list, str, float]:
+    """`v5p:4x4x8` (libtpu's name) or `v5p-128` (the slice with 128 JAX devices) -> (devices,
+    libtpu's name, HBM GiB per device). v4's description has two devices (cores) per chip."""
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e)([:-])([0-9x]+)", name)
+    if not m:
+        raise ValueError(f"--topology {name!r}: expected e.g. v5p-128 or v5p:4x4x8 (generations {sorted(HBM_GIB)})")
+    generation, sep, rest = m.groups()
+    if sep == ":":
+        shape = rest
+        devices = _describe(generation, shape)
+    else:
+        wanted, devices = int(rest), None
+        for shape in _SHAPES[2 if generation in ("v5e", "v6e") else 3]:
+            try:
+                found = _describe(generation, shape)
+            except ValueError:
+                continue
+            if len(found) == wanted:
+                devices = found
+                break
+        if devices is None:
+            raise ValueError(f"--topology {name!r}: no {generation} slice of {wanted} devices among "
+                             f"{_SHAPES[2 if generation in ('v5e', 'v6e') else 3]}; give libtpu's name, e.g. {generation}:4x4x8")
+    chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], "coords") else len(devices)
+    return list(devices), f"{generation}:{shape}", HBM_GIB[generation] * chips / len(devices)
+
+
+def abstract_batch(cfg, config, batch_sharding) -> dict:
+    """The largest batch the config's pipeline makes: `batch_size` rows x `seq_len`, every image slot filled."""
+    rows, seq_len, size = cfg.train.batch_size, cfg.data.seq_len, config.vision.image_size
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    batch = {k: spec((rows, seq_len), np.int32)
+             for k in ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask")}
+    if cfg.data.get("pack", False):
+        batch["pixel_values"] = spec((rows, cfg.data.pack_max_images, size, size, 3), np.uint8)
+        batch["segment_ids"] = spec((rows, seq_len), np.int32)
+    else:
+        batch["pixel_values"] = spec((rows, size, size, 3), np.uint8)
+    return batch
+
+
+def sharding_table(trainer) -> list[tuple[str, tuple, str, str]]:
+    """(parameter, shape, PartitionSpec, why it stays replicated or '') for every parameter."""
+    rules, mesh = dict(trainer.rules), trainer.mesh
+    boxed = traverse_util.flatten_dict(trainer.logical_params, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
+    specs = traverse_util.flatten_dict(trainer.state_shardings["params"])
+    out = []
+    for path, leaf in boxed.items():
+        shape = tuple(leaf.value.shape) if isinstance(leaf, nn.LogicallyPartitioned) else tuple(leaf.shape)
+        names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * len(shape)
+        spec = specs[path].spec
+        why = ""
+        if all(s is None for s in spec):
+            reasons = []
+            for dim, name in zip(shape, names):
+                axes = rules.get(name) if name else None
+                axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+                axes = tuple(a for a in axes if mesh.shape[a] > 1)
+                if axes:
+                    size = math.prod(mesh.shape[a] for a in axes)
+                    reasons.append(f"{name}={dim} not divisible by {'x'.join(axes)}={size}")
+            why = "; ".join(reasons) or "its axes are not sharded on this mesh (" + ", ".join(
+                str(n) for n in names) + ")"
+        out.append(("/".join(path), shape, str(spec), why))
+    return out
+
+
+def check(cfg, topology: str) -> dict:
+    """AOT-compile the config's init-free train step for `topology` and print the report."""
+    from kosmos2_jax.models import Kosmos2
+    from kosmos2_jax.train.trainer import Trainer, model_config
+
+    devices, described, hbm_gib = topology_devices(topology)
+    vocab = cfg.model.text.vocab_size
+    if vocab == -1:
+        from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+
+        vocab = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens).vocab_size
+    config = model_config(cfg, vocab)
+    if config.attention_impl == "cudnn":
+        raise ValueError("model.attention_impl=cudnn is GPU-only: compile for a TPU with einsum or xla")
+    model = Kosmos2(config)
+    trainer = Trainer(model, cfg, vocab - cfg.num_location_tokens, cfg.num_location_tokens, abstract=True,
+                      devices=devices)
+    batch_devices = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    if cfg.train.batch_size % (batch_devices * cfg.train.grad_accum_steps):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by data x fsdp = {batch_devices} "
+                         f"devices x grad_accum_steps={cfg.train.grad_accum_steps}: try "
+                         f"--config.train.batch_size={2 * batch_devices * cfg.train.grad_accum_steps}")
+    batch = abstract_batch(cfg, config, trainer.batch_sharding)
+    mesh = " ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
+    print(f"{topology}: {len(devices)} devices ({devices[0].device_kind}, libtpu {described}), "
+          f"{hbm_gib:.1f} GiB HBM each; mesh {mesh}; batch {cfg.train.batch_size} x {cfg.data.seq_len}", flush=True)
+    t0 = time.time()
+    with jax.set_mesh(trainer.mesh), sharding.logical_axis_rules(trainer.rules):
+        compiled = trainer._step_fn.lower(trainer.state, batch).compile()
+    seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    gib = lambda n: n / 2 ** 30
+    arguments, outputs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    aliased, temporaries = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    total = arguments + outputs - aliased + temporaries + mem.generated_code_size_in_bytes
+    fits = total <= hbm_gib * 2 ** 30
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    slots = cfg.data.pack_max_images if cfg.data.get("pack", False) else 1
+    rows = cfg.train.batch_size
+    model_flops = train_flops(config, rows, cfg.data.seq_len, rows * slots, rows * cfg.data.seq_len) / len(devices)
+    table = sharding_table(trainer)
+    width = max(len(name) for name, *_ in table)
+    print("parameter".ljust(width), "shape".ljust(22), "sharding")
+    for name, shape, spec, why in table:
+        print(name.ljust(width), str(shape).ljust(22), spec + (f"   replicated: {why}" if why else ""))
+    replicated = sum(1 for *_, why in table if why)
+    print(f"{replicated} of {len(table)} parameters replicated", flush=True)
+    print(f"per device: arguments {gib(arguments):.2f} GiB, outputs {gib(outputs):.2f} GiB "
+          f"({gib(aliased):.2f} GiB donated, aliased), temporaries {gib(temporaries):.2f} GiB, "
+          f"total {gib(total):.2f} GiB of {hbm_gib:.1f} GiB: {'fits' if fits else 'DOES NOT FIT'}")
+    print(f"compiled in {seconds:.0f} s; XLA counts {xla_flops / 1e12:.2f} TFLOP per device per step, the model "
+          f"{model_flops / 1e12:.2f} (ratio {xla_flops / max(model_flops, 1):.2f}"
+          + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")", flush=True)
+    return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape),
+            "hbm_gib": hbm_gib, "arguments_gib": gib(arguments), "outputs_gib": gib(outputs),
+            "temporaries_gib": gib(temporaries), "total_gib": gib(total), "fits": fits, "compile_s": seconds,
+            "xla_tflop": xla_flops / 1e12, "model_tflop": model_flops / 1e12, "replicated": replicated,
+            "parameters": len(table)}

@@ -1,0 +1,66 @@
+"""`train --compile_only --topology`: the real train step AOT-compiled for a TPU slice described by
+libtpu (no TPU here), with the memory verdict and the sharding table."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+HERE = os.path.dirname(__file__)
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _compile(config, *extra, timeout=900):
+    return subprocess.run([sys.executable, "-m", "kosmos2_jax.train", f"--config={config}", "--compile_only", *extra],
+                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=timeout)
+
+
+@needs_libtpu
+def test_tiny_config_compiles_for_a_small_tpu_slice(small_spm):
+    config = f"{HERE}/train_tiny_config.py:unused,{small_spm}"
+    out = _compile(config, "--topology", "v5e-4", "--config.data.pack=True", "--config.mesh.data=1",
+                   "--config.mesh.fsdp=-1", "--config.model.text.vocab_size=-1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "v5e-4: 4 devices (TPU v5 lite, libtpu v5e:2x2), 16.0 GiB HBM each; mesh data=1 fsdp=4 tensor=1" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if "/" in line.split(" ")[0]}
+    counted = [line for line in text.splitlines() if line.endswith("parameters replicated")]
+    assert len(counted) == 1 and int(counted[0].split(" of ")[1].split()[0]) == len(rows) == 57, text[-3000:]
+    # the 458-token embedding: 64 wide, split over fsdp=4 on the embed axis; a LayerNorm scale stays whole
+    assert "P(None, 'fsdp')" in rows["text_model/embed_tokens/embedding"]
+    assert "replicated: its axes are not sharded on this mesh (norm)" in rows["text_model/layer_norm/scale"]
+    verdict = [line for line in text.splitlines() if line.startswith("per device:")]
+    assert len(verdict) == 1 and verdict[0].endswith("of 16.0 GiB: fits"), text[-2000:]
+    assert "compiled in" in text and "TFLOP per device per step" in text
+
+
+@needs_libtpu
+def test_a_vocabulary_the_tensor_axis_does_not_divide_stays_replicated_and_says_why(small_spm):
+    config = f"{HERE}/train_tiny_config.py:unused,{small_spm}"
+    out = _compile(config, "--topology", "v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=1",
+                   "--config.mesh.tensor=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = [line for line in out.stdout.splitlines() if line.startswith("text_model/embed_tokens/embedding")][0]
+    assert "replicated: vocab=458 not divisible by tensor=4" in row, row
+
+
+def test_clear_errors(small_spm):
+    config = f"{HERE}/train_tiny_config.py:unused,{small_spm}"
+    bad = _compile(config, "--topology", "v9-8", timeout=120)
+    assert bad.returncode == 2 and "--topology 'v9-8': expected e.g. v5p-128" in bad.stderr, bad.stderr[-2000:]
+    missing = _compile(config, timeout=120)
+    assert missing.returncode == 2 and "--compile_only needs --topology" in missing.stderr
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_pretrain_config_fits_a_v5p_128():
+    out = _compile(f"{REPO}/experiments/kosmos2_pretrain.py", "--topology", "v5p-128",
+                   "--config.train.batch_size=256", timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "GiB: fits" in out.stdout, out.stdout[-3000:]

@@ -1,0 +1,153 @@
+"""The whole training lifecycle on 2 processes x 2 CPU devices (jax.distributed over gloo), through
+the CLI: mesh data=2 x fsdp=2, so every parameter and batch spans processes, with packing on.
+
+One chain of runs shares its work between the checks (a 2-process launch costs about a minute on
+2 cores): A, uninterrupted, with periodic validation and grounding evaluation; B, one process on 4
+devices reading the data as 2 host shards; C, a SIGTERM to process 1 only, then a SIGKILL of both,
+each followed by a restart.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from conftest import REPO
+
+HERE = os.path.dirname(__file__)
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _train(workdir, data_root, spm, *extra):
+    return [sys.executable, "-m", "kosmos2_jax.train", f"--config={HERE}/train_tiny_config.py:{data_root},{spm}",
+            f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.data.pack=True",
+            *extra]
+
+
+def _launch(args, processes=2, devices=2):
+    """`args` as the `processes` processes of one jax.distributed job (or one plain process)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    port, procs = _port(), []
+    for pid in range(processes):
+        dist = []
+        if processes > 1 and args[2] == "kosmos2_jax.train":
+            dist = ["--config.distributed=True", f"--config.num_processes={processes}", f"--config.process_id={pid}",
+                    f"--config.coordinator_address=localhost:{port}"]
+        elif processes > 1:
+            dist = ["--distributed", f"--num_processes={processes}", f"--process_id={pid}",
+                    f"--coordinator_address=localhost:{port}"]
+        procs.append(subprocess.Popen(args + dist, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env, cwd=REPO))
+    return procs
+
+
+def _finish(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs[0]
+
+
+def _losses(text):
+    """{step: loss string} of the train log lines (6 decimals)."""
+    return {int(line.split()[1].split("/")[0]): line.split()[3] for line in text.splitlines()
+            if line.startswith("step ") and "/" in line.split()[1] and " loss " in line}
+
+
+def _lines(text, what):
+    return [line for line in text.splitlines() if what in line]
+
+
+def _params(folder):
+    from kosmos2_jax import convert
+
+    return jax.device_get(convert.load_checkpoint(str(folder))[1])
+
+
+def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path):
+    evals = ["--config.train.eval_every=6", "--config.train.grounding_eval_every=12"]
+    # A: uninterrupted, 2 processes
+    a = _finish(_launch(_train(tmp_path / "a", shapes_tfds, small_spm, *evals)))
+    assert "4 cpu devices on 2 process(es); mesh data=2 fsdp=2 tensor=1" in a and "fresh start" in a, a[-3000:]
+    losses_a = _losses(a)
+    assert sorted(losses_a) == list(range(1, 13)), a[-3000:]
+    # B: the same global batches on one process with 4 devices
+    b = _finish(_launch(_train(tmp_path / "b", shapes_tfds, small_spm, *evals, "--config.data.shards=2"), 1, 4))
+    np.testing.assert_allclose([float(losses_a[s]) for s in range(1, 13)],
+                               [float(v) for _, v in sorted(_losses(b).items())], atol=1e-5)
+    val_a, val_b = (_lines(t, "validation loss") for t in (a, b))
+    assert len(val_a) == len(val_b) == 2
+    np.testing.assert_allclose([float(x.split()[4]) for x in val_a], [float(x.split()[4]) for x in val_b], atol=1e-5)
+    assert _lines(a, "grounding accuracy") == _lines(b, "grounding accuracy") != []
+    export_a = _params(tmp_path / "a" / "export")
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), export_a,
+                           _params(tmp_path / "b" / "export"))
+
+    # C: SIGTERM to process 1 only -> both save the same step and exit 0
+    c = tmp_path / "c"
+    procs = _launch(_train(c, shapes_tfds, small_spm))
+    seen = ""
+    for line in procs[0].stdout:
+        seen += line
+        if line.startswith("step 2/"):
+            procs[1].send_signal(signal.SIGTERM)
+    rest = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], seen + rest[1][-3000:]
+    saved = [int(x.split("saved step ")[1].split(",")[0]) for x in _lines(seen, "SIGTERM: saved step")]
+    assert len(saved) == 1 and 2 <= saved[0] < 12, seen[-3000:]
+    assert str(saved[0]) in os.listdir(c / "checkpoints") and not (c / "export").exists()
+    # restart, then SIGKILL both processes right after the step-8 checkpoint
+    procs = _launch(_train(c, shapes_tfds, small_spm))
+    second = ""
+    for line in procs[0].stdout:
+        second += line
+        if line.startswith("step 9/"):
+            for p in procs:
+                p.send_signal(signal.SIGKILL)
+            break
+    for p in procs:
+        p.wait(timeout=60)
+    assert f"resumed from step {saved[0]}" in second, second[-3000:]
+    third = _finish(_launch(_train(c, shapes_tfds, small_spm)))
+    assert "resumed from step 8" in third, third[-3000:]
+    resumed = {**_losses(seen), **_losses(second), **_losses(third)}
+    assert resumed == losses_a, (resumed, losses_a)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(c / "export"), export_a)
+
+    # every process saved its own data position (packing: they differ) in the one checkpoint
+    from kosmos2_jax.train.trainer import Checkpoints
+
+    ckpts = Checkpoints(str(c), 4, 3, async_save=False)
+    states = ckpts.data_states(12)
+    ckpts.close()
+    assert len(states) == 2 and states[0] != states[1], states
+
+    # a restart on another process count: a clear error, nothing trained
+    again = _launch(_train(c, shapes_tfds, small_spm, "--config.train.steps=16"), 1, 4)[0]
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 2, out[-3000:]
+    assert "written reading the data as 2 host shard(s)" in out and "this run has 1 process(es)" in out, out[-2000:]
+
+    # `evaluate` of the export: 2 processes give what 1 process gives
+    from kosmos2_jax import evaluate
+
+    refexp = str(shapes_tfds / "shapes" / "refexp" / "1.0.0")
+    common = ["--task", "shapes", "--checkpoint", str(tmp_path / "a" / "export"), "--tokenizer", small_spm,
+              "--data_dir", refexp, "--split", "test", "--batch_size", "3"]
+    assert evaluate.main(common + ["--out", str(tmp_path / "one.json")]) == 0
+    _finish(_launch([sys.executable, "-m", "kosmos2_jax.evaluate", *common, "--out", str(tmp_path / "two.json")]))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["count"] == two["count"] == 10
+    assert one["metrics"] == two["metrics"] and one["predictions"] == two["predictions"]
+    assert len(list(tmp_path.glob("two.predictions.process_*-of-2.jsonl"))) == 2
