@@ -30,6 +30,9 @@ setup(
         "grit": GRIT,
         # Caption metrics (CIDEr, BLEU, METEOR) for the evaluation tasks.
         "eval": ["pycocoevalcap"],
+        # `train --compile_only --topology v5p-128`: libtpu describes TPU slices (no TPU needed);
+        # this is the libtpu of jax 0.10.2
+        "tpu_check": ["libtpu==0.0.42.1"],
         # Parity tests compare against Hugging Face's PyTorch implementation. torch is pinned to
         # the CPU wheel on local disk (an unpinned torch pulls a multi-GB CUDA build).
         "test": [
@@ -43,6 +46,8 @@ setup(
             "sentencepiece==0.2.0",
             "safetensors",
             "pycocoevalcap",
+            # describes TPU slices without a TPU, for the compile-only check (the version for jax 0.10.2)
+            "libtpu==0.0.42.1",
             *GRIT,
         ],
     },

@@ -1,4 +1,5 @@
-"""Training: resume after SIGKILL, mesh equivalence, gradient accumulation, freezing, errors."""
+"""Training: SIGTERM, mesh equivalence, gradient accumulation, freezing, errors (several processes,
+SIGKILL and resume, export: tests/test_pods.py)."""
 
 import json
 import os
@@ -26,44 +27,6 @@ def _params(workdir):
     from kosmos2_jax import convert
 
     return jax.device_get(convert.load_checkpoint(os.path.join(workdir, "export"))[1])
-
-
-def _losses(text):
-    return {int(line.split()[1].split("/")[0]): line.split()[3] for line in text.splitlines() if line.startswith("step ")
-            and " loss " in line}
-
-
-def test_sigkill_and_resume_is_bitwise_identical(shapes_tfds, small_spm, tmp_path):
-    full = subprocess.run(_cmd(tmp_path / "a", shapes_tfds, small_spm), capture_output=True, text=True, cwd=REPO)
-    assert full.returncode == 0, full.stderr[-3000:]
-    proc = subprocess.Popen(_cmd(tmp_path / "b", shapes_tfds, small_spm), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    seen = ""
-    for line in proc.stdout:
-        seen += line
-        if line.startswith("step 6/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    resumed = subprocess.run(_cmd(tmp_path / "b", shapes_tfds, small_spm), capture_output=True, text=True, cwd=REPO)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step 4" in resumed.stdout
-    a, b = _losses(full.stdout), _losses(resumed.stdout)
-    assert all(a[s] == b[s] for s in range(5, 13)), (a, b)
-    # every shapes example has an image, so all image slots are filled; padding leaves token positions empty
-    fills = [line.split("fill: tokens ")[1].split()[:3] for line in full.stdout.splitlines() if " loss " in line]
-    assert len(fills) == 12 and all(0.3 < float(t) < 1 and im == "1.00" for t, _, im in fills), fills
-    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "a"), _params(tmp_path / "b"))
-    # `python -m kosmos2_jax.export` on the last checkpoint gives the run's own final export.
-    from kosmos2_jax import export
-
-    assert export.main(["--workdir", str(tmp_path / "a"), "--out", str(tmp_path / "exported")]) == 0
-    from kosmos2_jax import convert
-
-    exported = jax.device_get(convert.load_checkpoint(str(tmp_path / "exported"))[1])
-    jax.tree_util.tree_map(np.testing.assert_array_equal, exported, _params(tmp_path / "a"))
-    assert export.main(["--workdir", str(tmp_path / "a"), "--step", "3", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_sigterm_saves_and_exits(shapes_tfds, small_spm, tmp_path):
@@ -348,33 +311,6 @@ def test_periodic_grounding_evaluation_and_a_profile_window(shapes_tfds, small_s
     missing = subprocess.run(_cmd(tmp_path / "h", shapes_tfds, small_spm, "--config.train.grounding_eval_every=2",
                                   f"--config.data.grounding_dir={tmp_path}/none"), capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "none" in missing.stderr
-
-
-def test_two_processes_equal_one_process(shapes_tfds, small_spm):
-    """jax.distributed on localhost (CPU, gloo): two processes, each reading its host shard, give the
-    losses of one process fed the same global batches."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    script = os.path.join(HERE, "trainer_mesh_check.py")
-    procs = [subprocess.Popen([sys.executable, script, str(shapes_tfds), small_spm, "-1,1,1", f"{pid}@localhost:{port}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-             for pid in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    multi = [json.loads(out.split("LOSSES")[1]) for out, _ in outs]
-    slots = json.loads(outs[0][0].split("SLOTS")[1].split("LOSSES")[0])
-    assert any(ran < total for ran, total in slots), slots  # compacted, at a capacity both processes agreed on
-    env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    single = subprocess.run([sys.executable, script, str(shapes_tfds), small_spm, "-1,1,1", "sim2"],
-                            capture_output=True, text=True, env=env2, cwd=REPO, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    reference = json.loads(single.stdout.split("LOSSES")[1])
-    np.testing.assert_allclose(multi[0], reference, rtol=1e-5)
-    np.testing.assert_allclose(multi[1], multi[0], rtol=0)
 
 
 def test_profile_window_outside_the_run_and_per_process(monkeypatch, tmp_path, capsys):

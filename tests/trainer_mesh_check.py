@@ -1,11 +1,7 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=N: prints the losses of 3 train steps
 on a (data, fsdp, tensor) mesh given as argv[3] ("2,2,2" or "1,1,1") as JSON, and the image slots
 the vision tower ran on against the batches' slots (packed rows: their real images are compacted
-into one block per batch shard, train/image_slots.py).
-
-Optional argv[4], two hosts' data: "sim2" = one process feeding the concatenated local batches of
-hosts 0 and 1 (of 2); "PID@HOST:PORT" = this is process PID of 2 under `jax.distributed`, reading
-its own host shard."""
+into one block per batch shard, train/image_slots.py). (Several processes: tests/test_pods.py.)"""
 
 import json
 import os
@@ -24,12 +20,6 @@ from kosmos2_jax.models import Kosmos2  # noqa: E402
 from kosmos2_jax.train.trainer import Trainer  # noqa: E402
 
 data_root, spm, mesh = sys.argv[1], sys.argv[2], sys.argv[3]
-hosts = sys.argv[4] if len(sys.argv) > 4 else ""
-if "@" in hosts:
-    from kosmos2_jax.multihost import initialize  # noqa: E402
-
-    pid, address = hosts.split("@")
-    initialize(address, 2, int(pid))
 cfg = train_tiny_config.get_config(f"{data_root},{spm}")
 cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))))
 cfg.model.text.dropout = 0.0
@@ -37,20 +27,13 @@ tok = Kosmos2Tokenizer.from_file(spm)
 model = Kosmos2(model_config(cfg, tok.vocab_size))
 proc = Kosmos2Processor(tok, image_size=32, num_image_tokens=8)
 
-def pipeline(batch, index=0, count=1):
+
+def pipeline(batch):
     return Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], proc, ExampleConfig(seq_len=96), batch, seed=0,
-                    num_workers=1, process_index=index, process_count=count, pack=True, pack_max_images=6)
+                    num_workers=1, pack=True, pack_max_images=6)
 
 
-if hosts == "sim2":
-    import numpy as np  # noqa: E402
-
-    halves = [pipeline(4, 0, 2), pipeline(4, 1, 2)]
-    batches = ({k: np.concatenate([a[k], b[k]]) for k in a} for a, b in iter(lambda: [next(h) for h in halves], None))
-elif hosts:
-    batches = pipeline(4, jax.process_index(), 2)
-else:
-    batches = pipeline(8)
+batches = pipeline(8)
 trainer = Trainer(model, cfg, tok.first_location_id)
 losses, slots = [], []
 for _ in range(3):

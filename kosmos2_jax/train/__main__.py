@@ -56,8 +56,6 @@ def data_shards(cfg) -> int:
 
 def data_pipelines(cfg, processor, shard_states=None):
     """(the training batches of this process's data shards, a function -> its validation batches)."""
-    import jax
-
     from kosmos2_jax.data.examples import ExampleConfig
     from kosmos2_jax.data.pipeline import HostShards, Pipeline, Source
 
