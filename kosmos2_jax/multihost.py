@@ -60,9 +60,10 @@ def allgather_int(value: int) -> list[int]:
 
 def to_host_local(tree: Any) -> Any:
     """Collective: a tree of (possibly process-spanning) global arrays -> the same values on this
-    process's first device, for host-local work such as generation during evaluation."""
+    process's first device, for host-local work such as generation during evaluation (one device
+    on any process count, so the numbers do not depend on it)."""
     if jax.process_count() == 1:
-        return tree
+        return jax.device_put(tree, jax.local_devices()[0])
     from jax.experimental import multihost_utils
 
     full = multihost_utils.process_allgather(tree, tiled=True)
