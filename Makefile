@@ -35,18 +35,20 @@ clean:
 # --- the quick start: train the tiny model on the synthetic shapes dataset, on CPU ---------------
 DEMO_DATA := workdir/demo_data
 DEMO_RUN := workdir/shapes_tiny
-DEMO_ENV := SHAPES_NUM_TRAIN=4000 SHAPES_NUM_EVAL=200 TF_CPP_MIN_LOG_LEVEL=2
+# The demo runs on the CPU; JAX_PLATFORMS=cpu also keeps libtpu (test extras) from probing for a TPU.
+CPU_ENV := JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
+DEMO_ENV := SHAPES_NUM_TRAIN=4000 SHAPES_NUM_EVAL=200 $(CPU_ENV)
 
 $(DEMO_DATA)/spm/shapes.model: $(CORE_STAMP)
-	$(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt
-	$(PY) -m kosmos2_jax.tokenizer train --input $(DEMO_DATA)/captions.txt --vocab_size 64 --out $(DEMO_DATA)/spm/shapes
+	$(CPU_ENV) $(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt
+	$(CPU_ENV) $(PY) -m kosmos2_jax.tokenizer train --input $(DEMO_DATA)/captions.txt --vocab_size 64 --out $(DEMO_DATA)/spm/shapes
 
 $(DEMO_DATA)/tfds/shapes/refexp/1.0.0: $(CORE_STAMP)
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds --config refexp
 
 demo: $(DEMO_DATA)/spm/shapes.model $(DEMO_DATA)/tfds/shapes/refexp/1.0.0
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir $(DEMO_RUN)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
+	$(CPU_ENV) $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir $(DEMO_RUN)
+	$(CPU_ENV) $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
 		--tokenizer $(DEMO_DATA)/spm/shapes.model --data_dir $(DEMO_DATA)/tfds/shapes/refexp/1.0.0 \
 		--split test --out $(DEMO_RUN)/eval/results.json --draw 6
