@@ -44,7 +44,7 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "") ->
     cfg.unlock()
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, abstract=True)
-    state, _ = checkpoints.restore(step, trainer.state)
+    state = checkpoints.restore(step, trainer.state)
     checkpoints.close()
     count = convert.save_checkpoint(out, model.config, state["params"])
     print(f"step {step}: wrote {count:,} parameters to {out}")

@@ -221,7 +221,7 @@ def run(cfg, workdir: str) -> dict:
         write_run_config(workdir, cfg, model.config)
     trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
     if start:
-        trainer.state, _ = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
+        trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
     if primary:
         print(banner(trainer, start), flush=True)
     train, validation = data_pipelines(cfg, processor, shard_states)

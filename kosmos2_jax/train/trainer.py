@@ -290,9 +290,8 @@ class Checkpoints:
         return data["states"] if "states" in data else [data]
 
     def restore(self, step: int, abstract_state):
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                  data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+        """The train state of `step` (its data states: `data_states`)."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
 
     def wait(self):
         self.manager.wait_until_finished()
