@@ -17,7 +17,6 @@ model scans its layers. The LM head is tied to the token embeddings (checked on 
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -307,8 +306,16 @@ def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {hf_dir!r}: expected a Hugging Face model folder")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "the Hugging Face config")
+
+
+def read_json(path: str, what: str):
+    """A JSON file, or a one-line error naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not valid JSON ({e})") from None
 
 
 def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
@@ -384,18 +391,26 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int
     PyTree checkpoint (`ocp.StandardCheckpointer().restore(OUT/params)` restores it anywhere).
     `params` may be global arrays sharded over several processes: collective then, every process
     writes its own shards and none gathers the model. Its config has the default `attention_impl`:
-    how a run trained (cuDNN on GPUs) is not a property of the weights. Returns the parameter count."""
+    how a run trained (cuDNN on GPUs) is not a property of the weights. The folder is written
+    beside `out_dir` and replaces it whole when complete (a kill leaves the old one as it was).
+    Returns the parameter count."""
     import orbax.checkpoint as ocp
 
-    out_dir = os.path.abspath(out_dir)
+    from kosmos2_jax import multihost, outputs
+
     tree = nn.unbox(params)
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-            json.dump(config.replace(attention_impl="einsum").to_dict(), f, indent=2)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
-        ckptr.wait_until_finished()
+    primary = jax.process_index() == 0
+    multihost.sync("save_checkpoint:start")
+    with outputs.atomic_dir(out_dir, primary=primary) as tmp:
+        multihost.sync("save_checkpoint:made")
+        if primary:
+            with open(os.path.join(tmp, "model_config.json"), "w") as f:
+                json.dump(config.replace(attention_impl="einsum").to_dict(), f, indent=2)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, "params"), tree, force=True)
+            ckptr.wait_until_finished()
+        multihost.sync("save_checkpoint:written")
+    multihost.sync("save_checkpoint:committed")
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
@@ -434,8 +449,10 @@ def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple
     cfg_path = os.path.join(ckpt_dir, "model_config.json")
     if not os.path.isfile(cfg_path) or not os.path.isdir(os.path.join(ckpt_dir, "params")):
         raise ValueError(f"{ckpt_dir!r} is not a kosmos2_jax checkpoint (needs model_config.json and params/)")
-    with open(cfg_path) as f:
-        config = Kosmos2Config.from_dict(json.load(f))
+    try:
+        config = Kosmos2Config.from_dict(read_json(cfg_path, "the model config"))
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"the model config {cfg_path!r} does not describe a Kosmos2Config ({e})") from None
     model = Kosmos2(config)
     expected = traverse_util.flatten_dict(abstract_params(model))
     if _is_tree_checkpoint(ckpt_dir):
@@ -504,28 +521,33 @@ def export_hf(out_dir: str, config: Kosmos2Config, params: Mapping | None = None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kosmos2_jax.convert", description=__doc__.split("\n")[0])
+    from kosmos2_jax import cli, outputs
+
+    parser = cli.ArgumentParser(prog="python -m kosmos2_jax.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-hf", help="HF model folder -> kosmos2_jax checkpoint")
-    a.add_argument("--hf_dir", required=True)
-    a.add_argument("--out", required=True)
+    a.add_argument("--hf_dir", required=True, type=cli.existing_dir, help="HF model folder (config.json + safetensors)")
+    a.add_argument("--out", required=True, type=cli.output_dir, help="checkpoint folder to write")
     b = sub.add_parser("to-hf", help="kosmos2_jax checkpoint -> HF model folder")
-    b.add_argument("--checkpoint", required=True)
-    b.add_argument("--out", required=True)
+    b.add_argument("--checkpoint", required=True, type=cli.existing_dir, help="kosmos2_jax checkpoint folder")
+    b.add_argument("--out", required=True, type=cli.output_dir, help="HF folder to write")
+    for p in (a, b):
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (whole, when the new one is complete)")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "from-hf":  # streamed: one parameter in memory at a time
-            config = config_from_hf(read_hf_config(args.hf_dir))
-            count = save_leaves(args.out, config, iter_params_from_hf(TensorSource(args.hf_dir), config))
-        else:
-            model, leaves = iter_checkpoint_leaves(args.checkpoint)
-            export_hf(args.out, model.config, leaves=leaves)
-            count = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(abstract_params(model)))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {count:,} parameters")
-    return 0
+
+    def convert() -> int:
+        outputs.refuse_existing(args.out, args.overwrite)
+        with outputs.atomic_dir(args.out) as tmp:  # a failure leaves --out as it was
+            if args.command == "from-hf":  # streamed: one parameter in memory at a time
+                config = config_from_hf(read_hf_config(args.hf_dir))
+                count = save_leaves(tmp, config, iter_params_from_hf(TensorSource(args.hf_dir), config))
+            else:
+                model, leaves = iter_checkpoint_leaves(args.checkpoint)
+                export_hf(tmp, model.config, leaves=leaves)
+                count = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(abstract_params(model)))
+        print(f"wrote {args.out}: {count:,} parameters")
+        return 0
+    return cli.run(convert)
 
 
 if __name__ == "__main__":

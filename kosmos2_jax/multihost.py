@@ -35,6 +35,14 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def sync(name: str) -> None:
+    """Collective: wait until every process got here (a barrier named `name`)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def allgather_json(value: Any) -> list:
     """Collective: every process's JSON-able `value`, in process order, on every process."""
     if jax.process_count() == 1:

@@ -5,9 +5,14 @@
 
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --compile_only --topology v5p-128
 
-Resumes automatically from the latest checkpoint in the workdir (train state and data position);
-SIGTERM saves a checkpoint and exits; at the end the params are exported to WORKDIR/export
-(a `convert.load_checkpoint` folder). TensorBoard logs go to WORKDIR/tb.
+    python -m kosmos2_jax.train --config experiments/shapes_tiny.py --print_config   # every key
+
+Resumes automatically from the latest checkpoint in the workdir (train state and data position),
+after checking that the config builds the checkpoint's model (changed settings are listed); a
+step that does not restore is named, and `--config.train.resume_step=N` resumes from an earlier
+one. SIGTERM saves a checkpoint and exits; at the end the params are exported to WORKDIR/export
+(a `convert.load_checkpoint` folder, replaced whole). TensorBoard logs go to WORKDIR/tb. Every
+setting is range-checked before any work; an error is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -27,16 +32,44 @@ flags.DEFINE_string("workdir", None, "where checkpoints, logs and the export go"
 flags.DEFINE_bool("compile_only", False, "compile the train step for --topology and report memory and sharding; "
                   "trains nothing (train/compile_check.py)")
 flags.DEFINE_string("topology", "", "with --compile_only: a TPU slice, e.g. v5p-128 or v5p:4x4x8 (needs libtpu)")
+flags.DEFINE_bool("print_config", False, "print the config (every key --config.KEY=VALUE can set) and exit")
 flags.mark_flags_as_required(["config"])
 
 
 def write_run_config(workdir: str, cfg, model_config) -> None:
+    from kosmos2_jax import outputs
+
+    with outputs.atomic_file(os.path.join(workdir, "config.json")) as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    outputs.write_json(os.path.join(workdir, "model_config.json"), model_config.to_dict(), indent=2)
+
+
+def check_resume(workdir: str, cfg, model_config, say=print) -> None:
+    """Before a resumed run writes anything: the model it would build must be the checkpoint's
+    (else a one-line error naming the differing fields); changed settings are listed."""
     import json
 
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-        json.dump(model_config.to_dict(), f, indent=2)
+    from kosmos2_jax import convert
+    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.models import Kosmos2Config
+    from kosmos2_jax.train import config_check
+
+    saved_model = os.path.join(workdir, "model_config.json")
+    if os.path.isfile(saved_model):
+        saved = Kosmos2Config.from_dict(convert.read_json(saved_model, "the run's model config"))
+        diffs = convert.architecture_differences(saved, model_config)
+        if diffs:
+            raise UsageError(f"--workdir {workdir!r} holds checkpoints of another model (checkpoint vs this config): "
+                             f"{'; '.join(diffs)}; use another --workdir, or the run's own settings")
+    saved_cfg = os.path.join(workdir, "config.json")
+    if os.path.isfile(saved_cfg):
+        changed = config_check.changes(convert.read_json(saved_cfg, "the run config"), json.loads(cfg.to_json_best_effort()))
+        layout = [c for c in changed if c.split(":")[0] in config_check.STATE_LAYOUT_KEYS]
+        if layout:
+            raise UsageError(f"--workdir {workdir!r}: these settings shape the saved train state and cannot change "
+                             f"on resume: {'; '.join(layout)}")
+        if changed:
+            say("resuming with changed settings: " + "; ".join(changed))
 
 
 def data_shards(cfg) -> int:
@@ -191,6 +224,23 @@ def restore_data_states(checkpoints, step: int, shards: int) -> list[dict]:
     return states
 
 
+def resume_step(checkpoints, wanted: int, workdir: str) -> tuple[int, list[int]]:
+    """(the step to resume from, the later steps to move aside once it has restored): the latest
+    checkpoint, or `train.resume_step` when set. Resuming from an earlier step (the latest is
+    damaged, say) moves the later ones to WORKDIR/damaged_checkpoints/, so the run can write those
+    steps again; never automatic, as a checkpoint that does not restore may just as well be one the
+    config no longer matches."""
+    from kosmos2_jax.cli import UsageError
+
+    steps = sorted(checkpoints.manager.all_steps())
+    if not wanted:
+        return (steps[-1] if steps else 0), []
+    if wanted not in steps:
+        raise UsageError(f"config.train.resume_step={wanted}: {workdir!r} has no checkpoint of that step "
+                         f"(it has {steps or 'none'})")
+    return wanted, [s for s in steps if s > wanted]
+
+
 def run(cfg, workdir: str) -> dict:
     import jax
     import numpy as np
@@ -199,29 +249,46 @@ def run(cfg, workdir: str) -> dict:
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.processor import Kosmos2Processor
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.train import config_check
     from kosmos2_jax.train.trainer import Checkpoints, Preemption, Trainer, abstract_like, format_eta, input_counts
+
+    config_check.check(cfg)
 
     if cfg.distributed:
         multihost.initialize(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
                              cfg.get("process_id", -1))
     primary = multihost.is_primary()
+    say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
     tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
     model, init_params = Kosmos2(model_config(cfg, tokenizer.vocab_size)), None
     if cfg.init.hf_dir and cfg.init.checkpoint:
         raise ValueError("set one of init.hf_dir and init.checkpoint, not both")
     shards = data_shards(cfg)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
-    start = checkpoints.latest_step() or 0
-    shard_states = restore_data_states(checkpoints, start, shards) if start else None
-    if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
-        init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
-    processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
-                                 num_image_tokens=model.config.latent_query_num)
+    try:  # nothing is written before the checkpoint is known to restore into this config
+        start, later = resume_step(checkpoints, cfg.train.get("resume_step", 0), workdir)
+        if start:
+            check_resume(workdir, cfg, model.config, say)
+            if start > cfg.train.steps:
+                raise UsageError(f"config.train.steps={cfg.train.steps} but {workdir!r} is at step {start}: "
+                                 f"give more steps, or another --workdir")
+        if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
+            init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
+        processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
+                                     num_image_tokens=model.config.latent_query_num)
+        trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
+        shard_states = None
+        if start:
+            shard_states = restore_data_states(checkpoints, start, shards)
+            trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
+        for step in later:
+            say(f"resume_step {start}: moved the checkpoint of step {step} to {checkpoints.set_aside(step)}")
+    except BaseException:
+        checkpoints.close()
+        raise
     if primary:  # lab notes: what ran, and what `python -m kosmos2_jax.export` needs
         write_run_config(workdir, cfg, model.config)
-    trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
-    if start:
-        trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
     if primary:
         print(banner(trainer, start), flush=True)
     train, validation = data_pipelines(cfg, processor, shard_states)
@@ -232,7 +299,6 @@ def run(cfg, workdir: str) -> dict:
         from flax.metrics import tensorboard
 
         writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
-    say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
     preemption = Preemption()
     total, log_every = cfg.train.steps, cfg.train.log_every
     history, last = [], {}
@@ -308,21 +374,53 @@ def run(cfg, workdir: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
+    from kosmos2_jax.cli import USER_ERRORS
+
     try:
+        if FLAGS.print_config:
+            print(FLAGS.config)
+            return
         if FLAGS.compile_only:
             if not FLAGS.topology:
                 raise ValueError("--compile_only needs --topology (e.g. v5p-128 or v5p:4x4x8)")
+            from kosmos2_jax.train import config_check
             from kosmos2_jax.train.compile_check import check
 
+            config_check.check(FLAGS.config, need_tokenizer=False)
             check(FLAGS.config, FLAGS.topology)
             return
         if not FLAGS.workdir:
             raise ValueError("--workdir is required (where checkpoints, logs and the export go)")
         run(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
+        if os.environ.get("KOSMOS2_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not sys.exit: after a failed Orbax restore, its event-loop threads print tracebacks at
+        # interpreter shutdown, burying the one-line error.
+        os._exit(2)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a bad `--config.KEY=VALUE` (an unknown key, a value of the wrong
+    type) as one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e.args[0] if e.args else e)
+        if message.startswith(("'", '"')):  # ml_collections wraps a KeyError's repr
+            message = message.strip("'\"").replace("\\'", "'").replace("\\n", " ")
+            key = message.split("'")[1] if message.count("'") >= 2 else ""
+            bad = [a for a in argv if key and a.startswith("--config.") and key in a.split("=")[0]]
+            message = f"{bad[0].split('=')[0]}: no such key ({message})" if bad else message
+    print(f"error: bad flag: {' '.join(message.split())} (list the config's keys with --config FILE --print_config)",
+          file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

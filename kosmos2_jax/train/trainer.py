@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
+import time
 from typing import Any
 
 import jax
@@ -245,6 +247,10 @@ class Trainer:
                 "loc_accuracy": totals.get("loc_correct", 0.0) / max(totals.get("loc_tokens", 0.0), 1.0)}
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint step that cannot be read (a kill mid-write of a non-atomic store, a lost file)."""
+
+
 class Checkpoints:
     """Orbax CheckpointManager over `workdir/checkpoints`: the train state plus the data state (JSON).
 
@@ -286,12 +292,52 @@ class Checkpoints:
 
     def data_states(self, step: int) -> list[dict]:
         """The saved pipeline position of every data shard (an old checkpoint's single state is one shard)."""
-        data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        try:
+            data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        except Exception as e:  # Orbax raises many types for damaged files
+            raise DamagedCheckpoint(self._damaged(step, e)) from e
         return data["states"] if "states" in data else [data]
 
     def restore(self, step: int, abstract_state):
         """The train state of `step` (its data states: `data_states`)."""
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        # A failed restore's pending reads keep printing event-loop tracebacks from other threads,
+        # straight to file descriptor 2, until the process ends: silence fd 2 while restoring, and
+        # on failure leave it silenced, with Python's stderr moved to a copy of the real one.
+        sys.stderr.flush()
+        real, quiet = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 2)
+        os.close(quiet)
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+        except Exception as e:
+            sys.stderr = os.fdopen(real, "w", buffering=1)
+            raise DamagedCheckpoint(self._damaged(step, e)) from e
+        os.dup2(real, 2)
+        os.close(real)
+        return state
+
+    def _damaged(self, step: int, error: Exception) -> str:
+        others = [s for s in sorted(self.manager.all_steps()) if s != step]
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(" [tensorstore_spec")[0][:400]
+        earlier = [s for s in others if s < step]
+        hint = (f"; if it is damaged, resume from step {earlier[-1]} with --config.train.resume_step={earlier[-1]}"
+                if earlier else "")
+        return (f"the checkpoint of step {step} ({self.manager.directory / str(step)}) cannot be restored: {reason} "
+                f"(other steps: {others or 'none'}){hint}")
+
+    def set_aside(self, step: int) -> str:
+        """Move a damaged step out of the manager's folder (to WORKDIR/damaged_checkpoints/STEP), so
+        the run resumes from the one before and may save this step again. Collective."""
+        where = os.path.join(os.path.dirname(str(self.manager.directory)), "damaged_checkpoints", str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            if os.path.exists(where):
+                where = f"{where}.{int(time.time())}"
+            os.rename(str(self.manager.directory / str(step)), where)
+        multihost.sync(f"set_aside:{step}")
+        self.manager.reload()
+        return where
 
     def wait(self):
         self.manager.wait_until_finished()

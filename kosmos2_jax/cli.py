@@ -1,0 +1,139 @@
+"""What every command line shares: argument types that check ranges and paths, a parser whose
+errors are one line (exit code 2) and whose `--help` shows the defaults, and `run`, which turns
+the project's user errors into one line instead of a traceback.
+
+A user error is a `UsageError` (or a `ValueError` / `FileNotFoundError` raised on bad input, as
+the library raises them); anything else is a bug and keeps its traceback. `KOSMOS2_DEBUG=1` shows
+the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Callable
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in `--help`; the module docstring's usage lines kept as written."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`PROG: error: argument --x: ...`, exit code 2) and defaults in `--help`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(main: Callable[[], int | None]) -> int:
+    """Call `main()`; a user error becomes one line on stderr and exit code 2."""
+    try:
+        return main() or 0
+    except USER_ERRORS as e:
+        if os.environ.get("KOSMOS2_DEBUG"):
+            raise
+        return error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _range_text(lo, hi) -> str:
+    if hi is None:
+        return f">= {lo}"
+    if lo is None:
+        return f"<= {hi}"
+    return f"in [{lo}, {hi}]"
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be an integer {_range_text(lo, hi)}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [lo, hi] ((lo, hi] with `lo_open`)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        low = lo is not None and (value <= lo if lo_open else value < lo)
+        if not math.isfinite(value) or low or (hi is not None and value > hi):
+            where = (f"in ({lo}, {hi}]" if hi is not None else f"> {lo}") if lo_open else _range_text(lo, hi)
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be a number {where}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a path to an existing file."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: a path to an existing folder."""
+    if os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: an existing file or folder."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file to write (not an existing folder; its parent is created on write).
+    "" stays "" (an optional output left unset)."""
+    if not text:
+        return text
+    if text.endswith(os.sep) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: give a file name")
+    parent = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text!r}: {parent!r} is a file, not a folder")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """An argparse type: a folder to write (not an existing file); "" stays "" (unset)."""
+    if text and os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file: give a folder")
+    return text

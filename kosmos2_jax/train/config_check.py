@@ -1,0 +1,143 @@
+"""An experiment config checked before any work: every numeric setting against its range, and a
+resumed run against the config it was started with.
+
+`check(cfg)` raises a `UsageError` naming the first bad key, its value and the allowed range.
+Keys a config does not have are skipped (older configs, or configs without an optional part).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from kosmos2_jax.cli import UsageError
+
+_INT, _NUM = "an integer", "a number"
+# key: (kind, low, high, low is open)  (None: unbounded)
+RANGES = {
+    "train.batch_size": (_INT, 1, None, False),
+    "train.steps": (_INT, 1, None, False),
+    "train.grad_accum_steps": (_INT, 1, None, False),
+    "train.log_every": (_INT, 1, None, False),
+    "train.eval_every": (_INT, 0, None, False),
+    "train.ckpt_every": (_INT, 1, None, False),
+    "train.keep": (_INT, 1, None, False),
+    "train.grounding_eval_every": (_INT, 0, None, False),
+    "train.location_loss_weight": (_NUM, 0.0, None, False),
+    "train.loss_chunk": (_INT, 1, None, False),
+    "train.profile_start": (_INT, 0, None, False),
+    "train.resume_step": (_INT, 0, None, False),
+    "train.profile_steps": (_INT, 1, None, False),
+    "num_location_tokens": (_INT, 4, None, False),
+    "model.vision.hidden_size": (_INT, 1, None, False),
+    "model.vision.intermediate_size": (_INT, 1, None, False),
+    "model.vision.num_hidden_layers": (_INT, 1, None, False),
+    "model.vision.num_attention_heads": (_INT, 1, None, False),
+    "model.vision.image_size": (_INT, 1, None, False),
+    "model.vision.patch_size": (_INT, 1, None, False),
+    "model.vision.attention_dropout": (_NUM, 0.0, 1.0, False),
+    "model.text.max_position_embeddings": (_INT, 1, None, False),
+    "model.text.embed_dim": (_INT, 1, None, False),
+    "model.text.layers": (_INT, 1, None, False),
+    "model.text.ffn_dim": (_INT, 1, None, False),
+    "model.text.attention_heads": (_INT, 1, None, False),
+    "model.text.dropout": (_NUM, 0.0, 1.0, False),
+    "model.text.attention_dropout": (_NUM, 0.0, 1.0, False),
+    "model.latent_query_num": (_INT, 1, None, False),
+    "data.seq_len": (_INT, 2, None, False),
+    "data.val_batches": (_INT, 0, None, False),
+    "data.text_weight": (_NUM, 0.0, None, False),
+    "data.llava_weight": (_NUM, 0.0, None, False),
+    "data.grounded_instruct_weight": (_NUM, 0.0, None, False),
+    "data.score_threshold": (_NUM, 0.0, 1.0, False),
+    "data.grounded_prob": (_NUM, 0.0, 1.0, False),
+    "data.shuffle_buffer": (_INT, 1, None, False),
+    "data.num_workers": (_INT, 0, None, False),
+    "data.max_bad_fraction": (_NUM, 0.0, 1.0, False),
+    "data.pack_max_images": (_INT, 1, None, False),
+    "data.shards": (_INT, 0, None, False),
+    "data.grounding_items": (_INT, 1, None, False),
+    "optim.lr": (_NUM, 0.0, None, True),
+    "optim.warmup_steps": (_INT, 0, None, False),
+    "optim.b1": (_NUM, 0.0, 1.0, False),
+    "optim.b2": (_NUM, 0.0, 1.0, False),
+    "optim.eps": (_NUM, 0.0, None, True),
+    "optim.weight_decay": (_NUM, 0.0, None, False),
+    "optim.clip_norm": (_NUM, 0.0, None, False),
+    "optim.total_steps": (_INT, 1, None, False),
+}
+
+
+# Settings that change the train state's tree (so a checkpoint could not restore into it).
+STATE_LAYOUT_KEYS = ("model.scan_layers", "model.param_dtype", "train.freeze", "num_location_tokens")
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def _range(kind, lo, hi, lo_open) -> str:
+    low = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+    high = "" if hi is None else f"<= {hi}"
+    return f"{kind} " + " and ".join(x for x in (low, high) if x)
+
+
+def check(cfg, need_tokenizer: bool = True) -> None:
+    """UsageError on the first setting out of its range (or of the wrong type)."""
+    for key, (kind, lo, hi, lo_open) in RANGES.items():
+        value = _get(cfg, key)
+        if value is _MISSING:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind == _INT:
+            ok = float(value).is_integer()
+        if ok:
+            ok = math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo)) \
+                and (hi is None or value <= hi)
+        if not ok:
+            raise UsageError(f"config.{key}={value!r}: must be {_range(kind, lo, hi, lo_open)}")
+    for axis in ("data", "fsdp", "tensor"):
+        value = _get(cfg, f"mesh.{axis}")
+        if value is not _MISSING and (not isinstance(value, int) or (value < 1 and value != -1)):
+            raise UsageError(f"config.mesh.{axis}={value!r}: must be >= 1, or -1 (the devices left)")
+    locations = _get(cfg, "num_location_tokens")
+    if locations is not _MISSING and math.isqrt(int(locations)) ** 2 != locations:
+        raise UsageError(f"config.num_location_tokens={locations}: must be a square (a P x P grid of locations)")
+    batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum_steps")
+    if accum is not _MISSING and batch % accum:
+        raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")
+    tokenizer = _get(cfg, "tokenizer")
+    if need_tokenizer and tokenizer is not _MISSING and not os.path.isfile(tokenizer):
+        raise UsageError(f"config.tokenizer={tokenizer!r}: no such file (a sentencepiece model; the demo's is "
+                         f"built by `make demo`)")
+
+
+def flat(cfg) -> dict:
+    """A (nested) config as {"a.b.c": value}."""
+    out = {}
+
+    def walk(node, prefix):
+        for k in node.keys():
+            v = node[k]
+            if hasattr(v, "keys"):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+    walk(cfg, "")
+    return out
+
+
+def changes(saved: dict, cfg) -> list[str]:
+    """`key: saved -> now` for each setting a resumed run changes (from the saved config.json)."""
+    before = flat(saved)
+    now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat(cfg).items()}
+    return [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+            for k in sorted(set(before) | set(now)) if before.get(k, "(absent)") != now.get(k, "(absent)")]
