@@ -14,96 +14,136 @@ model on one of its devices, and process 0 writes the combined results: the same
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 
-def markdown(task: str, split: str, count: int, metrics: dict, paper: dict) -> str:
-    rows = ["| task | split | items | metric | ours | paper |", "|---|---|---|---|---|---|"]
+def markdown(task: str, split: str, scored: int, missing: int, metrics: dict, paper: dict) -> str:
+    """Our metrics beside the paper's, on the paper's scale (percent; CIDEr and METEOR x 100)."""
+    rows = ["| task | split | scored | missing | metric | ours | paper |", "|---|---|---|---|---|---|---|"]
     for k, v in metrics.items():
         ref = paper.get(k)
-        rows.append(f"| {task} | {split} | {count} | {k} | {v:.3f} | {'' if ref is None else ref} |")
+        rows.append(f"| {task} | {split} | {scored} | {missing} | {k} | {v:.2f} | {'' if ref is None else ref} |")
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
-    from kosmos2_jax.evaluation.tasks import PAPER, TASKS
+def run_key(args, task_name: str) -> dict:
+    """What a resumed evaluation must share with the one it resumes (`evaluation/runner.py`)."""
+    from kosmos2_jax.outputs import fingerprint
 
-    p = argparse.ArgumentParser(prog="python -m kosmos2_jax.evaluate", description=__doc__.split("\n")[0])
+    return {"task": task_name, "split": args.split, "checkpoint": os.path.abspath(args.checkpoint),
+            "checkpoint_fingerprint": fingerprint(args.checkpoint), "tokenizer_fingerprint": fingerprint(args.tokenizer),
+            "data_dir": os.path.abspath(args.data_dir), "image_dir": os.path.abspath(args.image_dir) if args.image_dir else "",
+            "max_examples": args.max_examples, "shots": args.shots, "shots_split": args.shots_split if args.shots else ""}
+
+
+def parse_args(argv):
+    from kosmos2_jax import cli
+    from kosmos2_jax.evaluation.tasks import TASKS
+
+    p = cli.ArgumentParser(prog="python -m kosmos2_jax.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--checkpoint", required=True, help="our checkpoint folder or a HF Kosmos-2 folder")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece model")
-    p.add_argument("--data_dir", required=True, help="annotation folder (or prepared tfds folder for shapes)")
+    p.add_argument("--checkpoint", required=True, type=cli.existing_dir, help="our checkpoint folder or a HF Kosmos-2 folder")
+    p.add_argument("--tokenizer", required=True, type=cli.existing_file, help="sentencepiece model")
+    p.add_argument("--data_dir", required=True, type=cli.existing_dir,
+                   help="annotation folder (or prepared tfds folder for shapes)")
     p.add_argument("--image_dir", default="", help="image folder (default: DATA_DIR/images)")
     p.add_argument("--split", default="test")
-    p.add_argument("--max_examples", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--out", required=True)
-    p.add_argument("--shots", type=int, default=0, help="refcocog_reg: k demonstrations before each query (k-shot)")
+    p.add_argument("--max_examples", type=cli.integer(0), default=0, help="the first N items (0: all)")
+    p.add_argument("--batch_size", type=cli.integer(1), default=16)
+    p.add_argument("--out", required=True, type=cli.output_file, help="results JSON (OUT.predictions.jsonl beside it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results and predictions of another run at --out (default: refuse)")
+    p.add_argument("--shots", type=cli.integer(0), default=0, help="refcocog_reg: k demonstrations before each query (k-shot)")
     p.add_argument("--shots_split", default="train", help="refcocog_reg: the split the demonstrations come from")
-    p.add_argument("--draw", type=int, default=0, help="grounding tasks: write this many annotated PNGs next to --out")
+    p.add_argument("--draw", type=cli.integer(0), default=0,
+                   help="grounding tasks: write this many annotated PNGs next to --out")
     p.add_argument("--distributed", action="store_true",
                    help="several processes (jax.distributed): each evaluates a share of the batches and process 0 "
                         "writes the results; on TPU / Slurm / Open MPI the rest is detected, elsewhere give:")
     p.add_argument("--coordinator_address", default="", help="with --distributed: HOST:PORT of process 0")
-    p.add_argument("--num_processes", type=int, default=0, help="with --distributed")
-    p.add_argument("--process_id", type=int, default=-1, help="with --distributed")
+    p.add_argument("--num_processes", type=cli.integer(0), default=0, help="with --distributed")
+    p.add_argument("--process_id", type=cli.integer(-1), default=-1, help="with --distributed")
     args = p.parse_args(argv)
+    if args.image_dir and not os.path.isdir(args.image_dir):
+        p.error(f"argument --image_dir: {args.image_dir!r} is not a folder")
+    return args
 
-    from kosmos2_jax import multihost
-    from kosmos2_jax.evaluation.runner import run_shared
-    from kosmos2_jax.evaluation.tasks import Context
+
+def main(argv=None) -> int:
+    from kosmos2_jax import cli
+
+    args = parse_args(argv)
+    return cli.run(lambda: evaluate(args))
+
+
+def evaluate(args) -> int:
+    import jax
+
+    from kosmos2_jax import multihost, outputs
+    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.evaluation.runner import check_stream, run_shared
+    from kosmos2_jax.evaluation.tasks import PAPER, TASKS, Context
     from kosmos2_jax.predict import load_model, tokenizer_for
     from kosmos2_jax.processor import Kosmos2Processor
 
     task = TASKS[args.task]
-    try:
-        if args.distributed:
-            multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        if args.shots:
-            if not hasattr(task, "with_shots"):
-                raise ValueError(f"--shots applies to refcocog_reg, not {args.task}")
-            task = task.with_shots(args.shots, args.shots_split)
-        items = task.load(args.data_dir, args.split)
-        if args.max_examples:
-            items = items[:args.max_examples]
-        if not items:
-            raise ValueError(f"no {args.task} items in split {args.split!r} of {args.data_dir}")
-        image_dir = args.image_dir or os.path.join(args.data_dir, "images")
-        if any("image" in it for it in items) and not os.path.isdir(image_dir):
-            raise FileNotFoundError(f"image folder not found: {image_dir} (pass --image_dir)")
-        model, params = load_model(args.checkpoint)
-        tokenizer = tokenizer_for(args.tokenizer, model)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.distributed:
+        multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    if args.shots:
+        if not hasattr(task, "with_shots"):
+            raise ValueError(f"--shots applies to refcocog_reg, not {args.task}")
+        task = task.with_shots(args.shots, args.shots_split)
+    name = getattr(task, "name", args.task)
+    key = run_key(args, name)
+    if os.path.isfile(args.out) and not args.overwrite:  # a results file of another run is never relabelled
+        try:
+            with open(args.out) as f:
+                saved = json.load(f).get("run_key")
+        except (ValueError, AttributeError):
+            saved = None
+        if saved != key:
+            raise UsageError(f"--out {args.out!r} holds the results of another run"
+                             + (f" ({'; '.join(outputs.key_differences(saved, key))})" if saved else "")
+                             + ": pass --overwrite to replace them, or another --out")
+    jsonl = os.path.splitext(os.path.abspath(args.out))[0] + ".predictions.jsonl"
+    if jax.process_count() == 1:  # refuse another run's predictions before loading anything
+        check_stream(jsonl, key, args.overwrite)
+    items = task.load(args.data_dir, args.split)
+    if args.max_examples:
+        items = items[:args.max_examples]
+    if not items:
+        raise ValueError(f"no {args.task} items in split {args.split!r} of {args.data_dir}")
+    image_dir = args.image_dir or os.path.join(args.data_dir, "images")
+    if any("image" in it for it in items) and not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"image folder not found: {image_dir} (pass --image_dir)")
+    model, params = load_model(args.checkpoint)
+    tokenizer = tokenizer_for(args.tokenizer, model)
     processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                  num_image_tokens=model.config.latent_query_num)
     ctx = Context(model, params, processor, image_dir=image_dir, batch_size=args.batch_size)
-    jsonl = os.path.splitext(os.path.abspath(args.out))[0] + ".predictions.jsonl"
-    records = run_shared(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size)
+    records = run_shared(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size,
+                         key=key, overwrite=args.overwrite)
     if not multihost.is_primary():  # process 0 writes and prints the results
         return 0
     metrics = task.score(records)
     missing = sum(bool(r.get("missing_image")) for r in records)
-    name = getattr(task, "name", args.task)
     paper = PAPER.get(name, {}).get(args.split, {})
-    result = {"task": name, "split": args.split, "checkpoint": args.checkpoint, "count": len(records),
-              "missing_images": missing, "metrics": metrics, "paper": paper, "predictions": records}
+    result = {"task": name, "split": args.split, "checkpoint": args.checkpoint, "run_key": key,
+              "count": len(records), "scored": len(records) - missing, "missing_images": missing,
+              "unit": "percent (CIDEr, METEOR x 100), as the paper", "metrics": metrics, "paper": paper,
+              "predictions": records}
     if "accuracy" in metrics:
         result["accuracy"] = metrics["accuracy"]
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    outputs.write_json(args.out, result, indent=2)
     if hasattr(task, "server_json"):
         server = os.path.splitext(os.path.abspath(args.out))[0] + ".server.json"
-        with open(server, "w") as f:
-            json.dump(task.server_json(records), f)
+        outputs.write_json(server, task.server_json(records))
         print(f"wrote the evaluation server's JSON to {server}")
     if missing:
         print(f"{missing} of {len(records)} items had a missing or unreadable image (not scored)", file=sys.stderr)
-    print(markdown(name, args.split, len(records), metrics, paper))
+    print(markdown(name, args.split, len(records) - missing, missing, metrics, paper))
     if args.draw:
         _draw(items, records, args.draw, ctx, os.path.dirname(os.path.abspath(args.out)))
     return 0

@@ -6,14 +6,13 @@
 
 `--checkpoint` is a kosmos2_jax checkpoint (`convert from-hf` output) or a Hugging Face model folder.
 `--box "PHRASE=x1,y1,x2,y2"` writes a box after `<phrase>PHRASE</phrase>` in the prompt (the phrase
-is tagged if the prompt has it untagged); coordinates are normalized, or pixels of the first image
-when any is above 1. Decoding defaults to the released model's settings (greedy, n-gram 3).
+is tagged if the prompt has it untagged); coordinates are normalized to [0, 1], or pixels of each
+image with `--box_units px`. Decoding defaults to the released model's settings (greedy, n-gram 3).
+A prompt with characters the tokenizer cannot encode is refused (they would be dropped silently).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import sys
@@ -27,8 +26,10 @@ from kosmos2_jax.tokenizer import Kosmos2Tokenizer
 from kosmos2_jax.visualize import draw_entities
 
 
-def parse_box(spec: str, image_size: tuple[int, int] | None = None) -> tuple[str, tuple[float, float, float, float]]:
-    """`"a dog=0.1,0.2,0.5,0.9"` -> ("a dog", normalized box); pixel coordinates need `image_size` (w, h)."""
+def parse_box(spec: str, image_size: tuple[int, int] | None = None, units: str = "normalized"
+              ) -> tuple[str, tuple[float, float, float, float]]:
+    """`"a dog=0.1,0.2,0.5,0.9"` -> ("a dog", normalized box). `units="px"`: pixel coordinates of
+    an image of `image_size` (w, h)."""
     phrase, sep, coords = spec.rpartition("=")
     if not sep or not phrase.strip():
         raise ValueError(f"--box {spec!r}: expected PHRASE=x1,y1,x2,y2")
@@ -38,16 +39,18 @@ def parse_box(spec: str, image_size: tuple[int, int] | None = None) -> tuple[str
         raise ValueError(f"--box {spec!r}: coordinates must be 4 numbers") from None
     if len(values) != 4:
         raise ValueError(f"--box {spec!r}: expected 4 coordinates, got {len(values)}")
-    if any(v > 1 for v in values):
-        if image_size is None:
-            raise ValueError(f"--box {spec!r}: pixel coordinates need an image")
+    if units == "px":
         w, h = image_size
         values = [values[0] / w, values[1] / h, values[2] / w, values[3] / h]
+    elif any(not 0 <= v <= 1 for v in values):
+        raise ValueError(f"--box {spec!r}: normalized coordinates must be in [0, 1] "
+                         f"(pixels need --box_units px)")
     box = tuple(values)
     try:
         grounding.box_to_patch_pair(box)
     except ValueError as e:
-        raise ValueError(f"--box {spec!r}: {e}") from None
+        raise ValueError(f"--box {spec!r}" + (f" on a {image_size[0]}x{image_size[1]} image" if units == "px" else "")
+                         + f": {e}") from None
     return phrase.strip(), box
 
 
@@ -86,36 +89,54 @@ def load_model(path: str):
     return convert.load_checkpoint(path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kosmos2_jax.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--tokenizer", required=True, help="sentencepiece model")
-    p.add_argument("--image", action="append", required=True, help="repeat for a batch")
+def parse_args(argv):
+    from kosmos2_jax import cli
+
+    p = cli.ArgumentParser(prog="python -m kosmos2_jax.predict", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, type=cli.existing_dir, help="our checkpoint folder or a HF folder")
+    p.add_argument("--tokenizer", required=True, type=cli.existing_file, help="sentencepiece model")
+    p.add_argument("--image", action="append", required=True, type=cli.existing_file, help="repeat for a batch")
     p.add_argument("--prompt", default="<grounding>An image of")
     p.add_argument("--box", action="append", default=[], help='"PHRASE=x1,y1,x2,y2" (repeatable)')
-    p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--no_repeat_ngram_size", type=int, default=3)
-    p.add_argument("--out", help="annotated PNG (NAME_i.png per image when several)")
-    p.add_argument("--json", help="write results as JSON")
-    args = p.parse_args(argv)
-    try:
-        images = [load_image(path) for path in args.image]
-        boxes = [parse_box(b, images[0].size) for b in args.box]
-        prompt, bboxes = prompt_with_boxes(args.prompt, boxes)
-        model, params = load_model(args.checkpoint)
-        tokenizer = tokenizer_for(args.tokenizer, model)
-        processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
-                                     num_image_tokens=model.config.latent_query_num)
-        inputs = processor([prompt] * len(images), images=images, bboxes=[bboxes] * len(images) if bboxes else None,
-                           padding_side="left")
-        start = time.perf_counter()
-        out = generate(model, params, inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                       no_repeat_ngram_size=args.no_repeat_ngram_size, eos_token_id=tokenizer.eos_id,
-                       pad_token_id=tokenizer.pad_id)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    p.add_argument("--box_units", default="normalized", choices=("normalized", "px"),
+                   help="--box coordinates: normalized to [0, 1], or pixels of each image")
+    p.add_argument("--num_beams", type=cli.integer(1), default=1)
+    p.add_argument("--max_new_tokens", type=cli.integer(1), default=128)
+    p.add_argument("--no_repeat_ngram_size", type=cli.integer(0), default=3, help="0: no n-gram blocking")
+    p.add_argument("--out", type=cli.output_file, help="annotated PNG (NAME_i.png per image when several)")
+    p.add_argument("--json", type=cli.output_file, help="write results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from kosmos2_jax import cli
+
+    args = parse_args(argv)
+    return cli.run(lambda: predict(args))
+
+
+def predict(args) -> int:
+    from kosmos2_jax import outputs
+
+    images = [load_image(path) for path in args.image]
+    per_image = []  # the prompt and its boxes for each image (pixel boxes depend on its size)
+    for image in images:
+        per_image.append(prompt_with_boxes(args.prompt, [parse_box(b, image.size, args.box_units) for b in args.box]))
+    prompt = per_image[0][0]
+    model, params = load_model(args.checkpoint)
+    tokenizer = tokenizer_for(args.tokenizer, model)
+    unknown = tokenizer.unknown_characters(prompt)
+    if unknown:
+        raise ValueError(f"--prompt {args.prompt!r}: the tokenizer {args.tokenizer} cannot encode "
+                         f"{' '.join(repr(c) for c in unknown)} (they would be dropped)")
+    processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
+                                 num_image_tokens=model.config.latent_query_num)
+    bboxes = [b for _, b in per_image] if args.box else None
+    inputs = processor([prompt] * len(images), images=images, bboxes=bboxes, padding_side="left")
+    start = time.perf_counter()
+    out = generate(model, params, inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, eos_token_id=tokenizer.eos_id,
+                   pad_token_id=tokenizer.pad_id)
     elapsed = time.perf_counter() - start
     results = []
     for i, (path, image, ids) in enumerate(zip(args.image, images, out.sequences)):
@@ -134,12 +155,11 @@ def main(argv=None) -> int:
         if args.out:
             stem, ext = os.path.splitext(args.out)
             target = args.out if len(images) == 1 else f"{stem}_{i}{ext or '.png'}"
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            draw_entities(image, entities).save(target)
+            with outputs.atomic_file(target, "wb") as f:
+                draw_entities(image, entities).save(f, format="PNG")
             print(f"  wrote {target}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        outputs.write_json(args.json, results, indent=2)
     print(f"generated {out.sequences.shape[0]} x {out.scores.shape[1]} tokens in {elapsed:.1f}s (includes compilation)")
     return 0
 

@@ -25,7 +25,6 @@ trains a sentencepiece model with the layout above for a new domain.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -209,6 +208,12 @@ class Kosmos2Tokenizer:
         if text:
             ids.extend(p + 1 if p else self.unk_id for p in self.sp.encode(text))
 
+    def unknown_characters(self, text: str) -> list[str]:
+        """The characters of `text` (tags and location tokens aside) that the sentencepiece model
+        cannot encode: they would become <unk>, which decoding drops."""
+        chars = {c for part in self.split_added_tokens(text) if part not in self._added_to_id for c in part}
+        return sorted(c for c in chars if not c.isspace() and 0 in self.sp.encode(c))
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. `skip_special_tokens` drops <s> <pad> </s> <unk> <mask>, never tags or locations."""
         out = []
@@ -246,29 +251,41 @@ def train_sentencepiece(input_path: str, vocab_size: int, out_prefix: str, model
         raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        input=input_path, model_prefix=out_prefix, vocab_size=vocab_size, model_type=model_type,
-        character_coverage=character_coverage, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="nmt_nfkc", hard_vocab_limit=False, minloglevel=2)
+    tmp = f"{out_prefix}.partial-{os.getpid()}"  # both files appear only when training succeeded
+    try:
+        spm.SentencePieceTrainer.train(
+            input=input_path, model_prefix=tmp, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=character_coverage, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            normalization_rule_name="nmt_nfkc", hard_vocab_limit=False, minloglevel=2)
+    except RuntimeError as e:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(tmp + ext):
+                os.remove(tmp + ext)
+        raise ValueError(f"sentencepiece training on {input_path!r} failed: {str(e).strip().splitlines()[-1]}") from None
+    for ext in (".vocab", ".model"):
+        os.replace(tmp + ext, out_prefix + ext)
     return out_prefix + ".model"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kosmos2_jax.tokenizer", description=__doc__.split("\n")[0])
+    from kosmos2_jax import cli
+
+    parser = cli.ArgumentParser(prog="python -m kosmos2_jax.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a sentencepiece model for a new domain")
-    train.add_argument("--input", required=True, help="text file, one caption per line")
-    train.add_argument("--vocab_size", type=int, required=True, help="number of sentencepiece pieces")
-    train.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--input", required=True, type=cli.existing_file, help="text file, one caption per line")
+    train.add_argument("--vocab_size", type=cli.integer(8), required=True, help="number of sentencepiece pieces")
+    train.add_argument("--out", required=True, type=cli.output_file,
+                       help="output prefix: writes PREFIX.model and PREFIX.vocab")
     train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         path = train_sentencepiece(args.input, args.vocab_size, args.out, args.model_type)
-    except ValueError as e:
-        parser.error(str(e))
-    tok = Kosmos2Tokenizer.from_file(path)
-    print(f"wrote {path}: {tok.sp.get_piece_size()} pieces, KOSMOS-2 vocab {tok.vocab_size}")
-    return 0
+        tok = Kosmos2Tokenizer.from_file(path)
+        print(f"wrote {path}: {tok.sp.get_piece_size()} pieces, KOSMOS-2 vocab {tok.vocab_size}")
+        return 0
+    return cli.run(run)
 
 
 if __name__ == "__main__":

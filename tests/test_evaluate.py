@@ -39,7 +39,7 @@ def test_shapes_task_end_to_end(shapes_tfds, small_spm, tmp_path):
                         "--max_examples", "5", "--batch_size", "4", "--out", str(out), "--draw", "2"])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["count"] == 5 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["count"] == 5 and 0.0 <= result["accuracy"] <= 100.0
     assert all({"expression", "target", "predicted", "iou", "hit", "text"} <= set(p) for p in result["predictions"])
     assert (tmp_path / "eval" / "example_1.png").is_file()
 
@@ -347,6 +347,7 @@ def test_reg_few_shot_end_to_end(tmp_path, small_spm):
 def test_evaluate_bad_inputs(tmp_path, small_spm, capsys):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
     common = ["--checkpoint", ckpt, "--tokenizer", small_spm, "--out", str(tmp_path / "r.json")]
+    (tmp_path / "nothing").mkdir()
     assert evaluate.main(["--task", "refcoco", "--data_dir", str(tmp_path / "nothing"), "--split", "val", *common]) == 2
     assert "finetune_refcoco_val.json" in capsys.readouterr().err
     root = _dummy_task_data("refcoco", tmp_path / "data")

@@ -244,9 +244,10 @@ def test_beam_direct_runner_matches_local(nlp, tmp_path):
 def test_build_errors(tmp_path, capsys):
     from kosmos2_jax.grit.build import main
 
-    assert main(["--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--detector", "precomputed",
-                 "--detector_path", "x", "--runner", "local"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--detector", "precomputed",
+              "--detector_path", "x", "--runner", "local"])
+    assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
     assert main(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--detector", "hf", "--runner", "local"]) == 2
     assert "needs --detector_path" in capsys.readouterr().err
 

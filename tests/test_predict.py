@@ -46,19 +46,24 @@ def test_predict_end_to_end(tiny_ckpt, image_path, tmp_path, capsys):
     (["--box", "a red circle=0.5,0.1,0.4,0.5"], "x1 < x2"),
     (["--box", "a red circle=0.1,0.1,0.4"], "4 coordinates"),
     (["--box", "a blue star=0.1,0.1,0.4,0.5"], "does not occur in the prompt"),
-    (["--box", "a red circle=10,10,9000,50"], "outside"),
+    (["--box", "a red circle=10,10,9000,50", "--box_units", "px"], "outside"),
+    (["--box", "a red circle=10,10,90,50"], "--box_units px"),
 ])
 def test_predict_bad_input(tiny_ckpt, image_path, capsys, args, message):
     ckpt, spm = tiny_ckpt
     base = ["--checkpoint", ckpt, "--tokenizer", spm, "--prompt", "<grounding>a red circle", "--max_new_tokens", "4"]
     if "--image" not in args:
         base += ["--image", image_path]
-    assert predict.main(base + args) == 2
+    try:
+        rc = predict.main(base + args)
+    except SystemExit as e:  # argument errors (a missing file) exit from argparse
+        rc = e.code
+    assert rc == 2
     assert message in capsys.readouterr().err
 
 
 def test_pixel_boxes_are_normalized():
-    assert predict.parse_box("a dog=10,20,50,60", (100, 200)) == ("a dog", (0.1, 0.1, 0.5, 0.3))
+    assert predict.parse_box("a dog=10,20,50,60", (100, 200), "px") == ("a dog", (0.1, 0.1, 0.5, 0.3))
 
 
 @pytest.mark.skipif(not IMAGES_DIR.is_dir() or official_spm_path() is None, reason="shared demo images/spm absent")

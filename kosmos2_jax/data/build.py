@@ -8,7 +8,6 @@ A builder folder holds `<name>_dataset_builder.py` defining `Builder`.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -32,6 +31,11 @@ def load_builder_class(folder: str):
 
 def build(folder: str, data_dir: str, config: str | None = None, manual_dir: str | None = None):
     builder_cls = load_builder_class(folder)
+    if getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not manual_dir:
+        first = builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]
+        raise ValueError(f"{folder} reads local files: give them with --manual_dir ({first})")
+    if config and config not in [c.name for c in builder_cls.BUILDER_CONFIGS]:
+        raise ValueError(f"--config {config!r}: {folder} has configs {[c.name for c in builder_cls.BUILDER_CONFIGS]}")
     builder = builder_cls(data_dir=data_dir, config=config) if config else builder_cls(data_dir=data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     builder.download_and_prepare(download_config=download_config)
@@ -39,21 +43,22 @@ def build(folder: str, data_dir: str, config: str | None = None, manual_dir: str
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kosmos2_jax.data.build", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", help="builder folder, e.g. data/shapes")
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--manual_dir", default=None)
+    from kosmos2_jax import cli
+
+    parser = cli.ArgumentParser(prog="python -m kosmos2_jax.data.build", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=cli.existing_dir, help="builder folder, e.g. data/shapes")
+    parser.add_argument("--data_dir", required=True, type=cli.output_dir, help="tfds data folder to write into")
+    parser.add_argument("--config", default=None, help="builder config (default: the builder's first)")
+    parser.add_argument("--manual_dir", default=None, type=cli.existing_dir, help="local input files, for builders that read them")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         builder = build(args.folder, args.data_dir, args.config, args.manual_dir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for split, info in builder.info.splits.items():
-        print(f"{builder.info.full_name} {split}: {info.num_examples} examples")
-    print(f"data in {builder.data_dir}")
-    return 0
+        for split, info in builder.info.splits.items():
+            print(f"{builder.info.full_name} {split}: {info.num_examples} examples")
+        print(f"data in {builder.data_dir}")
+        return 0
+    return cli.run(run)
 
 
 if __name__ == "__main__":

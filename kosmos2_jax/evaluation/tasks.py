@@ -180,10 +180,6 @@ class ShapesTask(RefExpTask):
                           "target": [float(v) for v in ex["box"]]})
         return items
 
-    def score(self, records):
-        scored = [r for r in records if not r.get("missing_image")]
-        return {"accuracy": sum(r["hit"] for r in scored) / max(len(scored), 1)}
-
 
 class FlickrEntitiesTask:
     """Phrase grounding: one prompt per phrase, `<grounding>{caption before it} <phrase>{phrase}</phrase>`;

