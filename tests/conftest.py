@@ -16,6 +16,15 @@ SHARED_KOSMOS2 = pathlib.Path(os.environ.get("KOSMOS2_SHARED_DIR", REPO.parent /
 IMAGES_DIR = SHARED_KOSMOS2 / "images"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """The CLI tests' subprocesses share one persistent XLA compilation cache, so runs of the same
+    config (a run and its resume, say) compile once. The same executables, so the same numbers."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
+    yield cache
+
+
 def official_spm_path():
     path = os.environ.get("KOSMOS2_SPM_MODEL") or str(SHARED_KOSMOS2 / "sentencepiece.bpe.model")
     return path if os.path.isfile(path) else None

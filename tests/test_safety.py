@@ -210,7 +210,7 @@ def test_train_user_errors_are_one_line(run_dir, shapes_tfds, small_spm, tmp_pat
         assert bad.returncode == 2, (extra, bad.stderr[-2000:])
         assert_one_line(bad.stderr, name)
     assert not os.path.exists(tmp_path / "new") and snapshot(run_dir) == before
-    helped = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--helpfull"], capture_output=True, text=True,
+    helped = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--help"], capture_output=True, text=True,
                             cwd=REPO, env=ENV)
     assert "--print_config" in helped.stdout
     listed = subprocess.run(train_cmd(tmp_path / "new", shapes_tfds, small_spm, "--print_config"),
@@ -227,16 +227,17 @@ def test_a_damaged_step_is_named_and_an_earlier_one_resumes(run_dir, shapes_tfds
     for path in data:
         os.remove(path)
     before = snapshot(work)
-    bad = subprocess.run(train_cmd(work, shapes_tfds, small_spm, "--config.train.steps=12"), capture_output=True,
+    bad = subprocess.run(train_cmd(work, shapes_tfds, small_spm, "--config.train.steps=8"), capture_output=True,
                          text=True, cwd=REPO, env=ENV)
     assert bad.returncode == 2
     assert_one_line(bad.stderr, "step 8", "--config.train.resume_step=4")
     assert snapshot(work) == before
-    ok = subprocess.run(train_cmd(work, shapes_tfds, small_spm, "--config.train.steps=12",
+    ok = subprocess.run(train_cmd(work, shapes_tfds, small_spm, "--config.train.steps=8",  # the run's own config
                                   "--config.train.resume_step=4"), capture_output=True, text=True, cwd=REPO, env=ENV)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "resumed from step 4" in ok.stdout and "step 5/12" in ok.stdout
-    assert os.path.isdir(work / "damaged_checkpoints" / "8") and os.path.isdir(work / "checkpoints" / "12")
+    assert "resumed from step 4" in ok.stdout and "step 5/8" in ok.stdout
+    assert os.path.isdir(work / "damaged_checkpoints" / "8") and os.path.isdir(work / "checkpoints" / "8")
+    assert (work / "checkpoints" / "8" / "state" / "d").is_dir()  # written again
 
 
 def test_every_numeric_setting_of_train_is_range_checked(shapes_tfds, small_spm):
@@ -315,6 +316,9 @@ def test_evaluate_never_relabels_another_checkpoints_results(ckpts, small_spm, s
     assert evaluate.main(_eval_args(ckpts["other"], small_spm, shapes_tfds, out, "--overwrite")) == 0
     assert "resuming" not in capsys.readouterr().err
     assert json.loads(out.read_text())["run_key"]["checkpoint"] == os.path.abspath(ckpts["other"])
+    rc, err = call(evaluate.main, _eval_args(ckpts["other"], small_spm, shapes_tfds, out.parent), capsys)
+    assert rc == 2
+    assert_one_line(err, "argument --out", "is a folder")
 
 
 def test_a_torn_last_prediction_line_is_dropped_not_glued_to(tmp_path):

@@ -236,9 +236,7 @@ def _get(tree, path):
 
 
 def test_clear_errors(shapes_tfds, small_spm, tmp_path):
-    bad_key = subprocess.run(_cmd(tmp_path / "x", shapes_tfds, small_spm, "--config.train.stepz=3"),
-                             capture_output=True, text=True, cwd=REPO)
-    assert bad_key.returncode != 0 and "stepz" in bad_key.stderr
+    # an unknown key, out-of-range settings: tests/test_safety.py
     missing = subprocess.run(_cmd(tmp_path / "y", shapes_tfds, small_spm, f"--config.data.train_dir={tmp_path}/none"),
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "no prepared tfds dataset" in missing.stderr
@@ -301,7 +299,7 @@ def test_periodic_grounding_evaluation_and_a_profile_window(shapes_tfds, small_s
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if "grounding accuracy" in line]
     assert [line.split()[1] for line in lines] == ["2", "4"]
-    assert all(0.0 <= float(line.split()[4]) <= 1.0 for line in lines)
+    assert all(line.split()[4].endswith("%") and 0.0 <= float(line.split()[4][:-1]) <= 100.0 for line in lines)
     assert f"profile of steps 2-3 in {tmp_path / 'g' / 'profile'}" in run.stdout
     table = run.stdout.split("profile of steps", 1)[1]
     for part in ("vision tower", "decoder", "LM head + loss", "optimizer"):

@@ -140,24 +140,20 @@ def refexp_examples(record: dict) -> list[dict]:
 def main(argv=None) -> int:
     """`python -m kosmos2_jax.data.synthetic captions --num 4000 --out captions.txt`: training text
     for the demo's sentencepiece model."""
-    import argparse
+    from kosmos2_jax import cli, outputs
 
-    parser = argparse.ArgumentParser(prog="python -m kosmos2_jax.data.synthetic")
+    parser = cli.ArgumentParser(prog="python -m kosmos2_jax.data.synthetic")
     sub = parser.add_subparsers(dest="command", required=True)
     cap = sub.add_parser("captions", help="write the captions of the first N train examples")
-    cap.add_argument("--num", type=int, default=4000)
-    cap.add_argument("--seed", type=int, default=0)
-    cap.add_argument("--out", required=True)
+    cap.add_argument("--num", type=cli.integer(1), default=4000)
+    cap.add_argument("--seed", type=cli.integer(), default=0)
+    cap.add_argument("--out", required=True, type=cli.output_file)
     args = parser.parse_args(argv)
-    import os
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with outputs.atomic_file(args.out) as f:
         for i in range(args.num):
             f.write(make_example(args.seed, "train", i, image_size=32)["caption"] + "\n")
     print(f"wrote {args.num} captions to {args.out}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

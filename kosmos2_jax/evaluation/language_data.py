@@ -19,7 +19,6 @@ StoryCloze needs its manual download (tfds `story_cloze`); the others download t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -84,23 +83,23 @@ def convert(task: str, ex: dict, index: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kosmos2_jax.evaluation.language_data", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    from kosmos2_jax import cli, outputs
+
+    p = cli.ArgumentParser(prog="python -m kosmos2_jax.evaluation.language_data", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=cli.output_file, help="JSONL to write")
     p.add_argument("--tasks", nargs="+", default=sorted(TFDS), choices=sorted(TFDS))
     p.add_argument("--data_dir", default=None, help="tfds data_dir")
-    p.add_argument("--max_per_task", type=int, default=0)
+    p.add_argument("--max_per_task", type=cli.integer(0), default=0, help="0: all")
     args = p.parse_args(argv)
     import tensorflow_datasets as tfds
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with outputs.atomic_file(args.out) as f:  # a failed task leaves no half-written file
         for task in args.tasks:
             name, split = TFDS[task]
             try:
                 ds = tfds.load(name, split=split, data_dir=args.data_dir)
             except Exception as e:  # tfds raises many types for missing/undownloadable data
-                print(f"error: {task} ({name}): {e}", file=sys.stderr)
-                return 2
+                raise SystemExit(cli.error(f"{task} ({name}): {' '.join(str(e).split())[:300]}"))
             n = 0
             for i, ex in enumerate(tfds.as_numpy(ds)):
                 if args.max_per_task and n == args.max_per_task:
@@ -109,7 +108,6 @@ def main(argv=None) -> int:
                 n += 1
             print(f"{task}: {n} items from {name} [{split}]")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

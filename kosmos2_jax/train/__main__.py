@@ -268,19 +268,19 @@ def run(cfg, workdir: str) -> dict:
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
     try:  # nothing is written before the checkpoint is known to restore into this config
         start, later = resume_step(checkpoints, cfg.train.get("resume_step", 0), workdir)
+        shard_states = None
         if start:
             check_resume(workdir, cfg, model.config, say)
             if start > cfg.train.steps:
                 raise UsageError(f"config.train.steps={cfg.train.steps} but {workdir!r} is at step {start}: "
                                  f"give more steps, or another --workdir")
+            shard_states = restore_data_states(checkpoints, start, shards)
         if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
             init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
         processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                      num_image_tokens=model.config.latent_query_num)
         trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
-        shard_states = None
         if start:
-            shard_states = restore_data_states(checkpoints, start, shards)
             trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
         for step in later:
             say(f"resume_step {start}: moved the checkpoint of step {step} to {checkpoints.set_aside(step)}")

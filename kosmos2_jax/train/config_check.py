@@ -57,7 +57,7 @@ RANGES = {
     "data.pack_max_images": (_INT, 1, None, False),
     "data.shards": (_INT, 0, None, False),
     "data.grounding_items": (_INT, 1, None, False),
-    "optim.lr": (_NUM, 0.0, None, True),
+    "optim.lr": (_NUM, 0.0, None, False),  # 0: a run that only evaluates or exports
     "optim.warmup_steps": (_INT, 0, None, False),
     "optim.b1": (_NUM, 0.0, 1.0, False),
     "optim.b2": (_NUM, 0.0, 1.0, False),
