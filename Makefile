@@ -23,8 +23,11 @@ $(CORE_STAMP): setup.py
 
 install: $(STAMP)
 
+# Two workers, each module on one of them (its module fixtures built once): 18-19 min on 2 cores
+# against 25-28 min in one process. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

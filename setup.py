@@ -37,6 +37,7 @@ setup(
         # the CPU wheel on local disk (an unpinned torch pulls a multi-GB CUDA build).
         "test": [
             "pytest",
+            "pytest-xdist",  # make test runs the suite on 2 workers
             "hypothesis",
             "torch==2.13.0",
             "transformers==4.46.3",

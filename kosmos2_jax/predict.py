@@ -105,7 +105,17 @@ def parse_args(argv):
     p.add_argument("--no_repeat_ngram_size", type=cli.integer(0), default=3, help="0: no n-gram blocking")
     p.add_argument("--out", type=cli.output_file, help="annotated PNG (NAME_i.png per image when several)")
     p.add_argument("--json", type=cli.output_file, help="write results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out / --json files")
     return p.parse_args(argv)
+
+
+def output_paths(args) -> list[str]:
+    """The files this run writes: --json, and --out (NAME_i.png per image when several)."""
+    paths = [args.json] if args.json else []
+    if args.out:
+        stem, ext = os.path.splitext(args.out)
+        paths += [args.out] if len(args.image) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(args.image))]
+    return paths
 
 
 def main(argv=None) -> int:
@@ -118,6 +128,8 @@ def main(argv=None) -> int:
 def predict(args) -> int:
     from kosmos2_jax import outputs
 
+    for path in output_paths(args):
+        outputs.refuse_existing(path, args.overwrite, "--json" if path == args.json else "--out")
     images = [load_image(path) for path in args.image]
     per_image = []  # the prompt and its boxes for each image (pixel boxes depend on its size)
     for image in images:
@@ -153,8 +165,7 @@ def predict(args) -> int:
                                        "boxes_normalized": [list(b) for b in ent_boxes]})
         results.append(record)
         if args.out:
-            stem, ext = os.path.splitext(args.out)
-            target = args.out if len(images) == 1 else f"{stem}_{i}{ext or '.png'}"
+            target = output_paths(args)[i + bool(args.json)]
             with outputs.atomic_file(target, "wb") as f:
                 draw_entities(image, entities).save(f, format="PNG")
             print(f"  wrote {target}")

@@ -278,9 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--out", required=True, type=cli.output_file,
                        help="output prefix: writes PREFIX.model and PREFIX.vocab")
     train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
+    train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model / PREFIX.vocab")
     args = parser.parse_args(argv)
 
     def run() -> int:
+        from kosmos2_jax.outputs import refuse_existing
+
+        for ext in (".model", ".vocab"):
+            refuse_existing(args.out + ext, args.overwrite)
         path = train_sentencepiece(args.input, args.vocab_size, args.out, args.model_type)
         tok = Kosmos2Tokenizer.from_file(path)
         print(f"wrote {path}: {tok.sp.get_piece_size()} pieces, KOSMOS-2 vocab {tok.vocab_size}")

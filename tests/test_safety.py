@@ -371,6 +371,12 @@ def test_predict_box_units_and_prompt_characters(ckpts, small_spm, image, tmp_pa
     rc, err = call(predict.main, base + ["--prompt", "<grounding>An image of"], capsys)  # no 'A' in this model
     assert rc == 2
     assert_one_line(err, "'A'", "cannot encode")
+    rc, err = call(predict.main, base + ["--json", str(tmp_path / "o.json")], capsys)  # written above
+    assert rc == 2
+    assert_one_line(err, "--json", "--overwrite")
+    assert call(predict.main, base + ["--prompt", "<grounding>a", "--json", str(tmp_path / "o.json"), "--overwrite"],
+                capsys)[0] == 0
+    assert json.loads((tmp_path / "o.json").read_text())[0]["prompt"] == "<grounding>a"
     rc, err = call(predict.main, base + ["--json", str(tmp_path)], capsys)
     assert rc == 2
     assert_one_line(err, "--json", "is a folder")

@@ -148,7 +148,12 @@ def main(argv=None) -> int:
     cap.add_argument("--num", type=cli.integer(1), default=4000)
     cap.add_argument("--seed", type=cli.integer(), default=0)
     cap.add_argument("--out", required=True, type=cli.output_file)
+    cap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    try:
+        outputs.refuse_existing(args.out, args.overwrite)
+    except cli.UsageError as e:
+        return cli.error(str(e))
     with outputs.atomic_file(args.out) as f:
         for i in range(args.num):
             f.write(make_example(args.seed, "train", i, image_size=32)["caption"] + "\n")

@@ -90,7 +90,12 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=sorted(TFDS), choices=sorted(TFDS))
     p.add_argument("--data_dir", default=None, help="tfds data_dir")
     p.add_argument("--max_per_task", type=cli.integer(0), default=0, help="0: all")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
+    try:
+        outputs.refuse_existing(args.out, args.overwrite)
+    except cli.UsageError as e:
+        return cli.error(str(e))
     import tensorflow_datasets as tfds
 
     with outputs.atomic_file(args.out) as f:  # a failed task leaves no half-written file
