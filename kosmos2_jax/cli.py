@@ -92,29 +92,22 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
     return parse
 
 
-def existing_file(text: str) -> str:
-    """An argparse type: a path to an existing file."""
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
-    return text
+def _existing(kind: str) -> Callable[[str], str]:
+    """An argparse type: an existing path; `kind` "file" or "folder" also checks which it is."""
+    def parse(text: str) -> str:
+        if not os.path.exists(text):
+            raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+        if kind and os.path.isdir(text) != (kind == "folder"):
+            other = "file" if kind == "folder" else "folder"
+            raise argparse.ArgumentTypeError(f"{text!r} is a {other}, not a {kind}")
+        return text
+    parse.__name__ = f"existing_{kind or 'path'}"
+    return parse
 
 
-def existing_dir(text: str) -> str:
-    """An argparse type: a path to an existing folder."""
-    if os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
-    return text
-
-
-def existing_path(text: str) -> str:
-    """An argparse type: an existing file or folder."""
-    if not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
-    return text
+existing_file = _existing("file")
+existing_dir = _existing("folder")
+existing_path = _existing("")
 
 
 def output_file(text: str) -> str:
