@@ -88,6 +88,7 @@ def run_dir(shapes_tfds, small_spm, tmp_path_factory):
     done = subprocess.run(train_cmd(workdir, shapes_tfds, small_spm, "--config.train.steps=8"), capture_output=True,
                           text=True, cwd=REPO, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "oneDNN" not in done.stdout + done.stderr  # TensorFlow's banner is off (kosmos2_jax/__init__.py)
     return workdir
 
 
