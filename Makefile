@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORE_STAMP := $(VENV)/.installed-core
 
-.PHONY: test test-slow install clean demo
+.PHONY: test test-slow install clean demo demo-data
 
 # (Re)install when setup.py changes; `make test` on a fresh clone builds everything itself.
 $(STAMP): setup.py
@@ -50,7 +50,10 @@ $(DEMO_DATA)/tfds/shapes/refexp/1.0.0: $(CORE_STAMP)
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds --config refexp
 
-demo: $(DEMO_DATA)/spm/shapes.model $(DEMO_DATA)/tfds/shapes/refexp/1.0.0
+# the demo's tokenizer and datasets (benchmarks/demo_robustness.py reads them too)
+demo-data: $(DEMO_DATA)/spm/shapes.model $(DEMO_DATA)/tfds/shapes/refexp/1.0.0
+
+demo: demo-data
 	$(CPU_ENV) $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir $(DEMO_RUN)
 	$(CPU_ENV) $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
 		--tokenizer $(DEMO_DATA)/spm/shapes.model --data_dir $(DEMO_DATA)/tfds/shapes/refexp/1.0.0 \

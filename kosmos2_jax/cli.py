@@ -10,10 +10,13 @@ the traceback of user errors too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from typing import Callable
+
+_REAL_STDERR = None  # a copy of the real stderr once `fd2_silenced` left fd 2 silenced
 
 
 class UsageError(ValueError):
@@ -39,8 +42,35 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def stderr():
+    """Where one-line errors go: stderr, or its copy when `fd2_silenced` left fd 2 silenced."""
+    return _REAL_STDERR or sys.stderr
+
+
+@contextlib.contextmanager
+def fd2_silenced():
+    """Silence file descriptor 2 for the block. When the block raises, it stays silenced until the
+    process ends and `stderr()` writes to the real one: a failed Orbax restore leaves reads in
+    other threads that keep printing event-loop tracebacks, which would bury the one-line error."""
+    global _REAL_STDERR
+    sys.stderr.flush()
+    real, quiet = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    os.close(quiet)
+    try:
+        yield
+    except BaseException:
+        if _REAL_STDERR is None:
+            _REAL_STDERR = os.fdopen(real, "w", buffering=1)
+        else:
+            os.close(real)
+        raise
+    os.dup2(real, 2)
+    os.close(real)
+
+
 def error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=stderr())
     return 2
 
 

@@ -395,11 +395,12 @@ def main(argv):
     except USER_ERRORS as e:
         if os.environ.get("KOSMOS2_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        from kosmos2_jax.cli import stderr
+
+        print(f"error: {e}", file=stderr(), flush=True)
         sys.stdout.flush()
-        sys.stderr.flush()
         # Not sys.exit: after a failed Orbax restore, its event-loop threads print tracebacks at
-        # interpreter shutdown, burying the one-line error.
+        # interpreter shutdown.
         os._exit(2)
 
 

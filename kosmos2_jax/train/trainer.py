@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -300,22 +299,14 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state):
         """The train state of `step` (its data states: `data_states`)."""
-        # A failed restore's pending reads keep printing event-loop tracebacks from other threads,
-        # straight to file descriptor 2, until the process ends: silence fd 2 while restoring, and
-        # on failure leave it silenced, with Python's stderr moved to a copy of the real one.
-        sys.stderr.flush()
-        real, quiet = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(quiet, 2)
-        os.close(quiet)
+        from kosmos2_jax.cli import fd2_silenced
+
         try:
-            state = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            with fd2_silenced():  # a failed restore's reads keep printing tracebacks from other threads
+                return self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:
-            sys.stderr = os.fdopen(real, "w", buffering=1)
             raise DamagedCheckpoint(self._damaged(step, e)) from e
-        os.dup2(real, 2)
-        os.close(real)
-        return state
 
     def _damaged(self, step: int, error: Exception) -> str:
         others = [s for s in sorted(self.manager.all_steps()) if s != step]

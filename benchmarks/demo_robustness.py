@@ -1,0 +1,85 @@
+"""The demo recipe (`experiments/shapes_tiny.py`) with several seeds: held-out first-box accuracy,
+time and learning curve of each run. A seed changes the init and the data order, which stands in
+for another machine's arithmetic (XLA:CPU picks other kernels on other CPUs).
+
+    make demo-data                     # the demo's tokenizer and datasets (what `make demo` builds first)
+    .venv/bin/python benchmarks/demo_robustness.py [--seeds 0 1 2] [--workdir workdir/robustness] [--parallel 1]
+
+Each run: `python -m kosmos2_jax.train --config experiments/shapes_tiny.py --config.seed=S`, then
+`python -m kosmos2_jax.evaluate --task shapes` on the held-out `refexp` test split, as `make demo`
+does. Prints one row per seed (accuracy, train and eval wall time, grounding accuracy at each
+periodic evaluation) and the median. `--parallel N` runs N seeds at once (their times then share
+the cores: compare times only between runs made the same way).
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = REPO / "workdir" / "demo_data"
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def run_seed(seed: int, workdir: pathlib.Path) -> dict:
+    run = workdir / f"seed_{seed}"
+    start = time.time()
+    train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", "experiments/shapes_tiny.py",
+                            "--workdir", str(run), f"--config.seed={seed}"], capture_output=True, text=True,
+                           cwd=REPO, env=ENV)
+    (workdir / f"seed_{seed}.train.log").write_text(train.stdout + train.stderr)
+    if train.returncode:
+        raise SystemExit(f"seed {seed}: training failed (see {workdir}/seed_{seed}.train.log)")
+    trained = time.time()
+    evaluated = subprocess.run([sys.executable, "-m", "kosmos2_jax.evaluate", "--task", "shapes", "--checkpoint",
+                                str(run / "export"), "--tokenizer", str(DATA / "spm" / "shapes.model"),
+                                "--data_dir", str(DATA / "tfds" / "shapes" / "refexp" / "1.0.0"), "--split", "test",
+                                "--out", str(run / "eval" / "results.json"), "--overwrite"],
+                               capture_output=True, text=True, cwd=REPO, env=ENV)
+    if evaluated.returncode:
+        raise SystemExit(f"seed {seed}: evaluation failed: {evaluated.stderr[-2000:]}")
+    result = json.loads((run / "eval" / "results.json").read_text())
+    curve = [(int(m.group(1)), float(m.group(2))) for m in
+             re.finditer(r"step (\d+) grounding accuracy ([\d.]+)%", train.stdout)]
+    return {"seed": seed, "accuracy": result["accuracy"], "scored": result["scored"], "curve": curve,
+            "train_s": trained - start, "eval_s": time.time() - trained}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workdir", default=str(REPO / "workdir" / "robustness"), help="runs go to WORKDIR/seed_S")
+    p.add_argument("--parallel", type=int, default=1, help="seeds trained at once")
+    args = p.parse_args(argv)
+    if not (DATA / "spm" / "shapes.model").is_file() or not (DATA / "tfds" / "shapes" / "refexp" / "1.0.0").is_dir():
+        print(f"error: the demo data is not in {DATA}: run `make demo-data` first", file=sys.stderr)
+        return 2
+    workdir = pathlib.Path(args.workdir)
+    existing = [s for s in args.seeds if (workdir / f"seed_{s}").exists()]
+    if existing:
+        print(f"error: {workdir} already holds runs of seeds {existing}: give another --workdir", file=sys.stderr)
+        return 2
+    workdir.mkdir(parents=True, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(max(args.parallel, 1)) as pool:
+        rows = list(pool.map(lambda s: run_seed(s, workdir), args.seeds))
+    print("| seed | first-box accuracy (%) | items | train | eval | grounding accuracy during training (step: %) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        curve = ", ".join(f"{step}: {acc:.1f}" for step, acc in r["curve"])
+        print(f"| {r['seed']} | {r['accuracy']:.1f} | {r['scored']} | {r['train_s'] / 60:.1f} min | "
+              f"{r['eval_s']:.0f} s | {curve} |")
+    accs = [r["accuracy"] for r in rows]
+    print(f"median {statistics.median(accs):.1f}%, min {min(accs):.1f}%, max {max(accs):.1f}% "
+          f"over {len(rows)} seeds (parallel={args.parallel})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
