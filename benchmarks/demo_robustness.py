@@ -28,11 +28,11 @@ DATA = REPO / "workdir" / "demo_data"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def run_seed(seed: int, workdir: pathlib.Path) -> dict:
+def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
     run = workdir / f"seed_{seed}"
     start = time.time()
     train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", "experiments/shapes_tiny.py",
-                            "--workdir", str(run), f"--config.seed={seed}"], capture_output=True, text=True,
+                            "--workdir", str(run), f"--config.seed={seed}", *overrides], capture_output=True, text=True,
                            cwd=REPO, env=ENV)
     (workdir / f"seed_{seed}.train.log").write_text(train.stdout + train.stderr)
     if train.returncode:
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", default=str(REPO / "workdir" / "robustness"), help="runs go to WORKDIR/seed_S")
     p.add_argument("--parallel", type=int, default=1, help="seeds trained at once")
+    p.add_argument("--override", action="append", default=[],
+                   help="a train flag for every run, e.g. --override=--config.train.steps=50 (a quick check)")
     args = p.parse_args(argv)
     if not (DATA / "spm" / "shapes.model").is_file() or not (DATA / "tfds" / "shapes" / "refexp" / "1.0.0").is_dir():
         print(f"error: the demo data is not in {DATA}: run `make demo-data` first", file=sys.stderr)
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
         return 2
     workdir.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(max(args.parallel, 1)) as pool:
-        rows = list(pool.map(lambda s: run_seed(s, workdir), args.seeds))
+        rows = list(pool.map(lambda s: run_seed(s, workdir, args.override), args.seeds))
     print("| seed | first-box accuracy (%) | items | train | eval | grounding accuracy during training (step: %) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
