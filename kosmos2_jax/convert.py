@@ -399,8 +399,7 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int
     from kosmos2_jax import multihost, outputs
 
     tree = nn.unbox(params)
-    primary = jax.process_index() == 0
-    multihost.sync("save_checkpoint:start")
+    primary = multihost.is_primary()
     with outputs.atomic_dir(out_dir, primary=primary) as tmp:
         multihost.sync("save_checkpoint:made")
         if primary:
