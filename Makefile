@@ -36,11 +36,13 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
 
 # --- the quick start: train the tiny model on the synthetic shapes dataset, on CPU ---------------
-DEMO_DATA := workdir/demo_data
-DEMO_RUN := workdir/shapes_tiny
+DEMO_DATA ?= workdir/demo_data
+DEMO_RUN ?= workdir/shapes_tiny
 # The demo runs on the CPU; JAX_PLATFORMS=cpu also keeps libtpu (test extras) from probing for a TPU.
 CPU_ENV := JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
-DEMO_ENV := SHAPES_NUM_TRAIN=4000 SHAPES_NUM_EVAL=200 $(CPU_ENV)
+SHAPES_NUM_TRAIN ?= 4000
+SHAPES_NUM_EVAL ?= 200
+DEMO_ENV := SHAPES_NUM_TRAIN=$(SHAPES_NUM_TRAIN) SHAPES_NUM_EVAL=$(SHAPES_NUM_EVAL) $(CPU_ENV)
 
 $(DEMO_DATA)/spm/shapes.model: $(CORE_STAMP)
 	$(CPU_ENV) $(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt
@@ -53,8 +55,10 @@ $(DEMO_DATA)/tfds/shapes/refexp/1.0.0: $(CORE_STAMP)
 # the demo's tokenizer and datasets (benchmarks/demo_robustness.py reads them too)
 demo-data: $(DEMO_DATA)/spm/shapes.model $(DEMO_DATA)/tfds/shapes/refexp/1.0.0
 
+# DEMO_FLAGS: more train flags (tests/test_demo.py: a few steps of the same recipe)
+DEMO_FLAGS ?=
 demo: demo-data
-	$(CPU_ENV) $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py --workdir $(DEMO_RUN)
+	$(CPU_ENV) $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py:$(DEMO_DATA) --workdir $(DEMO_RUN) $(DEMO_FLAGS)
 	$(CPU_ENV) $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
 		--tokenizer $(DEMO_DATA)/spm/shapes.model --data_dir $(DEMO_DATA)/tfds/shapes/refexp/1.0.0 \
 		--split test --out $(DEMO_RUN)/eval/results.json --draw 6

@@ -11,10 +11,11 @@ import ml_collections
 
 
 def get_config(arg=None):
-    del arg
+    """`arg`: the folder `make demo-data` writes (default workdir/demo_data): `--config FILE:DIR`."""
+    root = (arg or "workdir/demo_data").rstrip("/")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.tokenizer = "workdir/demo_data/spm/shapes.model"
+    c.tokenizer = f"{root}/spm/shapes.model"
     # A 16 x 16 location grid (the released model uses 32 x 32 = 1024 tokens): a quarter of the
     # classes to learn, which a from-scratch CPU run can manage in minutes.
     c.num_location_tokens = 256
@@ -50,8 +51,8 @@ def get_config(arg=None):
                                             connector_dense_std=1.0))
 
     c.data = ml_collections.ConfigDict(dict(
-        train_dir="workdir/demo_data/tfds/shapes/grounded/1.0.0", train_split="train",
-        val_dir="workdir/demo_data/tfds/shapes/grounded/1.0.0", val_split="validation", val_batches=4,
+        train_dir=f"{root}/tfds/shapes/grounded/1.0.0", train_split="train",
+        val_dir=f"{root}/tfds/shapes/grounded/1.0.0", val_split="validation", val_batches=4,
         text_file="", text_weight=0.0,
         # instruction sources (kosmos2_instruct.py): LLaVA-Instruct JSON + its image folder, and
         # grounded instructions (Table 9 templates) built from GRIT-schema records
@@ -66,7 +67,7 @@ def get_config(arg=None):
         # count to replay that pod's exact batches on one machine
         shards=0,
         # periodic phrase grounding on held-out referring expressions (train.grounding_eval_every)
-        grounding_dir="workdir/demo_data/tfds/shapes/refexp/1.0.0", grounding_split="validation",
+        grounding_dir=f"{root}/tfds/shapes/refexp/1.0.0", grounding_split="validation",
         grounding_items=64))
 
     c.optim = ml_collections.ConfigDict(dict(
@@ -80,6 +81,11 @@ def get_config(arg=None):
         # Location-token targets count twice in the loss (the paper's plain LM loss is 1.0): in
         # the same 1500 steps, held-out first-box accuracy 57.8% -> 64.6% (README, make demo).
         location_loss_weight=2.0,
+        # > 0: location targets are a 2-D Gaussian of this many grid cells around the true cell
+        # (train/loss.py); 0: the paper's one-hot targets.
+        location_sigma=0.0,
+        # > 0: the width at the last step, moving linearly from location_sigma (0: constant)
+        location_sigma_end=0.0,
         # The LM head runs on chunks of this many positions per row, only where there are targets
         # (image slots and padding never are; train/loss.py). Smaller: less wasted work, smaller matmuls.
         loss_chunk=8,

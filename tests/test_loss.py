@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kosmos2_jax.train.loss import lm_head_loss
+from kosmos2_jax.train.loss import lm_head_loss, location_kernel
 
 
 def _plain(hidden, embedding, targets, weights, active):
@@ -48,6 +48,48 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk, tail):
         np.testing.assert_allclose(g, r, atol=1e-5)
     # without differentiation: the same loss (the primal path computes no gradients)
     np.testing.assert_allclose(jax.jit(lambda h, e: ours(h, e)[0])(hidden, embedding), ref, rtol=1e-5)
+
+
+def _plain_soft(hidden, embedding, targets, weights, kernel, first):
+    """Dense cross-entropy against a target distribution: the kernel row on location targets."""
+    logits = jnp.dot(hidden, embedding.T, preferred_element_type=jnp.float32)
+    n = kernel.shape[0]
+    is_loc = (targets >= first) & (targets < first + n)
+    q = jnp.zeros(logits.shape).at[..., first:first + n].set(jnp.asarray(kernel)[jnp.clip(targets - first, 0, n - 1)])
+    q = jnp.where(is_loc[..., None], q, jax.nn.one_hot(targets, logits.shape[-1]))
+    return jnp.sum((jax.nn.logsumexp(logits, -1) - jnp.sum(q * logits, -1)) * weights)
+
+
+def test_location_kernel_rows():
+    k = location_kernel(4, 1.0)
+    np.testing.assert_allclose(k.sum(axis=1), 1.0, rtol=1e-6)
+    row = k[5].reshape(4, 4)  # cell (1, 1): the peak, symmetric in its four neighbours
+    assert row.argmax() == 5 and row[0, 1] == row[1, 0] == row[1, 2] == row[2, 1] < row[1, 1]
+    assert location_kernel(4, 0.05)[5, 5] > 0.999  # a narrow kernel is one-hot
+    with pytest.raises(ValueError, match="sigma"):
+        location_kernel(4, 0.0)
+
+
+@pytest.mark.parametrize("chunk,tail", [(8, 8), (16, 3)])
+def test_soft_location_targets_equal_dense_cross_entropy(chunk, tail):
+    """Soft targets (train.location_sigma): loss and gradients equal autodiff through the dense
+    cross-entropy against the kernel rows; the reported nll and accuracy stay the true cell's."""
+    hidden, embedding, targets, weights, active = _inputs()
+    kernel, first = location_kernel(4, 0.8), 30  # tokens 30..45 are a 4 x 4 grid
+    ref, ref_grads = jax.value_and_grad(lambda h, e: _plain_soft(h, e, targets, weights, kernel, first),
+                                        (0, 1))(hidden, embedding)
+    ours = lambda h, e: lm_head_loss(h, e, targets, weights, active, chunk, tail, location_kernel=kernel,
+                                     first_location_id=first)
+    loss, grads = jax.jit(jax.value_and_grad(lambda h, e: ours(h, e)[0], (0, 1)))(hidden, embedding)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+    _, (plain_nll, plain_correct) = _plain(hidden, embedding, targets, weights, active)
+    _, nll, correct = ours(hidden, embedding)
+    np.testing.assert_allclose(nll, plain_nll, atol=1e-4)
+    np.testing.assert_array_equal(correct, plain_correct)
+    hard = lm_head_loss(hidden, embedding, targets, weights, active, chunk, tail)[0]
+    assert abs(float(loss) - float(hard)) > 1.0  # the soft targets do change the loss
 
 
 def test_chunked_loss_in_bfloat16_compute():

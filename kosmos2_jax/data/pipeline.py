@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import os
 import queue
 import threading
@@ -57,6 +58,16 @@ class Source:
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"source {self.name!r}: kind {self.kind!r} not in {SOURCE_KINDS}")
+
+
+def split_size(data_dir: str, split: str) -> int | None:
+    """The record count of a prepared tfds folder's split (its dataset_info.json), None if unknown."""
+    try:
+        with open(os.path.join(os.path.expanduser(data_dir), "dataset_info.json")) as f:
+            splits = {s["name"]: s for s in json.load(f).get("splits", [])}
+        return sum(int(n) for n in splits[split]["shardLengths"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 END_OF_SPLIT = object()  # yielded by `_numpy_records(..., mark_end=True)` before tf.data teardown

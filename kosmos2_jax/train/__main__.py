@@ -211,6 +211,28 @@ def banner(trainer, start: int) -> str:
             + (f"resumed from step {start}" if start else "fresh start"))
 
 
+def plan(cfg, start: int) -> str:
+    """What the run will do: steps, batch, and how many passes over the training records that is."""
+    from kosmos2_jax.data.pipeline import split_size
+
+    t, d = cfg.train, cfg.data
+    records = split_size(d.train_dir, d.train_split)
+    data = (f"{records:,} training records ({d.train_split} of {d.train_dir}), "
+            f"{t.steps * t.batch_size / records:.1f} epochs" if records else f"training data {d.train_dir}")
+    return (f"plan: steps {start + 1}-{t.steps} of {t.batch_size} rows x {d.seq_len} tokens; {data}; "
+            f"validation every {t.eval_every or '-'} steps, grounding every {t.get('grounding_eval_every', 0) or '-'}")
+
+
+TIMED_STEPS = 10  # steps after the compiling first one that the time estimate is measured over
+
+
+def expected_time(remaining: int, step_s: float) -> str:
+    from kosmos2_jax.train.trainer import format_eta
+
+    return (f"expected: {step_s:.3f} s/step here (timed over {TIMED_STEPS} steps), about {format_eta(remaining * step_s)} "
+            f"for the remaining {remaining} steps, plus evaluations and the export")
+
+
 def restore_data_states(checkpoints, step: int, shards: int) -> list[dict]:
     """The checkpoint's per-shard pipeline positions, or a clear error when it was read as other shards."""
     import jax
@@ -289,8 +311,8 @@ def run(cfg, workdir: str) -> dict:
         raise
     if primary:  # lab notes: what ran, and what `python -m kosmos2_jax.export` needs
         write_run_config(workdir, cfg, model.config)
-    if primary:
-        print(banner(trainer, start), flush=True)
+    say(banner(trainer, start))
+    say(plan(cfg, start))
     train, validation = data_pipelines(cfg, processor, shard_states)
     val_batches = validation()
     grounding = grounding_evaluator(cfg, model, processor)
@@ -311,6 +333,12 @@ def run(cfg, workdir: str) -> dict:
             profile.before(step)
             metrics = trainer.train_step(batch)
             profile.after(step, metrics, trainer, batch)
+            if step == start:  # compiled: time the next TIMED_STEPS
+                jax.block_until_ready(metrics)
+                timed_from = time.time()
+            elif step == start + TIMED_STEPS:
+                jax.block_until_ready(metrics)
+                say(expected_time(total - step - 1, (time.time() - timed_from) / TIMED_STEPS))
             steps_since += 1
             counts = counts + input_counts(batch, trainer.image_slots) * jax.process_count()
             done = step + 1

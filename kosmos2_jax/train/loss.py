@@ -14,6 +14,11 @@ wasting that gain (benchmarks/train_step.py, 1.08x per step against chunks of 8 
 is computed in the forward pass (the loss is a plain weighted sum, so its cotangent is one scalar):
 each computed chunk costs three matmuls (logits, d hidden, d embedding) and no logits are kept for
 the backward.
+
+Optional soft location targets (`location_kernel`, `train.location_sigma`): a location-token target
+is then a distribution over the grid, a 2-D Gaussian around the true cell, rather than one cell.
+Neighbouring cells are nearly right, and a from-scratch model that is told so learns where things
+are in fewer steps (README, *The demo*). The reported `nll` and `correct` stay those of the true cell.
 """
 
 from __future__ import annotations
@@ -22,10 +27,24 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def location_kernel(side: int, sigma) -> jax.Array:
+    """[side*side, side*side] float32: row i is the soft target for location cell i (row-major over
+    the grid, as the location tokens are), exp(-d^2 / (2 sigma^2)) over the cells' grid distance d,
+    normalized to sum 1. `sigma` is in cells (a traced scalar is fine: a schedule); as it goes to 0
+    the rows become one-hot."""
+    if side < 1 or (isinstance(sigma, (int, float)) and sigma <= 0):
+        raise ValueError(f"location kernel needs side >= 1 and sigma > 0, got side={side}, sigma={sigma}")
+    y, x = np.divmod(np.arange(side * side), side)
+    d2 = ((y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2).astype(np.float32)
+    return jax.nn.softmax(-jnp.asarray(d2) / (2.0 * jnp.asarray(sigma, jnp.float32) ** 2), axis=1)
 
 
 def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
-                 active: jax.Array, chunk: int = 8, tail_chunk: int = 8):
+                 active: jax.Array, chunk: int = 8, tail_chunk: int = 8, location_kernel=None,
+                 first_location_id: int = 0):
     """Cross-entropy of `targets` under logits `hidden @ embedding.T`.
 
     hidden [B, T, D] (the decoder's final-LayerNormed states; their dtype is the compute dtype),
@@ -35,8 +54,12 @@ def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, we
     chunks of `tail_chunk` (at most `chunk`) whenever fewer than half a `chunk` of them are left, so
     small chunks pick up the remainder and large ones keep the matmuls efficient.
 
-    Returns (sum(weights * nll), nll [B, T], correct [B, T]) where nll = logsumexp(logits) -
-    logits[target] and correct = (logits[target] is the maximum logit), both 0 off `active`. Only
+    `location_kernel` [L, L] (`location_kernel()`), with `first_location_id`: a target in
+    [first_location_id, first_location_id + L) is scored against row `target - first_location_id`
+    of the kernel as a soft target (cross-entropy logsumexp - sum(q * logits)) in the loss.
+
+    Returns (sum(weights * loss per target), nll [B, T], correct [B, T]) where nll = logsumexp(logits)
+    - logits[target] and correct = (logits[target] is the maximum logit), both 0 off `active`. Only
     the first output is differentiable (the other two are metrics).
     """
     b, t, d = hidden.shape
@@ -46,13 +69,15 @@ def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, we
     padded = [jnp.pad(take(x), ((0, 0), (0, chunk)) + ((0, 0),) * (x.ndim - 2))
               for x in (hidden, targets, weights.astype(jnp.float32))]
     longest = jnp.max(jnp.sum(active, axis=1))  # the most targets in a row
-    loss, nll, correct = _chunked_loss(*padded, longest, embedding, chunk, min(tail_chunk, chunk))
+    kernel = None if location_kernel is None else jnp.asarray(location_kernel, jnp.float32)
+    loss, nll, correct = _chunked_loss(*padded, longest, embedding, kernel, first_location_id, chunk,
+                                       min(tail_chunk, chunk))
     unsort = jnp.argsort(order, axis=1)
     back = lambda x: jnp.take_along_axis(x[:, :t], unsort, axis=1)
     return loss, back(nll) * active, back(correct) * active
 
 
-def _chunk(h, targets, weights, embedding, with_grad: bool):
+def _chunk(h, targets, weights, embedding, soft, with_grad: bool):
     """One chunk: h [B, c, D] -> (weighted loss, nll [B, c], correct [B, c], grads or None)."""
     b, c, d = h.shape
     emb = embedding.astype(h.dtype)
@@ -65,17 +90,32 @@ def _chunk(h, targets, weights, embedding, with_grad: bool):
     nll = top + jnp.log(total) - target_logit
     # the target is the argmax (a tie with another maximum counts as correct)
     correct = (target_logit >= top).astype(jnp.float32)
-    loss = jnp.sum(nll * w)
+    if soft is None:
+        loss = jnp.sum(nll * w)
+    else:  # location targets: cross-entropy against the kernel row of the true cell
+        kernel, first = soft
+        n_loc = kernel.shape[0]
+        is_loc = (tgt >= first) & (tgt < first + n_loc)
+        q = kernel[jnp.clip(tgt - first, 0, n_loc - 1)] * is_loc[:, None]  # [N, L], 0 on other targets
+        soft_logit = jnp.sum(q * jax.lax.dynamic_slice_in_dim(logits, first, n_loc, axis=1), axis=-1)
+        loss = jnp.sum((top + jnp.log(total) - jnp.where(is_loc, soft_logit, target_logit)) * w)
     grads = None
-    if with_grad:  # d loss / d logits = w * (softmax - onehot(target))
-        dlogits = (exp * (w / total)[:, None]).at[jnp.arange(b * c), tgt].add(-w).astype(h.dtype)
+    if with_grad:  # d loss / d logits = w * (softmax - target distribution)
+        dlogits = exp * (w / total)[:, None]
+        if soft is None:
+            dlogits = dlogits.at[jnp.arange(b * c), tgt].add(-w)
+        else:
+            dlogits = dlogits.at[jnp.arange(b * c), tgt].add(-w * ~is_loc)
+            dlogits = jax.lax.dynamic_update_slice_in_dim(
+                dlogits, jax.lax.dynamic_slice_in_dim(dlogits, first, n_loc, axis=1) - w[:, None] * q, first, axis=1)
+        dlogits = dlogits.astype(h.dtype)
         d_h = jnp.dot(dlogits, emb, preferred_element_type=jnp.float32).astype(h.dtype).reshape(b, c, d)
         d_emb = jnp.dot(dlogits.T, rows, preferred_element_type=jnp.float32)
         grads = (d_h, d_emb)
     return loss, nll.reshape(b, c), correct.reshape(b, c), grads
 
 
-def _loop_chunks(h, targets, weights, longest, embedding, chunk: int, tail: int, with_grad: bool):
+def _loop_chunks(h, targets, weights, longest, embedding, soft, chunk: int, tail: int, with_grad: bool):
     """Chunk after chunk of positions while any row has targets left: rows hold their targets first,
     so the chunks with targets are a prefix and the loop stops after the longest row's last target.
     Each chunk is `chunk` positions wide while at least half a `chunk` of targets is left, else
@@ -87,14 +127,15 @@ def _loop_chunks(h, targets, weights, longest, embedding, chunk: int, tail: int,
     def step(state, width):
         s = state[0]
         at = lambda x: jax.lax.dynamic_slice_in_dim(x, s, width, axis=1)
-        loss, nll_c, correct_c, grads = _chunk(at(h), at(targets), at(weights), embedding, with_grad)
+        loss, nll_c, correct_c, grads = _chunk(at(h), at(targets), at(weights), embedding, soft, with_grad)
         out = (s + width, state[1] + loss, put(state[2], nll_c, s), put(state[3], correct_c, s))
         if with_grad:
             out += (put(state[4], grads[0], s), state[5] + grads[1])
         return out
 
     zeros = jnp.zeros(targets.shape, jnp.float32)
-    loss, nll_c, correct_c, grads = _chunk(h[:, :tail], targets[:, :tail], weights[:, :tail], embedding, with_grad)
+    loss, nll_c, correct_c, grads = _chunk(h[:, :tail], targets[:, :tail], weights[:, :tail], embedding, soft,
+                                           with_grad)
     init = (jnp.int32(tail), loss, put(zeros, nll_c, 0), put(zeros, correct_c, 0))
     if with_grad:
         init += (put(jnp.zeros_like(h), grads[0], 0), grads[1])
@@ -108,20 +149,24 @@ def _loop_chunks(h, targets, weights, longest, embedding, chunk: int, tail: int,
     return jax.lax.while_loop(lambda state: state[0] < longest, body, init)[1:]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunked_loss(h, targets, weights, longest, embedding, chunk, tail):
-    return _loop_chunks(h, targets, weights, longest, embedding, chunk, tail, with_grad=False)
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked_loss(h, targets, weights, longest, embedding, kernel, first, chunk, tail):
+    soft = None if kernel is None else (kernel, first)
+    return _loop_chunks(h, targets, weights, longest, embedding, soft, chunk, tail, with_grad=False)
 
 
-def _fwd(h, targets, weights, longest, embedding, chunk, tail):
-    loss, nll, correct, d_h, d_emb = _loop_chunks(h, targets, weights, longest, embedding, chunk, tail, with_grad=True)
-    return (loss, nll, correct), (d_h, d_emb.astype(embedding.dtype))
+def _fwd(h, targets, weights, longest, embedding, kernel, first, chunk, tail):
+    soft = None if kernel is None else (kernel, first)
+    loss, nll, correct, d_h, d_emb = _loop_chunks(h, targets, weights, longest, embedding, soft, chunk, tail,
+                                                  with_grad=True)
+    return (loss, nll, correct), (d_h, d_emb.astype(embedding.dtype), kernel)
 
 
-def _bwd(chunk, tail, residuals, cotangents):
-    d_h, d_emb = residuals
+def _bwd(first, chunk, tail, residuals, cotangents):
+    d_h, d_emb, kernel = residuals
     g = cotangents[0]  # nll and correct are metrics: their cotangents are ignored
-    return (d_h * g.astype(d_h.dtype), None, None, None, d_emb * g.astype(d_emb.dtype))
+    no_grad = None if kernel is None else jnp.zeros_like(kernel)  # the kernel is a constant
+    return (d_h * g.astype(d_h.dtype), None, None, None, d_emb * g.astype(d_emb.dtype), no_grad)
 
 
 _chunked_loss.defvjp(_fwd, _bwd)

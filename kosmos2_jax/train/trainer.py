@@ -27,7 +27,7 @@ from kosmos2_jax.data.examples import normalize_pixels
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import image_slots, sharding
 from kosmos2_jax.train.init import structured_init
-from kosmos2_jax.train.loss import lm_head_loss
+from kosmos2_jax.train.loss import lm_head_loss, location_kernel
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
@@ -50,10 +50,13 @@ def model_config(cfg, vocab_size: int):
 
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
-                     num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 8):
+                     num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 8,
+                     location_kernel=None):
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
     location-token accuracy. `location_weight` scales the location-token targets in the loss
     (1.0, the paper's plain LM loss, by default; the reported `nll_sum` is always unweighted).
+    `location_kernel` (`train.loss.location_kernel`, `train.location_sigma` > 0): soft location
+    targets in the loss (`nll_sum` and the accuracy stay those of the true cell).
     The tied LM head runs only on chunks of `loss_chunk` positions per row that hold targets
     (`kosmos2_jax.train.loss`). uint8 `pixel_values` (the input pipeline's) are CLIP-normalized
     here, on the device; float ones are taken as already normalized."""
@@ -70,7 +73,8 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     weights = mask * (1.0 + (location_weight - 1.0) * is_loc)
     embedding = nn.unbox(params["text_model"]["embed_tokens"]["embedding"])
     with jax.named_scope("lm_head"):  # named for the profile summary (train/profiling.py)
-        loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk)
+        loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk,
+                                          location_kernel=location_kernel, first_location_id=first_location_id)
     return loss, {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
                   "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
 
@@ -149,12 +153,19 @@ class Trainer:
     def _build_step(self):
         t = self.config.train
         accum = t.grad_accum_steps
+        side = int(round(self.loc[1] ** 0.5))
+        sigma, sigma_end = t.get("location_sigma", 0.0), t.get("location_sigma_end", 0.0) or t.get("location_sigma", 0.0)
 
         def step_fn(state, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
             weight = t.get("location_loss_weight", 1.0)
+            kernel = None
+            if sigma > 0:  # soft location targets, their width moving linearly from sigma to sigma_end
+                progress = jnp.minimum(state["step"].astype(jnp.float32) / max(t.steps, 1), 1.0)
+                kernel = location_kernel(side, sigma + (sigma_end - sigma) * progress)
             grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, _freeze(p, self.mask), b, r, False,
-                                                                *self.loc, weight, self.loss_chunk), has_aux=True)
+                                                                *self.loc, weight, self.loss_chunk, kernel),
+                               has_aux=True)
             if accum == 1:
                 grads, metrics = grad_fn(state["params"], batch, rng)
             else:

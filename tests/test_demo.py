@@ -1,0 +1,45 @@
+"""`make demo` as a newcomer runs it, shortened: the Makefile's own targets (tokenizer, datasets,
+the demo config `experiments/shapes_tiny.py` at its full model size, evaluation with pictures), with
+fewer records and steps. Its console must be quiet and say what it does."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(subprocess.run(["make", "--version"], capture_output=True).returncode != 0,
+                    reason="no make on this machine")
+def test_make_demo_trains_and_evaluates(tmp_path):
+    stamp = tmp_path / "installed"  # this interpreter already has the package: no install
+    stamp.touch()
+    data, run = tmp_path / "demo_data", tmp_path / "run"
+    flags = ("--config.train.steps=12 --config.train.batch_size=8 --config.train.log_every=6 "
+             "--config.train.eval_every=12 --config.train.grounding_eval_every=12 --config.train.ckpt_every=12 "
+             "--config.data.grounding_items=4 --config.data.val_batches=1 --config.data.shuffle_buffer=16")
+    out = subprocess.run(["make", "-s", "demo", f"PY={sys.executable}", f"CORE_STAMP={stamp}", f"DEMO_DATA={data}",
+                          f"DEMO_RUN={run}", "SHAPES_NUM_TRAIN=48", "SHAPES_NUM_EVAL=12", f"DEMO_FLAGS={flags}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS",)})
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-3000:]
+    # the run says what it will do and how long it should take
+    assert "parameters" in console and "plan: steps 1-12 of 8 rows" in console, console
+    assert "48 training records" in console and "expected:" in console and "s/step here" in console, console
+    assert "step 12 grounding accuracy" in console, console
+    # quiet: no TensorFlow/oneDNN or absl start-up banners, no Python warnings
+    for noise in ("oneDNN", "absl::InitializeLog", "Warning:", "WARNING"):
+        assert noise not in console, (noise, console)
+    # the demo's own model, exported, scored; the table and the pictures are where it says
+    config = json.loads((run / "model_config.json").read_text())
+    assert config["text"]["embed_dim"] == 192 and config["vision"]["image_size"] == 64
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["task"] == "shapes" and results["scored"] > 0 and 0 <= results["accuracy"] <= 100
+    assert "| shapes | test |" in out.stdout and f"{results['accuracy']:.1f}" in out.stdout, out.stdout
+    pictures = sorted((run / "eval").glob("example_*.png"))
+    assert pictures and f"annotated examples to {run / 'eval'}" in out.stdout, out.stdout
