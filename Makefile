@@ -40,7 +40,7 @@ DEMO_DATA ?= workdir/demo_data
 DEMO_RUN ?= workdir/shapes_tiny
 # The demo runs on the CPU; JAX_PLATFORMS=cpu also keeps libtpu (test extras) from probing for a TPU.
 CPU_ENV := JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
-SHAPES_NUM_TRAIN ?= 4000
+SHAPES_NUM_TRAIN ?= 12000
 SHAPES_NUM_EVAL ?= 200
 DEMO_ENV := SHAPES_NUM_TRAIN=$(SHAPES_NUM_TRAIN) SHAPES_NUM_EVAL=$(SHAPES_NUM_EVAL) $(CPU_ENV)
 
@@ -48,12 +48,17 @@ $(DEMO_DATA)/spm/shapes.model: $(CORE_STAMP)
 	$(CPU_ENV) $(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt
 	$(CPU_ENV) $(PY) -m kosmos2_jax.tokenizer train --input $(DEMO_DATA)/captions.txt --vocab_size 64 --out $(DEMO_DATA)/spm/shapes
 
-$(DEMO_DATA)/tfds/shapes/refexp/1.0.0: $(CORE_STAMP)
+# The stamp names the sizes: tfds keeps a prepared dataset as it is, so one built with other
+# sizes (an older default) is removed and built again (it is generated, deterministically).
+DEMO_TFDS := $(DEMO_DATA)/tfds/.shapes-$(SHAPES_NUM_TRAIN)-$(SHAPES_NUM_EVAL)
+$(DEMO_TFDS): $(CORE_STAMP)
+	rm -rf $(DEMO_DATA)/tfds/shapes $(DEMO_DATA)/tfds/.shapes-*
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds --config refexp
+	touch $@
 
 # the demo's tokenizer and datasets (benchmarks/demo_robustness.py reads them too)
-demo-data: $(DEMO_DATA)/spm/shapes.model $(DEMO_DATA)/tfds/shapes/refexp/1.0.0
+demo-data: $(DEMO_DATA)/spm/shapes.model $(DEMO_TFDS)
 
 # DEMO_FLAGS: more train flags (tests/test_demo.py: a few steps of the same recipe)
 DEMO_FLAGS ?=

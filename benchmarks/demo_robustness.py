@@ -31,7 +31,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
     run = workdir / f"seed_{seed}"
     start = time.time()
-    train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", "experiments/shapes_tiny.py",
+    train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", f"experiments/shapes_tiny.py:{DATA}",
                             "--workdir", str(run), f"--config.seed={seed}", *overrides], capture_output=True, text=True,
                            cwd=REPO, env=ENV)
     (workdir / f"seed_{seed}.train.log").write_text(train.stdout + train.stderr)
@@ -52,6 +52,21 @@ def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
             "train_s": trained - start, "eval_s": time.time() - trained}
 
 
+def last_third_spread(curve, steps: int) -> float:
+    """max - min of the grounding accuracy (points) at the evaluations in the last third of the steps."""
+    tail = [acc for step, acc in curve if step >= steps * 2 / 3]
+    return max(tail) - min(tail) if tail else float("nan")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]}, {len(names)} logical CPUs" if names else "unknown CPU"
+    except OSError:
+        return "unknown CPU"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -60,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[],
                    help="a train flag for every run, e.g. --override=--config.train.steps=50 (a quick check)")
     args = p.parse_args(argv)
-    if not (DATA / "spm" / "shapes.model").is_file() or not (DATA / "tfds" / "shapes" / "refexp" / "1.0.0").is_dir():
+    if not (DATA / "spm" / "shapes.model").is_file() or not list((DATA / "tfds").glob(".shapes-*")):
         print(f"error: the demo data is not in {DATA}: run `make demo-data` first", file=sys.stderr)
         return 2
     workdir = pathlib.Path(args.workdir)
@@ -71,12 +86,15 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(max(args.parallel, 1)) as pool:
         rows = list(pool.map(lambda s: run_seed(s, workdir, args.override), args.seeds))
-    print("| seed | first-box accuracy (%) | items | train | eval | grounding accuracy during training (step: %) |")
-    print("|---|---|---|---|---|---|")
+    steps = max((step for r in rows for step, _ in r["curve"]), default=0)
+    print(f"machine: {cpu_model()}")
+    print("| seed | first-box accuracy (%) | items | train | eval | grounding accuracy during training (step: %) "
+          "| spread over the last third (points) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         curve = ", ".join(f"{step}: {acc:.1f}" for step, acc in r["curve"])
         print(f"| {r['seed']} | {r['accuracy']:.1f} | {r['scored']} | {r['train_s'] / 60:.1f} min | "
-              f"{r['eval_s']:.0f} s | {curve} |")
+              f"{r['eval_s']:.0f} s | {curve} | {last_third_spread(r['curve'], steps):.1f} |")
     accs = [r["accuracy"] for r in rows]
     print(f"median {statistics.median(accs):.1f}%, min {min(accs):.1f}%, max {max(accs):.1f}% "
           f"over {len(rows)} seeds (parallel={args.parallel})")

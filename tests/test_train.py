@@ -326,3 +326,20 @@ def test_profile_window_outside_the_run_and_per_process(monkeypatch, tmp_path, c
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     profile = Profile(1, 3, str(tmp_path), 0, 10)
     assert profile.dir == str(tmp_path / "profile" / "process_1") and profile.last == 3
+
+
+def test_sincos_tables_linear_frequencies_tell_neighbouring_cells_apart():
+    """init.*_frequencies: with MAE's log-spaced frequencies most columns of a 16-cell table are
+    nearly constant, so neighbouring (and even distant) cells get almost the same embedding; the
+    linear spacing up to pi per cell makes every cell's row distinct, neighbours half alike."""
+    from kosmos2_jax.train.init import sincos_2d
+
+    def similarity(table, a, b):
+        return float(table[a] @ table[b] / (np.linalg.norm(table[a]) * np.linalg.norm(table[b])))
+
+    log, linear = sincos_2d(16, 192), sincos_2d(16, 192, frequencies="linear")
+    assert log.shape == linear.shape == (256, 192)
+    assert similarity(log, 120, 121) > 0.95 and similarity(log, 120, 0) > 0.6
+    assert 0.4 < similarity(linear, 120, 121) < 0.6 and abs(similarity(linear, 120, 0)) < 0.05
+    with pytest.raises(ValueError, match="frequencies"):
+        sincos_2d(16, 192, frequencies="cubic")

@@ -14,19 +14,31 @@ from __future__ import annotations
 import numpy as np
 
 
-def sincos_2d(side: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
-    """[side * side, dim] table, row-major over (y, x): dim/4 frequencies each of sin/cos of y and x."""
+FREQUENCIES = ("log", "linear")
+
+
+def sincos_2d(side: int, dim: int, temperature: float = 10000.0, frequencies: str = "log") -> np.ndarray:
+    """[side * side, dim] table, row-major over (y, x): dim/4 frequencies each of sin/cos of y and x.
+
+    `log`: 1 / temperature^(k / (dim/4)) radians per cell (MAE, big_vision), from 1 down to nearly
+    0; on a 16-cell grid most of them are almost constant. `linear`: pi * (k + 1) / (dim/4), evenly
+    from low up to pi per cell (the grid's Nyquist frequency): the table can then express a peak one
+    cell wide, which is what a location token has to single out."""
     if dim % 4:
         raise ValueError(f"sin-cos 2-D embeddings need a width divisible by 4, got {dim}")
+    if frequencies not in FREQUENCIES:
+        raise ValueError(f"sin-cos frequencies {frequencies!r} not in {FREQUENCIES}")
     y, x = np.meshgrid(np.arange(side, dtype=np.float64), np.arange(side, dtype=np.float64), indexing="ij")
-    omega = 1.0 / temperature ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    k = np.arange(dim // 4, dtype=np.float64)
+    omega = 1.0 / temperature ** (k / (dim // 4)) if frequencies == "log" else np.pi * (k + 1) / (dim // 4)
     y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
 def structured_init(params, model_config, first_location_id: int, num_location_tokens: int,
                     positions: bool = True, locations: bool = True, location_std: float = 0.02,
-                    connector_dense_std: float = 0.0):
+                    connector_dense_std: float = 0.0, location_frequencies: str = "log",
+                    position_frequencies: str = "log"):
     """Return `params` (a plain nested dict of arrays) with the chosen tables rewritten, and with
     the resampler's input projection rescaled to `connector_dense_std` when it is > 0."""
     import jax.numpy as jnp
@@ -46,7 +58,8 @@ def structured_init(params, model_config, first_location_id: int, num_location_t
         vision = dict(params["vision_model"])
         v = model_config.vision
         side = v.image_size // v.patch_size
-        table = np.concatenate([np.zeros((1, v.hidden_size), np.float32), sincos_2d(side, v.hidden_size)])
+        table = np.concatenate([np.zeros((1, v.hidden_size), np.float32),
+                                sincos_2d(side, v.hidden_size, frequencies=position_frequencies)])
         old = vision["position_embedding"]
         vision["position_embedding"] = jnp.asarray(table, old.dtype)
         params["vision_model"] = vision
@@ -57,7 +70,7 @@ def structured_init(params, model_config, first_location_id: int, num_location_t
         text = dict(params["text_model"])
         embed = dict(text["embed_tokens"])
         table = embed["embedding"]
-        grid = sincos_2d(side, table.shape[1]) * (location_std / np.sqrt(0.5))  # per-entry std ~= location_std
+        grid = sincos_2d(side, table.shape[1], frequencies=location_frequencies) * (location_std / np.sqrt(0.5))  # per-entry std ~= location_std
         embed["embedding"] = table.at[first_location_id:first_location_id + num_location_tokens].set(
             jnp.asarray(grid, table.dtype))
         text["embed_tokens"] = embed

@@ -141,6 +141,8 @@ class Trainer:
                                locations=init_cfg.get("sincos_locations", False),
                                connector_dense_std=init_cfg.get("connector_dense_std", 0.0))
                 if any(options.values()):
+                    options.update(location_frequencies=init_cfg.get("location_frequencies", "log"),
+                                   position_frequencies=init_cfg.get("position_frequencies", "log"))
                     params = jax.device_put(structured_init(params, self.model.config, *self.loc, **options),
                                             param_shardings)
             else:
