@@ -61,10 +61,14 @@ def last_third_spread(curve, steps: int) -> float:
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]}, {len(names)} logical CPUs" if names else "unknown CPU"
+            lines = f.read().splitlines()
     except OSError:
         return "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    features = [name for flag, name in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in flags]
+    return (f"{names[0]}, {len(names)} logical CPUs, {' and '.join(features) or 'no AVX-512/AMX'}"
+            if names else "unknown CPU")
 
 
 def main(argv=None) -> int:

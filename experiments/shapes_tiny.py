@@ -89,7 +89,7 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, steps=1500, grad_accum_steps=1, freeze="none", log_every=50, eval_every=500,
-        ckpt_every=250, keep=2, async_ckpt=True, grounding_eval_every=750,
+        ckpt_every=250, keep=2, async_ckpt=True, grounding_eval_every=250,
         # 0: resume from the latest checkpoint; N: from step N (later steps are moved aside)
         resume_step=0,
         # Location-token targets count twice in the loss (the paper's plain LM loss is 1.0): in
