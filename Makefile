@@ -3,14 +3,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORE_STAMP := $(VENV)/.installed-core
+# quiet installs: no setuptools notes on editable installs in a newcomer's first console
+PIP = PYTHONWARNINGS=ignore $(PY) -m pip
 
 .PHONY: test test-slow install clean demo demo-data
 
 # (Re)install when setup.py changes; `make test` on a fresh clone builds everything itself.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
 # The demo needs only the core package (no torch/transformers/spaCy/Beam): a faster first install.
@@ -18,7 +20,7 @@ $(STAMP): setup.py
 $(CORE_STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if [ -f $(STAMP) ] && [ $(STAMP) -nt setup.py ]; then true; else \
-		$(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e .; fi
+		$(PIP) install -q --upgrade pip && $(PIP) install -q -e .; fi
 	touch $(CORE_STAMP)
 
 install: $(STAMP)
