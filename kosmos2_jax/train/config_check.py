@@ -25,7 +25,6 @@ RANGES = {
     "train.grounding_eval_every": (_INT, 0, None, False),
     "train.location_loss_weight": (_NUM, 0.0, None, False),
     "train.location_sigma": (_NUM, 0.0, None, False),
-    "train.location_sigma_end": (_NUM, 0.0, None, False),
     "train.loss_chunk": (_INT, 1, None, False),
     "train.profile_start": (_INT, 0, None, False),
     "train.resume_step": (_INT, 0, None, False),

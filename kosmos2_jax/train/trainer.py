@@ -156,15 +156,12 @@ class Trainer:
         t = self.config.train
         accum = t.grad_accum_steps
         side = int(round(self.loc[1] ** 0.5))
-        sigma, sigma_end = t.get("location_sigma", 0.0), t.get("location_sigma_end", 0.0) or t.get("location_sigma", 0.0)
+        sigma = t.get("location_sigma", 0.0)
+        kernel = location_kernel(side, sigma) if sigma > 0 else None  # soft location targets
 
         def step_fn(state, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
             weight = t.get("location_loss_weight", 1.0)
-            kernel = None
-            if sigma > 0:  # soft location targets, their width moving linearly from sigma to sigma_end
-                progress = jnp.minimum(state["step"].astype(jnp.float32) / max(t.steps, 1), 1.0)
-                kernel = location_kernel(side, sigma + (sigma_end - sigma) * progress)
             grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, _freeze(p, self.mask), b, r, False,
                                                                 *self.loc, weight, self.loss_chunk, kernel),
                                has_aux=True)
