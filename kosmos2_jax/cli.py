@@ -155,6 +155,43 @@ def output_file(text: str) -> str:
     return text
 
 
+# --- the persistent XLA compilation cache ------------------------------------------------------
+CACHE_ENV = "KOSMOS2_COMPILATION_CACHE"
+
+
+def default_compilation_cache() -> str:
+    """$KOSMOS2_COMPILATION_CACHE, else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/kosmos2_jax/xla
+    (under $XDG_CACHE_HOME when set)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return (os.environ.get(CACHE_ENV) or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            or os.path.join(cache_home, "kosmos2_jax", "xla"))
+
+
+def add_compilation_cache_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compilation_cache", default=default_compilation_cache(), type=output_dir,
+                        help="persistent XLA compilation cache: a later run of the same shapes loads its programs "
+                             "instead of compiling them (env KOSMOS2_COMPILATION_CACHE)")
+    parser.add_argument("--no_compilation_cache", action="store_true", help="compile afresh and write no cache")
+
+
+def use_compilation_cache(folder: str | None) -> None:
+    """Keep the XLA executables a command compiles in `folder` (None or "": off). Every program is
+    kept, not only those over JAX's default of one second (a generation bucket compiles in less).
+    No size limit: JAX's eviction races between processes sharing the folder; delete it to clear."""
+    import jax
+
+    if not folder:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(folder))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def apply_compilation_cache_flags(args: argparse.Namespace) -> None:
+    use_compilation_cache(None if args.no_compilation_cache else args.compilation_cache)
+
+
 def output_dir(text: str) -> str:
     """An argparse type: a folder to write (not an existing file); "" stays "" (unset)."""
     if text and os.path.isfile(text):

@@ -3,12 +3,13 @@
     python -m kosmos2_jax.convert from-hf --hf_dir kosmos-2-patch14-224/ --out ckpt/kosmos2
     python -m kosmos2_jax.convert to-hf --checkpoint ckpt/kosmos2 --out hf_export/
 
-A converted checkpoint folder holds `model_config.json` (our `Kosmos2Config`) and `params/`: one
-Orbax item per parameter as `from-hf` streams them, or (training's export, `kosmos2_jax.export`) the
-whole params tree as one Orbax PyTree checkpoint, written shard by shard by every process. In Python:
+A converted checkpoint folder is a params checkpoint (`kosmos2_jax.checkpoint`): `model_config.json`
+(our `Kosmos2Config`) and `params/`, the params tree as one standard Orbax PyTree checkpoint, the
+format training's export writes too. In Python:
 
     model, params = load_hf("kosmos-2-patch14-224/")      # HF folder -> (Kosmos2, params)
     model, params = load_checkpoint("ckpt/kosmos2")       # converted folder -> (Kosmos2, params)
+    model, params = load_model(path, scan_text_layers=False)  # either, laid out for decoding
 
 Mapping: PyTorch Linear weights [out, in] become Flax kernels [in, out]; the patch conv goes from
 OIHW to HWIO; LayerNorm weight -> scale; per-layer tensors are stacked on a leading axis when the
@@ -31,6 +32,8 @@ import numpy as np
 import flax.linen as nn
 from flax import traverse_util
 
+from kosmos2_jax.checkpoint import (abstract_params, aligned_empty, iter_checkpoint_leaves, load_checkpoint,
+                                    read_json, save_checkpoint)
 from kosmos2_jax.models import Kosmos2, Kosmos2Config, TextConfig, VisionConfig
 
 # Keys HF checkpoints may carry that hold no parameters of ours.
@@ -122,16 +125,6 @@ def _from_hf_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel":
         return value.T
     return value
-
-
-def abstract_params(model: Kosmos2) -> dict:
-    """Shapes/dtypes of the params tree, without allocating it."""
-    c = model.config
-    pix = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), np.float32)
-    ids = jax.ShapeDtypeStruct((1, c.latent_query_num + 2), np.int32)
-    mask = jax.ShapeDtypeStruct((1, c.latent_query_num + 2), np.int32)
-    shapes = jax.eval_shape(lambda p, i, m: model.init(jax.random.PRNGKey(0), p, i, None, m), pix, ids, mask)
-    return nn.unbox(shapes["params"])
 
 
 # --- reading HF checkpoints --------------------------------------------------------------------
@@ -236,7 +229,7 @@ def iter_params_from_hf(state: Any, config: Kosmos2Config) -> Iterator[tuple[tup
         raise ValueError(f"{source.name}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for path, spec in expected.items():
         stacked = _layer_of(path)[2]
-        out = np.empty(spec.shape, np.float32)
+        out = aligned_empty(spec.shape, np.float32)  # aligned: XLA:CPU then uses it in place
         for i, key in enumerate(hf_keys(path, spec.shape)):
             if key not in available:
                 raise ValueError(f"{source.name}: missing tensor {key!r} (needed for {'/'.join(path)})")
@@ -309,20 +302,33 @@ def read_hf_config(hf_dir: str) -> dict:
     return read_json(path, "the Hugging Face config")
 
 
-def read_json(path: str, what: str):
-    """A JSON file, or a one-line error naming it."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path!r} is not valid JSON ({e})") from None
-
-
 def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
     """HF model folder -> (Kosmos2 model, params on the default device)."""
     config = config_from_hf(read_hf_config(hf_dir), **config_overrides)
-    source = TensorSource(hf_dir)
-    return Kosmos2(config), to_device(params_from_hf(source, config))
+    return Kosmos2(config), traverse_util.unflatten_dict(
+        {path: jax.device_put(v) for path, v in iter_params_from_hf(TensorSource(hf_dir), config)})
+
+
+# How generation wants the weights: on XLA:CPU a scanned decoder copies each layer's weights out of
+# the stack at every step (2.4x slower decoding); one array per layer is read in place.
+DECODING = dict(scan_text_layers=False)
+
+
+def model_config_of(path: str, **layout: Any) -> Kosmos2Config:
+    """The config of the model `load_model(path, **layout)` returns, without reading weights."""
+    from kosmos2_jax.checkpoint import read_model_config
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return config_from_hf(read_hf_config(path), **layout)
+    return read_model_config(os.path.abspath(path)).replace(**layout)
+
+
+def load_model(path: str, **layout: Any) -> tuple[Kosmos2, dict]:
+    """An HF model folder (config.json) or a params checkpoint -> (Kosmos2 model, params on the
+    first local device). `layout`: compute settings such as `scan_text_layers=False`."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_hf(path, **layout)
+    return load_checkpoint(path, **layout)
 
 
 # Dropout rates are training settings: a run sets its own, whatever the weights were trained with.
@@ -356,125 +362,6 @@ def load_params_for(config: Kosmos2Config, source: str) -> dict:
         raise ValueError(f"{source}: the weights' architecture differs from the config's model "
                          f"(weights vs config): {'; '.join(diffs)}")
     return params_from_hf(dict(leaves_to_hf(leaves)) if ours else TensorSource(source), config)
-
-
-def _leaf_dir(root: str, path: tuple[str, ...]) -> str:
-    return os.path.join(root, "params", ".".join(path))
-
-
-def save_leaves(out_dir: str, config: Kosmos2Config, leaves: Iterator[tuple[tuple[str, ...], Any]]) -> int:
-    """Write `model_config.json` and one Orbax checkpoint per parameter under `out_dir/params/<path>`,
-    saving each leaf as it arrives (so a conversion holds one parameter at a time). Returns the
-    number of parameters written."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.join(out_dir, "params"), exist_ok=True)
-    with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
-    count = 0
-    with ocp.StandardCheckpointer() as ckptr:
-        for path, value in leaves:
-            ckptr.save(_leaf_dir(out_dir, path), {"value": jax.device_put(value)}, force=True)
-            ckptr.wait_until_finished()
-            count += int(np.prod(value.shape))
-    return count
-
-
-def _is_tree_checkpoint(ckpt_dir: str) -> bool:
-    """`params/` as one Orbax PyTree checkpoint (`save_checkpoint`), not one item per parameter (`save_leaves`)."""
-    return os.path.isfile(os.path.join(ckpt_dir, "params", "_METADATA"))
-
-
-def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int:
-    """Write a params checkpoint: `model_config.json` + `params/`, the params tree as one Orbax
-    PyTree checkpoint (`ocp.StandardCheckpointer().restore(OUT/params)` restores it anywhere).
-    `params` may be global arrays sharded over several processes: collective then, every process
-    writes its own shards and none gathers the model. Its config has the default `attention_impl`:
-    how a run trained (cuDNN on GPUs) is not a property of the weights. The folder is written
-    beside `out_dir` and replaces it whole when complete (a kill leaves the old one as it was).
-    Returns the parameter count."""
-    import orbax.checkpoint as ocp
-
-    from kosmos2_jax import multihost, outputs
-
-    tree = nn.unbox(params)
-    primary = multihost.is_primary()
-    with outputs.atomic_dir(out_dir, primary=primary) as tmp:
-        multihost.sync("save_checkpoint:made")
-        if primary:
-            with open(os.path.join(tmp, "model_config.json"), "w") as f:
-                json.dump(config.replace(attention_impl="einsum").to_dict(), f, indent=2)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, "params"), tree, force=True)
-            ckptr.wait_until_finished()
-        multihost.sync("save_checkpoint:written")
-    multihost.sync("save_checkpoint:committed")
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def _tree_leaves(ckpt_dir: str, expected: dict) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    import orbax.checkpoint as ocp
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as ckptr:
-        where = os.path.join(ckpt_dir, "params")
-        try:
-            saved = traverse_util.flatten_dict(ckptr.metadata(where).item_metadata.tree)
-        except Exception as e:  # Orbax raises many types for damaged files
-            raise ValueError(f"cannot read the params metadata of {ckpt_dir!r}: {e}") from e
-        for path, spec in expected.items():
-            if path not in saved:
-                raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
-            if tuple(saved[path].shape) != tuple(spec.shape):
-                raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} has shape {tuple(saved[path].shape)}, "
-                                 f"model_config.json says {tuple(spec.shape)}")
-        target = traverse_util.unflatten_dict(
-            {path: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=device) for path, spec in expected.items()})
-        try:
-            restored = traverse_util.flatten_dict(ckptr.restore(where, target))
-        except Exception as e:
-            raise ValueError(f"cannot restore the params of {ckpt_dir!r}: {e}") from e
-    for path in expected:
-        yield path, np.asarray(restored.pop(path))
-
-
-def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple[str, ...], np.ndarray]]]:
-    """A folder written by `save_checkpoint` (one PyTree) or `save_leaves` (one item per
-    parameter, as `from-hf` writes) -> (model, generator of (path, numpy array))."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    cfg_path = os.path.join(ckpt_dir, "model_config.json")
-    if not os.path.isfile(cfg_path) or not os.path.isdir(os.path.join(ckpt_dir, "params")):
-        raise ValueError(f"{ckpt_dir!r} is not a kosmos2_jax checkpoint (needs model_config.json and params/)")
-    try:
-        config = Kosmos2Config.from_dict(read_json(cfg_path, "the model config"))
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"the model config {cfg_path!r} does not describe a Kosmos2Config ({e})") from None
-    model = Kosmos2(config)
-    expected = traverse_util.flatten_dict(abstract_params(model))
-    if _is_tree_checkpoint(ckpt_dir):
-        return model, _tree_leaves(ckpt_dir, expected)
-
-    def leaves():
-        with ocp.StandardCheckpointer() as ckptr:
-            for path, spec in expected.items():
-                where = _leaf_dir(ckpt_dir, path)
-                if not os.path.isdir(where):
-                    raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
-                target = {"value": jax.ShapeDtypeStruct(spec.shape, spec.dtype)}
-                try:
-                    yield path, np.asarray(ckptr.restore(where, target)["value"])
-                except Exception as e:  # Orbax raises many types for damaged files
-                    raise ValueError(f"cannot restore {'/'.join(path)} from {ckpt_dir!r}: {e}") from e
-    return model, leaves()
-
-
-def load_checkpoint(ckpt_dir: str) -> tuple[Kosmos2, dict]:
-    """A folder written by `save_checkpoint` (or `from-hf`) -> (Kosmos2 model, params on device)."""
-    model, leaves = iter_checkpoint_leaves(ckpt_dir)
-    return model, traverse_util.unflatten_dict({path: jax.device_put(v) for path, v in leaves})
 
 
 def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple]) -> None:
@@ -537,9 +424,9 @@ def main(argv=None) -> int:
     def convert() -> int:
         outputs.refuse_existing(args.out, args.overwrite)
         with outputs.atomic_dir(args.out) as tmp:  # a failure leaves --out as it was
-            if args.command == "from-hf":  # streamed: one parameter in memory at a time
-                config = config_from_hf(read_hf_config(args.hf_dir))
-                count = save_leaves(tmp, config, iter_params_from_hf(TensorSource(args.hf_dir), config))
+            if args.command == "from-hf":  # each tensor read once, the HF file never held whole
+                model, params = load_hf(args.hf_dir)
+                count = save_checkpoint(tmp, model.config, params)
             else:
                 model, leaves = iter_checkpoint_leaves(args.checkpoint)
                 export_hf(tmp, model.config, leaves=leaves)

@@ -65,6 +65,7 @@ def parse_args(argv):
     p.add_argument("--coordinator_address", default="", help="with --distributed: HOST:PORT of process 0")
     p.add_argument("--num_processes", type=cli.integer(0), default=0, help="with --distributed")
     p.add_argument("--process_id", type=cli.integer(-1), default=-1, help="with --distributed")
+    cli.add_compilation_cache_flags(p)
     args = p.parse_args(argv)
     if args.image_dir and not os.path.isdir(args.image_dir):
         p.error(f"argument --image_dir: {args.image_dir!r} is not a folder")
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     from kosmos2_jax import cli
 
     args = parse_args(argv)
+    cli.apply_compilation_cache_flags(args)
     return cli.run(lambda: evaluate(args))
 
 
@@ -85,7 +87,8 @@ def evaluate(args) -> int:
     from kosmos2_jax.cli import UsageError
     from kosmos2_jax.evaluation.runner import check_stream, run_shared
     from kosmos2_jax.evaluation.tasks import PAPER, TASKS, Context
-    from kosmos2_jax.predict import load_model, tokenizer_for
+    from kosmos2_jax.convert import DECODING, load_model
+    from kosmos2_jax.tokenizer import tokenizer_for
     from kosmos2_jax.processor import Kosmos2Processor
 
     task = TASKS[args.task]
@@ -118,7 +121,7 @@ def evaluate(args) -> int:
     image_dir = args.image_dir or os.path.join(args.data_dir, "images")
     if any("image" in it for it in items) and not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir} (pass --image_dir)")
-    model, params = load_model(args.checkpoint)
+    model, params = load_model(args.checkpoint, **DECODING)
     tokenizer = tokenizer_for(args.tokenizer, model)
     processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                  num_image_tokens=model.config.latent_query_num)

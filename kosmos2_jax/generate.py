@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import pickle
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import serialize_executable
 
 from kosmos2_jax.models import Kosmos2, init_cache
 from kosmos2_jax.models.decoder import position_ids_from_input_ids
@@ -124,7 +128,7 @@ def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, 
 def _cache_batch_axis(model: Kosmos2) -> int:
     # Keys/values are [B, T, H, D], or [layers, B, T, H, D] when layers are scanned; the cache
     # indices (0-d, or [layers]) are the same for every row.
-    return 1 if model.config.scan_layers else 0
+    return 1 if model.config.text_layers_scanned else 0
 
 
 def _step_positions(n_prompt, step):
@@ -286,12 +290,73 @@ def bucket_length(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
 
-def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, max_new_tokens: int,
-             num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             no_repeat_ngram_size: int = 0, eos_token_id: int = 2, pad_token_id: int = 1,
-             length_penalty: float = 1.0, rng: jax.Array | None = None, bucket: int = 32) -> GenerateOutput:
-    """Continue each prompt of `inputs` (the processor's output; left padding for batches of
-    different lengths, as HF requires) by up to `max_new_tokens` tokens."""
+def _signature(tree) -> tuple:
+    """Hashable shapes, dtypes and shardings of a tree of arrays (or ShapeDtypeStructs)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(x.shape), np.dtype(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool,
+                pixels_shape: tuple, rng_spec: tuple, params_signature: tuple):
+    """The compiled generation program for these shapes: from the executable cache (no tracing),
+    else traced and compiled (XLA's persistent cache may still hold the compilation)."""
+    stored = _stored_executable_path(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
+                                     params_signature)
+    if stored and os.path.isfile(stored):
+        try:
+            with open(stored, "rb") as f:
+                return serialize_executable.deserialize_and_load(*pickle.load(f))
+        except Exception:  # a damaged or foreign entry: compile afresh
+            pass
+    treedef, specs = params_signature
+    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                                                    for shape, dtype, sharding in specs])
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), np.int32)
+    compiled = _compiled(model, settings, batch, prompt_len, with_image).lower(
+        params, ids, ids, ids, jax.ShapeDtypeStruct(pixels_shape, np.float32), jax.ShapeDtypeStruct((), np.int32),
+        jax.ShapeDtypeStruct(*rng_spec)).compile()
+    if stored:
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled))
+            os.makedirs(os.path.dirname(stored), exist_ok=True)
+            with open(f"{stored}.{os.getpid()}.tmp", "wb") as f:
+                f.write(blob)
+            os.replace(f"{stored}.{os.getpid()}.tmp", stored)
+        except Exception:  # not serializable here: the XLA cache still helps
+            pass
+    return compiled
+
+
+@functools.lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """The model and generation code an executable was traced from."""
+    digest = hashlib.sha256()
+    package = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(os.path.join(package, "models"))) + ["../generate.py"]:
+        if name.endswith(".py"):
+            with open(os.path.join(package, "models", name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _stored_executable_path(*key) -> str | None:
+    """Where the compiled program for `key` is kept: under the persistent compilation cache
+    (`cli.use_compilation_cache`), keyed by everything it was compiled from. Single-device
+    programs only (a stored multi-device program would not check where it runs)."""
+    folder = jax.config.jax_compilation_cache_dir
+    if not folder or not jax.config.jax_enable_compilation_cache or jax.device_count() != 1:
+        return None
+    device = jax.devices()[0]
+    text = repr((key, jax.__version__, jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+                 device.platform, device.device_kind, device.client.platform_version,
+                 os.environ.get("XLA_FLAGS", ""), _code_fingerprint()))
+    return os.path.join(folder, "kosmos2_generate", hashlib.sha256(text.encode()).hexdigest() + ".pkl")
+
+
+def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temperature, top_p, no_repeat_ngram_size,
+             eos_token_id, pad_token_id, length_penalty, rng, bucket):
+    """Checks the request; returns (compiled program, its arguments but the params, settings, extra pads)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_beams < 1 or (num_beams > 1 and do_sample):
@@ -320,9 +385,34 @@ def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, m
     pixels = np.asarray(inputs["pixel_values"], np.float32) if with_image else np.zeros((batch, 1, 1, 3), np.float32)
     settings = _Settings(max_new_tokens, num_beams, do_sample, float(temperature), float(top_p),
                          no_repeat_ngram_size, eos_token_id, pad_token_id, float(length_penalty))
-    run = _compiled(model, settings, batch, padded, with_image)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    out = run(params, prompt, prompt_mask, image_mask, pixels, extra, rng)
+    run = _executable(model, settings, batch, padded, with_image, pixels.shape, (tuple(rng.shape), rng.dtype),
+                      _signature(params))
+    return run, (prompt, prompt_mask, image_mask, pixels, np.int32(extra), rng), settings, extra
+
+
+def prepare(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], **options) -> None:
+    """Compile (or fetch from the compilation cache) what `generate(model, params, inputs,
+    **options)` will run. `params` may be ShapeDtypeStructs with the shardings the real ones will
+    have, so that a caller can compile while it still loads the weights."""
+    _program(model, params, inputs, **{**_DEFAULTS, **options})
+
+
+_DEFAULTS = dict(num_beams=1, do_sample=False, temperature=1.0, top_p=1.0, no_repeat_ngram_size=0, eos_token_id=2,
+                 pad_token_id=1, length_penalty=1.0, rng=None, bucket=32)
+
+
+def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, max_new_tokens: int,
+             num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             no_repeat_ngram_size: int = 0, eos_token_id: int = 2, pad_token_id: int = 1,
+             length_penalty: float = 1.0, rng: jax.Array | None = None, bucket: int = 32) -> GenerateOutput:
+    """Continue each prompt of `inputs` (the processor's output; left padding for batches of
+    different lengths, as HF requires) by up to `max_new_tokens` tokens."""
+    run, args, settings, extra = _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temperature,
+                                          top_p, no_repeat_ngram_size, eos_token_id, pad_token_id, length_penalty,
+                                          rng, bucket)
+    batch, padded = args[0].shape
+    out = run(params, *args)
     if num_beams == 1:
         tokens, scores, steps = out
         steps = int(steps)

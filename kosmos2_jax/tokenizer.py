@@ -233,6 +233,19 @@ class Kosmos2Tokenizer:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
 
+def tokenizer_for(spm_path: str, model) -> Kosmos2Tokenizer:
+    """The tokenizer with as many location tokens as the model's vocabulary leaves room for
+    (1024 for the released model; a demo model may use a smaller grid)."""
+    tok = Kosmos2Tokenizer.from_file(spm_path)
+    locations = model.config.text.vocab_size - (tok.vocab_size - tok.num_location_tokens)
+    if locations != tok.num_location_tokens:
+        if locations <= 0 or int(locations ** 0.5) ** 2 != locations:
+            raise ValueError(f"tokenizer {spm_path!r} ({tok.vocab_size - tok.num_location_tokens} tokens before the "
+                             f"location tokens) does not fit the model's vocabulary of {model.config.text.vocab_size}")
+        tok = Kosmos2Tokenizer.from_file(spm_path, num_location_tokens=locations)
+    return tok
+
+
 def _check_piece_layout(sp: spm.SentencePieceProcessor, name: str) -> None:
     # The fairseq layout maps sentencepiece ids 0, 1, 2 onto <unk>, <s>, </s>; a model trained
     # with another layout would silently collide with those ids.

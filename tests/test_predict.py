@@ -87,3 +87,26 @@ def test_draw_entities_colours_each_entity():
     assert tuple(out[int(0.7 * 320), int(0.1 * 320)]) == colours[0]  # left edge of the dog box
     assert tuple(out[int(0.2 * 320), int(0.8 * 320)]) == colours[1]  # right edge of the cat's second box
     assert colours[0] != colours[1]
+
+
+def test_second_predict_loads_its_programs_from_the_cache(tiny_ckpt, image_path, tmp_path):
+    """A fresh process running the same predict again neither traces nor compiles its generation
+    program: it loads the stored executable from --compilation_cache. --no_compilation_cache
+    compiles afresh."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt, spm = tiny_ckpt
+    cmd = [sys.executable, "-m", "kosmos2_jax.predict", "--checkpoint", ckpt, "--tokenizer", spm, "--image", image_path,
+           "--prompt", "<grounding>a red circle", "--max_new_tokens", "4", "--compilation_cache", str(tmp_path / "xla")]
+    env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")  # compilations are logged as warnings
+    runs = [subprocess.run(c, capture_output=True, text=True, env=env)
+            for c in (cmd, cmd, cmd + ["--no_compilation_cache"])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    traced = "Finished tracing run for jit"
+    assert traced in runs[0].stderr and os.listdir(tmp_path / "xla" / "kosmos2_generate")
+    assert traced not in runs[1].stderr and "Compiling run" not in runs[1].stderr
+    assert runs[0].stdout.splitlines()[0] == runs[1].stdout.splitlines()[0]  # the same caption
+    assert traced in runs[2].stderr and "Persistent compilation cache hit" not in runs[2].stderr

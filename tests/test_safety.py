@@ -112,8 +112,8 @@ def ckpts(small_spm, tmp_path_factory):
 def half_written(src, dst):
     """A copy of a checkpoint with one parameter's files gone, as a kill mid-write leaves it."""
     shutil.copytree(src, dst)
-    victims = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(dst, "params")) for f in fs if "/d/" in
-               os.path.join(r, f) or f.endswith(".zarray")]
+    victims = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(dst, "params")) for f in fs
+               if "/d/" in os.path.join(r, f) or "/c/" in os.path.join(r, f) or f.endswith(".zarray")]
     assert victims
     for path in victims:
         os.remove(path)
@@ -143,7 +143,8 @@ def test_from_hf_overwrite_replaces_the_checkpoint_whole(ckpts, tmp_path, capsys
     out = tmp_path / "ckpt"
     assert convert.main(["from-hf", "--hf_dir", ckpts["hf"], "--out", str(out)]) == 0
     leaves = sorted(os.listdir(out / "params"))
-    shutil.copytree(out / "params" / leaves[0], out / "params" / "stale.leftover")  # an old run's extra parameter
+    first = next(name for name in leaves if (out / "params" / name).is_dir())
+    shutil.copytree(out / "params" / first, out / "params" / "stale.leftover")  # an old run's extra parameter
     before = snapshot(out)
     rc, err = call(convert.main, ["from-hf", "--hf_dir", ckpts["hf"], "--out", str(out)], capsys)
     assert rc == 2 and before == snapshot(out)

