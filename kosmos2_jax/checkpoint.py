@@ -4,12 +4,13 @@ params tree as one standard Orbax PyTree checkpoint. Anyone restores it with pla
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(model))
     params = ocp.StandardCheckpointer().restore("ckpt/kosmos2/params", abstract)
 
-`save_checkpoint` writes each array as zarr3 without OCDBT or compression, in chunks of at most
-`CHUNK_BYTES` split along the leading (layer) axis first. That layout lets `restore_params` read
-each chunk file straight into the memory of its target shard (64-byte aligned, so that XLA:CPU
-adopts the buffer without a copy): disk speed, one copy of the params, and each process reads only
-the shards its devices hold. It can also split scanned (stacked) layers into per-layer arrays on
-the way in (`scan_text_layers=False`, what decoding wants). Other Orbax layouts (OCDBT, compressed)
+`save_checkpoint` writes each array as zarr3 without OCDBT or compression, one chunk file per
+layer of a scanned stack and one per array (or per shard) otherwise. `restore_params` maps a chunk
+file that is exactly a target shard copy-on-write (no read, no copy: XLA:CPU adopts the page-aligned
+pages as they are) and reads the others chunk by chunk into aligned buffers, each process only the
+shards its devices hold. It can also split scanned (stacked) layers into per-layer arrays on the
+way in (`scan_layers=False` / `scan_text_layers=False`, what decoding wants). A mapped checkpoint
+must not be truncated in place while in use (replacing it, as our commands do, is safe). Other Orbax layouts (OCDBT, compressed)
 restore through Orbax; the one-item-per-parameter folders of earlier versions still load.
 """
 
@@ -20,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Mapping
@@ -31,7 +33,6 @@ from flax import traverse_util
 
 from kosmos2_jax.models import Kosmos2, Kosmos2Config
 
-CHUNK_BYTES = 64 * 2**20
 _ALIGN = 64  # XLA:CPU uses a host buffer in place when it is aligned to this
 _READERS = 4  # chunk reads in flight; reads release the GIL
 
@@ -99,11 +100,11 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int
     from kosmos2_jax import multihost, outputs
 
     tree = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), nn.unbox(params))
-    # a scanned stack is chunked one layer at a time (a chunk is then one contiguous block), the
-    # rest along their largest axes
+    # one chunk file per layer of a scanned stack, one per array (or per process's shard) else:
+    # a layer or an array can then be mapped from its file as it is
     flat = traverse_util.flatten_dict(tree)
-    save_args = traverse_util.unflatten_dict({path: ocp.SaveArgs(
-        chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if "layer" in path else ()) for path in flat})
+    save_args = traverse_util.unflatten_dict(
+        {path: ocp.SaveArgs(shard_axes=(0,) if "layer" in path else ()) for path in flat})
     # uncompressed, one folder per array, one array (at least 1 GB) on its way to the disk at a time
     in_flight = max(1, math.ceil(max(x.nbytes for x in jax.tree_util.tree_leaves(tree)) / 1e9))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True, use_compression=False,
@@ -206,6 +207,48 @@ class ZarrArray:
         for idx in np.ndindex(*[len(r) for r in ranges]):
             yield tuple(r[i] for r, i in zip(ranges, idx))
 
+    def _data_offset(self, f, path: str, listed) -> int | None:
+        """Where chunk `path`'s bytes start in the open file `f` (None: an empty chunk)."""
+        size = os.fstat(f.fileno()).st_size
+        if listed is not None and size != listed:
+            raise ValueError(f"{path}: chunk file is truncated ({size} of {listed} bytes)")
+        offset = 0
+        if self.index_at is not None:
+            f.seek(0 if self.index_at == "start" else size - 20)
+            offset, nbytes = np.frombuffer(f.read(16), "<u8").tolist()
+            if offset == _NO_CHUNK:
+                return None
+            if nbytes != self.chunk_bytes:
+                raise ValueError(f"{path}: damaged chunk ({nbytes} bytes at {offset}, file of {size})")
+        if offset + self.chunk_bytes > size:
+            raise ValueError(f"{path}: chunk is truncated")
+        return offset
+
+    def _listed(self, path: str):
+        return None if self.written is None else self.written.get(os.path.relpath(path, self.folder))
+
+    def whole_chunk(self, region) -> tuple | None:
+        """The coordinates of the one chunk that is exactly `region`, if there is one."""
+        if all(lo % k == 0 and hi - lo == k for (lo, hi), k in zip(region, self.chunk)):
+            return tuple(lo // k for (lo, _), k in zip(region, self.chunk))
+        return None
+
+    def map_chunk(self, coords) -> np.ndarray | None:
+        """Chunk `coords` mapped copy-on-write from its file: nothing is read or copied now, its
+        pages come from the page cache when first touched. None when it cannot be mapped (no file,
+        an empty chunk, data off a page boundary); `read_chunk_into` handles those."""
+        path = self._chunk_file(coords)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            offset = self._data_offset(f, path, self._listed(path))
+            if offset is None or offset % mmap.ALLOCATIONGRANULARITY:
+                return None
+            mapped = mmap.mmap(f.fileno(), offset + self.chunk_bytes, access=mmap.ACCESS_COPY)
+        return np.frombuffer(mapped, self.dtype, count=math.prod(self.chunk), offset=offset).reshape(self.chunk)
+
     def read_chunk_into(self, coords, region, out: np.ndarray) -> None:
         """Copy the part of chunk `coords` inside `region` into `out` (which holds `region`)."""
         start = [c * k for c, k in zip(coords, self.chunk)]
@@ -213,7 +256,7 @@ class ZarrArray:
         hi = [min(s + k, r1) for s, k, (_, r1) in zip(start, self.chunk, region)]
         dest = out[tuple(slice(a - r0, b - r0) for a, b, (r0, _) in zip(lo, hi, region))]
         path = self._chunk_file(coords)
-        listed = None if self.written is None else self.written.get(os.path.relpath(path, self.folder))
+        listed = self._listed(path)
         try:
             f = open(path, "rb")
         except FileNotFoundError:  # zarr leaves out chunks that are all fill value
@@ -222,18 +265,10 @@ class ZarrArray:
             dest[...] = self.fill
             return
         with f:
-            if listed is not None and os.fstat(f.fileno()).st_size != listed:
-                raise ValueError(f"{path}: chunk file is truncated ({os.fstat(f.fileno()).st_size} of {listed} bytes)")
-            offset = 0
-            if self.index_at is not None:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(0 if self.index_at == "start" else size - 20)
-                offset, nbytes = np.frombuffer(f.read(16), "<u8").tolist()
-                if offset == _NO_CHUNK:
-                    dest[...] = self.fill
-                    return
-                if nbytes != self.chunk_bytes or offset + nbytes > size:
-                    raise ValueError(f"{path}: damaged chunk ({nbytes} bytes at {offset}, file of {size})")
+            offset = self._data_offset(f, path, listed)
+            if offset is None:
+                dest[...] = self.fill
+                return
             f.seek(offset)
             whole = lo == start and all(b - a == k for a, b, k in zip(lo, hi, self.chunk))
             target = dest if whole and dest.flags.c_contiguous and dest.dtype == self.dtype else \
@@ -312,14 +347,16 @@ def _direct_arrays(ckpt_dir: str) -> dict | None:
 
 def _layout(arrays: dict, saved: Kosmos2Config, wanted: Kosmos2Config) -> dict:
     """wanted path -> (saved path, layer or None, shape), from the saved arrays alone (so reading can
-    start before the model is traced): the decoder's stack split per layer when `wanted` unrolls
-    it, everything else as saved."""
-    split = saved.text_layers_scanned and not wanted.text_layers_scanned
+    start before the model is traced): a tower's stack split per layer when `wanted` unrolls it,
+    everything else as saved."""
+    split = {"text_model": saved.text_layers_scanned and not wanted.text_layers_scanned,
+             "vision_model": saved.scan_layers and not wanted.scan_layers}
     out = {}
     for path, array in arrays.items():
-        if split and path[:3] == ("text_model", "layers", "layer"):
+        if split.get(path[0]) and "layer" in path:
+            at = path.index("layer")
             for i in range(array.shape[0]):
-                out[path[:2] + (f"layer_{i}",) + path[3:]] = (path, i, array.shape[1:])
+                out[path[:at] + (f"layer_{i}",) + path[at + 1:]] = (path, i, array.shape[1:])
         else:
             out[path] = (path, None, array.shape)
     return out
@@ -342,8 +379,9 @@ def _index_region(index, shape) -> tuple[tuple[int, int], ...]:
 
 
 def _read_direct(arrays: dict, layout: dict, shardings: dict | None) -> dict:
-    """Every leaf of `layout`: each distinct addressable shard read chunk by chunk into its own
-    aligned buffer, then handed to its devices (no copy on CPU), or numpy when `shardings` is None."""
+    """Every leaf of `layout`: each distinct addressable shard mapped from its chunk file when it is
+    one whole chunk, else read chunk by chunk into its own aligned buffer; then handed to its
+    devices (no copy on CPU), or numpy when `shardings` is None."""
     jobs, buffers = [], {}
     for path, (src, layer, shape) in layout.items():
         array = arrays[src]
@@ -353,8 +391,14 @@ def _read_direct(arrays: dict, layout: dict, shardings: dict | None) -> dict:
             region = _index_region(index, shape)
             if region in buffers.setdefault(path, {}):
                 continue
-            buf = buffers[path][region] = aligned_empty(tuple(b - a for a, b in region), array.dtype)
             src_region = ((layer, layer + 1),) + region if layer is not None else region
+            shard_shape = tuple(b - a for a, b in region)
+            coords = array.whole_chunk(src_region)
+            mapped = array.map_chunk(coords) if coords is not None else None
+            if mapped is not None:  # one chunk file is this shard: use the file's pages themselves
+                buffers[path][region] = mapped.reshape(shard_shape)
+                continue
+            buf = buffers[path][region] = aligned_empty(shard_shape, array.dtype)
             into = buf.reshape((1,) + buf.shape) if layer is not None else buf
             jobs += [(array, c, src_region, into) for c in array.chunks_in(src_region)]
     with ThreadPoolExecutor(_READERS) as pool:

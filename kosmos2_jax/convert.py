@@ -9,7 +9,7 @@ format training's export writes too. In Python:
 
     model, params = load_hf("kosmos-2-patch14-224/")      # HF folder -> (Kosmos2, params)
     model, params = load_checkpoint("ckpt/kosmos2")       # converted folder -> (Kosmos2, params)
-    model, params = load_model(path, scan_text_layers=False)  # either, laid out for decoding
+    model, params = load_model(path, **DECODING)          # either, one array per layer (generation)
 
 Mapping: PyTorch Linear weights [out, in] become Flax kernels [in, out]; the patch conv goes from
 OIHW to HWIO; LayerNorm weight -> scale; per-layer tensors are stacked on a leading axis when the
@@ -309,9 +309,10 @@ def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
         {path: jax.device_put(v) for path, v in iter_params_from_hf(TensorSource(hf_dir), config)})
 
 
-# How generation wants the weights: on XLA:CPU a scanned decoder copies each layer's weights out of
-# the stack at every step (2.4x slower decoding); one array per layer is read in place.
-DECODING = dict(scan_text_layers=False)
+# How generation wants the weights: one array per layer. On XLA:CPU a scanned layer copies its
+# weights out of the stack at every call (decoding 2.4x slower); per-layer arrays are read in
+# place, and each is one chunk file of the checkpoint, mapped rather than read.
+DECODING = dict(scan_layers=False)
 
 
 def model_config_of(path: str, **layout: Any) -> Kosmos2Config:

@@ -66,6 +66,11 @@ def test_decoder_split_per_layer(saved):
     for i in range(model.config.text.layers):
         _equal(layers[f"layer_{i}"], jax.tree_util.tree_map(lambda x: x[i], stacked))
     _equal(split["vision_model"], params["vision_model"])  # the vision tower stays scanned
+    _, unrolled = checkpoint.restore_params(str(folder), scan_layers=False)  # both towers per layer
+    for i in range(model.config.vision.num_hidden_layers):
+        _equal(unrolled["vision_model"]["encoder"][f"layer_{i}"],
+               jax.tree_util.tree_map(lambda x: x[i], params["vision_model"]["encoder"]["layer"]))
+    _equal(unrolled["text_model"]["layers"], split["text_model"]["layers"])
     q = model.config.latent_query_num
     ids = np.concatenate([[[0, 5]], np.arange(4, 4 + q)[None], [[6, 7, 8, 9]]], axis=1).astype(np.int32)
     img = np.zeros_like(ids)
