@@ -294,33 +294,6 @@ def _name(path: tuple[str, ...]) -> str:
     return ".".join(path)  # Orbax's name for a param's folder
 
 
-def _split_layer(path: tuple[str, ...]) -> tuple[tuple[str, ...], int] | None:
-    """`(..., layers, layer_7, ...)` -> (`(..., layers, layer, ...)`, 7): where an unscanned layer
-    lives in a scanned stack."""
-    for i, part in enumerate(path):
-        if part.startswith("layer_") and part[6:].isdigit():
-            return path[:i] + ("layer",) + path[i + 1:], int(part[6:])
-    return None
-
-
-def _sources(ckpt_dir: str, saved: dict, wanted: dict) -> dict:
-    """For each wanted path: (saved path, layer index or None), checking presence and shapes
-    (`saved` and `wanted` map paths to shapes)."""
-    out = {}
-    for path, shape in wanted.items():
-        src, layer = path, None
-        if path not in saved and _split_layer(path) and _split_layer(path)[0] in saved:
-            src, layer = _split_layer(path)
-        if src not in saved:
-            raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
-        have = tuple(saved[src])[1:] if layer is not None else tuple(saved[src])
-        if (layer is not None and layer >= saved[src][0]) or have != tuple(shape):
-            raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} has shape {tuple(saved[src])}, "
-                             f"model_config.json says {tuple(shape)}")
-        out[path] = (src, layer)
-    return out
-
-
 def is_tree_checkpoint(ckpt_dir: str) -> bool:
     """`params/` as one Orbax PyTree checkpoint, not one item per parameter (earlier versions)."""
     return os.path.isfile(os.path.join(ckpt_dir, "params", "_METADATA"))
@@ -345,20 +318,20 @@ def _direct_arrays(ckpt_dir: str) -> dict | None:
     return arrays
 
 
-def _layout(arrays: dict, saved: Kosmos2Config, wanted: Kosmos2Config) -> dict:
-    """wanted path -> (saved path, layer or None, shape), from the saved arrays alone (so reading can
-    start before the model is traced): a tower's stack split per layer when `wanted` unrolls it,
-    everything else as saved."""
+def _layout(shapes: dict, saved: Kosmos2Config, wanted: Kosmos2Config) -> dict:
+    """wanted path -> (saved path, layer or None, shape), from the saved arrays' shapes alone (so
+    reading can start before the model is traced): a tower's stack split per layer when `wanted`
+    unrolls it, everything else as saved."""
     split = {"text_model": saved.text_layers_scanned and not wanted.text_layers_scanned,
              "vision_model": saved.scan_layers and not wanted.scan_layers}
     out = {}
-    for path, array in arrays.items():
+    for path, shape in shapes.items():
         if split.get(path[0]) and "layer" in path:
             at = path.index("layer")
-            for i in range(array.shape[0]):
-                out[path[:at] + (f"layer_{i}",) + path[at + 1:]] = (path, i, array.shape[1:])
+            for i in range(shape[0]):
+                out[path[:at] + (f"layer_{i}",) + path[at + 1:]] = (path, i, tuple(shape[1:]))
         else:
-            out[path] = (path, None, array.shape)
+            out[path] = (path, None, tuple(shape))
     return out
 
 
@@ -434,13 +407,11 @@ def _saved_shapes(ckpt_dir: str, config: Kosmos2Config) -> dict:
     return {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(tree).items()}
 
 
-def _read_through_orbax(ckpt_dir: str, config: Kosmos2Config, wanted: dict) -> dict:
-    """numpy leaves in the wanted layout from any Orbax PyTree layout (through Orbax) or from the
-    one-item-per-parameter folders of earlier versions."""
+def _read_through_orbax(ckpt_dir: str, saved: dict, found: dict) -> dict:
+    """numpy leaves of `found` (see `_layout`) from the arrays `saved` (path -> shape) of any
+    Orbax PyTree layout (through Orbax) or of the one-item-per-parameter folders of earlier versions."""
     import orbax.checkpoint as ocp
 
-    saved = _saved_shapes(ckpt_dir, config)
-    sources = _sources(ckpt_dir, saved, {p: s.shape for p, s in wanted.items()})
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     stored = {}
     with ocp.StandardCheckpointer() as ckptr:
@@ -460,49 +431,48 @@ def _read_through_orbax(ckpt_dir: str, config: Kosmos2Config, wanted: dict) -> d
                     stored[path] = ckptr.restore(where, {"value": jax.ShapeDtypeStruct(shape, np.float32)})["value"]
                 except Exception as e:  # Orbax raises many types for damaged files
                     raise ValueError(f"cannot restore {'/'.join(path)} from {ckpt_dir!r}: {e}") from e
-    out = {}
-    for path, (src, layer) in sources.items():
-        value = np.asarray(stored[src])
-        out[path] = (value[layer] if layer is not None else value).astype(wanted[path].dtype, copy=False)
-    return out
+    return {path: np.asarray(stored[src])[layer] if layer is not None else np.asarray(stored[src])
+            for path, (src, layer, _) in found.items()}
+
+
+def _read(ckpt_dir: str, saved: Kosmos2Config, wanted: Kosmos2Config, expected, shardings: dict | None,
+          numpy: bool) -> dict:
+    """The params of `wanted` (its layout), checked against `expected` (a future of the traced
+    shapes): read in place from `save_checkpoint`'s layout, else through Orbax."""
+    arrays = _direct_arrays(ckpt_dir)
+    shapes = {p: a.shape for p, a in arrays.items()} if arrays is not None else _saved_shapes(ckpt_dir, saved)
+    found = _layout(shapes, saved, wanted)
+    if not numpy and shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = {p: device for p in found}
+    if arrays is None or (shardings is not None and set(found) != set(shardings)):
+        _check_layout(ckpt_dir, found, expected.result())  # before reading; names what differs
+    if shardings is not None and set(found) != set(shardings):
+        raise ValueError(f"{ckpt_dir!r}: the target shardings do not match the model's params")
+    if arrays is not None:
+        flat = _read_direct(arrays, found, shardings)
+        _check_layout(ckpt_dir, found, expected.result())
+    else:
+        flat = _read_through_orbax(ckpt_dir, shapes, found)
+        if not numpy:
+            flat = {p: jax.device_put(v, shardings[p]) for p, v in flat.items()}
+    dtypes = {p: spec.dtype for p, spec in expected.result().items()}
+    return {p: v if v.dtype == dtypes[p] else v.astype(dtypes[p]) for p, v in flat.items()}
 
 
 def restore_params(ckpt_dir: str, *, shardings: Any = None, numpy: bool = False,
                    **layout: Any) -> tuple[Kosmos2, dict]:
     """A params checkpoint folder -> (Kosmos2 model, params). `layout` overrides compute settings
-    of the saved config (e.g. `scan_text_layers=False`: the decoder's stacked layers come back as
-    one array per layer). `shardings`: a tree of target shardings like the params (default: the
-    first local device); `numpy=True` returns host numpy arrays instead."""
+    of the saved config (e.g. `scan_layers=False`: stacked layers come back as one array per
+    layer). `shardings`: a tree of target shardings like the params (default: the first local
+    device); `numpy=True` returns host numpy arrays instead."""
     ckpt_dir = os.path.abspath(ckpt_dir)
     saved = read_model_config(ckpt_dir)
     model = Kosmos2(saved.replace(**layout))
-    flat_shardings = None
-    if not numpy and shardings is not None:
-        flat_shardings = traverse_util.flatten_dict(nn.unbox(shardings))
+    flat_shardings = None if numpy or shardings is None else traverse_util.flatten_dict(nn.unbox(shardings))
     with ThreadPoolExecutor(1) as side:  # trace the model's shapes while the chunks are read
         expected = side.submit(lambda: traverse_util.flatten_dict(abstract_params(model)))
-        arrays = _direct_arrays(ckpt_dir)
-        if arrays is not None:
-            found = _layout(arrays, saved, model.config)
-            if flat_shardings is not None and set(found) != set(flat_shardings):
-                _check_layout(ckpt_dir, found, expected.result())  # names what differs from the model
-                raise ValueError(f"{ckpt_dir!r}: the target shardings do not match the model's params")
-            if not numpy and flat_shardings is None:
-                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-                flat_shardings = {p: device for p in found}
-            flat = _read_direct(arrays, found, flat_shardings)
-            _check_layout(ckpt_dir, found, expected.result())
-            flat = {p: v if v.dtype == expected.result()[p].dtype else v.astype(expected.result()[p].dtype)
-                    for p, v in flat.items()}
-        else:
-            host = _read_through_orbax(ckpt_dir, saved, expected.result())
-            if numpy:
-                flat = host
-            else:
-                if flat_shardings is None:
-                    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-                    flat_shardings = {p: device for p in host}
-                flat = {p: jax.device_put(v, flat_shardings[p]) for p, v in host.items()}
+        flat = _read(ckpt_dir, saved, model.config, expected, flat_shardings, numpy)
     return model, traverse_util.unflatten_dict(flat)
 
 
@@ -514,13 +484,13 @@ def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple
     model = Kosmos2(config)
     expected = traverse_util.flatten_dict(abstract_params(model))
     arrays = _direct_arrays(ckpt_dir)
-    if arrays is not None:
-        found = _layout(arrays, config, config)
-        _check_layout(ckpt_dir, found, expected)
+    shapes = {p: a.shape for p, a in arrays.items()} if arrays is not None else _saved_shapes(ckpt_dir, config)
+    found = _layout(shapes, config, config)
+    _check_layout(ckpt_dir, found, expected)
 
     def leaves():
         if arrays is None:
-            host = _read_through_orbax(ckpt_dir, config, expected)
+            host = _read_through_orbax(ckpt_dir, shapes, found)
             for path in expected:
                 yield path, host.pop(path)
             return

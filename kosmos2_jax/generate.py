@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import os
 import pickle
 from typing import Any, Mapping
@@ -332,11 +333,10 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
 def _code_fingerprint() -> str:
     """The model and generation code an executable was traced from."""
     digest = hashlib.sha256()
-    package = os.path.dirname(os.path.abspath(__file__))
-    for name in sorted(os.listdir(os.path.join(package, "models"))) + ["../generate.py"]:
-        if name.endswith(".py"):
-            with open(os.path.join(package, "models", name), "rb") as f:
-                digest.update(f.read())
+    models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+    for path in sorted(os.path.join(models, n) for n in os.listdir(models) if n.endswith(".py")) + [__file__]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()
 
 
@@ -348,8 +348,7 @@ def _stored_executable_path(*key) -> str | None:
     if not folder or not jax.config.jax_enable_compilation_cache or jax.device_count() != 1:
         return None
     device = jax.devices()[0]
-    text = repr((key, jax.__version__, jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-                 device.platform, device.device_kind, device.client.platform_version,
+    text = repr((key, jax.__version__, device.platform, device.device_kind, device.client.platform_version,
                  os.environ.get("XLA_FLAGS", ""), _code_fingerprint()))
     return os.path.join(folder, "kosmos2_generate", hashlib.sha256(text.encode()).hexdigest() + ".pkl")
 
@@ -395,11 +394,9 @@ def prepare(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], **opt
     """Compile (or fetch from the compilation cache) what `generate(model, params, inputs,
     **options)` will run. `params` may be ShapeDtypeStructs with the shardings the real ones will
     have, so that a caller can compile while it still loads the weights."""
-    _program(model, params, inputs, **{**_DEFAULTS, **options})
-
-
-_DEFAULTS = dict(num_beams=1, do_sample=False, temperature=1.0, top_p=1.0, no_repeat_ngram_size=0, eos_token_id=2,
-                 pad_token_id=1, length_penalty=1.0, rng=None, bucket=32)
+    call = inspect.signature(generate).bind(model, params, inputs, **options)
+    call.apply_defaults()
+    _program(**call.arguments)
 
 
 def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, max_new_tokens: int,
