@@ -65,7 +65,7 @@ demo-data: $(DEMO_DATA)/spm/shapes.model $(DEMO_TFDS)
 # DEMO_FLAGS: more train flags (tests/test_demo.py: a few steps of the same recipe)
 DEMO_FLAGS ?=
 demo: demo-data
-	$(CPU_ENV) $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py:$(DEMO_DATA) --workdir $(DEMO_RUN) $(DEMO_FLAGS)
+	$(CPU_ENV) $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py:data=$(DEMO_DATA) --workdir $(DEMO_RUN) $(DEMO_FLAGS)
 	$(CPU_ENV) $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
 		--tokenizer $(DEMO_DATA)/spm/shapes.model --data_dir $(DEMO_DATA)/tfds/shapes/refexp/1.0.0 \
 		--split test --out $(DEMO_RUN)/eval/results.json --draw 6

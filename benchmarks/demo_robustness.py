@@ -31,7 +31,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
     run = workdir / f"seed_{seed}"
     start = time.time()
-    train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", f"experiments/shapes_tiny.py:{DATA}",
+    train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", f"experiments/shapes_tiny.py:data={DATA}",
                             "--workdir", str(run), f"--config.seed={seed}", *overrides], capture_output=True, text=True,
                            cwd=REPO, env=ENV)
     (workdir / f"seed_{seed}.train.log").write_text(train.stdout + train.stderr)
@@ -47,7 +47,7 @@ def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
         raise SystemExit(f"seed {seed}: evaluation failed: {evaluated.stderr[-2000:]}")
     result = json.loads((run / "eval" / "results.json").read_text())
     curve = [(int(m.group(1)), float(m.group(2))) for m in
-             re.finditer(r"step (\d+) grounding accuracy ([\d.]+)%", train.stdout)]
+             re.finditer(r"step (\d+) eval grounding: accuracy ([\d.]+)", train.stdout)]
     return {"seed": seed, "accuracy": result["accuracy"], "scored": result["scored"], "curve": curve,
             "train_s": trained - start, "eval_s": time.time() - trained}
 

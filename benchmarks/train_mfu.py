@@ -105,7 +105,7 @@ def main(argv=None):
 
     import importlib
 
-    from kosmos2_jax.train.__main__ import model_config
+    from kosmos2_jax.train.trainer import model_config
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.train import sharding
     from kosmos2_jax.train.trainer import Trainer

@@ -1,25 +1,28 @@
-"""Fine-tune released KOSMOS-2 weights on referring expressions.
+"""Fine-tune released KOSMOS-2 weights on referring expressions (RefCOCO/+/g).
 
     python -m kosmos2_jax.convert from-hf --hf_dir kosmos-2-patch14-224 --out ckpt/kosmos2
     python -m kosmos2_jax.data.build data/refcoco --config refcoco --data_dir TFDS --manual_dir MDETR/
     python -m kosmos2_jax.train --config experiments/finetune_refcoco.py --workdir DIR \\
         --config.init.checkpoint=ckpt/kosmos2 --config.data.train_dir=TFDS/refcoco/refcoco/1.0.0 \\
-        --config.data.val_dir=TFDS/refcoco/refcoco/1.0.0 --config.data.val_split=val
+        --config.data.val_dir=TFDS/refcoco/refcoco/1.0.0 --config.data.val_split=val \\
+        --config.evals.grounding.data_dir=MDETR --config.evals.grounding.every=500
+    python -m kosmos2_jax.train --config experiments/finetune_refcoco.py:runlocal --workdir /tmp/smoke
 
 The paper's setting freezes the vision tower except its last layer. The refcoco builder writes
-GRIT-style records (the expression is the caption and its one chunk). Expected: unmeasured.
+GRIT-style records (the expression is the caption and its one chunk); 256 expressions per step,
+unpacked. `evals.grounding` scores RefCOCO val accuracy during the run. Target: above the
+zero-shot 52.32 (RefCOCO val, paper Table 3); the fine-tuned baselines there reach 81-91.
+Unmeasured (needs the released weights and COCO).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kosmos2_pretrain  # noqa: E402
+from kosmos2_jax.train import presets
 
 
 def get_config(arg=None):
-    c = kosmos2_pretrain.get_config(arg)
-    c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256, pack=False)  # batch = 256 expressions
+    args = presets.parse_arg(arg, runlocal=False, data=presets.DEMO_DATA)
+    c = presets.base()
+    c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256, pack=False, text_weight=0.0)
     c.optim.update(lr=1e-5, warmup_steps=100)
     c.train.update(steps=5000, batch_size=256, freeze="vision_except_last")
-    return c
+    c.evals.grounding.update(task="refcoco", split="val")
+    return presets.runlocal(c, args.data) if args.runlocal else c

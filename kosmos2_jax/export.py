@@ -23,7 +23,8 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "", ov
     from kosmos2_jax import convert, outputs
     from kosmos2_jax.models import Kosmos2, Kosmos2Config
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.trainer import Checkpoints, Trainer
+    from kosmos2_jax.train.checkpoints import Checkpoints
+    from kosmos2_jax.train.trainer import Trainer
 
     paths = [os.path.join(workdir, n) for n in ("config.json", "model_config.json")]
     for path in paths:

@@ -19,6 +19,7 @@ import math
 import re
 from typing import Sequence
 
+from kosmos2_jax.boxes import check_box
 from kosmos2_jax.tokenizer import location_token
 
 Box = tuple[float, float, float, float]
@@ -29,23 +30,9 @@ _TRAIN_UPPER = 0.99999
 DELIMITER = "</delimiter_of_multi_objects/>"
 
 
-def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
-    try:
-        x1, y1, x2, y2 = (float(c) for c in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"a box is 4 numbers (x1, y1, x2, y2), got {box!r}") from None
-    if any(math.isnan(c) for c in (x1, y1, x2, y2)):
-        raise ValueError(f"box {box!r} contains NaN")
-    if not all(0.0 <= c <= 1.0 for c in (x1, y1, x2, y2)):
-        raise ValueError(f"box {box!r} is outside [0, 1]: boxes are normalized (x1, y1, x2, y2)")
-    if not (x2 > x1 and y2 > y1):
-        raise ValueError(f"box {box!r} needs x1 < x2 and y1 < y2")
-    return x1, y1, x2, y2
-
-
 def box_to_patch_pair(box: Sequence[float], num_bins: int = 32, formula: str = "hf") -> tuple[int, int]:
     """Normalized `(x1, y1, x2, y2)` -> (upper-left cell, lower-right cell) indices."""
-    x1, y1, x2, y2 = _check_box(box)
+    x1, y1, x2, y2 = check_box(box)
     if formula == "hf":
         ul_x, ul_y = math.floor(x1 * num_bins), math.floor(y1 * num_bins)
         lr_x, lr_y = math.ceil(x2 * num_bins - 1), math.ceil(y2 * num_bins - 1)

@@ -20,8 +20,8 @@ def test_make_demo_trains_and_evaluates(tmp_path):
     stamp.touch()
     data, run = tmp_path / "demo_data", tmp_path / "run"
     flags = ("--config.train.steps=12 --config.train.batch_size=8 --config.train.log_every=6 "
-             "--config.train.eval_every=12 --config.train.grounding_eval_every=12 --config.train.ckpt_every=12 "
-             "--config.data.grounding_items=4 --config.data.val_batches=1 --config.data.shuffle_buffer=16")
+             "--config.train.eval_every=12 --config.evals.grounding.every=12 --config.train.ckpt_every=12 "
+             "--config.evals.grounding.max_items=4 --config.data.val_batches=1 --config.data.shuffle_buffer=16")
     out = subprocess.run(["make", "-s", "demo", f"PY={sys.executable}", f"CORE_STAMP={stamp}", f"DEMO_DATA={data}",
                           f"DEMO_RUN={run}", "SHAPES_NUM_TRAIN=48", "SHAPES_NUM_EVAL=12", f"DEMO_FLAGS={flags}"],
                          cwd=REPO, capture_output=True, text=True, timeout=900,
@@ -31,7 +31,7 @@ def test_make_demo_trains_and_evaluates(tmp_path):
     # the run says what it will do and how long it should take
     assert "parameters" in console and "plan: steps 1-12 of 8 rows" in console, console
     assert "48 training records" in console and "expected:" in console and "s/step here" in console, console
-    assert "step 12 grounding accuracy" in console, console
+    assert "step 12 eval grounding: accuracy" in console, console
     # quiet: no TensorFlow/oneDNN or absl start-up banners, no Python warnings
     for noise in ("oneDNN", "absl::InitializeLog", "Warning:", "WARNING"):
         assert noise not in console, (noise, console)

@@ -59,7 +59,7 @@ def test_the_released_models_architecture_is_the_experiment_configs():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
     import finetune_refcoco
     import kosmos2_instruct
-    from kosmos2_jax.train.__main__ import model_config
+    from kosmos2_jax.train.trainer import model_config
 
     released = convert.config_from_hf(transformers.Kosmos2Config().to_dict())
     for experiment in (finetune_refcoco, kosmos2_instruct):

@@ -85,7 +85,7 @@ def _params(folder):
 
 
 def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path):
-    evals = ["--config.train.eval_every=6", "--config.train.grounding_eval_every=12"]
+    evals = ["--config.train.eval_every=6", "--config.evals.grounding.every=12"]
     # A: uninterrupted, 2 processes
     cache = tmp_path / "jax_cache"
     a = _finish(_launch(_train(tmp_path / "a", shapes_tfds, small_spm, *evals), cache=cache))
@@ -103,7 +103,7 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     val_a, val_b = (_lines(t, "validation loss") for t in (a, b))
     assert len(val_a) == len(val_b) == 2
     np.testing.assert_allclose([float(x.split()[4]) for x in val_a], [float(x.split()[4]) for x in val_b], atol=1e-5)
-    assert len(_lines(a, "step 12 grounding accuracy")) == 1
+    assert len(_lines(a, "step 12 eval grounding: accuracy")) == 1
     export_a = _params(tmp_path / "a" / "export")
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), export_a,
                            _params(tmp_path / "b" / "export"))
@@ -153,7 +153,7 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_hf, export_a)
 
     # every process saved its own data position (packing: they differ) in the one checkpoint
-    from kosmos2_jax.train.trainer import Checkpoints
+    from kosmos2_jax.train.checkpoints import Checkpoints
 
     ckpts = Checkpoints(str(c), 4, 3, async_save=False)
     states = ckpts.data_states(12)
@@ -165,7 +165,7 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     sys.path.insert(0, HERE)
     import train_tiny_config
 
-    from kosmos2_jax.train.__main__ import run
+    from kosmos2_jax.train.loop import run
 
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
     cfg.mesh.update(data=2, fsdp=2)

@@ -49,7 +49,7 @@ def test_sigterm_right_after_a_skipped_save_saves_the_next_step(shapes_tfds, sma
     import train_tiny_config
 
     from kosmos2_jax.train import trainer
-    from kosmos2_jax.train.__main__ import run
+    from kosmos2_jax.train.loop import run
 
     real_save = trainer.Checkpoints.save
 
@@ -91,7 +91,7 @@ def _trainer(shapes_tfds, small_spm, packed=False, **train):
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.processor import Kosmos2Processor
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.__main__ import model_config
+    from kosmos2_jax.train.trainer import model_config
     from kosmos2_jax.train.trainer import Trainer
 
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
@@ -258,7 +258,7 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     from kosmos2_jax import convert
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.__main__ import model_config, run
+    from kosmos2_jax.train.loop import model_config, run
     from kosmos2_jax.train.trainer import Trainer
 
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
@@ -296,28 +296,29 @@ def test_periodic_grounding_evaluation_and_a_profile_window(shapes_tfds, small_s
     steps, and `train.profile_start`/`profile_steps`: a trace of steps 2-3 in WORKDIR/profile and
     the table of where they spent their time."""
     run = subprocess.run(_cmd(tmp_path / "g", shapes_tfds, small_spm, "--config.train.steps=4",
-                              "--config.train.grounding_eval_every=2", "--config.train.profile_start=2",
+                              "--config.evals.grounding.every=2", "--config.train.profile_start=2",
                               "--config.train.profile_steps=5"),  # the window ends with the run
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if "grounding accuracy" in line]
+    lines = [line for line in run.stdout.splitlines() if "eval grounding: accuracy" in line]
     assert [line.split()[1] for line in lines] == ["2", "4"]
-    assert all(line.split()[4].endswith("%") and 0.0 <= float(line.split()[4][:-1]) <= 100.0 for line in lines)
+    assert all(line.endswith("(shapes validation, 4 items)") and 0.0 <= float(line.split()[5]) <= 100.0
+               for line in lines), lines
     assert f"profile of steps 2-3 in {tmp_path / 'g' / 'profile'}" in run.stdout
     table = run.stdout.split("profile of steps", 1)[1]
     for part in ("vision tower", "decoder", "LM head + loss", "optimizer"):
         assert f"| {part} |" in table, table
     traces = [f for _, _, files in os.walk(tmp_path / "g" / "profile") for f in files if f.endswith(".xplane.pb")]
     assert len(traces) == 1
-    missing = subprocess.run(_cmd(tmp_path / "h", shapes_tfds, small_spm, "--config.train.grounding_eval_every=2",
-                                  f"--config.data.grounding_dir={tmp_path}/none"), capture_output=True, text=True, cwd=REPO)
+    missing = subprocess.run(_cmd(tmp_path / "h", shapes_tfds, small_spm, "--config.evals.grounding.every=2",
+                                  f"--config.evals.grounding.data_dir={tmp_path}/none"), capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "none" in missing.stderr
 
 
 def test_profile_window_outside_the_run_and_per_process(monkeypatch, tmp_path, capsys):
     """A window outside the run's steps says so and traces nothing; processes of one run (on one
     host, say) trace into folders of their own."""
-    from kosmos2_jax.train.__main__ import Profile
+    from kosmos2_jax.train.loop import Profile
 
     outside = Profile(5, 3, str(tmp_path), 0, 2)
     assert "train.profile_start=5 is outside this run's steps [0, 2): no profile" in capsys.readouterr().out

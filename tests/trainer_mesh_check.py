@@ -15,7 +15,7 @@ from kosmos2_jax.data.examples import ExampleConfig  # noqa: E402
 from kosmos2_jax.data.pipeline import Pipeline, Source  # noqa: E402
 from kosmos2_jax.processor import Kosmos2Processor  # noqa: E402
 from kosmos2_jax.tokenizer import Kosmos2Tokenizer  # noqa: E402
-from kosmos2_jax.train.__main__ import model_config  # noqa: E402
+from kosmos2_jax.train.trainer import model_config  # noqa: E402
 from kosmos2_jax.models import Kosmos2  # noqa: E402
 from kosmos2_jax.train.trainer import Trainer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Box checks and the pretraining crop: resize the shorter side, center-crop, remap boxes, and drop
+"""Box rows checked for the input pipeline, and the pretraining crop: resize the shorter side, center-crop, remap boxes, and drop
 boxes of which less than `min_visible` survives (the original loader's rule, reference §2.6)."""
 
 from __future__ import annotations
@@ -7,20 +7,18 @@ import math
 
 import numpy as np
 
+from kosmos2_jax.boxes import check_box
+
 
 def check_boxes(boxes: np.ndarray, where: str) -> None:
-    """Normalized (x1, y1, x2, y2) rows: finite, within [0, 1], x1 < x2, y1 < y2; raises ValueError."""
+    """Normalized (x1, y1, x2, y2) rows, each valid by `kosmos2_jax.boxes.check_box`; raises ValueError."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     # Fast path in plain Python (a record has a handful of boxes; this runs once per example in
     # the input pipeline's worker threads, where numpy's per-call overhead holds the GIL).
     if all(0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0 for x1, y1, x2, y2 in boxes.tolist()):
         return
-    if not np.all(np.isfinite(boxes)):
-        raise ValueError(f"{where}: NaN or infinite box coordinates")
-    if np.any(boxes < 0) or np.any(boxes > 1):
-        raise ValueError(f"{where}: box coordinates outside [0, 1]")
-    if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
-        raise ValueError(f"{where}: zero-area or inverted box (needs x1 < x2 and y1 < y2)")
+    for box in boxes.tolist():
+        check_box(box, where)
 
 
 def shorter_side_resize_shape(width: int, height: int, size: int) -> tuple[int, int]:

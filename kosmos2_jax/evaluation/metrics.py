@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes; 0 when either has no area."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0
+from kosmos2_jax.boxes import iou  # noqa: F401  (the metrics' IoU is the library's one)
 
 
 def first_box_hit(predicted: Sequence[Sequence[float]], target: Sequence[float], threshold: float = 0.5) -> bool:

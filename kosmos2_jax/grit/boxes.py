@@ -13,24 +13,21 @@ import collections
 import math
 from typing import Sequence
 
-from kosmos2_jax.evaluation.metrics import iou
+from kosmos2_jax import boxes as box_rules
+from kosmos2_jax.boxes import iou
 
 DEFAULT_NMS_IOU = 0.7
 DEFAULT_SCORE_THRESHOLD = 0.65
 
 
 def box_problem(box: Sequence[float], score: float) -> str | None:
-    """Why a detector output is unusable ('nan', 'inverted', 'out_of_range'), or None. Boxes are
-    normalized (x1, y1, x2, y2); coordinates a hair outside [0, 1] are the caller's to clip."""
-    values = [*box, score]
-    if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+    """Why a detector output is unusable ('nan', 'inverted', 'out_of_range'), or None: the library's
+    box rule (kosmos2_jax/boxes.py) with coordinates up to 0.01 outside [0, 1] allowed (they are
+    clipped), and a finite score."""
+    problem = box_rules.box_problem(box, tolerance=0.01)
+    if problem == "not_four" or (problem is None and not math.isfinite(score)):
         return "nan"
-    x1, y1, x2, y2 = box
-    if x2 <= x1 or y2 <= y1:
-        return "inverted"
-    if min(box) < -0.01 or max(box) > 1.01:
-        return "out_of_range"
-    return None
+    return problem
 
 
 def nms(boxes: Sequence[Sequence[float]], scores: Sequence[float], iou_threshold: float) -> list[int]:

@@ -22,7 +22,6 @@ RANGES = {
     "train.eval_every": (_INT, 0, None, False),
     "train.ckpt_every": (_INT, 1, None, False),
     "train.keep": (_INT, 1, None, False),
-    "train.grounding_eval_every": (_INT, 0, None, False),
     "train.location_loss_weight": (_NUM, 0.0, None, False),
     "train.location_sigma": (_NUM, 0.0, None, False),
     "train.loss_chunk": (_INT, 1, None, False),
@@ -57,7 +56,6 @@ RANGES = {
     "data.max_bad_fraction": (_NUM, 0.0, 1.0, False),
     "data.pack_max_images": (_INT, 1, None, False),
     "data.shards": (_INT, 0, None, False),
-    "data.grounding_items": (_INT, 1, None, False),
     "optim.lr": (_NUM, 0.0, None, False),  # 0: a run that only evaluates or exports
     "optim.warmup_steps": (_INT, 0, None, False),
     "optim.b1": (_NUM, 0.0, 1.0, False),
@@ -115,10 +113,37 @@ def check(cfg, need_tokenizer: bool = True) -> None:
     batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum_steps")
     if accum is not _MISSING and batch % accum:
         raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")
+    evals = _get(cfg, "evals")
+    for name in ([] if evals is _MISSING else sorted(evals)):
+        _check_eval(name, evals[name])
+    rules = _get(cfg, "mesh.rules")
+    if rules is not _MISSING:
+        from kosmos2_jax.train.sharding import rules_from_text
+
+        try:
+            rules_from_text(rules)
+        except ValueError as e:
+            raise UsageError(f"config.mesh.rules={rules!r}: {e}") from None
     tokenizer = _get(cfg, "tokenizer")
     if need_tokenizer and tokenizer is not _MISSING and not os.path.isfile(tokenizer):
         raise UsageError(f"config.tokenizer={tokenizer!r}: no such file (a sentencepiece model; the demo's is "
                          f"built by `make demo`)")
+
+
+EVAL_RANGES = {"every": 0, "max_items": 1, "batch_size": 1}
+
+
+def _check_eval(name: str, spec) -> None:
+    from kosmos2_jax.evaluation.tasks import TASKS
+
+    for key, low in EVAL_RANGES.items():
+        value = spec.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(f"config.evals.{name}.{key}={value!r}: must be an integer >= {low}")
+    if spec.get("task") not in TASKS:
+        raise UsageError(f"config.evals.{name}.task={spec.get('task')!r}: must be one of {', '.join(sorted(TASKS))}")
+    if spec.get("every") and spec.get("data_dir") and not os.path.isdir(spec.data_dir):
+        raise UsageError(f"config.evals.{name}.data_dir={spec.data_dir!r}: no such folder")
 
 
 def flat(cfg) -> dict:

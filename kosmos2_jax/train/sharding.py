@@ -39,6 +39,25 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def rules_from_text(text: str, base: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
+    """`base` with the overrides of a config's `mesh.rules`: "logical=axis" items joined by commas,
+    the axis a mesh axis, several joined by "+" ("act_batch=data+fsdp"), or "none" (replicated)."""
+    table = dict(base)
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        logical, eq, axes = (x.strip() for x in item.partition("="))
+        if not eq or logical not in table:
+            raise ValueError(f"{item!r}: give LOGICAL=MESH_AXIS with LOGICAL one of {', '.join(sorted(table))}")
+        names = tuple(a.strip() for a in axes.split("+"))
+        if names == ("none",):
+            table[logical] = None
+            continue
+        bad = [a for a in names if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"{item!r}: {bad[0]!r} is not a mesh axis ({', '.join(MESH_AXES)}, or none)")
+        table[logical] = names[0] if len(names) == 1 else names
+    return tuple(table.items())
+
+
 def create_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one size may be -1 (= the remaining devices)."""
     devices = list(jax.devices() if devices is None else devices)

@@ -1,16 +1,14 @@
-"""The training loop: sharded state, jitted train step, Orbax checkpoints, logging, resume.
+"""The train state and its jitted steps: `Trainer` (sharded {step, params, opt_state}, the train
+and eval steps over `config.mesh`), the loss, and the experiment config's model.
 
-State = {step, params, opt_state}. Dropout keys are `fold_in(seed, step)`, and the data pipeline's
-position is saved with every checkpoint, so a run restarted from a checkpoint repeats exactly what
-the uninterrupted run computed.
+Dropout keys are `fold_in(seed, step)`, and the data pipeline's position is saved with every
+checkpoint (train/checkpoints.py), so a run restarted from a checkpoint repeats exactly what the
+uninterrupted run computed. The run itself: train/loop.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import time
 from typing import Any
 
 import jax
@@ -18,11 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 import optax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kosmos2_jax import multihost
 from kosmos2_jax.data.examples import normalize_pixels
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import image_slots, sharding
@@ -97,7 +93,7 @@ class Trainer:
         self.loc = (first_location_id, num_location_tokens)
         self.loss_chunk = config.train.get("loss_chunk", 8)
         self.mesh = sharding.create_mesh(dict(config.mesh), devices)
-        self.rules = sharding.DEFAULT_RULES
+        self.rules = sharding.rules_from_text(config.mesh.get("rules", ""))
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
         # compacted images: one block per batch shard, whole blocks per micro-batch
         self.image_groups = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], config.train.grad_accum_steps)
@@ -256,125 +252,8 @@ class Trainer:
                 "loc_accuracy": totals.get("loc_correct", 0.0) / max(totals.get("loc_tokens", 0.0), 1.0)}
 
 
-class DamagedCheckpoint(ValueError):
-    """A checkpoint step that cannot be read (a kill mid-write of a non-atomic store, a lost file)."""
-
-
-class Checkpoints:
-    """Orbax CheckpointManager over `workdir/checkpoints`: the train state plus the data state (JSON).
-
-    The data state is one input-pipeline position per data shard (`{"shards": S, "states": [...]}`,
-    `train.data_shards`): each process reads its own shards, so each resumes at its own place (with
-    packing, hosts consume different numbers of examples per step). Saving is collective."""
-
-    def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True):
-        path = os.path.join(os.path.abspath(workdir), "checkpoints")
-        try:
-            os.makedirs(path, exist_ok=True)
-            if jax.process_index() == 0:  # processes sharing one folder would race on the probe
-                probe = os.path.join(path, ".write_test")
-                open(probe, "w").close()
-                os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"workdir {workdir!r} is not writable: {e}") from None
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(path, options=options)
-
-    def latest_step(self):
-        return self.manager.latest_step()
-
-    def save(self, step: int, state, local_data_states, force: bool = False) -> bool:
-        """`local_data_states`: a callable -> this process's shard states, in shard order (called, and
-        gathered from every process, only when this step is saved)."""
-        if not (force or self.manager.should_save(step)):
-            return False
-        states = [s for per_process in multihost.allgather_json(local_data_states()) for s in per_process]
-        data = {"shards": len(states), "states": states}
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               data=ocp.args.JsonSave(data)), force=force)
-
-    def committed(self, step: int) -> bool:
-        """Whether `step` is on disk for good (after `wait`: an async save may still be writing)."""
-        self.manager.reload()
-        return step in self.manager.all_steps()
-
-    def data_states(self, step: int) -> list[dict]:
-        """The saved pipeline position of every data shard (an old checkpoint's single state is one shard)."""
-        try:
-            data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-        except Exception as e:  # Orbax raises many types for damaged files
-            raise DamagedCheckpoint(self._damaged(step, e)) from e
-        return data["states"] if "states" in data else [data]
-
-    def restore(self, step: int, abstract_state):
-        """The train state of `step` (its data states: `data_states`)."""
-        from kosmos2_jax.cli import fd2_silenced
-
-        try:
-            with fd2_silenced():  # a failed restore's reads keep printing tracebacks from other threads
-                return self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))["state"]
-        except Exception as e:
-            raise DamagedCheckpoint(self._damaged(step, e)) from e
-
-    def _damaged(self, step: int, error: Exception) -> str:
-        others = [s for s in sorted(self.manager.all_steps()) if s != step]
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(" [tensorstore_spec")[0][:400]
-        earlier = [s for s in others if s < step]
-        hint = (f"; if it is damaged, resume from step {earlier[-1]} with --config.train.resume_step={earlier[-1]}"
-                if earlier else "")
-        return (f"the checkpoint of step {step} ({self.manager.directory / str(step)}) cannot be restored: {reason} "
-                f"(other steps: {others or 'none'}){hint}")
-
-    def set_aside(self, step: int) -> str:
-        """Move a damaged step out of the manager's folder (to WORKDIR/damaged_checkpoints/STEP), so
-        the run resumes from the one before and may save this step again. Collective."""
-        where = os.path.join(os.path.dirname(str(self.manager.directory)), "damaged_checkpoints", str(step))
-        if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(where), exist_ok=True)
-            if os.path.exists(where):
-                where = f"{where}.{int(time.time())}"
-            os.rename(str(self.manager.directory / str(step)), where)
-        multihost.sync(f"set_aside:{step}")
-        self.manager.reload()
-        return where
-
-    def wait(self):
-        self.manager.wait_until_finished()
-
-    def close(self):
-        self.manager.close()
-
-
 def abstract_like(state, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-
-
-class Preemption:
-    """SIGTERM -> the run saves and exits cleanly. With one process, a flag the loop checks; with
-    several, JAX's preemption sync manager (started by `jax.distributed.initialize`): a SIGTERM to
-    any process makes `stop(step)` true on every process at the same step."""
-
-    def __init__(self):
-        self.requested = False
-        self._synced = jax.process_count() > 1
-        self._old = None
-        if not self._synced:  # a Python handler would replace the sync manager's own
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def stop(self, step: int) -> bool:
-        """Collective with several processes: call it once per step, on every process."""
-        if self._synced:
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self.requested
-
-    def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def input_counts(batch, image_slots: int | None = None) -> np.ndarray:

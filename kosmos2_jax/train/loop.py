@@ -1,0 +1,434 @@
+"""One training run, top to bottom: `run(cfg, workdir)`.
+
+Sections, in the order a run goes through them: setup (processes, tokenizer, model), state and
+restore (a fresh or resumed train state, checked against the workdir before anything is written),
+data (this process's shards of the mixture, validation batches), evaluations (`config.evals`),
+the loop (train step, logging, validation, evaluations, checkpoints, SIGTERM), and the export.
+The pieces it calls are library modules: `trainer.Trainer` (sharded state and jitted steps),
+`checkpoints` (Orbax manager, preemption), `data.pipeline`, `evaluation.tasks`.
+Fork this file to change what a run does; the CLI (`train/__main__.py`) only parses flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from kosmos2_jax import convert, multihost
+from kosmos2_jax.cli import UsageError
+from kosmos2_jax.train import config_check
+from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
+from kosmos2_jax.train.trainer import Trainer, abstract_like, format_eta, input_counts, model_config
+
+TIMED_STEPS = 10  # steps after the compiling first one that the time estimate is measured over
+
+
+# --- state and restore ----------------------------------------------------------------------------
+def write_run_config(workdir: str, cfg, model_cfg) -> None:
+    """Lab notes: what ran, and the model `python -m kosmos2_jax.export` rebuilds."""
+    from kosmos2_jax import outputs
+
+    with outputs.atomic_file(os.path.join(workdir, "config.json")) as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    outputs.write_json(os.path.join(workdir, "model_config.json"), model_cfg.to_dict(), indent=2)
+
+
+def check_resume(workdir: str, cfg, model_cfg, say=print) -> None:
+    """Before a resumed run writes anything: the model it would build must be the checkpoint's
+    (else a one-line error naming the differing fields); changed settings are listed."""
+    from kosmos2_jax.models import Kosmos2Config
+
+    saved_model = os.path.join(workdir, "model_config.json")
+    if os.path.isfile(saved_model):
+        saved = Kosmos2Config.from_dict(convert.read_json(saved_model, "the run's model config"))
+        diffs = convert.architecture_differences(saved, model_cfg)
+        if diffs:
+            raise UsageError(f"--workdir {workdir!r} holds checkpoints of another model (checkpoint vs this config): "
+                             f"{'; '.join(diffs)}; use another --workdir, or the run's own settings")
+    saved_cfg = os.path.join(workdir, "config.json")
+    if os.path.isfile(saved_cfg):
+        changed = config_check.changes(convert.read_json(saved_cfg, "the run config"), json.loads(cfg.to_json_best_effort()))
+        layout = [c for c in changed if c.split(":")[0] in config_check.STATE_LAYOUT_KEYS]
+        if layout:
+            raise UsageError(f"--workdir {workdir!r}: these settings shape the saved train state and cannot change "
+                             f"on resume: {'; '.join(layout)}")
+        if changed:
+            say("resuming with changed settings: " + "; ".join(changed))
+
+
+def resume_step(checkpoints: Checkpoints, wanted: int, workdir: str) -> tuple[int, list[int]]:
+    """(the step to resume from, the later steps to move aside once it has restored): the latest
+    checkpoint, or `train.resume_step` when set. Resuming from an earlier step (the latest is
+    damaged, say) moves the later ones to WORKDIR/damaged_checkpoints/, so the run can write those
+    steps again; never automatic, as a checkpoint that does not restore may just as well be one the
+    config no longer matches."""
+    steps = sorted(checkpoints.manager.all_steps())
+    if not wanted:
+        return (steps[-1] if steps else 0), []
+    if wanted not in steps:
+        raise UsageError(f"config.train.resume_step={wanted}: {workdir!r} has no checkpoint of that step "
+                         f"(it has {steps or 'none'})")
+    return wanted, [s for s in steps if s > wanted]
+
+
+def restore_data_states(checkpoints: Checkpoints, step: int, shards: int) -> list[dict]:
+    """The checkpoint's per-shard pipeline positions, or a clear error when it was read as other shards."""
+    states = checkpoints.data_states(step)
+    if len(states) != shards:
+        raise ValueError(f"the checkpoint of step {step} was written reading the data as {len(states)} host "
+                         f"shard(s) (one per process by default); this run has {jax.process_count()} "
+                         f"process(es) reading {shards}: resume with a process count that divides {len(states)} "
+                         f"and --config.data.shards={len(states)}")
+    return states
+
+
+def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
+    """(trainer, checkpoints, first step, the data shards' saved states or None). A resume is checked
+    (model, state layout, step count, data shards) and restored before anything is written."""
+    if cfg.init.hf_dir and cfg.init.checkpoint:
+        raise ValueError("set one of init.hf_dir and init.checkpoint, not both")
+    checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
+    try:
+        start, later = resume_step(checkpoints, cfg.train.get("resume_step", 0), workdir)
+        shard_states = None
+        if start:
+            check_resume(workdir, cfg, model.config, say)
+            if start > cfg.train.steps:
+                raise UsageError(f"config.train.steps={cfg.train.steps} but {workdir!r} is at step {start}: "
+                                 f"give more steps, or another --workdir")
+            shard_states = restore_data_states(checkpoints, start, shards)
+        init_params = None
+        if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
+            init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
+        trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
+        if start:
+            trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
+        for step in later:
+            say(f"resume_step {start}: moved the checkpoint of step {step} to {checkpoints.set_aside(step)}")
+    except BaseException:
+        checkpoints.close()
+        raise
+    return trainer, checkpoints, start, shard_states
+
+
+# --- data -----------------------------------------------------------------------------------------
+def data_shards(cfg) -> int:
+    """How many host shards the data is read as (`data.shards`, default: one per process). Each
+    process reads `shards / processes` of them and concatenates their batches, so one machine can
+    replay a pod's exact data order, and a checkpoint resumes on any process count dividing it."""
+    shards = cfg.data.get("shards", 0) or jax.process_count()
+    if shards % jax.process_count():
+        raise ValueError(f"data.shards={shards} is not a multiple of the {jax.process_count()} processes")
+    if cfg.train.batch_size % shards:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {shards} data shards "
+                         f"(data.shards, default: one per process)")
+    return shards
+
+
+def mixture(cfg):
+    """The training sources and their weights, from `config.data` (the grounded source weighs 1.0)."""
+    from kosmos2_jax.data.pipeline import Source
+
+    d = cfg.data
+    sources = [Source("train", "grit", data_dir=d.train_dir, split=d.train_split, weight=1.0)]
+    if d.text_file:
+        sources.append(Source("text", "text", path=d.text_file, weight=d.text_weight))
+    if d.get("llava_file", ""):
+        sources.append(Source("llava", "llava", path=d.llava_file, data_dir=d.llava_images, weight=d.llava_weight))
+    if d.get("grounded_instruct_dir", ""):
+        sources.append(Source("grounded_instruct", "grit_instruct", data_dir=d.grounded_instruct_dir,
+                              split=d.train_split, weight=d.grounded_instruct_weight))
+    return sources
+
+
+def data_pipelines(cfg, processor, shard_states=None):
+    """(the training batches of this process's data shards, a function -> its validation batches)."""
+    from kosmos2_jax.data.examples import ExampleConfig
+    from kosmos2_jax.data.pipeline import HostShards, Pipeline, Source
+
+    d = cfg.data
+    example_config = ExampleConfig(seq_len=d.seq_len, preprocess=d.preprocess, span_mode=d.span_mode,
+                                   score_threshold=d.score_threshold, grounded_prob=d.grounded_prob,
+                                   box_formula=d.box_formula)
+    shards = data_shards(cfg)
+    per_shard = cfg.train.batch_size // shards
+    common = dict(process_count=shards, num_workers=d.num_workers)
+    sources = mixture(cfg)
+    train = HostShards(lambda shard, state: Pipeline(
+        sources, processor, example_config, per_shard, seed=cfg.seed, state=state, shuffle_buffer=d.shuffle_buffer,
+        max_bad_fraction=d.max_bad_fraction, pack=d.get("pack", False), pack_max_images=d.get("pack_max_images", 4),
+        process_index=shard, **common), shards, shard_states)
+
+    def validation():
+        """Collective: up to `data.val_batches` full batches, as many on every process."""
+        batches = []
+        if d.val_dir and d.val_batches:
+            val = HostShards(lambda shard, _: Pipeline(
+                [Source("val", "grit", data_dir=d.val_dir, split=d.val_split)], processor, example_config,
+                per_shard, seed=cfg.seed, repeat=False, shuffle_buffer=1, process_index=shard, **common), shards)
+            for batch in val:
+                if len(batch["input_ids"]) == val.batch_size:
+                    batches.append(batch)
+                if len(batches) == d.val_batches:
+                    break
+            val.close()
+        return batches[:min(multihost.allgather_int(len(batches)))]
+    return train, validation
+
+
+# --- evaluations ----------------------------------------------------------------------------------
+class Evaluation:
+    """One entry of `config.evals`: an `evaluate` task on the first `max_items` items of a split,
+    run on the training params. Collective: each process generates for its share of the batches,
+    on one device of its own with a copy of the params, and the records are combined, so the
+    metrics are the same on any process count (and equal `python -m kosmos2_jax.evaluate`'s)."""
+
+    def __init__(self, name: str, spec, model, processor):
+        from kosmos2_jax.evaluation.tasks import TASKS
+
+        self.name, self.spec, self.model, self.processor = name, spec, model, processor
+        self.task = TASKS[spec.task]
+        items = self.task.load(spec.data_dir, spec.split)[:spec.max_items]
+        if not items:
+            raise ValueError(f"config.evals.{name}: no {spec.task} items in split {spec.split!r} of {spec.data_dir}")
+        self.count, self.image_dir = len(items), spec.image_dir or os.path.join(spec.data_dir, "images")
+        self.mine = [items[i] for i in multihost.batch_share(len(items), spec.batch_size)]
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.spec.every == 0 or step == total
+
+    def __call__(self, params) -> dict:
+        from kosmos2_jax.evaluation.tasks import Context
+
+        b = self.spec.batch_size
+        ctx = Context(self.model, multihost.to_host_local(params), self.processor, image_dir=self.image_dir,
+                      batch_size=b)
+        records = [r for i in range(0, len(self.mine), b) for r in self.task.predict(ctx, self.mine[i:i + b])]
+        return self.task.score(multihost.merge_shares(multihost.allgather_json(records), self.count, b))
+
+    def describe(self, metrics: dict) -> str:
+        values = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        return f"eval {self.name}: {values} ({self.spec.task} {self.spec.split}, {self.count} items)"
+
+
+def evaluations(cfg, model, processor) -> list[Evaluation]:
+    """The scheduled entries of `config.evals` (`every` > 0 and a `data_dir`)."""
+    evals = cfg.get("evals", {})
+    return [Evaluation(name, evals[name], model, processor) for name in sorted(evals)
+            if evals[name].every and evals[name].data_dir]
+
+
+# --- logging --------------------------------------------------------------------------------------
+def banner(trainer: Trainer, start: int) -> str:
+    mesh = " ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
+    total, trainable = trainer.parameter_counts()
+    return (f"{jax.device_count()} {jax.devices()[0].platform} devices on {jax.process_count()} process(es); "
+            f"mesh {mesh}; {total:,} parameters ({trainable:,} trainable); "
+            + (f"resumed from step {start}" if start else "fresh start"))
+
+
+def plan(cfg, start: int, evals: list[Evaluation]) -> str:
+    """What the run will do: steps, batch, how many passes over the training records, evaluations."""
+    from kosmos2_jax.data.pipeline import split_size
+
+    t, d = cfg.train, cfg.data
+    records = split_size(d.train_dir, d.train_split)
+    data = (f"{records:,} training records ({d.train_split} of {d.train_dir}), "
+            f"{t.steps * t.batch_size / records:.1f} epochs" if records else f"training data {d.train_dir}")
+    scheduled = "".join(f", {e.name} ({e.spec.task}) every {e.spec.every}" for e in evals)
+    return (f"plan: steps {start + 1}-{t.steps} of {t.batch_size} rows x {d.seq_len} tokens; {data}; "
+            f"validation every {t.eval_every or '-'} steps{scheduled}")
+
+
+def expected_time(remaining: int, step_s: float) -> str:
+    return (f"expected: {step_s:.3f} s/step here (timed over {TIMED_STEPS} steps), about {format_eta(remaining * step_s)} "
+            f"for the remaining {remaining} steps, plus evaluations and the export")
+
+
+class Profile:
+    """`train.profile_start` > 0: an XLA trace of steps [profile_start, profile_start + profile_steps)
+    (0-based, so after the compiling first step) in WORKDIR/profile, for TensorBoard's profile plugin
+    or Perfetto (WORKDIR/profile/process_I for each process of a multi-process run), and a table of
+    where those steps spent their time (train/profiling.py), printed by the first process."""
+
+    def __init__(self, first: int, steps: int, workdir: str, start: int, total: int):
+        self.first, self.dir, self.active = first, os.path.join(workdir, "profile"), False
+        if jax.process_count() > 1:  # processes on one host would write the same file
+            self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
+        self.last = min(first + max(steps, 1), total) - 1
+        if first and not start <= first < total:
+            print(f"train.profile_start={first} is outside this run's steps [{start}, {total}): no profile",
+                  flush=True)
+            self.first = 0
+
+    def before(self, step: int):
+        if self.first and step == self.first:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after(self, step: int, metrics, trainer, batch):
+        if not self.active or step < self.last:
+            return
+        from kosmos2_jax.train import profiling
+
+        jax.block_until_ready(metrics)
+        traced = step + 1 - self.first
+        self.close()
+        if jax.process_index() == 0:
+            summary = profiling.summarize(self.dir, trainer.step_hlo(batch), traced)
+            print(f"profile of steps {self.first}-{step} in {self.dir}:\n{profiling.format_summary(summary)}",
+                  flush=True)
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+class Log:
+    """The console line every `train.log_every` steps and the TensorBoard scalars (process 0)."""
+
+    def __init__(self, workdir: str, primary: bool):
+        self.say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
+        self.writer = None
+        if primary:
+            from flax.metrics import tensorboard
+
+            self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
+        self.history, self.last = [], {}
+        self._reset()
+
+    def _reset(self):
+        self.t0, self.counts, self.steps = time.time(), np.zeros(4), 0  # counts: input_counts since the last line
+
+    def scalars(self, prefix: str, values: dict, step: int):
+        if self.writer:
+            for k, v in values.items():
+                if k != "step":
+                    self.writer.scalar(f"{prefix}/{k}", v, step)
+
+    def step(self, batch, trainer: Trainer):
+        self.steps += 1
+        self.counts = self.counts + input_counts(batch, trainer.image_slots) * jax.process_count()
+
+    def line(self, done: int, total: int, metrics):
+        m = jax.device_get(metrics)
+        loss = float(m["nll_sum"] / max(m["tokens"], 1))
+        elapsed = max(time.time() - self.t0, 1e-9)
+        c = self.counts
+        self.last = {"step": done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                     "tokens_per_s": c[0] / elapsed, "step_time": elapsed / self.steps,
+                     "loc_accuracy": float(m["loc_correct"] / max(m["loc_tokens"], 1)),
+                     "token_fill": c[0] / max(c[1], 1), "image_fill": c[2] / max(c[3], 1)}
+        self.history.append(self.last)
+        last = self.last
+        self.say(f"step {done}/{total} loss {loss:.6f} loc_acc {last['loc_accuracy']:.3f} lr {last['lr']:.2e} "
+                 f"gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
+                 f"fill: tokens {last['token_fill']:.2f} images {last['image_fill']:.2f} "
+                 f"ETA {format_eta((total - done) * elapsed / self.steps)}")
+        self.scalars("train", last, done)
+        self._reset()
+
+    def close(self):
+        if self.writer:
+            self.writer.flush()
+
+
+# --- the run --------------------------------------------------------------------------------------
+def run(cfg, workdir: str) -> dict:
+    """Train `cfg` in `workdir` (resuming from its latest checkpoint) and export the params to
+    WORKDIR/export -> {"history": the logged lines, "last": the last one with its evaluations}."""
+    from kosmos2_jax.models import Kosmos2
+    from kosmos2_jax.processor import Kosmos2Processor
+    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+
+    # setup
+    config_check.check(cfg)
+    if cfg.distributed:
+        multihost.initialize(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
+                             cfg.get("process_id", -1))
+    primary = multihost.is_primary()
+    say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
+    tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
+    model = Kosmos2(model_config(cfg, tokenizer.vocab_size))
+    processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
+                                 num_image_tokens=model.config.latent_query_num)
+    shards = data_shards(cfg)
+
+    # state and restore: nothing is written before the checkpoint is known to restore into this config
+    trainer, checkpoints, start, shard_states = build_state(cfg, workdir, model, tokenizer, shards, say)
+    if primary:
+        write_run_config(workdir, cfg, model.config)
+
+    # data and evaluations
+    try:
+        evals = evaluations(cfg, model, processor)
+    except BaseException:
+        checkpoints.close()
+        raise
+    say(banner(trainer, start))
+    say(plan(cfg, start, evals))
+    train, validation = data_pipelines(cfg, processor, shard_states)
+    val_batches = validation()
+
+    # the loop
+    log, preemption = Log(workdir, primary), Preemption()
+    total, stopped, run_start = cfg.train.steps, False, time.time()
+    profile = Profile(cfg.train.get("profile_start", 0), cfg.train.get("profile_steps", 3), workdir, start, total)
+    try:
+        for step in range(start, total):
+            batch = next(train)
+            profile.before(step)
+            metrics = trainer.train_step(batch)
+            profile.after(step, metrics, trainer, batch)
+            if step == start:  # compiled: time the next TIMED_STEPS
+                jax.block_until_ready(metrics)
+                timed_from = time.time()
+            elif step == start + TIMED_STEPS:
+                jax.block_until_ready(metrics)
+                say(expected_time(total - step - 1, (time.time() - timed_from) / TIMED_STEPS))
+            log.step(batch, trainer)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == total:
+                log.line(done, total, metrics)
+
+            # validation and evaluations
+            if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == total) and val_batches:
+                ev = trainer.evaluate(val_batches)
+                say(f"step {done} validation loss {ev['loss']:.6f} loc_accuracy {ev['loc_accuracy']:.3f}")
+                log.last.update({f"val_{k}": v for k, v in ev.items()})
+                log.scalars("val", ev, done)
+            for e in evals:
+                if e.due(done, total):
+                    result = e(trainer.state["params"])
+                    say(f"step {done} {e.describe(result)}")
+                    log.last.update({f"eval_{e.name}_{k}": v for k, v in result.items()})
+                    log.scalars(f"eval/{e.name}", result, done)
+
+            # checkpoint; SIGTERM saves and stops
+            stop = preemption.stop(done)  # read once: SIGTERM may land between the save and the check
+            saved = checkpoints.save(done, trainer.state, train.state, force=stop or done == total)
+            if stop:
+                stopped = True
+                checkpoints.wait()  # "saved" only once the step is committed on disk
+                if not (saved and checkpoints.committed(done)):
+                    raise RuntimeError(f"SIGTERM: the checkpoint of step {done} was not saved")
+                say(f"SIGTERM: saved step {done}, exiting")
+                break
+    finally:
+        profile.close()
+        checkpoints.wait()
+        checkpoints.close()
+        preemption.restore()
+        train.close()
+        log.close()
+
+    # export: every process writes its own shards of the params; none gathers the model
+    if not stopped:
+        convert.save_checkpoint(os.path.join(workdir, "export"), model.config, trainer.state["params"])
+        say(f"exported params to {os.path.join(workdir, 'export')} ({time.time() - run_start:.0f}s)")
+    return {"history": log.history, "last": log.last}

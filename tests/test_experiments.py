@@ -1,0 +1,98 @@
+"""experiments/: every config runs with `:runlocal` through the CLI, the pretraining config holds
+the paper's Table 7 settings, and `config.evals` runs any evaluation task inside training."""
+
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (REPO / "experiments").glob("*.py"))
+
+
+def _config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory, shapes_tfds, small_spm):
+    """What `make demo-data` writes (tfds/shapes/... and spm/shapes.model), from the test fixtures."""
+    root = tmp_path_factory.mktemp("demo_data")
+    (root / "tfds").symlink_to(shapes_tfds)
+    (root / "spm").mkdir()
+    shutil.copy(small_spm, root / "spm" / "shapes.model")
+    return root
+
+
+def test_the_configs_are_four_and_all_build_on_the_presets():
+    assert CONFIGS == ["finetune_refcoco", "kosmos2_instruct", "kosmos2_pretrain", "shapes_tiny"]
+    keys = None
+    for name in CONFIGS:
+        text = (REPO / "experiments" / f"{name}.py").read_text()
+        assert "sys.path" not in text and "presets.base()" in text, name
+        assert "python -m kosmos2_jax.train --config experiments/" in text and ":runlocal" in text, name
+        flat = sorted(_config(name).to_dict())
+        keys = keys or flat
+        assert flat == keys, name  # --print_config lists the same keys for every config
+
+
+def test_pretrain_config_is_table_7():
+    """The paper's pretraining settings (Table 7 and the released train.sh), written out here."""
+    from kosmos2_jax import convert
+    from kosmos2_jax.models import kosmos2_1p6b
+    from kosmos2_jax.train.trainer import model_config
+
+    c = _config("kosmos2_pretrain")
+    assert (c.optim.lr, c.optim.warmup_steps, c.train.steps, c.optim.total_steps) == (2e-4, 375, 60000, 60000)
+    assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.clip_norm) == (0.9, 0.98, 1e-6, 0.01, 2.0)
+    assert c.model.text.dropout == 0.1 and c.data.seq_len == 2048
+    assert (c.data.span_mode, c.data.score_threshold, c.data.grounded_prob) == ("expression", 0.65, 0.5)
+    assert c.num_location_tokens == 1024 and c.model.latent_query_num == 64
+    assert (c.train.location_loss_weight, c.train.location_sigma) == (1.0, 0.0)  # the plain LM loss
+    assert abs(c.data.text_weight - 93 / 1117) < 1e-12  # text 93 vs grounded pairs 1,117 sequences per step
+    assert abs(c.train.batch_size * c.data.seq_len / 419_000 - 1) < 0.02  # ~419K tokens per step
+    assert convert.architecture_differences(model_config(c, 65037), kosmos2_1p6b()) == []
+
+
+def test_runlocal_arguments_are_checked():
+    with pytest.raises(ValueError, match="unknown key 'runlokal'; known: data, runlocal"):
+        _config("kosmos2_pretrain", "runlokal")
+    small = _config("kosmos2_pretrain", "runlocal,data=/d")
+    assert small.train.steps <= 4 and small.model.text.layers == 2 and small.data.train_dir.startswith("/d/")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
+    """A few steps of each config, its evaluation included: through the CLI for the pretraining
+    config, in this process for the others (the same `loop.run`). The fine-tuning config's
+    evaluation is pointed at RefCOCO (dummy annotations): any `evaluate` task runs inside training."""
+    from eval_dummy_data import dummy_task_data
+
+    arg = f"runlocal,data={demo_root}"
+    cfg = _config(name, arg)
+    steps, task = cfg.train.steps, "shapes validation, 4 items"
+    if name == "kosmos2_pretrain":
+        run = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", f"experiments/{name}.py:{arg}",
+                              "--workdir", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        console = run.stdout
+    else:
+        from kosmos2_jax.train.loop import run
+
+        if name == "finetune_refcoco":
+            refcoco = dummy_task_data("refcoco", tmp_path / "refcoco")
+            cfg.evals.grounding.update(task="refcoco", data_dir=str(refcoco), split="val")
+            task = "refcoco val, 3 items"
+        result = run(cfg, str(tmp_path / "run"))
+        console = capsys.readouterr().out
+        assert result["last"]["step"] == steps and "eval_grounding_accuracy" in result["last"]
+    assert f"step {steps}/{steps} loss" in console, console
+    assert f"step {steps} eval grounding: accuracy" in console and f"({task})" in console, console
+    assert os.path.isfile(tmp_path / "run" / "export" / "model_config.json")
