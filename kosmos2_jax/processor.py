@@ -22,7 +22,7 @@ import re
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from kosmos2_jax import grounding
 from kosmos2_jax.tokenizer import Kosmos2Tokenizer
@@ -35,15 +35,12 @@ _PHRASE = re.compile(r"<phrase>.+?</phrase>")
 # --- images -----------------------------------------------------------------------------------
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB; a missing or undecodable file raises ValueError naming it."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"image file not found: {path!r}")
+    from kosmos2_jax.images import ImageError, open_image, to_rgb
+
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from e
+        return to_rgb(open_image(path))
+    except ImageError as e:
+        raise ValueError(e.detail) from None
 
 
 def _as_pil(image: Any) -> Image.Image:

@@ -10,10 +10,11 @@ which is what the input pipeline's throughput is bound by.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from kosmos2_jax import images
 
 from kosmos2_jax.data.boxes import center_crop_offsets, check_boxes, crop_boxes, shorter_side_resize_shape
 from kosmos2_jax.data.example_random import ExampleRandom
@@ -55,21 +56,17 @@ def normalize_pixels(pixels, xp=np):
 
 def open_image(data: bytes) -> Image.Image:
     """Reads only the image's header (its size and mode); `load_rgb` decodes the pixels."""
-    if not data:
-        raise BadRecord("missing image")
     try:
-        return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadRecord("undecodable image", str(e)) from None
+        return images.open_image(data, decode=False)
+    except images.ImageError as e:
+        raise BadRecord(e.reason, e.detail if e.reason != "missing image" else "") from None
 
 
 def load_rgb(image: Image.Image) -> Image.Image:
     try:
-        with image:
-            image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadRecord("undecodable image", str(e)) from None
+        return images.to_rgb(image)
+    except images.ImageError as e:
+        raise BadRecord(e.reason, e.detail) from None
 
 
 def decode_image(data: bytes) -> Image.Image:

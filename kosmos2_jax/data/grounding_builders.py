@@ -5,11 +5,11 @@ datasets serve fine-tuning (the training pipeline reads GRIT records) and inspec
 from __future__ import annotations
 
 import collections
-import io
 import os
 
 import numpy as np
-from PIL import Image
+
+from kosmos2_jax.images import ImageError, open_image
 
 
 def grit_records(items, image_dir: str, skipped: collections.Counter):
@@ -26,8 +26,8 @@ def grit_records(items, image_dir: str, skipped: collections.Counter):
         with open(path, "rb") as f:
             data = f.read()
         try:
-            width, height = Image.open(io.BytesIO(data)).size
-        except OSError:
+            width, height = open_image(data, decode=False).size
+        except ImageError:
             skipped["undecodable image"] += 1
             continue
         rows = [[*m["span"], *box, 1.0] for m in members for box in m["targets"]]

@@ -20,7 +20,6 @@ StoryCloze needs its manual download (tfds `story_cloze`); the others download t
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 

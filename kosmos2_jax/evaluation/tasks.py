@@ -25,15 +25,14 @@ records. Data layouts (all local; nothing is downloaded):
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import zlib
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
+from kosmos2_jax.images import ImageError, open_image, to_rgb
 from kosmos2_jax.evaluation.metrics import first_box_hit, iou, recall_at_k, recall_at_k_merged
 
 # The paper's numbers (v3, reference §3.4), printed beside ours.
@@ -63,11 +62,11 @@ def _load_json(path: str, what: str):
         return json.load(f)
 
 
-def _open_image(path: str):
+def _open_image(source):
+    """RGB, or None for a missing or undecodable image (the item is counted as missing)."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(io.BytesIO(f.read())).convert("RGB")
-    except (OSError, ValueError):
+        return to_rgb(open_image(source))
+    except ImageError:
         return None
 
 
@@ -80,7 +79,7 @@ class Context:
 
     def image(self, item):
         if "image_bytes" in item:
-            return Image.open(io.BytesIO(item["image_bytes"])).convert("RGB")
+            return _open_image(item["image_bytes"])
         return _open_image(os.path.join(self.image_dir, item["image"]))
 
     def generate_text(self, prompts, images, max_new_tokens: int, num_beams: int = 1, no_repeat_ngram_size: int = 0,

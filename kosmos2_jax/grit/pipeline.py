@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 
-from PIL import Image
 
 from kosmos2_jax.grit import text as text_stage_lib
 from kosmos2_jax.grit.abstract import ABSTRACT_LEMMAS
@@ -54,13 +52,12 @@ def caption_problem(caption: str, config: GritConfig) -> str | None:
 
 def open_image(data: bytes, config: GritConfig):
     """(PIL image, None) or (None, skip reason)."""
-    if not data:
-        return None, "skipped_missing_image"
+    from kosmos2_jax.images import ImageError, open_image as open_bytes
+
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception:  # PIL raises many types for bad files
-        return None, "skipped_corrupt_image"
+        image = open_bytes(data)
+    except ImageError as e:
+        return None, "skipped_missing_image" if e.reason == "missing image" else "skipped_corrupt_image"
     if min(image.size) < config.min_image_side:
         return None, "skipped_tiny_image"
     return image, None

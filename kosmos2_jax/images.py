@@ -1,0 +1,52 @@
+"""The one image opener: bytes or a file path -> a PIL image, or `ImageError` with a short reason
+("missing image", "undecodable image") that each caller maps to its own handling (the input
+pipeline skips and counts the record, GRIT construction counts a skip reason, evaluation marks
+the item missing, `predict` and the processor stop with the message)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+from PIL import Image, UnidentifiedImageError
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
+class ImageError(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def open_image(source: bytes | str | os.PathLike, decode: bool = True) -> Image.Image:
+    """An image from its encoded bytes or a file. `decode=False` reads only the header (size and
+    mode; `to_rgb` decodes later); otherwise the pixels are decoded now, so a truncated file fails here."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ImageError("missing image", f"image file not found: {path!r}")
+        with open(path, "rb") as f:
+            source = f.read()
+        where = f"cannot read image {path!r}"
+    else:
+        where = "cannot decode the image"
+    if not source:
+        raise ImageError("missing image", "no image bytes")
+    try:
+        image = Image.open(io.BytesIO(source))
+        if decode:
+            image.load()
+        return image
+    except _DECODE_ERRORS as e:
+        raise ImageError("undecodable image", f"{where}: {e}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The decoded RGB image (an RGB image is not copied)."""
+    try:
+        with image:
+            image.load()
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise ImageError("undecodable image", str(e)) from None
