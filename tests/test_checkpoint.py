@@ -15,6 +15,8 @@ from hf_reference import SMALL_CONFIGS, grounded_batch, hf_logits, hf_model
 from kosmos2_jax import checkpoint, convert
 from kosmos2_jax.models import Kosmos2, tiny
 
+from conftest import xla_flags  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -141,7 +143,7 @@ for path, x in traverse_util.flatten_dict(loaded).items():
 assert split > 10, split
 print("OK", split)
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
 

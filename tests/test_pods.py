@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import xla_flags, REPO
 
 HERE = os.path.dirname(__file__)
 
@@ -43,7 +43,7 @@ def _launch(args, processes=2, devices=2, cache=""):
     `cache`: a persistent compilation cache, so that restarts of one job don't compile again
     (the same executables, so the same bits; saves ~20 s a launch on 2 cores)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

@@ -9,12 +9,14 @@ from jax.sharding import PartitionSpec as P
 
 from kosmos2_jax.train import sharding
 
+from conftest import xla_flags  # noqa: E402
+
 HERE = pathlib.Path(__file__).parent
 
 
 @pytest.mark.parametrize("layers", ["scan", "loop"])
 def test_sharded_forward_equals_single_device(layers):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(HERE / "sharded_forward_check.py"), layers], env=env,
                          capture_output=True, text=True, cwd=HERE.parent, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr

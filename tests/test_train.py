@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO
+from conftest import xla_flags, REPO
 from kosmos2_jax.processor import CLIP_MEAN, CLIP_STD
 
 HERE = os.path.dirname(__file__)
@@ -71,7 +71,7 @@ def test_sigterm_right_after_a_skipped_save_saves_the_next_step(shapes_tfds, sma
 def test_mesh_2x2x2_equals_single_device(shapes_tfds, small_spm):
     losses = {}
     for devices, mesh in ((8, "2,2,2"), (1, "1,1,1")):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
         out = subprocess.run([sys.executable, os.path.join(HERE, "trainer_mesh_check.py"), str(shapes_tfds),
                               small_spm, mesh], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
