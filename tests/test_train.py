@@ -48,10 +48,10 @@ def test_sigterm_right_after_a_skipped_save_saves_the_next_step(shapes_tfds, sma
     sys.path.insert(0, HERE)
     import train_tiny_config
 
-    from kosmos2_jax.train import trainer
+    from kosmos2_jax.train import checkpoints
     from kosmos2_jax.train.loop import run
 
-    real_save = trainer.Checkpoints.save
+    real_save = checkpoints.Checkpoints.save
 
     def save_then_sigterm(self, step, *args, **kwargs):
         saved = real_save(self, step, *args, **kwargs)
@@ -60,7 +60,7 @@ def test_sigterm_right_after_a_skipped_save_saves_the_next_step(shapes_tfds, sma
             os.kill(os.getpid(), signal.SIGTERM)
         return saved
 
-    monkeypatch.setattr(trainer.Checkpoints, "save", save_then_sigterm)
+    monkeypatch.setattr(checkpoints.Checkpoints, "save", save_then_sigterm)
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
     cfg.train.steps = 400
     run(cfg, str(tmp_path))
