@@ -135,3 +135,14 @@ def save_tiny_checkpoint(directory, spm_path):
                         None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]
     convert.save_checkpoint(directory, model.config, params)
     return str(directory)
+
+
+# The longest modules first. `make test` runs each module on one of two workers (--dist loadscope)
+# in collection order, so a long module collected last (test_pods.py, 3-5 minutes) would run alone
+# at the end while the other worker sits idle.
+LONGEST_FIRST = ("test_pods.py", "test_demo.py", "test_train.py", "test_experiments.py", "test_safety.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order

@@ -208,8 +208,9 @@ def test_freezing(shapes_tfds, small_spm, freeze):
     inputs = {k: batch[k] for k in BATCH_KEYS if k in batch}
     t = trainer.config.train  # the step's loss: location weight and soft targets (their width at step 0)
     kernel = location_kernel(round(trainer.loc[1] ** 0.5), t.location_sigma) if t.location_sigma > 0 else None
-    grads, m = jax.grad(lambda p: loss_and_metrics(trainer.model, p, inputs, jax.random.PRNGKey(0), True, *trainer.loc,
-                                                   t.location_loss_weight, location_kernel=kernel), has_aux=True)(before)
+    grads, m = jax.jit(jax.grad(lambda p: loss_and_metrics(trainer.model, p, inputs, jax.random.PRNGKey(0), True,
+                                                           *trainer.loc, t.location_loss_weight, location_kernel=kernel),
+                                has_aux=True))(before)
     grads = jax.tree_util.tree_map(lambda g: g / m["tokens"], grads)
     trainable = jax.tree_util.tree_map(lambda g, k: g * k, grads, trainer.mask)
     metrics = trainer.train_step(batch)  # the warm-up starts at LR 0: two steps move the trainable weights
