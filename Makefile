@@ -25,8 +25,8 @@ $(CORE_STAMP): setup.py
 
 install: $(STAMP)
 
-# Two workers, each module on one of them (its module fixtures built once): 18-19 min on 2 cores
-# against 25-28 min in one process. TEST_WORKERS=0 runs in one process.
+# Two workers, each module on one of them (its module fixtures built once; tests/conftest.py
+# hands out the longest modules first). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
