@@ -3,7 +3,7 @@
     python -m kosmos2_jax.convert from-hf --hf_dir kosmos-2-patch14-224 --out ckpt/kosmos2
     python -m kosmos2_jax.data.build data/refcoco --config refcoco --data_dir TFDS --manual_dir MDETR/
     python -m kosmos2_jax.train --config experiments/finetune_refcoco.py --workdir DIR \\
-        --config.init.checkpoint=ckpt/kosmos2 --config.data.train_dir=TFDS/refcoco/refcoco/1.0.0 \\
+        --config.init.checkpoint=ckpt/kosmos2 --config.data.sources.train.data_dir=TFDS/refcoco/refcoco/1.0.0 \\
         --config.data.val_dir=TFDS/refcoco/refcoco/1.0.0 --config.data.val_split=val \\
         --config.evals.grounding.data_dir=MDETR --config.evals.grounding.every=500
     python -m kosmos2_jax.train --config experiments/finetune_refcoco.py:runlocal --workdir /tmp/smoke
@@ -21,7 +21,8 @@ from kosmos2_jax.train import presets
 def get_config(arg=None):
     args = presets.parse_arg(arg, runlocal=False, data=presets.DEMO_DATA)
     c = presets.base()
-    c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256, pack=False, text_weight=0.0)
+    c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256, pack=False)
+    c.data.sources.text.weight = 0.0  # the referring expressions only
     c.optim.update(lr=1e-5, warmup_steps=100)
     c.train.update(steps=5000, batch_size=256, freeze="vision_except_last")
     c.evals.grounding.update(task="refcoco", split="val")

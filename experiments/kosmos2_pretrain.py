@@ -1,7 +1,7 @@
 """KOSMOS-2 pretraining on GRIT (paper Table 7; the released train.sh): `presets.base()` as it is.
 
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --workdir gs://BUCKET/kosmos2_pretrain \\
-        --config.data.train_dir=DIR/grit/1.0.0 --config.data.text_file=corpus.txt
+        --config.data.sources.train.data_dir=DIR/grit/1.0.0 --config.data.sources.text.path=corpus.txt
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --compile_only --topology v5p-128 \\
         --config.train.batch_size=256                                  # memory and sharding, no TPU needed
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py:runlocal --workdir /tmp/smoke

@@ -59,7 +59,8 @@ def get_config(arg=None):
                   location_frequencies="linear", position_frequencies="linear")
 
     grounded = f"{root}/tfds/shapes/grounded/1.0.0"
-    c.data.update(train_dir=grounded, val_dir=grounded, text_weight=0.0, seq_len=64, preprocess="square",
+    c.data.sources.train.data_dir = grounded  # the only source: the grounded shapes captions
+    c.data.update(val_dir=grounded, seq_len=64, preprocess="square",
                   span_mode="noun_chunk", grounded_prob=1.0, shuffle_buffer=512, num_workers=4,
                   pack=False, pack_max_images=4)  # one example per row: packing has nothing to do
 

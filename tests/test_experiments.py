@@ -56,7 +56,8 @@ def test_pretrain_config_is_table_7():
     assert (c.data.span_mode, c.data.score_threshold, c.data.grounded_prob) == ("expression", 0.65, 0.5)
     assert c.num_location_tokens == 1024 and c.model.latent_query_num == 64
     assert (c.train.location_loss_weight, c.train.location_sigma) == (1.0, 0.0)  # the plain LM loss
-    assert abs(c.data.text_weight - 93 / 1117) < 1e-12  # text 93 vs grounded pairs 1,117 sequences per step
+    sources = c.data.sources  # sequences per step: grounded pairs 1,117, text 93
+    assert (sources.train.kind, sources.train.weight, sources.text.kind, sources.text.weight) == ("grit", 1117, "text", 93)
     assert abs(c.train.batch_size * c.data.seq_len / 419_000 - 1) < 0.02  # ~419K tokens per step
     assert convert.architecture_differences(model_config(c, 65037), kosmos2_1p6b()) == []
 
@@ -65,7 +66,48 @@ def test_runlocal_arguments_are_checked():
     with pytest.raises(ValueError, match="unknown key 'runlokal'; known: data, runlocal"):
         _config("kosmos2_pretrain", "runlokal")
     small = _config("kosmos2_pretrain", "runlocal,data=/d")
-    assert small.train.steps <= 4 and small.model.text.layers == 2 and small.data.train_dir.startswith("/d/")
+    assert small.train.steps <= 4 and small.model.text.layers == 2 and small.data.sources.train.data_dir.startswith("/d/")
+
+
+def _instruction_files(tmp_path, cfg):
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "images" / "a.jpg")
+    conversation = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": str(i), "image": "a.jpg", "conversations": conversation}
+                                                     for i in range(8)]))
+    (tmp_path / "flan.jsonl").write_text("".join(json.dumps({"inputs": f"Count to {i}:", "targets": "1 2"}) + "\n"
+                                                 for i in range(8)))
+    (tmp_path / "unnatural.jsonl").write_text(json.dumps({"instruction": "Name it.", "instances": [
+        {"instruction_with_input": "Name it. Input: sky", "input": "sky", "output": "blue"}] * 4}) + "\n")
+    (tmp_path / "corpus.txt").write_text("a red circle\ntwo blue squares\n")
+    s = cfg.data.sources
+    s.llava.update(path=str(tmp_path / "llava.json"), data_dir=str(tmp_path / "images"))
+    s.flan.path, s.unnatural_instructions.path = str(tmp_path / "flan.jsonl"), str(tmp_path / "unnatural.jsonl")
+    s.text.path = str(tmp_path / "corpus.txt")
+
+
+def test_the_mixture_is_checked_before_any_work(demo_root, tmp_path):
+    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.train import config_check
+
+    def error(**changes):
+        cfg = _config("kosmos2_instruct", f"runlocal,data={demo_root}")
+        for key, value in changes.items():
+            name, field = key.split("__")
+            cfg.data.sources[name][field] = value
+        with pytest.raises(UsageError) as e:
+            config_check.check(cfg)
+        return str(e.value)
+
+    assert "config.data.sources.flan.path='/no/file': no such file" in error(flan__path="/no/file")
+    assert "config.data.sources.train.weight=0.0: must be a number > 0" in error(train__weight=0.0)
+    assert "config.data.sources.text.kind='books': must be one of" in error(text__kind="books")
+    assert "no source has its data_dir or path set" in error(train__data_dir="", grounded_instruct__data_dir="")
+    assert "kind flan reads a file: set config.data.sources.flan.path" in error(flan__data_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -90,6 +132,8 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
             refcoco = dummy_task_data("refcoco", tmp_path / "refcoco")
             cfg.evals.grounding.update(task="refcoco", data_dir=str(refcoco), split="val")
             task = "refcoco val, 3 items"
+        if name == "kosmos2_instruct":  # every Table 8 kind we have: grounded pairs and instructions, LLaVA, language
+            _instruction_files(tmp_path, cfg)
         result = run(cfg, str(tmp_path / "run"))
         console = capsys.readouterr().out
         assert result["last"]["step"] == steps and "eval_grounding_accuracy" in result["last"]

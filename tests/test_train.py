@@ -99,7 +99,7 @@ def _trainer(shapes_tfds, small_spm, packed=False, **train):
     cfg.train.update(train)
     tok = Kosmos2Tokenizer.from_file(small_spm)
     rows = dict(pack=True, pack_max_images=6) if packed else {}
-    pipe = Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], Kosmos2Processor(tok, 32, 8),
+    pipe = Pipeline([Source("s", "grit", data_dir=cfg.data.sources.train.data_dir)], Kosmos2Processor(tok, 32, 8),
                     ExampleConfig(seq_len=96 if packed else 48), 8, seed=0, num_workers=1, **rows)
     return Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id), next(pipe)
 
@@ -158,7 +158,7 @@ def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):
     plain_trainer, _ = _trainer(shapes_tfds, small_spm)
     packed_trainer, _ = _trainer(shapes_tfds, small_spm)
     tok = Kosmos2Tokenizer.from_file(small_spm)
-    source = Source("s", "grit", data_dir=plain_trainer.config.data.train_dir)
+    source = Source("s", "grit", data_dir=plain_trainer.config.data.sources.train.data_dir)
     pipe = lambda batch, **kw: Pipeline([source], Kosmos2Processor(tok, 32, 8), ExampleConfig(seq_len=96), batch,
                                         seed=0, num_workers=1, **kw)
     packed = next(pipe(4, pack=True, pack_max_images=6))
@@ -241,9 +241,10 @@ def _get(tree, path):
 
 def test_clear_errors(shapes_tfds, small_spm, tmp_path):
     # an unknown key, out-of-range settings: tests/test_safety.py
-    missing = subprocess.run(_cmd(tmp_path / "y", shapes_tfds, small_spm, f"--config.data.train_dir={tmp_path}/none"),
+    missing = subprocess.run(_cmd(tmp_path / "y", shapes_tfds, small_spm, f"--config.data.sources.train.data_dir={tmp_path}/none"),
                              capture_output=True, text=True, cwd=REPO)
-    assert missing.returncode == 2 and "no prepared tfds dataset" in missing.stderr
+    assert missing.returncode == 2 and "config.data.sources.train.data_dir=" in missing.stderr, missing.stderr
+    assert "no such folder" in missing.stderr
     (tmp_path / "file").write_text("x")
     unwritable = subprocess.run(_cmd(tmp_path / "file" / "w", shapes_tfds, small_spm), capture_output=True,
                                 text=True, cwd=REPO)

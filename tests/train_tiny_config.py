@@ -17,7 +17,8 @@ def get_config(arg=None):
     c.model.latent_query_num = 8
     c.model.scan_layers = True  # the scanned stack (the tests look at stacked layer params)
     grounded = os.path.join(data_root, "shapes", "grounded", "1.0.0")
-    c.data.update(train_dir=grounded, val_dir=grounded, val_batches=1, seq_len=48, shuffle_buffer=16, num_workers=2)
+    c.data.sources.train.data_dir = grounded
+    c.data.update(val_dir=grounded, val_batches=1, seq_len=48, shuffle_buffer=16, num_workers=2)
     c.evals.grounding.update(data_dir=os.path.join(data_root, "shapes", "refexp", "1.0.0"), max_items=4, every=0)
     c.train.update(batch_size=8, steps=12, log_every=1, eval_every=0, ckpt_every=4, keep=3, async_ckpt=False)
     c.optim.update(warmup_steps=2)

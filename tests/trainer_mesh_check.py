@@ -29,7 +29,7 @@ proc = Kosmos2Processor(tok, image_size=32, num_image_tokens=8)
 
 
 def pipeline(batch):
-    return Pipeline([Source("s", "grit", data_dir=cfg.data.train_dir)], proc, ExampleConfig(seq_len=96), batch, seed=0,
+    return Pipeline([Source("s", "grit", data_dir=cfg.data.sources.train.data_dir)], proc, ExampleConfig(seq_len=96), batch, seed=0,
                     num_workers=1, pack=True, pack_max_images=6)
 
 

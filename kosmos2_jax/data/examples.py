@@ -172,6 +172,23 @@ def text_example(line: str | bytes, processor: Kosmos2Processor, config: Example
     return _pad(seq, processor, config.seq_len, np.zeros((size, size, 3), np.uint8), False)
 
 
+def language_instruction_example(record: dict, processor: Kosmos2Processor, config: ExampleConfig) -> dict:
+    """A text-only instruction (`data.instruct.load_language_instructions`) -> `<s> prompt answer
+    </s>`, loss on the answer and `</s>` only, no image."""
+    from kosmos2_jax.data.instruct import instruction_sequence
+
+    if "bad" in record:
+        raise BadRecord(record["bad"])
+    prompt, answer = str(record.get("prompt") or ""), str(record.get("answer") or "")
+    if not prompt.strip():
+        raise BadRecord("empty instruction")
+    if not answer.strip():
+        raise BadRecord("instruction with no answer")
+    size = processor.image_size
+    return _pad(instruction_sequence(processor, [(prompt, answer)], with_image=False), processor, config.seq_len,
+                np.zeros((size, size, 3), np.uint8), False)
+
+
 def _record_spans(record: dict, caption: str, config: ExampleConfig):
     chunks = np.asarray(record.get("noun_chunks", np.zeros((0, 7))), np.float32).reshape(-1, 7)
     exps = np.asarray(record.get("ref_exps", np.zeros((0, 7))), np.float32).reshape(-1, 7)

@@ -8,6 +8,11 @@ instructions built from GRIT records with the Table 9 templates. Loss falls on t
   boxes, either asking for the box (`<grounding><phrase>{expression}</phrase>` -> `<object>..</object>`)
   or, with a Table 9 template, for the expression ("What is <phrase> it</phrase><object>..</object>?
   It is" -> " {expression}.").
+- Language instructions, text only (Table 8's 117 sequences per step): FLANv2 mixture files as
+  released, JSONL `{"inputs": ..., "targets": ...}` (one example per line; other fields ignored), and
+  Unnatural Instructions (`core_data.jsonl` / `full_data.jsonl`: `{"instruction": ..., "instances":
+  [{"instruction_with_input": ..., "input": ..., "output": ...}]}`, one example per instance). The
+  prompt is the instruction with its input as released, the answer its target/output.
 """
 
 from __future__ import annotations
@@ -82,3 +87,35 @@ def load_llava(path: str) -> list[dict]:
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of conversations")
     return records
+
+
+LANGUAGE_INSTRUCTION_KINDS = ("flan", "unnatural_instructions")
+
+
+def load_language_instructions(path: str, kind: str) -> list[dict]:
+    """A FLANv2 or Unnatural Instructions JSONL file -> [{"prompt", "answer"}], one per example
+    (Unnatural Instructions: one per instance). Lines that are not JSON objects become
+    `{"bad": reason}` records, which the pipeline counts as bad."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind} file not found: {path!r}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                out.append({"bad": "not a JSON object"})
+                continue
+            if not isinstance(record, dict):
+                out.append({"bad": "not a JSON object"})
+            elif kind == "flan":
+                out.append({"prompt": record.get("inputs", ""), "answer": record.get("targets", "")})
+            else:
+                instruction = str(record.get("instruction", ""))
+                for instance in record.get("instances") or [{}]:
+                    prompt = instance.get("instruction_with_input") or "\n".join(
+                        x for x in (instruction, str(instance.get("input", ""))) if x.strip())
+                    out.append({"prompt": prompt, "answer": instance.get("output", "")})
+    return out

@@ -33,12 +33,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, bad_record_or, grit_examples,
-                                       grit_instruction_example, llava_example, text_example)
+                                       grit_instruction_example, language_instruction_example, llava_example,
+                                       text_example)
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.processor import Kosmos2Processor
 
-SOURCE_KINDS = ("grit", "text", "grit_instruct", "llava")
+SOURCE_KINDS = ("grit", "text", "grit_instruct", "llava", "flan", "unnatural_instructions")
+RECORD_KINDS = ("grit", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Source:
     """`grit`: a prepared tfds dataset folder (`tfds.builder_from_directory`) with GRIT-schema
     records. `text`: a text file, one example per line. `grit_instruct`: GRIT-schema records turned
     into grounded instructions (Table 9). `llava`: a LLaVA-Instruct JSON file (`path`) with its
-    images in `data_dir`."""
+    images in `data_dir`. `flan`, `unnatural_instructions`: text-only instructions, a JSONL file
+    (`path`) in the released format (`data/instruct.py`)."""
 
     name: str
     kind: str
@@ -211,6 +214,10 @@ def _text_records(source: Source, process_index: int, process_count: int, skip: 
         from kosmos2_jax.data.instruct import load_llava
 
         lines = load_llava(path)
+    elif source.kind in ("flan", "unnatural_instructions"):
+        from kosmos2_jax.data.instruct import load_language_instructions
+
+        lines = load_language_instructions(path, source.kind)
     else:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
@@ -251,10 +258,11 @@ class Pipeline:
         self._index = int(state.get("index", 0))
         self._positions = {s.name: int(state.get("positions", {}).get(s.name, 0)) for s in self.sources}
         self.bad_counts = collections.Counter(state.get("bad_counts", {}))
+        self.bad_by_source = collections.Counter(state.get("bad_by_source", {}))  # "source: reason" -> count
         self._records = {}
         for i, s in enumerate(self.sources):
             skip = self._positions[s.name]
-            if s.kind in ("grit", "grit_instruct"):
+            if s.kind in RECORD_KINDS:
                 self._records[s.name] = _Reader(_tfds_records(s, seed + 1000 * i, process_index, process_count,
                                                               skip, shuffle_buffer, repeat, mark_end=True))
             else:
@@ -281,7 +289,8 @@ class Pipeline:
         if self._carry is not None:  # replayed too: it opens the next packed row
             index -= 1
             positions[self._carry[1]] -= 1
-        return {"index": index, "positions": positions, "bad_counts": dict(self.bad_counts)}
+        return {"index": index, "positions": positions, "bad_counts": dict(self.bad_counts),
+                "bad_by_source": dict(self.bad_by_source)}
 
     # --- producing examples ---------------------------------------------------------------
     def _make(self, source: Source, record: Any, index: int) -> dict:
@@ -289,6 +298,8 @@ class Pipeline:
             return text_example(record, self.processor, self.config)
         if source.kind == "llava":
             return llava_example(record, os.path.expanduser(source.data_dir), self.processor, self.config)
+        if source.kind in ("flan", "unnatural_instructions"):
+            return language_instruction_example(record, self.processor, self.config)
         # ("grit" records are made in `_make_all`, several at a time.)
         return grit_instruction_example(record, self.processor, self.config, ExampleRandom(self.seed, index, 1))
 
@@ -336,6 +347,7 @@ class Pipeline:
             result = work.result()[k]
             if isinstance(result, BadRecord):
                 self.bad_counts[result.reason] += 1
+                self.bad_by_source[f"{source_name}: {result.reason}"] += 1
                 self._check_bad()
                 continue
             return result, source_name
@@ -363,7 +375,7 @@ class Pipeline:
         bad = sum(self.bad_counts.values())
         seen = self._index - len(self._pending)
         if seen >= self.min_records and bad / seen > self.max_bad_fraction:
-            raise RuntimeError(f"{bad} of {seen} records were bad ({dict(self.bad_counts)}), more than "
+            raise RuntimeError(f"{bad} of {seen} records were bad ({dict(self.bad_by_source) or dict(self.bad_counts)}), more than "
                                f"max_bad_fraction={self.max_bad_fraction}: check the data")
 
     def __iter__(self) -> Iterator[dict]:

@@ -55,7 +55,7 @@ def main(argv):
             from kosmos2_jax.train import config_check
             from kosmos2_jax.train.compile_check import check
 
-            config_check.check(FLAGS.config, need_tokenizer=False)
+            config_check.check(FLAGS.config, need_tokenizer=False, need_data=False)
             check(FLAGS.config, FLAGS.topology)
             return
         if not FLAGS.workdir:

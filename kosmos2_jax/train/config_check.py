@@ -46,9 +46,6 @@ RANGES = {
     "model.latent_query_num": (_INT, 1, None, False),
     "data.seq_len": (_INT, 2, None, False),
     "data.val_batches": (_INT, 0, None, False),
-    "data.text_weight": (_NUM, 0.0, None, False),
-    "data.llava_weight": (_NUM, 0.0, None, False),
-    "data.grounded_instruct_weight": (_NUM, 0.0, None, False),
     "data.score_threshold": (_NUM, 0.0, 1.0, False),
     "data.grounded_prob": (_NUM, 0.0, 1.0, False),
     "data.shuffle_buffer": (_INT, 1, None, False),
@@ -89,7 +86,7 @@ def _range(kind, lo, hi, lo_open) -> str:
     return f"{kind} " + " and ".join(x for x in (low, high) if x)
 
 
-def check(cfg, need_tokenizer: bool = True) -> None:
+def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
     """UsageError on the first setting out of its range (or of the wrong type)."""
     for key, (kind, lo, hi, lo_open) in RANGES.items():
         value = _get(cfg, key)
@@ -113,6 +110,9 @@ def check(cfg, need_tokenizer: bool = True) -> None:
     batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum_steps")
     if accum is not _MISSING and batch % accum:
         raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")
+    sources = _get(cfg, "data.sources")
+    if sources is not _MISSING:
+        _check_sources(sources, need_data)
     evals = _get(cfg, "evals")
     for name in ([] if evals is _MISSING else sorted(evals)):
         _check_eval(name, evals[name])
@@ -128,6 +128,37 @@ def check(cfg, need_tokenizer: bool = True) -> None:
     if need_tokenizer and tokenizer is not _MISSING and not os.path.isfile(tokenizer):
         raise UsageError(f"config.tokenizer={tokenizer!r}: no such file (a sentencepiece model; the demo's is "
                          f"built by `make demo`)")
+
+
+def _check_sources(sources, need_data: bool = True) -> None:
+    from kosmos2_jax.data.pipeline import RECORD_KINDS, SOURCE_KINDS
+
+    active = 0
+    for name in sorted(sources):
+        s, key = sources[name], f"config.data.sources.{name}"
+        if s.get("kind") not in SOURCE_KINDS:
+            raise UsageError(f"{key}.kind={s.get('kind')!r}: must be one of {', '.join(SOURCE_KINDS)}")
+        if not (s.get("data_dir") or s.get("path")):
+            continue  # not in the mixture
+        active += 1
+        weight = s.get("weight")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
+            raise UsageError(f"{key}.weight={weight!r}: must be a number > 0 for a source in the mixture "
+                             f"(empty its data_dir/path to drop it)")
+        needs_dir = s.kind in RECORD_KINDS or s.kind == "llava"
+        if not need_data:
+            continue
+        if s.kind in RECORD_KINDS and not s.get("data_dir"):
+            raise UsageError(f"{key}: kind {s.kind} reads a prepared tfds folder: set {key}.data_dir")
+        if s.kind not in RECORD_KINDS and not s.get("path"):
+            raise UsageError(f"{key}: kind {s.kind} reads a file: set {key}.path")
+        if needs_dir and s.get("data_dir") and not os.path.isdir(os.path.expanduser(s.data_dir)):
+            raise UsageError(f"{key}.data_dir={s.data_dir!r}: no such folder")
+        if s.get("path") and not os.path.isfile(os.path.expanduser(s.path)):
+            raise UsageError(f"{key}.path={s.path!r}: no such file")
+    if not active and need_data:
+        raise UsageError("config.data.sources: no source has its data_dir or path set (e.g. "
+                         "--config.data.sources.train.data_dir=TFDS/grit/1.0.0)")
 
 
 EVAL_RANGES = {"every": 0, "max_items": 1, "batch_size": 1}

@@ -130,19 +130,13 @@ def data_shards(cfg) -> int:
 
 
 def mixture(cfg):
-    """The training sources and their weights, from `config.data` (the grounded source weighs 1.0)."""
+    """The training sources of `config.data.sources` that have their folder or file set (weights
+    relative; `config_check` has checked kinds, weights and paths)."""
     from kosmos2_jax.data.pipeline import Source
 
-    d = cfg.data
-    sources = [Source("train", "grit", data_dir=d.train_dir, split=d.train_split, weight=1.0)]
-    if d.text_file:
-        sources.append(Source("text", "text", path=d.text_file, weight=d.text_weight))
-    if d.get("llava_file", ""):
-        sources.append(Source("llava", "llava", path=d.llava_file, data_dir=d.llava_images, weight=d.llava_weight))
-    if d.get("grounded_instruct_dir", ""):
-        sources.append(Source("grounded_instruct", "grit_instruct", data_dir=d.grounded_instruct_dir,
-                              split=d.train_split, weight=d.grounded_instruct_weight))
-    return sources
+    entries = cfg.data.sources
+    return [Source(name, e.kind, data_dir=e.data_dir, split=e.split, weight=e.weight, path=e.path)
+            for name, e in sorted(entries.items()) if e.data_dir or e.path]
 
 
 def data_pipelines(cfg, processor, shard_states=None):
@@ -236,9 +230,16 @@ def plan(cfg, start: int, evals: list[Evaluation]) -> str:
     from kosmos2_jax.data.pipeline import split_size
 
     t, d = cfg.train, cfg.data
-    records = split_size(d.train_dir, d.train_split)
-    data = (f"{records:,} training records ({d.train_split} of {d.train_dir}), "
-            f"{t.steps * t.batch_size / records:.1f} epochs" if records else f"training data {d.train_dir}")
+    sources = mixture(cfg)
+    total = sum(s.weight for s in sources)
+    parts = []
+    for s in sources:
+        records = split_size(s.data_dir, s.split) if s.data_dir and not s.path else None
+        where = f"{s.split} of {s.data_dir}" if s.data_dir and not s.path else s.path
+        parts.append(f"{s.name} {100 * s.weight / total:.0f}%: " + (f"{records:,} records ({where})" if records else where))
+    records = split_size(sources[0].data_dir, sources[0].split) if len(sources) == 1 and sources[0].data_dir else None
+    epochs = f", {t.steps * t.batch_size / records:.1f} epochs" if records else ""
+    data = "; ".join(parts) + epochs
     scheduled = "".join(f", {e.name} ({e.spec.task}) every {e.spec.every}" for e in evals)
     return (f"plan: steps {start + 1}-{t.steps} of {t.batch_size} rows x {d.seq_len} tokens; {data}; "
             f"validation every {t.eval_every or '-'} steps{scheduled}")

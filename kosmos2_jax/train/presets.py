@@ -63,6 +63,15 @@ def kosmos2_1p6b() -> ml_collections.ConfigDict:
         attention_impl="einsum"))
 
 
+def source(kind: str, weight: float, data_dir: str = "", path: str = "", split: str = "train"
+           ) -> ml_collections.ConfigDict:
+    """One entry of `config.data.sources` (`data.pipeline.SOURCE_KINDS`): `data_dir` a prepared tfds
+    folder (grit, grit_instruct) or an image folder (llava), `path` a file (text, llava, flan,
+    unnatural_instructions). A source is in the mixture when its folder or file is set; `weight`s
+    are relative (normalized over the sources in the mixture)."""
+    return ml_collections.ConfigDict(dict(kind=kind, weight=float(weight), data_dir=data_dir, path=path, split=split))
+
+
 def evaluation(task: str, data_dir: str = "", split: str = "validation", every: int = 0, max_items: int = 64,
                batch_size: int = 32, image_dir: str = "") -> ml_collections.ConfigDict:
     """One entry of `config.evals`: any `python -m kosmos2_jax.evaluate` task, run on the training
@@ -93,12 +102,18 @@ def base() -> ml_collections.ConfigDict:
                                             position_frequencies="log"))
 
     c.data = ml_collections.ConfigDict(dict(
-        train_dir="", train_split="train", val_dir="", val_split="validation", val_batches=4,
-        # the text corpus, weighted against the grounded source (Table 7: 93 text sequences per 1,117)
-        text_file="", text_weight=p["batch_text"] / p["batch_grounded"],
-        # instruction sources (kosmos2_instruct.py): LLaVA-Instruct JSON + its image folder, and
-        # grounded instructions (Table 9 templates) built from GRIT-schema records
-        llava_file="", llava_images="", llava_weight=0.0, grounded_instruct_dir="", grounded_instruct_weight=0.0,
+        # The training mixture: every source with its folder or file set, weighted relative to the
+        # others. Table 7 per step: grounded pairs 1,117, text 93 (image-caption pairs 1,117 and
+        # interleaved documents 47 have no source kind yet). The instruction kinds are Table 8's
+        # (kosmos2_instruct.py). Source names key the saved data position: keep them on resume.
+        sources=dict(
+            train=source("grit", p["batch_grounded"]),  # grounded image-text pairs (GRIT-schema tfds folder)
+            text=source("text", p["batch_text"]),  # a text corpus, one example per line
+            grounded_instruct=source("grit_instruct", 0.0),  # Table 9 instructions from GRIT-schema records
+            llava=source("llava", 0.0),  # LLaVA-Instruct JSON (path) + its images (data_dir)
+            flan=source("flan", 0.0),  # FLANv2 inputs/targets JSONL
+            unnatural_instructions=source("unnatural_instructions", 0.0)),  # Unnatural Instructions JSONL
+        val_dir="", val_split="validation", val_batches=4,
         seq_len=p["seq_len"], preprocess="resize_shorter_center_crop", span_mode=p["span_mode"],
         score_threshold=p["score_threshold"], grounded_prob=p["grounded_prob"], box_formula="train",
         shuffle_buffer=10000, num_workers=16, max_bad_fraction=0.05,
@@ -160,8 +175,11 @@ def runlocal(c: ml_collections.ConfigDict, data_root: str = DEMO_DATA) -> ml_col
                         attention_heads=4)
     c.model.update(latent_query_num=8, dtype="float32", remat_policy="none")
     c.init.update(hf_dir="", checkpoint="")
-    c.data.update(train_dir=grounded, val_dir=grounded, grounded_instruct_dir="", seq_len=64, shuffle_buffer=16, num_workers=2, val_batches=1, pack_max_images=2,
-                  text_file="", llava_file="", llava_images="", train_split="train", val_split="validation")
+    for name, entry in c.data.sources.items():  # the demo's records for every record source, no files
+        entry.update(data_dir=grounded if entry.kind in ("grit", "grit_instruct") and (entry.data_dir or name == "train")
+                     else "", path="", split="train")
+    c.data.update(val_dir=grounded, seq_len=64, shuffle_buffer=16, num_workers=2, val_batches=1, pack_max_images=2,
+                  val_split="validation")
     c.train.update(batch_size=8, steps=3, log_every=1, eval_every=3, ckpt_every=3, keep=1, async_ckpt=False,
                    loss_chunk=8, profile_start=0,
                    compact_images=False)  # one step program to compile, not one per image count
