@@ -22,7 +22,7 @@ def get_config(arg=None):
     args = presets.parse_arg(arg, runlocal=False, data=presets.DEMO_DATA)
     c = presets.base()
     c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256, pack=False)
-    c.data.sources.text.weight = 0.0  # the referring expressions only
+    c.data.sources.text.weight = c.data.sources.caption.weight = 0.0  # the referring expressions only
     c.optim.update(lr=1e-5, warmup_steps=100)
     c.train.update(steps=5000, batch_size=256, freeze="vision_except_last")
     c.evals.grounding.update(task="refcoco", split="val")

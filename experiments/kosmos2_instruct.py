@@ -27,9 +27,6 @@ def get_config(arg=None):
     c.train.update(steps=10000, batch_size=112)
     # Table 8, sequences per step
     for name, weight in dict(train=702, grounded_instruct=702, llava=351, flan=58.5, unnatural_instructions=58.5,
-                             text=30).items():
+                             text=30, caption=0).items():
         c.data.sources[name].weight = weight
-    if args.runlocal:
-        presets.runlocal(c, args.data)
-        c.data.sources.grounded_instruct.data_dir = c.data.sources.train.data_dir  # shapes records are GRIT-schema
-    return c
+    return presets.runlocal(c, args.data) if args.runlocal else c

@@ -60,6 +60,7 @@ def get_config(arg=None):
 
     grounded = f"{root}/tfds/shapes/grounded/1.0.0"
     c.data.sources.train.data_dir = grounded  # the only source: the grounded shapes captions
+    c.data.sources.caption.weight = c.data.sources.text.weight = 0.0
     c.data.update(val_dir=grounded, seq_len=64, preprocess="square",
                   span_mode="noun_chunk", grounded_prob=1.0, shuffle_buffer=512, num_workers=4,
                   pack=False, pack_max_images=4)  # one example per row: packing has nothing to do

@@ -463,3 +463,16 @@ def test_mixture_follows_the_configured_weights_and_resumes_exactly(tfds_dir, sm
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
     resumed.close()
+
+
+def test_caption_sources_read_grit_records_as_plain_pairs(tfds_dir, small_processor):
+    root, _ = tfds_dir
+    source = Source("caption", "caption", data_dir=str(root / "shapes" / "grounded" / "1.0.0"))
+    pipe = Pipeline([source], small_processor, ExampleConfig(seq_len=48, grounded_prob=1.0), batch_size=8, seed=0,
+                    num_workers=1)
+    batch = next(pipe)
+    pipe.close()
+    tok = small_processor.tokenizer
+    assert batch["has_image"].all() and (batch["image_embeds_position_mask"].sum(axis=1) == 8).all()
+    assert not np.isin(batch["input_ids"], [tok.grounding_id, tok.phrase_id]).any()
+    assert not (batch["input_ids"] >= tok.first_location_id).any()

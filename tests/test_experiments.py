@@ -58,6 +58,7 @@ def test_pretrain_config_is_table_7():
     assert (c.train.location_loss_weight, c.train.location_sigma) == (1.0, 0.0)  # the plain LM loss
     sources = c.data.sources  # sequences per step: grounded pairs 1,117, text 93
     assert (sources.train.kind, sources.train.weight, sources.text.kind, sources.text.weight) == ("grit", 1117, "text", 93)
+    assert (sources.caption.kind, sources.caption.weight) == ("caption", 1117)  # image-caption pairs
     assert abs(c.train.batch_size * c.data.seq_len / 419_000 - 1) < 0.02  # ~419K tokens per step
     assert convert.architecture_differences(model_config(c, 65037), kosmos2_1p6b()) == []
 
@@ -120,9 +121,11 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
     arg = f"runlocal,data={demo_root}"
     cfg = _config(name, arg)
     steps, task = cfg.train.steps, "shapes validation, 4 items"
-    if name == "kosmos2_pretrain":
+    if name == "kosmos2_pretrain":  # grounded pairs, image-caption pairs (the demo's records) and a text corpus
+        (tmp_path / "corpus.txt").write_text("a red circle\ntwo blue squares\n")
         run = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", f"experiments/{name}.py:{arg}",
-                              "--workdir", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, timeout=600)
+                              "--workdir", str(tmp_path / "run"), f"--config.data.sources.text.path={tmp_path}/corpus.txt"],
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         console = run.stdout
     else:
@@ -138,5 +141,11 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
         console = capsys.readouterr().out
         assert result["last"]["step"] == steps and "eval_grounding_accuracy" in result["last"]
     assert f"step {steps}/{steps} loss" in console, console
+    mixture = console.split("plan: ")[1].split("\n")[0]
+    expected = dict(kosmos2_pretrain=["train", "caption", "text"], shapes_tiny=["train"], finetune_refcoco=["train"],
+                    kosmos2_instruct=["train", "grounded_instruct", "llava", "flan", "unnatural_instructions", "text"])
+    parts = [p for p in mixture.split("; ")[1:] if not p.startswith("validation")]
+    names = ["train"] if len(parts) == 1 and "training records" in parts[0] else [p.split(" ")[0] for p in parts]
+    assert sorted(names) == sorted(expected[name]), mixture
     assert f"step {steps} eval grounding: accuracy" in console and f"({task})" in console, console
     assert os.path.isfile(tmp_path / "run" / "export" / "model_config.json")

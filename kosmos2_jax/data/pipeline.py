@@ -39,14 +39,15 @@ from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.processor import Kosmos2Processor
 
-SOURCE_KINDS = ("grit", "text", "grit_instruct", "llava", "flan", "unnatural_instructions")
-RECORD_KINDS = ("grit", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`
+SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", "flan", "unnatural_instructions")
+RECORD_KINDS = ("grit", "caption", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     """`grit`: a prepared tfds dataset folder (`tfds.builder_from_directory`) with GRIT-schema
-    records. `text`: a text file, one example per line. `grit_instruct`: GRIT-schema records turned
+    records. `caption`: the same kind of folder read as plain image-caption pairs, never grounded
+    (LAION/COYO img2dataset output built with `data/grit`, or GRIT itself). `text`: a text file, one example per line. `grit_instruct`: GRIT-schema records turned
     into grounded instructions (Table 9). `llava`: a LLaVA-Instruct JSON file (`path`) with its
     images in `data_dir`. `flan`, `unnatural_instructions`: text-only instructions, a JSONL file
     (`path`) in the released format (`data/instruct.py`)."""
@@ -247,6 +248,7 @@ class Pipeline:
             raise ValueError(f"packing needs pack_max_images >= 1, got {pack_max_images}")
         self.sources = list(sources)
         self.processor, self.config = processor, config
+        self._caption_config = dataclasses.replace(config, grounded_prob=0.0)  # `caption`: never grounded
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count
         self.max_bad_fraction, self.min_records = max_bad_fraction, min_records_for_bad_check
@@ -329,11 +331,15 @@ class Pipeline:
         return len(items) == self._per_task
 
     def _make_all(self, items):
-        """One task's examples (or their `BadRecord`s), in order; GRIT records go through
-        `grit_examples` together (their text work first, then the pixels)."""
-        grit = [k for k, (source, _, _) in enumerate(items) if source.kind == "grit"]
-        made = dict(zip(grit, grit_examples([items[k][1] for k in grit], self.processor, self.config,
-                                            [ExampleRandom(self.seed, items[k][2], 1) for k in grit])))
+        """One task's examples (or their `BadRecord`s), in order; GRIT-schema records (`grit`, and
+        `caption`: the same records as plain image-caption pairs) go through `grit_examples`
+        together (their text work first, then the pixels)."""
+        made = {}
+        for kind, config in (("grit", self.config), ("caption", self._caption_config)):
+            ks = [k for k, (source, _, _) in enumerate(items) if source.kind == kind]
+            if ks:
+                made.update(zip(ks, grit_examples([items[k][1] for k in ks], self.processor, config,
+                                                  [ExampleRandom(self.seed, items[k][2], 1) for k in ks])))
         return [made[k] if k in made else bad_record_or(self._make, *item) for k, item in enumerate(items)]
 
     def _next_example(self) -> tuple[dict, str] | None:

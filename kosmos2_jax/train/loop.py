@@ -236,10 +236,12 @@ def plan(cfg, start: int, evals: list[Evaluation]) -> str:
     for s in sources:
         records = split_size(s.data_dir, s.split) if s.data_dir and not s.path else None
         where = f"{s.split} of {s.data_dir}" if s.data_dir and not s.path else s.path
-        parts.append(f"{s.name} {100 * s.weight / total:.0f}%: " + (f"{records:,} records ({where})" if records else where))
-    records = split_size(sources[0].data_dir, sources[0].split) if len(sources) == 1 and sources[0].data_dir else None
-    epochs = f", {t.steps * t.batch_size / records:.1f} epochs" if records else ""
-    data = "; ".join(parts) + epochs
+        if len(sources) == 1:
+            parts.append(f"{records:,} training records ({where}), {t.steps * t.batch_size / records:.1f} epochs"
+                         if records else f"training data {where}")
+        else:
+            parts.append(f"{s.name} {100 * s.weight / total:.0f}%: " + (f"{records:,} records ({where})" if records else where))
+    data = "; ".join(parts)
     scheduled = "".join(f", {e.name} ({e.spec.task}) every {e.spec.every}" for e in evals)
     return (f"plan: steps {start + 1}-{t.steps} of {t.batch_size} rows x {d.seq_len} tokens; {data}; "
             f"validation every {t.eval_every or '-'} steps{scheduled}")

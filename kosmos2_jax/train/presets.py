@@ -103,11 +103,12 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         # The training mixture: every source with its folder or file set, weighted relative to the
-        # others. Table 7 per step: grounded pairs 1,117, text 93 (image-caption pairs 1,117 and
-        # interleaved documents 47 have no source kind yet). The instruction kinds are Table 8's
+        # others. Table 7 per step: grounded pairs 1,117, image-caption pairs 1,117, text 93
+        # (interleaved documents 47 have no source kind yet). The instruction kinds are Table 8's
         # (kosmos2_instruct.py). Source names key the saved data position: keep them on resume.
         sources=dict(
             train=source("grit", p["batch_grounded"]),  # grounded image-text pairs (GRIT-schema tfds folder)
+            caption=source("caption", p["batch_caption"]),  # image-caption pairs, plain (GRIT-schema tfds folder)
             text=source("text", p["batch_text"]),  # a text corpus, one example per line
             grounded_instruct=source("grit_instruct", 0.0),  # Table 9 instructions from GRIT-schema records
             llava=source("llava", 0.0),  # LLaVA-Instruct JSON (path) + its images (data_dir)
@@ -175,8 +176,8 @@ def runlocal(c: ml_collections.ConfigDict, data_root: str = DEMO_DATA) -> ml_col
                         attention_heads=4)
     c.model.update(latent_query_num=8, dtype="float32", remat_policy="none")
     c.init.update(hf_dir="", checkpoint="")
-    for name, entry in c.data.sources.items():  # the demo's records for every record source, no files
-        entry.update(data_dir=grounded if entry.kind in ("grit", "grit_instruct") and (entry.data_dir or name == "train")
+    for entry in c.data.sources.values():  # the demo's records for every weighted record source, no files
+        entry.update(data_dir=grounded if entry.kind in ("grit", "caption", "grit_instruct") and entry.weight > 0
                      else "", path="", split="train")
     c.data.update(val_dir=grounded, seq_len=64, shuffle_buffer=16, num_workers=2, val_batches=1, pack_max_images=2,
                   val_split="validation")
