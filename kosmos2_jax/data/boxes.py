@@ -1,5 +1,6 @@
-"""Box rows checked for the input pipeline, and the pretraining crop: resize the shorter side, center-crop, remap boxes, and drop
-boxes of which less than `min_visible` survives (the original loader's rule, reference §2.6)."""
+"""Box rows checked for the input pipeline, and the pretraining crop: resize the shorter side,
+center-crop, remap boxes, and drop boxes of which less than `min_visible` survives (the original
+loader's rule, reference §2.6)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from kosmos2_jax import images
-
 from kosmos2_jax.data.boxes import center_crop_offsets, check_boxes, crop_boxes, shorter_side_resize_shape
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.spans import select_spans

@@ -36,10 +36,11 @@ from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, bad_record_or, 
                                        grit_instruction_example, language_instruction_example, llava_example,
                                        text_example)
 from kosmos2_jax.data.example_random import ExampleRandom
+from kosmos2_jax.data.instruct import LANGUAGE_INSTRUCTION_KINDS
 from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.processor import Kosmos2Processor
 
-SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", "flan", "unnatural_instructions")
+SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", *LANGUAGE_INSTRUCTION_KINDS)
 RECORD_KINDS = ("grit", "caption", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`
 
 
@@ -47,8 +48,9 @@ RECORD_KINDS = ("grit", "caption", "grit_instruct")  # read from a prepared tfds
 class Source:
     """`grit`: a prepared tfds dataset folder (`tfds.builder_from_directory`) with GRIT-schema
     records. `caption`: the same kind of folder read as plain image-caption pairs, never grounded
-    (LAION/COYO img2dataset output built with `data/grit`, or GRIT itself). `text`: a text file, one example per line. `grit_instruct`: GRIT-schema records turned
-    into grounded instructions (Table 9). `llava`: a LLaVA-Instruct JSON file (`path`) with its
+    (LAION/COYO img2dataset output built with `data/grit`, or GRIT itself). `text`: a text file,
+    one example per line. `grit_instruct`: GRIT-schema records turned into grounded instructions
+    (Table 9). `llava`: a LLaVA-Instruct JSON file (`path`) with its
     images in `data_dir`. `flan`, `unnatural_instructions`: text-only instructions, a JSONL file
     (`path`) in the released format (`data/instruct.py`)."""
 
@@ -215,7 +217,7 @@ def _text_records(source: Source, process_index: int, process_count: int, skip: 
         from kosmos2_jax.data.instruct import load_llava
 
         lines = load_llava(path)
-    elif source.kind in ("flan", "unnatural_instructions"):
+    elif source.kind in LANGUAGE_INSTRUCTION_KINDS:
         from kosmos2_jax.data.instruct import load_language_instructions
 
         lines = load_language_instructions(path, source.kind)
@@ -300,7 +302,7 @@ class Pipeline:
             return text_example(record, self.processor, self.config)
         if source.kind == "llava":
             return llava_example(record, os.path.expanduser(source.data_dir), self.processor, self.config)
-        if source.kind in ("flan", "unnatural_instructions"):
+        if source.kind in LANGUAGE_INSTRUCTION_KINDS:
             return language_instruction_example(record, self.processor, self.config)
         # ("grit" records are made in `_make_all`, several at a time.)
         return grit_instruction_example(record, self.processor, self.config, ExampleRandom(self.seed, index, 1))

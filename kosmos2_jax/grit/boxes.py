@@ -14,7 +14,6 @@ import math
 from typing import Sequence
 
 from kosmos2_jax import boxes as box_rules
-from kosmos2_jax.boxes import iou
 
 DEFAULT_NMS_IOU = 0.7
 DEFAULT_SCORE_THRESHOLD = 0.65
@@ -36,7 +35,7 @@ def nms(boxes: Sequence[Sequence[float]], scores: Sequence[float], iou_threshold
     order = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))
     kept: list[int] = []
     for i in order:
-        if all(iou(boxes[i], boxes[k]) <= iou_threshold for k in kept):
+        if all(box_rules.iou(boxes[i], boxes[k]) <= iou_threshold for k in kept):
             kept.append(i)
     return kept
 

@@ -145,14 +145,13 @@ def _check_sources(sources, need_data: bool = True) -> None:
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
             raise UsageError(f"{key}.weight={weight!r}: must be a number > 0 for a source in the mixture "
                              f"(empty its data_dir/path to drop it)")
-        needs_dir = s.kind in RECORD_KINDS or s.kind == "llava"
         if not need_data:
             continue
         if s.kind in RECORD_KINDS and not s.get("data_dir"):
             raise UsageError(f"{key}: kind {s.kind} reads a prepared tfds folder: set {key}.data_dir")
         if s.kind not in RECORD_KINDS and not s.get("path"):
             raise UsageError(f"{key}: kind {s.kind} reads a file: set {key}.path")
-        if needs_dir and s.get("data_dir") and not os.path.isdir(os.path.expanduser(s.data_dir)):
+        if s.get("data_dir") and not os.path.isdir(os.path.expanduser(s.data_dir)):
             raise UsageError(f"{key}.data_dir={s.data_dir!r}: no such folder")
         if s.get("path") and not os.path.isfile(os.path.expanduser(s.path)):
             raise UsageError(f"{key}.path={s.path!r}: no such file")
