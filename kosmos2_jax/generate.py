@@ -297,6 +297,17 @@ def _signature(tree) -> tuple:
     return treedef, tuple((tuple(x.shape), np.dtype(x.dtype), getattr(x, "sharding", None)) for x in leaves)
 
 
+_xla_cache_hits = [0]  # persistent-cache hits in this process (any thread)
+
+
+def _count_xla_cache_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _xla_cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_xla_cache_hit)
+
+
 @functools.lru_cache(maxsize=64)
 def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool,
                 pixels_shape: tuple, rng_spec: tuple, params_signature: tuple):
@@ -314,10 +325,13 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
     params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                                                     for shape, dtype, sharding in specs])
     ids = jax.ShapeDtypeStruct((batch, prompt_len), np.int32)
+    hits = _xla_cache_hits[0]
     compiled = _compiled(model, settings, batch, prompt_len, with_image).lower(
         params, ids, ids, ids, jax.ShapeDtypeStruct(pixels_shape, np.float32), jax.ShapeDtypeStruct((), np.int32),
         jax.ShapeDtypeStruct(*rng_spec)).compile()
-    if stored:
+    # XLA:CPU re-serializes an executable that XLA's persistent cache loaded without its machine
+    # code: stored, it would fail in the next process ("Function ... not found"). Keep only fresh ones.
+    if stored and _xla_cache_hits[0] == hits:
         try:
             blob = pickle.dumps(serialize_executable.serialize(compiled))
             os.makedirs(os.path.dirname(stored), exist_ok=True)

@@ -110,3 +110,25 @@ def test_second_predict_loads_its_programs_from_the_cache(tiny_ckpt, image_path,
     assert traced not in runs[1].stderr and "Compiling run" not in runs[1].stderr
     assert runs[0].stdout.splitlines()[0] == runs[1].stdout.splitlines()[0]  # the same caption
     assert traced in runs[2].stderr and "Persistent compilation cache hit" not in runs[2].stderr
+
+
+def test_a_program_from_xla_s_cache_is_not_stored_again(tiny_ckpt, image_path, tmp_path):
+    """XLA:CPU drops the machine code when it re-serializes an executable that XLA's persistent
+    cache loaded: stored again, it would fail in the next process ("Function ... not found").
+    With the stored program gone but XLA's cache entry left, predict still works in every later
+    process."""
+    import shutil
+    import subprocess
+    import sys
+
+    ckpt, spm = tiny_ckpt
+    cache = tmp_path / "xla"
+    cmd = [sys.executable, "-m", "kosmos2_jax.predict", "--checkpoint", ckpt, "--tokenizer", spm, "--image", image_path,
+           "--prompt", "<grounding>a red circle", "--max_new_tokens", "4", "--compilation_cache", str(cache)]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(cache / "kosmos2_generate")
+    for _ in range(2):  # XLA's cache hit, then whatever that run left behind
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.splitlines()[0] == first.stdout.splitlines()[0]
