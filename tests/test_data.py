@@ -17,6 +17,7 @@ from kosmos2_jax.data.spans import select_spans
 from kosmos2_jax.data.synthetic import make_example
 from kosmos2_jax.processor import Kosmos2Processor
 from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+from kosmos2_jax.train.trainer import source_examples
 
 
 @pytest.fixture(scope="session")
@@ -435,17 +436,22 @@ def test_mixture_follows_the_configured_weights_and_resumes_exactly(tfds_dir, sm
                Source("unnatural", "unnatural_instructions", path=str(unnatural), weight=1)]
     pipe = Pipeline(sources, small_processor, ExampleConfig(seq_len=48), batch_size=8, seed=3, num_workers=2,
                     shuffle_buffer=16, max_bad_fraction=0.5)
-    for _ in range(200):
-        next(pipe)
-    drawn = pipe.state()["positions"]
+    counted = sum(source_examples(next(pipe), len(sources)) for _ in range(200))  # the trainer's per-source count
+    state = pipe.state()
+    drawn = state["positions"]
     total = sum(drawn.values())
     shares = {name: drawn[name] / total for name in drawn}
     pipe.close()
     for name, weight in [("train", 0.4), ("text", 0.3), ("flan", 0.2), ("unnatural", 0.1)]:
         assert abs(shares[name] - weight) < 0.03, shares
+    for i, source in enumerate(sources, start=1):  # every example returned is counted for its own source
+        bad = sum(n for key, n in state["bad_by_source"].items() if key.startswith(f"{source.name}: "))
+        assert counted[i] == drawn[source.name] - bad, (source.name, counted, drawn, state["bad_by_source"])
+    assert counted[0] == 0 and counted.sum() == 200 * 8
 
     config = ExampleConfig(seq_len=96, grounded_prob=0.5)
-    mixed = sources + [Source("grounded_instruct", "grit_instruct", data_dir=grounded, weight=1)]
+    mixed = sources + [Source("grounded_instruct", "grit_instruct", data_dir=grounded, weight=1),
+                       Source("caption", "caption", data_dir=grounded, weight=1)]
     make = lambda state=None: Pipeline(mixed, small_processor, config, batch_size=4, seed=5, num_workers=2, shuffle_buffer=16,
                                        max_bad_fraction=0.5, pack=True, pack_max_images=3, state=state)
     whole = make()

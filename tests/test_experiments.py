@@ -147,5 +147,8 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
     parts = [p for p in mixture.split("; ")[1:] if not p.startswith("validation")]
     names = ["train"] if len(parts) == 1 and "training records" in parts[0] else [p.split(" ")[0] for p in parts]
     assert sorted(names) == sorted(expected[name]), mixture
+    if len(expected[name]) > 1:  # each part of the mixture's own loss and examples
+        line = console.split(f"step {steps}/{steps} loss")[1].split("  sources: ")[1].split("\n")[0]
+        assert sorted(part.split(" ")[0] for part in line.split("; ")) == sorted(expected[name]), line
     assert f"step {steps} eval grounding: accuracy" in console and f"({task})" in console, console
     assert os.path.isfile(tmp_path / "run" / "export" / "model_config.json")

@@ -66,6 +66,8 @@ def test_packed_row_computes_each_example_as_alone(small_spm):
         examples.append(_example(seq.input_ids, seq.loss_mask, seq.image_embeds_position_mask, pixels, True,
                                  seq_len, tok.pad_id))
     examples.insert(1, text_example("a green star", processor, ExampleConfig(seq_len=seq_len)))
+    for ex, source in zip(examples, (1, 2, 1)):  # the text line from a second source
+        ex["source_ids"] = ex["attention_mask"] * source
     total = sum(int(e["attention_mask"].sum()) for e in examples)
     row = pack_row(examples, total + 3, 3, tok.pad_id)
     packed = {k: v[None] for k, v in row.items()}
@@ -87,6 +89,13 @@ def test_packed_row_computes_each_example_as_alone(small_spm):
     _, m_separate = loss_and_metrics(model, params, separate, jax.random.PRNGKey(0), True, *loc)
     assert m_packed["tokens"] == m_separate["tokens"]
     np.testing.assert_allclose(m_packed["nll_sum"], m_separate["nll_sum"], rtol=1e-5)
+    # per source: each example's own loss, summed over the examples of that source
+    _, by_source = loss_and_metrics(model, params, packed, jax.random.PRNGKey(0), True, *loc, num_sources=2)
+    alone = [loss_and_metrics(model, params, {k: v[i:i + 1] for k, v in separate.items()}, jax.random.PRNGKey(0),
+                              True, *loc)[1] for i in range(3)]
+    np.testing.assert_allclose(by_source["source_nll_sum"], [0, alone[0]["nll_sum"] + alone[2]["nll_sum"],
+                                                             alone[1]["nll_sum"]], rtol=1e-5)
+    assert by_source["source_tokens"].tolist() == [0, alone[0]["tokens"] + alone[2]["tokens"], alone[1]["tokens"]]
 
 
 def _pipe(root, processor, tmp_path, **kw):

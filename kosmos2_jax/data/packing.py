@@ -33,7 +33,8 @@ def pack_row(examples: Sequence[dict], seq_len: int, max_images: int, pad_id: in
     `segment_ids`; `has_image` becomes the row's image count)."""
     if not examples:
         raise ValueError("a packed row needs at least one example")
-    row = {k: np.zeros(seq_len, np.int32) for k in TOKEN_KEYS}
+    keys = TOKEN_KEYS + tuple(k for k in ("source_ids",) if k in examples[0])
+    row = {k: np.zeros(seq_len, np.int32) for k in keys}
     row["input_ids"][:] = pad_id
     row["segment_ids"] = np.zeros(seq_len, np.int32)
     image_shape = examples[0]["pixel_values"].shape
@@ -43,7 +44,7 @@ def pack_row(examples: Sequence[dict], seq_len: int, max_images: int, pad_id: in
         n = example_length(ex)
         if pos + n > seq_len:
             raise ValueError(f"examples of {pos + n} tokens do not fit a row of {seq_len}")
-        for k in TOKEN_KEYS:
+        for k in keys:
             row[k][pos:pos + n] = ex[k][:n]
         row["segment_ids"][pos:pos + n] = segment
         pos += n

@@ -6,7 +6,8 @@ examples (decode, resize/crop, span selection, grounded-or-plain, ids, masks) ->
     batch = next(pipe)            # dict of numpy arrays, leading dim = per-host batch
     state = pipe.state()          # JSON-able; Pipeline(..., state=state) resumes exactly there
 
-With `pack=True` several examples share a row (`packing.py`: `segment_ids`, per-row
+Every row has `source_ids` ([L], the 1-based index of the source its token came from, 0 on
+padding): the trainer's per-source loss and counts. With `pack=True` several examples share a row (`packing.py`: `segment_ids`, per-row
 `pixel_values` [pack_max_images, S, S, 3]); an example that no longer fits opens the next row,
 and a saved state replays it.
 
@@ -258,6 +259,7 @@ class Pipeline:
         if np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"source weights must be >= 0 with a positive sum, got {weights.tolist()}")
         self._cumulative = np.cumsum(weights / weights.sum())
+        self._source_number = {src.name: i + 1 for i, src in enumerate(self.sources)}  # `source_ids`; 0: padding
         state = state or {}
         self._index = int(state.get("index", 0))
         self._positions = {s.name: int(state.get("positions", {}).get(s.name, 0)) for s in self.sources}
@@ -358,6 +360,7 @@ class Pipeline:
                 self.bad_by_source[f"{source_name}: {result.reason}"] += 1
                 self._check_bad()
                 continue
+            result["source_ids"] = result["attention_mask"] * self._source_number[source_name]
             return result, source_name
 
     def _next_row(self) -> dict | None:

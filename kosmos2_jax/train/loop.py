@@ -22,7 +22,7 @@ from kosmos2_jax import convert, multihost
 from kosmos2_jax.cli import UsageError
 from kosmos2_jax.train import config_check
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
-from kosmos2_jax.train.trainer import Trainer, abstract_like, format_eta, input_counts, model_config
+from kosmos2_jax.train.trainer import Trainer, abstract_like, format_eta, input_counts, model_config, source_examples
 
 TIMED_STEPS = 10  # steps after the compiling first one that the time estimate is measured over
 
@@ -104,7 +104,8 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
         init_params = None
         if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
             init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
-        trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params)
+        trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params,
+                          sources=tuple(s.name for s in mixture(cfg)))
         if start:
             trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
         for step in later:
@@ -302,11 +303,12 @@ class Log:
             from flax.metrics import tensorboard
 
             self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
-        self.history, self.last = [], {}
+        self.history, self.last, self.sources = [], {}, ()
         self._reset()
 
     def _reset(self):
         self.t0, self.counts, self.steps = time.time(), np.zeros(4), 0  # counts: input_counts since the last line
+        self.examples = None  # examples per source since the last line
 
     def scalars(self, prefix: str, values: dict, step: int):
         if self.writer:
@@ -317,6 +319,10 @@ class Log:
     def step(self, batch, trainer: Trainer):
         self.steps += 1
         self.counts = self.counts + input_counts(batch, trainer.image_slots) * jax.process_count()
+        if trainer.sources and "source_ids" in batch:
+            self.sources = trainer.sources
+            counts = source_examples(batch, len(trainer.sources)) * jax.process_count()
+            self.examples = counts if self.examples is None else self.examples + counts
 
     def line(self, done: int, total: int, metrics):
         m = jax.device_get(metrics)
@@ -334,7 +340,25 @@ class Log:
                  f"fill: tokens {last['token_fill']:.2f} images {last['image_fill']:.2f} "
                  f"ETA {format_eta((total - done) * elapsed / self.steps)}")
         self.scalars("train", last, done)
+        if "source_tokens" in m and self.examples is not None:
+            self._source_line(done, m)
         self._reset()
+
+    def _source_line(self, done: int, m):
+        """Each source's loss (the logged step's targets from it), examples since the last line and
+        target tokens of the logged step; printed for a mixture, in TensorBoard for any."""
+        parts, share = [], self.examples[1:] / max(self.examples[1:].sum(), 1)
+        for i, name in enumerate(self.sources, start=1):
+            tokens = float(m["source_tokens"][i])
+            values = {"examples": float(self.examples[i]), "tokens": tokens}
+            if tokens:
+                values["loss"] = float(m["source_nll_sum"][i]) / tokens
+            self.scalars(f"train/source/{name}", values, done)
+            self.last.update({f"source_{name}_{k}": v for k, v in values.items()})
+            loss = f"loss {values['loss']:.4f}" if tokens else "no targets"
+            parts.append(f"{name} {loss}, {int(self.examples[i])} examples ({share[i - 1]:.0%})")
+        if len(self.sources) > 1:
+            self.say(f"  sources: {'; '.join(parts)}")
 
     def close(self):
         if self.writer:

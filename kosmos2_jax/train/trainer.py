@@ -27,7 +27,8 @@ from kosmos2_jax.train.loss import lm_head_loss, location_kernel
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
-              "segment_ids")  # segment_ids: packed rows only; `_put` may add image_index (train/image_slots.py)
+              "segment_ids", "source_ids")  # segment_ids: packed rows only; `_put` may add image_index
+METRIC_KEYS = ("nll_sum", "tokens", "loc_correct", "loc_tokens")
 
 
 def model_config(cfg, vocab_size: int):
@@ -47,7 +48,7 @@ def model_config(cfg, vocab_size: int):
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
                      num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 8,
-                     location_kernel=None):
+                     location_kernel=None, num_sources: int = 0):
     """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
     location-token accuracy. `location_weight` scales the location-token targets in the loss
     (1.0, the paper's plain LM loss, by default; the reported `nll_sum` is always unweighted).
@@ -55,7 +56,9 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     targets in the loss (`nll_sum` and the accuracy stay those of the true cell).
     The tied LM head runs only on chunks of `loss_chunk` positions per row that hold targets
     (`kosmos2_jax.train.loss`). uint8 `pixel_values` (the input pipeline's) are CLIP-normalized
-    here, on the device; float ones are taken as already normalized."""
+    here, on the device; float ones are taken as already normalized. With `num_sources` and the
+    batch's `source_ids`, also `source_nll_sum` and `source_tokens` [num_sources + 1] (index 0:
+    padding), each target counted for the source of its token."""
     pixels = batch["pixel_values"]
     if pixels.dtype == jnp.uint8:
         pixels = normalize_pixels(pixels, jnp)
@@ -71,8 +74,13 @@ def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, fi
     with jax.named_scope("lm_head"):  # named for the profile summary (train/profiling.py)
         loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk,
                                           location_kernel=location_kernel, first_location_id=first_location_id)
-    return loss, {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
-                  "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
+    metrics = {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
+               "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
+    if num_sources and "source_ids" in batch:
+        by_source = jax.nn.one_hot(batch["source_ids"][:, 1:], num_sources + 1, dtype=jnp.float32)
+        metrics["source_nll_sum"] = jnp.einsum("bt,bts->s", nll * mask, by_source)
+        metrics["source_tokens"] = jnp.einsum("bt,bts->s", mask, by_source)
+    return loss, metrics
 
 
 def _freeze(params, mask):
@@ -88,8 +96,9 @@ class Trainer:
     checkpoint into, or to compile for `devices` that are not attached: `train/compile_check.py`)."""
 
     def __init__(self, model: Kosmos2, config, first_location_id: int, num_location_tokens: int = 1024,
-                 init_params: Any = None, abstract: bool = False, devices=None):
+                 init_params: Any = None, abstract: bool = False, devices=None, sources: tuple = ()):
         self.model, self.config = model, config
+        self.sources = tuple(sources)  # the training mixture's source names: per-source loss and tokens
         self.loc = (first_location_id, num_location_tokens)
         self.loss_chunk = config.train.get("loss_chunk", 8)
         self.mesh = sharding.create_mesh(dict(config.mesh), devices)
@@ -158,8 +167,10 @@ class Trainer:
         def step_fn(state, batch):
             rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
             weight = t.get("location_loss_weight", 1.0)
+            per_source = len(self.sources) if "source_ids" in batch else 0
             grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, _freeze(p, self.mask), b, r, False,
-                                                                *self.loc, weight, self.loss_chunk, kernel),
+                                                                *self.loc, weight, self.loss_chunk, kernel,
+                                                                per_source),
                                has_aux=True)
             if accum == 1:
                 grads, metrics = grad_fn(state["params"], batch, rng)
@@ -173,7 +184,9 @@ class Trainer:
                     return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m)), None
 
                 zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-                zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "tokens", "loc_correct", "loc_tokens")}
+                zeros_m = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+                if per_source:
+                    zeros_m.update({k: jnp.zeros(per_source + 1, jnp.float32) for k in ("source_nll_sum", "source_tokens")})
                 (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
             with jax.named_scope("optimizer"):
                 tokens = jnp.maximum(metrics["tokens"], 1.0)
@@ -267,6 +280,20 @@ def input_counts(batch, image_slots: int | None = None) -> np.ndarray:
         image_slots = 0 if pixels is None else mask.shape[0] * (pixels.shape[1] if np.ndim(pixels) == 5 else 1)
     images = 0 if pixels is None else int(np.asarray(batch["has_image"]).sum())
     return np.array([mask.sum(), mask.size, images, image_slots], np.float64)
+
+
+def source_examples(batch, num_sources: int) -> np.ndarray:
+    """[num_sources + 1] examples per source in a host batch (index 0 unused): one per row, or per
+    segment of a packed row, counted for the source of its first token."""
+    src = np.asarray(batch["source_ids"])
+    seg = batch.get("segment_ids")
+    if seg is None:
+        first = src[:, 0]
+    else:
+        seg = np.asarray(seg)
+        starts = (seg != 0) & (seg != np.pad(seg, ((0, 0), (1, 0)))[:, :-1])
+        first = src[starts]
+    return np.bincount(first.ravel(), minlength=num_sources + 1)[:num_sources + 1].astype(np.float64)
 
 
 def format_eta(seconds: float) -> str:
