@@ -6,15 +6,17 @@
         --config.data.sources.llava.path=llava_instruct_150k.json --config.data.sources.llava.data_dir=coco/train2014 \\
         --config.data.sources.flan.path=flan_mixture.jsonl \\
         --config.data.sources.unnatural_instructions.path=unnatural/core_data.jsonl \\
-        --config.data.sources.text.path=corpus.txt
+        --config.data.sources.text.path=corpus.txt \\
+        --config.data.sources.interleaved.path=mmc4/docs --config.data.sources.interleaved.data_dir=mmc4/images
     python -m kosmos2_jax.train --config experiments/kosmos2_instruct.py:runlocal --workdir /tmp/smoke
 
 10,000 steps, 375 warm-up, LR 1e-5, the pretraining optimizer. Sources weighted by Table 8's batch
 sizes: grounded pairs + grounded instructions 1,404 (split evenly here), vision-language
 instructions (LLaVA-Instruct) 351, language instructions 117 (FLANv2 and Unnatural Instructions,
-split evenly), text 30. Rows are packed: 112 rows x 2048 tokens ~ 1,900 examples of ~120 tokens,
-Table 8's per-step batch (1,404 + 351 + 117 + 30). Not here yet: interleaved data (15). Target: the released checkpoint's behaviour (its REG and grounded VQA prompts);
-unmeasured (needs the pretrained weights and the instruction data).
+split evenly), text 30, interleaved documents 15. Rows are packed: 112 rows x 2048 tokens ~ 1,900
+examples of ~120 tokens, Table 8's per-step batch (1,404 + 351 + 117 + 30 + 15). Target: the
+released checkpoint's behaviour (its REG and grounded VQA prompts); unmeasured (needs the
+pretrained weights and the instruction data).
 """
 
 from kosmos2_jax.train import presets
@@ -27,6 +29,6 @@ def get_config(arg=None):
     c.train.update(steps=10000, batch_size=112)
     # Table 8, sequences per step
     for name, weight in dict(train=702, grounded_instruct=702, llava=351, flan=58.5, unnatural_instructions=58.5,
-                             text=30, caption=0).items():
+                             text=30, interleaved=15, caption=0).items():
         c.data.sources[name].weight = weight
     return presets.runlocal(c, args.data) if args.runlocal else c

@@ -2,7 +2,8 @@
 
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --workdir gs://BUCKET/kosmos2_pretrain \\
         --config.data.sources.train.data_dir=DIR/grit/1.0.0 --config.data.sources.caption.data_dir=DIR/laion/1.0.0 \\
-        --config.data.sources.text.path=corpus.txt
+        --config.data.sources.text.path=corpus.txt \\
+        --config.data.sources.interleaved.path=mmc4/docs --config.data.sources.interleaved.data_dir=mmc4/images
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --compile_only --topology v5p-128 \\
         --config.train.batch_size=256                                  # memory and sharding, no TPU needed
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py:runlocal --workdir /tmp/smoke
@@ -12,12 +13,12 @@ at 60k steps, grad-norm clip 2.0, dropout 0.1, 2048-token packed rows (208 x 204
 step, the paper's ~419K), span mode `expression`, score > 0.65, grounded form with probability 0.5,
 1.66B parameters (the released architecture), mesh fsdp = every device. The mixture (Table 7,
 sequences per step): grounded pairs (`sources.train`, GRIT) 1,117, image-caption pairs
-(`sources.caption`: LAION/COYO img2dataset output built with `data/grit`) 1,117, text 93.
+(`sources.caption`: LAION/COYO img2dataset output built with `data/grit`) 1,117, text 93,
+interleaved documents (`sources.interleaved`: MMC4 or OBELICS JSONL and their images) 47.
 
 Target: the paper's zero-shot results (Flickr30k Entities test R@1 78.7, RefCOCOg test 61.65;
-`evaluate`). Not reproduced: it needs GRIT-91M and ~256 V100-days; the paper's mixture also has
-interleaved documents (47 sequences per step), which have no source kind here yet, and it started from KOSMOS-1 (not public; `--config.init.hf_dir` starts from released
-weights). Measured: the compile-only check fits v5p-128 (18.4 GiB per device of 95) and v5e-256
+`evaluate`). Not reproduced: it needs GRIT-91M and ~256 V100-days, and the paper started from
+KOSMOS-1 (not public; `--config.init.hf_dir` starts from released weights). Measured: the compile-only check fits v5p-128 (18.4 GiB per device of 95) and v5e-256
 (7.6 of 16), not v4-128 (README, *Pods*); on one H100 the step reaches 24-34% MFU with
 `--config.model.attention_impl=cudnn --config.model.text.attention_dropout=0` (docs/benchmarks.md).
 """

@@ -12,7 +12,7 @@ from kosmos2_jax.data import boxes as box_ops
 from kosmos2_jax.data.build import build
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example, normalize_pixels
-from kosmos2_jax.data.pipeline import END_OF_SPLIT, Pipeline, Source, _Reader, _tfds_records
+from kosmos2_jax.data.pipeline import END_OF_SPLIT, SOURCE_KINDS, Pipeline, Source, _Reader, _tfds_records
 from kosmos2_jax.data.spans import select_spans
 from kosmos2_jax.data.synthetic import make_example
 from kosmos2_jax.processor import Kosmos2Processor
@@ -425,8 +425,8 @@ def test_language_instructions_have_their_loss_on_the_answer(small_processor, tm
 
 def test_mixture_follows_the_configured_weights_and_resumes_exactly(tfds_dir, small_processor, tmp_path):
     """Four kinds at weights 4:3:2:1 (relative): the examples drawn from each over 200 batches
-    are within 3 points of the weights; all six record and text kinds mixed with packing resume
-    at batch 3 exactly as the uninterrupted run."""
+    are within 3 points of the weights; all eight kinds mixed with packing resume at batch 3
+    exactly as the uninterrupted run."""
     root, _ = tfds_dir
     grounded = str(root / "shapes" / "grounded" / "1.0.0")
     flan, unnatural = _language_files(tmp_path)
@@ -450,13 +450,24 @@ def test_mixture_follows_the_configured_weights_and_resumes_exactly(tfds_dir, sm
     assert counted[0] == 0 and counted.sum() == 200 * 8
 
     config = ExampleConfig(seq_len=96, grounded_prob=0.5)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "images" / "a.jpg")
+    conversation = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": str(i), "image": "a.jpg", "conversations": conversation}
+                                                     for i in range(10)]))
+    documents = REPO / "data" / "interleaved" / "dummy_data"
     mixed = sources + [Source("grounded_instruct", "grit_instruct", data_dir=grounded, weight=1),
-                       Source("caption", "caption", data_dir=grounded, weight=1)]
+                       Source("caption", "caption", data_dir=grounded, weight=1),
+                       Source("llava", "llava", path=str(tmp_path / "llava.json"), data_dir=str(tmp_path / "images")),
+                       Source("web", "interleaved", path=str(documents), data_dir=str(documents / "images"), weight=2)]
+    assert {s.kind for s in mixed} == set(SOURCE_KINDS)  # every kind there is
     make = lambda state=None: Pipeline(mixed, small_processor, config, batch_size=4, seed=5, num_workers=2, shuffle_buffer=16,
                                        max_bad_fraction=0.5, pack=True, pack_max_images=3, state=state)
     whole = make()
     batches = [next(whole) for _ in range(6)]
     whole.close()
+    present = set(np.unique(np.concatenate([b["source_ids"].ravel() for b in batches[3:]])))
+    assert present >= {1, 2, 8}, present  # the resumed part has GRIT, text and documents at least
     first = make()
     for _ in range(3):
         next(first)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+INTERLEAVED = REPO / "data" / "interleaved" / "dummy_data"  # MMC4 and OBELICS layouts, with their images
 CONFIGS = sorted(p.stem for p in (REPO / "experiments").glob("*.py"))
 
 
@@ -89,14 +90,16 @@ def _instruction_files(tmp_path, cfg):
     s.llava.update(path=str(tmp_path / "llava.json"), data_dir=str(tmp_path / "images"))
     s.flan.path, s.unnatural_instructions.path = str(tmp_path / "flan.jsonl"), str(tmp_path / "unnatural.jsonl")
     s.text.path = str(tmp_path / "corpus.txt")
+    s.interleaved.update(path=str(INTERLEAVED / "mmc4_docs.jsonl"), data_dir=str(INTERLEAVED / "images"))
 
 
 def test_the_mixture_is_checked_before_any_work(demo_root, tmp_path):
     from kosmos2_jax.cli import UsageError
     from kosmos2_jax.train import config_check
 
-    def error(**changes):
+    def error(pack=True, **changes):
         cfg = _config("kosmos2_instruct", f"runlocal,data={demo_root}")
+        cfg.data.pack = pack
         for key, value in changes.items():
             name, field = key.split("__")
             cfg.data.sources[name][field] = value
@@ -109,6 +112,12 @@ def test_the_mixture_is_checked_before_any_work(demo_root, tmp_path):
     assert "config.data.sources.text.kind='books': must be one of" in error(text__kind="books")
     assert "no source has its data_dir or path set" in error(train__data_dir="", grounded_instruct__data_dir="")
     assert "kind flan reads a file: set config.data.sources.flan.path" in error(flan__data_dir=str(tmp_path))
+    docs = str(INTERLEAVED / "mmc4_docs.jsonl")
+    assert "interleaved documents need packed rows" in error(pack=False, interleaved__path=docs,
+                                                             interleaved__data_dir=str(tmp_path))
+    assert "with their images in config.data.sources.interleaved.data_dir: set both" in error(interleaved__path=docs)
+    assert "interleaved.path='/no/docs': no such file or folder" in error(interleaved__path="/no/docs",
+                                                                         interleaved__data_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -121,10 +130,12 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
     arg = f"runlocal,data={demo_root}"
     cfg = _config(name, arg)
     steps, task = cfg.train.steps, "shapes validation, 4 items"
-    if name == "kosmos2_pretrain":  # grounded pairs, image-caption pairs (the demo's records) and a text corpus
+    if name == "kosmos2_pretrain":  # grounded pairs, image-caption pairs (the demo's records), text, documents
         (tmp_path / "corpus.txt").write_text("a red circle\ntwo blue squares\n")
         run = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", f"experiments/{name}.py:{arg}",
-                              "--workdir", str(tmp_path / "run"), f"--config.data.sources.text.path={tmp_path}/corpus.txt"],
+                              "--workdir", str(tmp_path / "run"), f"--config.data.sources.text.path={tmp_path}/corpus.txt",
+                              f"--config.data.sources.interleaved.path={INTERLEAVED}",
+                              f"--config.data.sources.interleaved.data_dir={INTERLEAVED / 'images'}"],
                              capture_output=True, text=True, cwd=REPO, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         console = run.stdout
@@ -142,8 +153,9 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
         assert result["last"]["step"] == steps and "eval_grounding_accuracy" in result["last"]
     assert f"step {steps}/{steps} loss" in console, console
     mixture = console.split("plan: ")[1].split("\n")[0]
-    expected = dict(kosmos2_pretrain=["train", "caption", "text"], shapes_tiny=["train"], finetune_refcoco=["train"],
-                    kosmos2_instruct=["train", "grounded_instruct", "llava", "flan", "unnatural_instructions", "text"])
+    expected = dict(kosmos2_pretrain=["train", "caption", "text", "interleaved"], shapes_tiny=["train"],
+                    finetune_refcoco=["train"], kosmos2_instruct=["train", "grounded_instruct", "llava", "flan",
+                                                                  "unnatural_instructions", "text", "interleaved"])
     parts = [p for p in mixture.split("; ")[1:] if not p.startswith("validation")]
     names = ["train"] if len(parts) == 1 and "training records" in parts[0] else [p.split(" ")[0] for p in parts]
     assert sorted(names) == sorted(expected[name]), mixture

@@ -4,8 +4,8 @@ Examples (`examples.py`, right-padded to `seq_len`) are laid end to end in arriv
 next one would overflow the row's tokens or its `max_images` image slots; that one opens the next
 row. A packed row has `segment_ids` (1, 2, ... per example, 0 on padding), the examples' ids and
 masks concatenated, and `pixel_values` [max_images, S, S, 3] holding the row's images in order
-(zeros after the last), which is what the model's several-images-per-row input takes: the k-th
-group of image slots gets the k-th image. The decoder masks attention across segments and counts
+(zeros after the last; an interleaved example brings several), which is what the model's
+several-images-per-row input takes: the k-th group of image slots gets the k-th image. The decoder masks attention across segments and counts
 positions per segment, so each example is computed exactly as it would be alone.
 """
 
@@ -37,7 +37,7 @@ def pack_row(examples: Sequence[dict], seq_len: int, max_images: int, pad_id: in
     row = {k: np.zeros(seq_len, np.int32) for k in keys}
     row["input_ids"][:] = pad_id
     row["segment_ids"] = np.zeros(seq_len, np.int32)
-    image_shape = examples[0]["pixel_values"].shape
+    image_shape = examples[0]["pixel_values"].shape[-3:]  # [S, S, 3], or [k, S, S, 3] for k images (interleaved)
     row["pixel_values"] = np.zeros((max_images, *image_shape), examples[0]["pixel_values"].dtype)
     pos = images = 0
     for segment, ex in enumerate(examples, start=1):
@@ -48,10 +48,11 @@ def pack_row(examples: Sequence[dict], seq_len: int, max_images: int, pad_id: in
             row[k][pos:pos + n] = ex[k][:n]
         row["segment_ids"][pos:pos + n] = segment
         pos += n
-        if ex["has_image"]:
-            if images == max_images:
-                raise ValueError(f"more than max_images={max_images} images in one packed row")
-            row["pixel_values"][images] = ex["pixel_values"]
-            images += 1
+        count = int(ex["has_image"])
+        if images + count > max_images:
+            raise ValueError(f"more than max_images={max_images} images in one packed row")
+        pixels = ex["pixel_values"] if ex["pixel_values"].ndim == 4 else ex["pixel_values"][None]
+        row["pixel_values"][images:images + count] = pixels[:count]
+        images += count
     row["has_image"] = np.int32(images)
     return row

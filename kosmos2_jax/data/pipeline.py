@@ -38,10 +38,11 @@ from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, bad_record_or, 
                                        text_example)
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.instruct import LANGUAGE_INSTRUCTION_KINDS
+from kosmos2_jax.data.interleaved import interleaved_chunks, interleaved_example
 from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.processor import Kosmos2Processor
 
-SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", *LANGUAGE_INSTRUCTION_KINDS)
+SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", "interleaved", *LANGUAGE_INSTRUCTION_KINDS)
 RECORD_KINDS = ("grit", "caption", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`
 
 
@@ -53,7 +54,9 @@ class Source:
     one example per line. `grit_instruct`: GRIT-schema records turned into grounded instructions
     (Table 9). `llava`: a LLaVA-Instruct JSON file (`path`) with its
     images in `data_dir`. `flan`, `unnatural_instructions`: text-only instructions, a JSONL file
-    (`path`) in the released format (`data/instruct.py`)."""
+    (`path`) in the released format (`data/instruct.py`). `interleaved`: MMC4 or OBELICS documents,
+    a JSONL file or a folder of them (`path`), images in `data_dir` (`data/interleaved.py`; packed
+    rows only)."""
 
     name: str
     kind: str
@@ -268,7 +271,13 @@ class Pipeline:
         self._records = {}
         for i, s in enumerate(self.sources):
             skip = self._positions[s.name]
-            if s.kind in RECORD_KINDS:
+            if s.kind == "interleaved":
+                if not pack:
+                    raise ValueError(f"source {s.name!r}: interleaved documents need packed rows (pack=True; "
+                                     f"data.pack in a config): a row holds several of their images")
+                self._records[s.name] = _Reader(interleaved_chunks(
+                    s.path, processor, config.seq_len, pack_max_images, process_index, process_count, skip, repeat))
+            elif s.kind in RECORD_KINDS:
                 self._records[s.name] = _Reader(_tfds_records(s, seed + 1000 * i, process_index, process_count,
                                                               skip, shuffle_buffer, repeat, mark_end=True))
             else:
@@ -306,6 +315,8 @@ class Pipeline:
             return llava_example(record, os.path.expanduser(source.data_dir), self.processor, self.config)
         if source.kind in LANGUAGE_INSTRUCTION_KINDS:
             return language_instruction_example(record, self.processor, self.config)
+        if source.kind == "interleaved":
+            return interleaved_example(record, os.path.expanduser(source.data_dir), self.processor, self.config)
         # ("grit" records are made in `_make_all`, several at a time.)
         return grit_instruction_example(record, self.processor, self.config, ExampleRandom(self.seed, index, 1))
 

@@ -112,7 +112,7 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
         raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")
     sources = _get(cfg, "data.sources")
     if sources is not _MISSING:
-        _check_sources(sources, need_data)
+        _check_sources(sources, need_data, bool(_get(cfg, "data.pack") is True))
     evals = _get(cfg, "evals")
     for name in ([] if evals is _MISSING else sorted(evals)):
         _check_eval(name, evals[name])
@@ -130,7 +130,7 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
                          f"built by `make demo`)")
 
 
-def _check_sources(sources, need_data: bool = True) -> None:
+def _check_sources(sources, need_data: bool = True, packed: bool = False) -> None:
     from kosmos2_jax.data.pipeline import RECORD_KINDS, SOURCE_KINDS
 
     active = 0
@@ -145,7 +145,19 @@ def _check_sources(sources, need_data: bool = True) -> None:
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
             raise UsageError(f"{key}.weight={weight!r}: must be a number > 0 for a source in the mixture "
                              f"(empty its data_dir/path to drop it)")
+        if s.kind == "interleaved" and not packed:
+            raise UsageError(f"{key}: interleaved documents need packed rows (a row holds several of their "
+                             f"images): set config.data.pack=True")
         if not need_data:
+            continue
+        if s.kind == "interleaved":
+            if not (s.get("path") and s.get("data_dir")):
+                raise UsageError(f"{key}: kind interleaved reads documents ({key}.path, a JSONL file or a folder "
+                                 f"of them) with their images in {key}.data_dir: set both")
+            if not os.path.exists(os.path.expanduser(s.path)):
+                raise UsageError(f"{key}.path={s.path!r}: no such file or folder")
+            if not os.path.isdir(os.path.expanduser(s.data_dir)):
+                raise UsageError(f"{key}.data_dir={s.data_dir!r}: no such folder")
             continue
         if s.kind in RECORD_KINDS and not s.get("data_dir"):
             raise UsageError(f"{key}: kind {s.kind} reads a prepared tfds folder: set {key}.data_dir")

@@ -66,8 +66,8 @@ def kosmos2_1p6b() -> ml_collections.ConfigDict:
 def source(kind: str, weight: float, data_dir: str = "", path: str = "", split: str = "train"
            ) -> ml_collections.ConfigDict:
     """One entry of `config.data.sources` (`data.pipeline.SOURCE_KINDS`): `data_dir` a prepared tfds
-    folder (grit, grit_instruct) or an image folder (llava), `path` a file (text, llava, flan,
-    unnatural_instructions). A source is in the mixture when its folder or file is set; `weight`s
+    folder (grit, caption, grit_instruct) or an image folder (llava, interleaved), `path` a file
+    (text, llava, flan, unnatural_instructions; interleaved: a JSONL file or a folder of them). A source is in the mixture when its folder or file is set; `weight`s
     are relative (normalized over the sources in the mixture)."""
     return ml_collections.ConfigDict(dict(kind=kind, weight=float(weight), data_dir=data_dir, path=path, split=split))
 
@@ -103,13 +103,14 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         # The training mixture: every source with its folder or file set, weighted relative to the
-        # others. Table 7 per step: grounded pairs 1,117, image-caption pairs 1,117, text 93
-        # (interleaved documents 47 have no source kind yet). The instruction kinds are Table 8's
+        # others. Table 7 per step: grounded pairs 1,117, image-caption pairs 1,117, text 93,
+        # interleaved documents 47 (row-sized chunks of them). The instruction kinds are Table 8's
         # (kosmos2_instruct.py). Source names key the saved data position: keep them on resume.
         sources=dict(
             train=source("grit", p["batch_grounded"]),  # grounded image-text pairs (GRIT-schema tfds folder)
             caption=source("caption", p["batch_caption"]),  # image-caption pairs, plain (GRIT-schema tfds folder)
             text=source("text", p["batch_text"]),  # a text corpus, one example per line
+            interleaved=source("interleaved", p["batch_interleaved"]),  # MMC4/OBELICS JSONL (path) + images (data_dir)
             grounded_instruct=source("grit_instruct", 0.0),  # Table 9 instructions from GRIT-schema records
             llava=source("llava", 0.0),  # LLaVA-Instruct JSON (path) + its images (data_dir)
             flan=source("flan", 0.0),  # FLANv2 inputs/targets JSONL
