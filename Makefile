@@ -46,14 +46,16 @@ SHAPES_NUM_TRAIN ?= 12000
 SHAPES_NUM_EVAL ?= 200
 DEMO_ENV := SHAPES_NUM_TRAIN=$(SHAPES_NUM_TRAIN) SHAPES_NUM_EVAL=$(SHAPES_NUM_EVAL) $(CPU_ENV)
 
-$(DEMO_DATA)/spm/shapes.model: $(CORE_STAMP)
-	$(CPU_ENV) $(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt
-	$(CPU_ENV) $(PY) -m kosmos2_jax.tokenizer train --input $(DEMO_DATA)/captions.txt --vocab_size 64 --out $(DEMO_DATA)/spm/shapes
+# The data needs the package installed, not rebuilt when it is reinstalled (order-only); it is
+# generated deterministically, so a rebuild replaces it.
+$(DEMO_DATA)/spm/shapes.model: | $(CORE_STAMP)
+	$(CPU_ENV) $(PY) -m kosmos2_jax.data.synthetic captions --num 2000 --out $(DEMO_DATA)/captions.txt --overwrite
+	$(CPU_ENV) $(PY) -m kosmos2_jax.tokenizer train --input $(DEMO_DATA)/captions.txt --vocab_size 64 --out $(DEMO_DATA)/spm/shapes --overwrite
 
 # The stamp names the sizes: tfds keeps a prepared dataset as it is, so one built with other
 # sizes (an older default) is removed and built again (it is generated, deterministically).
 DEMO_TFDS := $(DEMO_DATA)/tfds/.shapes-$(SHAPES_NUM_TRAIN)-$(SHAPES_NUM_EVAL)
-$(DEMO_TFDS): $(CORE_STAMP)
+$(DEMO_TFDS): | $(CORE_STAMP)
 	rm -rf $(DEMO_DATA)/tfds/shapes $(DEMO_DATA)/tfds/.shapes-*
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds
 	$(DEMO_ENV) $(PY) -m kosmos2_jax.data.build data/shapes --data_dir $(DEMO_DATA)/tfds --config refexp
