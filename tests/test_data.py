@@ -493,3 +493,29 @@ def test_caption_sources_read_grit_records_as_plain_pairs(tfds_dir, small_proces
     assert batch["has_image"].all() and (batch["image_embeds_position_mask"].sum(axis=1) == 8).all()
     assert not np.isin(batch["input_ids"], [tok.grounding_id, tok.phrase_id]).any()
     assert not (batch["input_ids"] >= tok.first_location_id).any()
+
+
+def test_coyo_metadata_becomes_a_caption_source(small_processor, tmp_path):
+    """COYO-700M's Parquet as published (`id, url, text, width, height, ...`) with img2dataset's
+    images named by id: `data/grit` builds it, and a `caption` source reads it as plain pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "coyo" / "images").mkdir(parents=True)
+    ids = [101, 102, 103]
+    for i in ids:
+        Image.new("RGB", (48, 40), (20 * (i - 100), 90, 160)).save(tmp_path / "coyo" / "images" / f"{i}.jpg")
+    pq.write_table(pa.table({"id": ids, "url": [f"http://c/{i}.jpg" for i in ids],
+                             "text": ["a red circle", "two blue squares", "a green star"],
+                             "width": [48] * 3, "height": [40] * 3, "clip_similarity_vitb32": [0.3] * 3}),
+                   tmp_path / "coyo" / "part-00000.parquet")
+    builder = build(str(REPO / "data" / "grit"), str(tmp_path / "tfds"), manual_dir=str(tmp_path / "coyo"))
+    source = Source("caption", "caption", data_dir=builder.data_dir)
+    pipe = Pipeline([source], small_processor, ExampleConfig(seq_len=48), batch_size=3, seed=0, num_workers=1,
+                    shuffle_buffer=1, repeat=False)
+    batch = next(pipe)
+    pipe.close()
+    tok = small_processor.tokenizer
+    texts = sorted(tok.decode([int(t) for t, m in zip(row, mask) if m and t != tok.eos_id])
+                   for row, mask in zip(batch["input_ids"], batch["loss_mask"]))
+    assert texts == ["a green star", "a red circle", "two blue squares"] and batch["has_image"].all()

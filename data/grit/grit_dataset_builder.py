@@ -5,7 +5,9 @@
 RECORDS/ holds either
 - record files `*.jsonl` or `*.parquet` (the released GRIT schema: key, caption, width, height,
   noun_chunks, ref_exps; other columns ignored) with images at `images/{key}.jpg` (or .png), as
-  `kosmos2_jax.grit` writes them; or
+  `kosmos2_jax.grit` writes them; image-caption metadata as published (COYO-700M `id, url, text,
+  ...`, LAION-2B `URL, TEXT, ..., hash`: columns found as `kosmos2_jax.grit.records.COLUMNS`)
+  becomes records without boxes (the `caption` source kind); or
 - img2dataset webdataset shards `*.tar` holding `{key}.jpg` + `{key}.json` per record.
 Every record becomes a `train` example. Records whose image is missing or undecodable are skipped
 and counted (printed at the end of the build and kept in the dataset's metadata,
@@ -21,7 +23,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from kosmos2_jax.data.schema import grit_features
-from kosmos2_jax.grit.records import find_image, iter_record_files, iter_tar_records
+from kosmos2_jax.grit.records import find_image, input_fields, iter_record_files, iter_tar_records
 
 
 def _rows(value):
@@ -55,8 +57,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, root):
         skipped = collections.Counter()
         for record in list(iter_record_files(root)) + list(iter_tar_records(root)):
-            key = str(record.get("key", ""))
             data = record.pop("_image", None)
+            fields = input_fields(record)
+            key = fields["key"]
             if data is None:
                 path = find_image(os.path.join(root, "images"), key)
                 data = open(path, "rb").read() if path else b""
@@ -66,8 +69,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             if not _image_ok(data):
                 skipped["undecodable image"] += 1
                 continue
-            yield key, {"key": key, "image": data, "caption": str(record.get("caption") or ""),
-                        "width": int(record.get("width") or 0), "height": int(record.get("height") or 0),
+            yield key, {"key": key, "image": data, "caption": fields["caption"],
+                        "width": fields["width"], "height": fields["height"],
                         "noun_chunks": _rows(record.get("noun_chunks")), "ref_exps": _rows(record.get("ref_exps"))}
         print(f"grit: skipped {sum(skipped.values())} records: {dict(skipped)}")
         self.info.metadata["skipped_records"] = dict(skipped)

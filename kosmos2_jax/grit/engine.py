@@ -137,8 +137,10 @@ def _tools(spec: BuildSpec):
     return _TOOLS[key]
 
 
-def build_shard(spec: BuildSpec, shard: Shard) -> dict:
-    """Build `shard` into `spec.out` (nothing to do when its stats file exists) -> its counters."""
+def build_shard(spec: BuildSpec, shard: Shard, timings=None) -> dict:
+    """Build `shard` into `spec.out` (nothing to do when its stats file exists) -> its counters.
+    `timings` (a Counter), when given, gains the seconds of each stage: read, decode, text, detect,
+    select, write (`benchmarks/grit_build.py`)."""
     from apache_beam.io.filesystems import FileSystems
 
     stats_path = FileSystems.join(spec.out, stats_name(shard.index))
@@ -148,25 +150,38 @@ def build_shard(spec: BuildSpec, shard: Shard) -> dict:
     counters, built, batch = collections.Counter(), [], []
     columns = dict(spec.columns) or None
 
+    timings = collections.Counter() if timings is None else timings
+    clock = time.perf_counter
+
     def ground():
-        found, c = process_batch(batch, nlp, detector, spec.config)
+        found, c = process_batch(batch, nlp, detector, spec.config, timings)
         counters.update(c)
+        t = clock()
         for r in found:
             with FileSystems.create(FileSystems.join(spec.out, "images", r["key"] + r["image_ext"])) as f:
                 f.write(r["image_bytes"])
         built.extend({k: r[k] for k in records_lib.RECORD_COLUMNS} for r in found)
+        timings["write"] += clock() - t
 
-    for item in records_lib.read_inputs(shard.source, spec.images, shard.start, shard.stop, columns):
+    items = records_lib.read_inputs(shard.source, spec.images, shard.start, shard.stop, columns)
+    while True:
+        t = clock()
+        item = next(items, None)
+        timings["read"] += clock() - t
+        if item is None:
+            break
         batch.append(item)
         if len(batch) == spec.batch_size:
             ground()
             batch = []
     if batch:
         ground()
+    t = clock()
     records_path = FileSystems.join(spec.out, records_name(shard.index))
     _write_atomic(records_path, records_lib.parquet_bytes(built))
     stats = {k: int(v) for k, v in counters.items()}
     _write_atomic(stats_path, json.dumps(stats).encode())
+    timings["write"] += clock() - t
     return stats
 
 

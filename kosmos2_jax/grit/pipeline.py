@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 
 
 from kosmos2_jax.grit import text as text_stage_lib
@@ -63,10 +64,12 @@ def open_image(data: bytes, config: GritConfig):
     return image, None
 
 
-def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritConfig()):
+def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritConfig(), timings=None):
     """items: dicts from `records.read_inputs`. Returns (records, counters); each record has the
-    released GRIT columns plus `image_bytes` / `image_ext` to store."""
+    released GRIT columns plus `image_bytes` / `image_ext` to store. `timings` (a Counter), when
+    given, gains the seconds spent in each stage: decode, text, detect, select (boxes and records)."""
     counters = collections.Counter()
+    clock = _Clock(timings)
     good = []
     for item in items:
         counters["captions_in"] += 1
@@ -78,6 +81,7 @@ def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritCon
             counters[reason] += 1
             continue
         good.append((item, image))
+    clock.lap("decode")
     results = list(text_stage_lib.text_stage(nlp, [it["caption"] for it, _ in good], lemmas=config.abstract_lemmas))
     todo = []
     for (item, image), result in zip(good, results):
@@ -88,7 +92,9 @@ def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritCon
             continue
         names = list(dict.fromkeys(item["caption"][p.start:p.end] for p in result.phrases))
         todo.append((item, image, result.phrases, names))
+    clock.lap("text")
     detections = detector.detect([t[1] for t in todo], [t[3] for t in todo], [t[0]["key"] for t in todo]) if todo else []
+    clock.lap("detect")
     records = []
     for (item, image, phrases, names), found in zip(todo, detections):
         kept = dict(zip(names, select_boxes(found, config.nms_iou, config.score_threshold, counters)))
@@ -101,7 +107,19 @@ def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritCon
         record = make_record(item, image, grounded, config.keep_contained, counters)
         records.append(record)
         counters["written"] += 1
+    clock.lap("select")
     return records, counters
+
+
+class _Clock:
+    def __init__(self, timings):
+        self.timings, self.t = timings, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[stage] += now - self.t
+            self.t = now
 
 
 def _row(span, box, score):

@@ -116,9 +116,9 @@ def read_inputs(source: str, images: str = "", start: int = 0, stop: int | None 
     files = iter_record_files(source) if not source.endswith(".tar") else iter(())
     for row in itertools.islice(itertools.chain(files, iter_tar_records(source)), start, stop):
         if "_image" in row:  # from a tar
-            yield _input(row, row.pop("_image"), columns)
+            yield input_fields(row, row.pop("_image"), columns)
             continue
-        fields = _input(row, b"", columns)
+        fields = input_fields(row, b"", columns)
         path = find_image(folder, fields["key"]) if fields["key"] else None
         if path:
             with open(path, "rb") as f:
@@ -126,7 +126,8 @@ def read_inputs(source: str, images: str = "", start: int = 0, stop: int | None 
         yield fields
 
 
-def _input(row: dict, data: bytes, columns: dict | None = None) -> dict:
+def input_fields(row: dict, data: bytes = b"", columns: dict | None = None) -> dict:
+    """A record row's key, caption, url, width, height (found by `COLUMNS`, or `columns`) and image."""
     lower = {str(k).lower(): v for k, v in row.items()}
 
     def get(field):
