@@ -315,10 +315,19 @@ def test_kosmos2_detector_matches_single_prompt_forward(tmp_path, small_spm):
 
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm)
     det = Kosmos2Detector(ckpt, small_spm, batch_size=4)
-    image = Image.new("RGB", (50, 40), (200, 30, 30))
-    phrases = ["a red circle", "two blue squares to the left"]
-    (per,) = det.detect([image], [phrases], ["k"])
-    assert len(per) == 2
+    images = [Image.new("RGB", (50, 40), (200, 30, 30)), Image.new("RGB", (30, 60), (20, 30, 200)),
+              Image.new("RGB", (40, 40), (20, 200, 30))]
+    phrases = [["a red circle", "two blue squares to the left"], ["a blue square"], ["a green star", "a star", "it"]]
+    detections = det.detect(images, phrases, ["a", "b", "c"])  # 6 prompts across 3 records: batches of 4 and 2
+    assert [len(d) for d in detections] == [2, 1, 3]
+    # fixed device shapes: one image batch, text batches of 4 rows at a few bucketed lengths
+    assert {shape for kind, shape in det.compiled_shapes if kind == "image"} == {(4, 28, 28, 3)}
+    assert all(shape[0] == 4 and shape[1] % 16 == 0 for kind, shape in det.compiled_shapes if kind == "text")
+    for image, names, per in zip(images, phrases, detections):
+        _check_alone(det, image, names, per)
+
+
+def _check_alone(det, image, phrases, per):
     for name, pairs in zip(phrases, per):
         # Recompute one prompt alone, without padding: same location tokens and score.
         inputs = det.processor([f"<grounding><phrase>{name}</phrase><object>"], images=[image])

@@ -153,12 +153,19 @@ class Kosmos2Detector:
     """Grounds each phrase with a KOSMOS-2 checkpoint: prompt `<grounding><phrase>{p}</phrase><object>`,
     the most probable location token, then the most probable one after it (both restricted to
     location tokens) give the box; its score is the geometric mean of the two tokens' probabilities
-    under the full softmax (low when the model would rather not write a box)."""
+    under the full softmax (low when the model would rather not write a box).
 
-    def __init__(self, checkpoint: str, tokenizer: str, batch_size: int = 16):
+    Device batches have fixed shapes, whatever the records: a call's images go through the vision
+    tower once each, `batch_size` at a time (the last batch padded), and all its (image, phrase)
+    prompts, across records, are batched `batch_size` at a time with their image's embeddings,
+    left-padded to a multiple of `length_bucket` tokens. So an accelerator compiles one image
+    program and one text program per length bucket, not one per record shape (`compiled_shapes`)."""
+
+    def __init__(self, checkpoint: str, tokenizer: str, batch_size: int = 16, length_bucket: int = 16):
         import jax
 
         from kosmos2_jax.convert import DECODING, load_model
+        from kosmos2_jax.models import Kosmos2
         from kosmos2_jax.tokenizer import tokenizer_for
         from kosmos2_jax.processor import Kosmos2Processor
 
@@ -166,14 +173,41 @@ class Kosmos2Detector:
         tok = tokenizer_for(tokenizer, self.model)
         self.processor = Kosmos2Processor(tok, image_size=self.model.config.vision.image_size,
                                           num_image_tokens=self.model.config.latent_query_num)
-        self.batch_size = batch_size
+        self.batch_size, self.length_bucket = batch_size, length_bucket
         self.first_loc, self.num_loc = tok.first_location_id, tok.num_location_tokens
+        self.compiled_shapes: set = set()  # (program, shape) pairs run so far
+        self._features = jax.jit(lambda p, pixels: self.model.apply({"params": p}, pixels,
+                                                                    method=Kosmos2.image_features))
         self._logits = jax.jit(lambda p, x: self.model.apply(
-            {"params": p}, x["pixel_values"], x["input_ids"], x["attention_mask"], x["image_embeds_position_mask"]
-        )[:, -1].astype("float32"))
+            {"params": p}, None, x["input_ids"], x["attention_mask"], x["image_embeds_position_mask"],
+            image_embeds=x["image_embeds"])[:, -1].astype("float32"))
 
-    def _next_location(self, inputs):
-        logits = np.asarray(self._logits(self.params, inputs), np.float64)
+    def _image_embeds(self, images) -> np.ndarray:
+        from kosmos2_jax.processor import preprocess_image
+
+        pixels = np.stack([preprocess_image(im, self.processor.image_size) for im in images])
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = pixels[start:start + self.batch_size]
+            padded = np.concatenate([chunk, np.repeat(chunk[:1], self.batch_size - len(chunk), 0)])
+            self.compiled_shapes.add(("image", padded.shape))
+            out.append(np.asarray(self._features(self.params, padded))[:len(chunk)])
+        return np.concatenate(out)
+
+    def _next_location(self, rows, embeds):
+        """Left-padded rows [(ids, image mask)] with their image embeddings -> (location index, log p)."""
+        n, tok = len(rows), self.processor.tokenizer
+        length = -(-max(len(ids) for ids, _ in rows) // self.length_bucket) * self.length_bucket
+        x = {"input_ids": np.full((self.batch_size, length), tok.pad_id, np.int32),
+             "attention_mask": np.zeros((self.batch_size, length), np.int32),
+             "image_embeds_position_mask": np.zeros((self.batch_size, length), np.int32),
+             "image_embeds": np.concatenate([embeds, np.repeat(embeds[:1], self.batch_size - n, 0)])}
+        for r, (ids, mask) in enumerate(rows + [rows[0]] * (self.batch_size - n)):  # padding rows repeat row 0
+            x["input_ids"][r, length - len(ids):] = ids
+            x["attention_mask"][r, length - len(ids):] = 1
+            x["image_embeds_position_mask"][r, length - len(ids):] = mask
+        self.compiled_shapes.add(("text", x["input_ids"].shape))
+        logits = np.asarray(self._logits(self.params, x), np.float64)[:n]
         logp = logits - logits.max(-1, keepdims=True)
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
         loc = logp[:, self.first_loc:self.first_loc + self.num_loc]
@@ -183,25 +217,26 @@ class Kosmos2Detector:
     def detect(self, images, phrases, keys) -> Detections:
         from kosmos2_jax import grounding
 
-        out = []
-        for image, names in zip(images, phrases):
-            per = []
-            for start in range(0, len(names), self.batch_size):
-                batch = list(names[start:start + self.batch_size])
-                prompts = [f"<grounding><phrase>{n}</phrase><object>" for n in batch]
-                inputs = self.processor(prompts, images=[image] * len(batch), padding_side="left")
-                ul, lp_ul = self._next_location(inputs)
-                column = lambda v: np.full((len(batch), 1), v, np.int32)
-                extended = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], (ul + self.first_loc)[:, None]], 1)
-                                .astype(np.int32),
-                                attention_mask=np.concatenate([inputs["attention_mask"], column(1)], 1),
-                                image_embeds_position_mask=np.concatenate([inputs["image_embeds_position_mask"],
-                                                                           column(0)], 1))
-                lr, lp_lr = self._next_location(extended)
-                for a, b, la, lb in zip(ul, lr, lp_ul, lp_lr):
-                    box = grounding.patch_pair_to_box(int(a), int(b), self.processor.num_bins)
-                    per.append([(tuple(box), float(math.exp((la + lb) / 2)))])
-            out.append(per)
+        if not images:
+            return []
+        embeds = self._image_embeds(images)
+        pairs = [(i, name) for i, names in enumerate(phrases) for name in names]
+        found = []
+        for start in range(0, len(pairs), self.batch_size):
+            batch = pairs[start:start + self.batch_size]
+            rows = [self.processor.encode_prompt(f"<grounding><phrase>{name}</phrase><object>", with_image=True)
+                    for _, name in batch]
+            picked = embeds[[i for i, _ in batch]]
+            ul, lp_ul = self._next_location(rows, picked)
+            longer = [(ids + [int(a) + self.first_loc], mask + [0]) for (ids, mask), a in zip(rows, ul)]
+            lr, lp_lr = self._next_location(longer, picked)
+            for a, b, la, lb in zip(ul, lr, lp_ul, lp_lr):
+                box = grounding.patch_pair_to_box(int(a), int(b), self.processor.num_bins)
+                found.append([(tuple(box), float(math.exp((la + lb) / 2)))])
+        out, k = [], 0
+        for names in phrases:
+            out.append(found[k:k + len(names)])
+            k += len(names)
         return out
 
 
