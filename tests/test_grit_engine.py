@@ -3,7 +3,6 @@ runners, and the paper's sources' metadata (COYO-700M, LAION-2B) read as publish
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from test_grit import CAPTIONS, _make_input, nlp  # noqa: F401 (nlp: the fixture)
+from test_grit import _make_input, nlp  # noqa: F401 (nlp: the fixture)
+from test_safety import kill_at_line
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -57,22 +57,14 @@ def test_a_dask_cluster_of_two_workers_builds_what_the_local_loop_builds(src, lo
 
 def test_a_build_killed_between_shards_resumes_without_redoing_them(src, local_build, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "kosmos2_jax.grit.build", *_args(src, out, "--runner", "local", "--shard_size", 3)]
-    env = dict(os.environ, KOSMOS2_TEST_PAUSE_AFTER_SHARD="60")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("shard 2/4 done"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    args = _args(src, out, "--runner", "local", "--shard_size", 3)
+    kill_at_line("kosmos2_jax.grit.build", "shard 2/4 done", {"KOSMOS2_TEST_PAUSE_AFTER_SHARD": "60"}, *args)
     partial = tmp_path / "out.partial"
     assert not out.exists() and sorted(p.name for p in partial.glob("stats-*.json")) == ["stats-00000.json",
                                                                                           "stats-00001.json"]
     kept = {p.name: p.stat().st_mtime_ns for p in partial.glob("*-0000[01].*")}
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "kosmos2_jax.grit.build", *args], capture_output=True, text=True,
+                           cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 shards: 2 finished earlier (skipped), 2 to build on local" in again.stderr
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not recomputed

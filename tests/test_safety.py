@@ -62,13 +62,17 @@ def run_cli(module, *args, env=ENV):
 
 def kill_at_commit(module, *args):
     """Start a command that pauses just before it commits its output, SIGKILL it there."""
-    env = dict(ENV, KOSMOS2_TEST_PAUSE_BEFORE_COMMIT="60")
+    kill_at_line(module, "about to commit", {"KOSMOS2_TEST_PAUSE_BEFORE_COMMIT": "60"}, *args)
+
+
+def kill_at_line(module, prefix, env, *args):
+    """Start a command (with `env` added), SIGKILL it when it prints a line starting with `prefix`."""
     proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, env=dict(ENV, **env))
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("about to commit"):
+        if line.startswith(prefix):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
