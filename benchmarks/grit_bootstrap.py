@@ -84,6 +84,8 @@ def main():
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--seed", type=int, default=7, help="the held-out images' seed (the demo trains on seed 0)")
     p.add_argument("--train_steps", type=int, default=600, help="steps of the model trained when --checkpoint is absent")
+    p.add_argument("--thresholds", default="0.65,0.3,0.1,0.0",
+                   help="score thresholds to build with (GRIT's is 0.65), one table row each")
     args = p.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp())
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -94,28 +96,31 @@ def main():
                         "--workdir", str(run), f"--config.train.steps={args.train_steps}"], check=True, cwd=REPO, env=env)
         args.checkpoint = str(run / "export")
     truth = write_inputs(tmp / "in", args.images, args.seed)
-    start = time.time()
-    build = subprocess.run([sys.executable, "-m", "kosmos2_jax.grit.build", "--input", str(tmp / "in" / "captions.jsonl"),
-                            "--out", str(tmp / "out"), "--detector", "kosmos2", "--detector_path", args.checkpoint,
-                            "--tokenizer", args.tokenizer, "--runner", "local", "--batch_size", "16"],
-                           capture_output=True, text=True, cwd=REPO, env=env)
-    if build.returncode:
-        sys.exit(build.stderr[-3000:])
-    wall = time.time() - start
     from kosmos2_jax.grit.records import read_records
 
-    stats = json.loads((tmp / "out" / "stats.json").read_text())
-    result = score(read_records(str(tmp / "out")), truth)
-    print(f"{args.images} held-out shapes images (seed {args.seed}), checkpoint {args.checkpoint}, build {wall:.0f} s")
-    print("| records written | (chunk, box) pairs | precision @ IoU 0.5 | recall (of true pairs) | expressions | expression box accuracy |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {stats['written']} of {stats['captions_in']} | {result['pairs']} | {result['precision']:.1%} | "
-          f"{result['recall']:.1%} (of {result['true_pairs']}) | {result['expressions']} | "
-          f"{result['expression_accuracy']:.1%} |")
-    dropped = {k: v for k, v in stats.items()
-               if v and k.startswith(("dropped", "below_threshold", "abstract", "skipped", "removed", "boxes_invalid"))}
-    print(f"chunks {stats['chunks']}, grounded {stats['phrases_grounded']}; dropped or filtered: {dropped}")
-    print(f"pairs whose chunk is not a true phrase (most common): {result['not_a_true_phrase']}")
+    print(f"{args.images} held-out shapes images (seed {args.seed}), checkpoint {args.checkpoint}")
+    print("| score threshold | records written | (chunk, box) pairs | precision @ IoU 0.5 | recall (of true pairs) "
+          "| expression box accuracy | below threshold | build |")
+    print("|---|---|---|---|---|---|---|---|")
+    notes = []
+    for threshold in [float(t) for t in args.thresholds.split(",")]:
+        out = tmp / f"out_{threshold}"
+        start = time.time()
+        build = subprocess.run([sys.executable, "-m", "kosmos2_jax.grit.build", "--input", str(tmp / "in" / "captions.jsonl"),
+                                "--out", str(out), "--detector", "kosmos2", "--detector_path", args.checkpoint,
+                                "--tokenizer", args.tokenizer, "--runner", "local", "--batch_size", "16",
+                                "--score_threshold", str(threshold)], capture_output=True, text=True, cwd=REPO, env=env)
+        if build.returncode:
+            sys.exit(build.stderr[-3000:])
+        stats = json.loads((out / "stats.json").read_text())
+        r = score(read_records(str(out)), truth)
+        print(f"| {threshold} | {stats['written']} of {stats['captions_in']} | {r['pairs']} | {r['precision']:.1%} | "
+              f"{r['recall']:.1%} (of {r['true_pairs']}) | {r['expression_accuracy']:.1%} "
+              f"({r['expressions']}) | {stats['below_threshold']} | {time.time() - start:.0f} s |", flush=True)
+        notes.append(f"threshold {threshold}: chunks {stats['chunks']}, abstract-filtered {stats['abstract_filtered']}, "
+                     f"removed by NMS {stats['removed_by_nms']}; pairs whose chunk is not a true phrase: "
+                     f"{r['not_a_true_phrase']}")
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":
