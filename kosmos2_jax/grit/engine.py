@@ -21,15 +21,17 @@ travel as the shards' stats files, not as Beam metrics (which the DaskRunner doe
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
 import time
 
 from kosmos2_jax.grit import records as records_lib
-from kosmos2_jax.grit.pipeline import COUNTERS, GritConfig, process_batch
+from kosmos2_jax.grit.pipeline import COUNTERS, GritConfig, open_image, process_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,19 +141,22 @@ def _tools(spec: BuildSpec):
 
 def build_shard(spec: BuildSpec, shard: Shard, timings=None) -> dict:
     """Build `shard` into `spec.out` (nothing to do when its stats file exists) -> its counters.
-    `timings` (a Counter), when given, gains the seconds of each stage: read, decode, text, detect,
-    select, write (`benchmarks/grit_build.py`)."""
+    The next batch is read and its images decoded in a thread while the detector runs on this one.
+    `timings` (a Counter), when given, gains the busy seconds of each stage: read, decode (those two
+    in the read-ahead thread), text, detect, select, write (`benchmarks/grit_build.py`)."""
     from apache_beam.io.filesystems import FileSystems
 
     stats_path = FileSystems.join(spec.out, stats_name(shard.index))
     if FileSystems.exists(stats_path):
         return json.loads(_read(stats_path))
     nlp, detector = _tools(spec)
-    counters, built, batch = collections.Counter(), [], []
+    counters, built = collections.Counter(), []
     columns = dict(spec.columns) or None
 
     timings = collections.Counter() if timings is None else timings
     clock = time.perf_counter
+
+    batch: list = []
 
     def ground():
         found, c = process_batch(batch, nlp, detector, spec.config, timings)
@@ -164,18 +169,23 @@ def build_shard(spec: BuildSpec, shard: Shard, timings=None) -> dict:
         timings["write"] += clock() - t
 
     items = records_lib.read_inputs(shard.source, spec.images, shard.start, shard.stop, columns)
-    while True:
+
+    def read_ahead():
+        """The next batch, read and its images decoded (in a thread, while the detector runs)."""
         t = clock()
-        item = next(items, None)
+        ahead = list(itertools.islice(items, spec.batch_size))
         timings["read"] += clock() - t
-        if item is None:
-            break
-        batch.append(item)
-        if len(batch) == spec.batch_size:
+        t = clock()
+        for item in ahead:
+            item["opened"] = open_image(item["image"], spec.config)
+        timings["decode"] += clock() - t
+        return ahead
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grit-read") as pool:
+        pending = pool.submit(read_ahead)
+        while batch := pending.result():
+            pending = pool.submit(read_ahead)
             ground()
-            batch = []
-    if batch:
-        ground()
     t = clock()
     records_path = FileSystems.join(spec.out, records_name(shard.index))
     _write_atomic(records_path, records_lib.parquet_bytes(built))

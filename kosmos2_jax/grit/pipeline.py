@@ -65,7 +65,8 @@ def open_image(data: bytes, config: GritConfig):
 
 
 def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritConfig(), timings=None):
-    """items: dicts from `records.read_inputs`. Returns (records, counters); each record has the
+    """items: dicts from `records.read_inputs` (with `opened`, `open_image`'s result, when the image
+    was decoded ahead). Returns (records, counters); each record has the
     released GRIT columns plus `image_bytes` / `image_ext` to store. `timings` (a Counter), when
     given, gains the seconds spent in each stage: decode, text, detect, select (boxes and records)."""
     counters = collections.Counter()
@@ -75,8 +76,8 @@ def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritCon
         counters["captions_in"] += 1
         reason = caption_problem(item["caption"], config)
         image = None
-        if reason is None:
-            image, reason = open_image(item["image"], config)
+        if reason is None:  # `opened`: decoded ahead (engine.build_shard), else here
+            image, reason = item["opened"] if "opened" in item else open_image(item["image"], config)
         if reason:
             counters[reason] += 1
             continue
