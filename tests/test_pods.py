@@ -31,8 +31,12 @@ def _port():
 
 
 def _train(workdir, data_root, spm, *extra):
+    # a mixture of two sources (the grounded records, and the same records as plain pairs): the
+    # per-source log line is exact on any process count
+    caption = os.path.join(data_root, "shapes", "grounded", "1.0.0")
     return [sys.executable, "-m", "kosmos2_jax.train", f"--config={HERE}/train_tiny_config.py:{data_root},{spm}",
             f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.data.pack=True",
+            f"--config.data.sources.caption.data_dir={caption}", "--config.data.sources.caption.weight=300",
             # 16 image slots per batch shard, 2-4 real images: every step compacts them into a
             # 4-slot block (one step program, compiled once)
             "--config.data.pack_max_images=8", "--config.train.async_ckpt=True", *extra]
@@ -100,6 +104,12 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     b = _finish(_launch(_train(tmp_path / "b", shapes_tfds, small_spm, evals[0], "--config.data.shards=2"), 1, 4))
     np.testing.assert_allclose([float(losses_a[s]) for s in range(1, 13)],
                                [float(v) for _, v in sorted(_losses(b).items())], atol=1e-5)
+    sources_a, sources_b = (_lines(t, "  sources: ") for t in (a, b))
+    assert len(sources_a) == 12 and "caption loss" in sources_a[0] and "train loss" in sources_a[0], a[-3000:]
+    number = lambda line: [float(w.rstrip(",")) for w in line.split() if w.rstrip(",").replace(".", "").isdigit()]
+    for line_a, line_b in zip(sources_a, sources_b):  # losses to 4 decimals, examples exactly
+        np.testing.assert_allclose(number(line_a), number(line_b), atol=2e-4, err_msg=f"{line_a}\n{line_b}")
+        assert line_a.split("examples")[0].split()[-1] == line_b.split("examples")[0].split()[-1]
     val_a, val_b = (_lines(t, "validation loss") for t in (a, b))
     assert len(val_a) == len(val_b) == 2
     np.testing.assert_allclose([float(x.split()[4]) for x in val_a], [float(x.split()[4]) for x in val_b], atol=1e-5)
@@ -170,6 +180,7 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
     cfg.mesh.update(data=2, fsdp=2)
     cfg.data.update(pack=True, pack_max_images=8)
+    cfg.data.sources.caption.update(data_dir=str(shapes_tfds / "shapes" / "grounded" / "1.0.0"), weight=300.0)
     cfg.train.async_ckpt = True
     with pytest.raises(ValueError, match=r"written reading the data as 2 host shard\(s\).*this run has 1 process"):
         run(cfg, str(c))

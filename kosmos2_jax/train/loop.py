@@ -321,7 +321,7 @@ class Log:
         self.counts = self.counts + input_counts(batch, trainer.image_slots) * jax.process_count()
         if trainer.sources and "source_ids" in batch:
             self.sources = trainer.sources
-            counts = source_examples(batch, len(trainer.sources)) * jax.process_count()
+            counts = source_examples(batch, len(trainer.sources))  # this process's; summed in `_source_line`
             self.examples = counts if self.examples is None else self.examples + counts
 
     def line(self, done: int, total: int, metrics):
@@ -345,8 +345,10 @@ class Log:
         self._reset()
 
     def _source_line(self, done: int, m):
-        """Each source's loss (the logged step's targets from it), examples since the last line and
-        target tokens of the logged step; printed for a mixture, in TensorBoard for any."""
+        """Each source's loss (the logged step's targets from it), examples since the last line (all
+        processes') and target tokens of the logged step; printed for a mixture, in TensorBoard for
+        any. Collective: every process logs the same steps."""
+        self.examples = np.sum(multihost.allgather_json(self.examples.tolist()), axis=0)
         parts, share = [], self.examples[1:] / max(self.examples[1:].sum(), 1)
         for i, name in enumerate(self.sources, start=1):
             tokens = float(m["source_tokens"][i])
