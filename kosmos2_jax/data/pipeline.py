@@ -7,9 +7,9 @@ examples (decode, resize/crop, span selection, grounded-or-plain, ids, masks) ->
     state = pipe.state()          # JSON-able; Pipeline(..., state=state) resumes exactly there
 
 Every row has `source_ids` ([L], the 1-based index of the source its token came from, 0 on
-padding): the trainer's per-source loss and counts. With `pack=True` several examples share a row (`packing.py`: `segment_ids`, per-row
-`pixel_values` [pack_max_images, S, S, 3]); an example that no longer fits opens the next row,
-and a saved state replays it.
+padding): the trainer's per-source loss and counts. With `pack=True` several examples share a
+row (`packing.py`: `segment_ids`, per-row `pixel_values` [pack_max_images, S, S, 3]); an example
+that no longer fits opens the next row, and a saved state replays it.
 
 Determinism: each source reads its host's shard in a fixed order (file order, then a seeded
 shuffle buffer, repeated), and the example at global index i draws its source and its own random

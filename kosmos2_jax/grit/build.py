@@ -69,6 +69,7 @@ def main(argv=None) -> int:
 
 
 def build(args, beam_args) -> int:
+    from kosmos2_jax.grit import records
     from kosmos2_jax.grit.abstract import ABSTRACT_LEMMAS, load_lemmas
     from kosmos2_jax.grit.engine import BuildSpec, DetectorSpec, build_folder
     from kosmos2_jax.grit.pipeline import GritConfig
@@ -81,8 +82,7 @@ def build(args, beam_args) -> int:
                         keep_contained=args.keep_contained,
                         abstract_lemmas=load_lemmas(args.abstract_lemmas) if args.abstract_lemmas else ABSTRACT_LEMMAS)
     detector = DetectorSpec(args.detector, args.detector_path, args.tokenizer, args.device, args.min_detector_score)
-    images = args.images or os.path.join(args.input if os.path.isdir(args.input) else os.path.dirname(args.input),
-                                         "images")
+    images = records.images_folder(args.input, args.images)
     columns = tuple((k, v) for k, v in (("key", args.key_column), ("caption", args.caption_column)) if v)
     spec = BuildSpec(args.out, images, config, detector, args.spacy_model, args.batch_size, columns)
     stats = build_folder(spec, args.input, args.shard_size, args.overwrite, args.runner, tuple(beam_args),

@@ -105,14 +105,18 @@ def iter_tar_keys(path: str) -> Iterator[str]:
         yield from sorted({os.path.splitext(m.name)[0] for m in tar.getmembers() if m.isfile()})
 
 
+def images_folder(source: str, images: str = "") -> str:
+    """Where `source`'s images are: `images`, else `images/` beside the record files."""
+    return images or os.path.join(source if os.path.isdir(source) else os.path.dirname(source), "images")
+
+
 def read_inputs(source: str, images: str = "", start: int = 0, stop: int | None = None,
                 columns: dict | None = None) -> Iterator[dict]:
     """Captioned images `start` to `stop` of `source` as dicts: key, caption, url, width, height,
     image (bytes, b"" when missing). `columns` maps fields to column names (default: `COLUMNS`)."""
     if not os.path.exists(source):
         raise FileNotFoundError(f"input {source!r} does not exist")
-    base = source if os.path.isdir(source) else os.path.dirname(source)
-    folder = images or os.path.join(base, "images")
+    folder = images_folder(source, images)
     files = iter_record_files(source) if not source.endswith(".tar") else iter(())
     for row in itertools.islice(itertools.chain(files, iter_tar_records(source)), start, stop):
         if "_image" in row:  # from a tar
