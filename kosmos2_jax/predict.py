@@ -157,12 +157,10 @@ def predict(args) -> int:
         w, h = image.size
         print(f"[{path}] {clean}")
         record = {"image": path, "prompt": prompt, "text": processor.post_process_generation(raw, False),
-                  "clean_text": clean, "entities": []}
-        for name, span, ent_boxes in entities:
-            pixels = [[round(x1 * w), round(y1 * h), round(x2 * w), round(y2 * h)] for x1, y1, x2, y2 in ent_boxes]
-            print(f"  {name!r} chars {span[0]}-{span[1]}: " + "; ".join(f"({a}, {b}, {c}, {d})" for a, b, c, d in pixels))
-            record["entities"].append({"phrase": name, "span": list(span), "boxes": pixels,
-                                       "boxes_normalized": [list(b) for b in ent_boxes]})
+                  "clean_text": clean, "entities": grounding.entity_records(entities, w, h)}
+        for entity in record["entities"]:
+            print(f"  {entity['phrase']!r} chars {entity['span'][0]}-{entity['span'][1]}: "
+                  + "; ".join(f"({a}, {b}, {c}, {d})" for a, b, c, d in entity["boxes"]))
         results.append(record)
         if args.out:
             target = output_paths(args)[i + bool(args.json)]

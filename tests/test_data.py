@@ -69,6 +69,17 @@ def test_synthetic_examples_are_seeded_and_boxes_are_exact():
             assert len(inside) > 0
 
 
+def test_synthetic_images_cli_writes_a_split_s_images(tmp_path, capsys):
+    from kosmos2_jax.data import synthetic
+
+    out = tmp_path / "examples"
+    assert synthetic.main(["images", "--split", "test", "--num", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["test-0.png", "test-1.png", "test-2.png"]
+    assert (out / "test-1.png").read_bytes() == make_example(0, "test", 1)["image"]  # the dataset's test images
+    assert synthetic.main(["images", "--num", "1", "--out", str(out)]) == 2  # never overwritten silently
+    assert "--overwrite" in capsys.readouterr().err and len(list(out.iterdir())) == 3
+
+
 def test_grit_builder_skips_and_counts_bad_images(tfds_dir):
     _, builder = tfds_dir
     assert builder.info.splits["train"].num_examples == 4 + 5 + 2  # good + bad-box/caption + tar records

@@ -10,6 +10,7 @@ schema. Pure numpy/PIL and seeded: example i of a split depends only on (seed, s
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -139,7 +140,8 @@ def refexp_examples(record: dict) -> list[dict]:
 
 def main(argv=None) -> int:
     """`python -m kosmos2_jax.data.synthetic captions --num 4000 --out captions.txt`: training text
-    for the demo's sentencepiece model."""
+    for the demo's sentencepiece model. `... images --split test --num 6 --out DIR`: images of a
+    split as PNG files (the web demo's examples: held-out images the demo model never saw)."""
     from kosmos2_jax import cli, outputs
 
     parser = cli.ArgumentParser(prog="python -m kosmos2_jax.data.synthetic")
@@ -149,16 +151,31 @@ def main(argv=None) -> int:
     cap.add_argument("--seed", type=cli.integer(), default=0)
     cap.add_argument("--out", required=True, type=cli.output_file)
     cap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    img = sub.add_parser("images", help="write the first N images of a split as SPLIT-I.png")
+    img.add_argument("--split", default="test", choices=tuple(SPLIT_SEEDS))
+    img.add_argument("--num", type=cli.integer(1), default=6)
+    img.add_argument("--seed", type=cli.integer(), default=0)
+    img.add_argument("--size", type=cli.integer(16), default=128, help="pixels (the shapes dataset's: 128)")
+    img.add_argument("--out", required=True, type=cli.output_dir, help="a folder")
+    img.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = parser.parse_args(argv)
     try:
         outputs.refuse_existing(args.out, args.overwrite)
     except cli.UsageError as e:
         return cli.error(str(e))
+    if args.command == "images":
+        with outputs.atomic_dir(args.out) as tmp:
+            for i in range(args.num):
+                with open(os.path.join(tmp, f"{args.split}-{i}.png"), "wb") as f:
+                    f.write(make_example(args.seed, args.split, i, image_size=args.size)["image"])
+        print(f"wrote {args.num} {args.split} images to {args.out}")
+        return 0
     with outputs.atomic_file(args.out) as f:
         for i in range(args.num):
             f.write(make_example(args.seed, "train", i, image_size=32)["caption"] + "\n")
     print(f"wrote {args.num} captions to {args.out}")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""The web demo: grounded captions, phrase grounding, referring to a drawn region, grounded VQA.
+
+    python -m kosmos2_jax.serve --checkpoint ckpt/kosmos2 --tokenizer sentencepiece.bpe.model
+    make serve        # after `make demo`: the demo's trained model, at http://127.0.0.1:7860
+
+Loads the checkpoint, compiles the programs the page's defaults need for every `--batch_sizes`
+entry (so the first visitor does not wait for XLA), then serves the page and its API
+(`gradio_client`: endpoints /describe, /ground, /refer, /ask). Needs the `serve` extra
+(`pip install -e ".[serve]"`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DEFAULT_EXAMPLES = os.path.join("..", "shared", "kosmos2", "images")
+
+
+def parse_args(argv):
+    from kosmos2_jax import cli
+
+    p = cli.ArgumentParser(prog="python -m kosmos2_jax.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, type=cli.existing_dir, help="our checkpoint folder or a HF folder")
+    p.add_argument("--tokenizer", required=True, type=cli.existing_file, help="sentencepiece model")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--port", type=cli.integer(1, 65535), default=7860)
+    p.add_argument("--batch_sizes", default="1,8",
+                   help="comma-separated: a batch of concurrent requests is padded to the next of these; "
+                        "the largest is the most requests one generate call answers")
+    p.add_argument("--prompt", action="append", dest="prompts",
+                   help="a Describe prompt to offer (repeatable; default: the released model's brief and "
+                        "detailed prompts, '<grounding>An image of' and '<grounding>Describe this image in detail:')")
+    p.add_argument("--examples", default=DEFAULT_EXAMPLES,
+                   help="a folder of example images shown under each tab (skipped when absent)")
+    p.add_argument("--max_file_size", default="50mb", help="the largest upload accepted")
+    p.add_argument("--no_warm_up", action="store_true", help="compile on first use instead of at start-up")
+    cli.add_compilation_cache_flags(p)
+    args = p.parse_args(argv)
+    try:
+        args.batch_sizes = tuple(sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()}))
+    except ValueError:
+        p.error(f"argument --batch_sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
+    if not args.batch_sizes or args.batch_sizes[0] < 1:
+        p.error(f"argument --batch_sizes: needs integers >= 1, got {args.batch_sizes}")
+    return args
+
+
+def main(argv=None) -> int:
+    from kosmos2_jax import cli
+
+    args = parse_args(argv)
+    cli.apply_compilation_cache_flags(args)
+    return cli.run(lambda: serve(args))
+
+
+def serve(args, block: bool = True):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version checks
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError('the web demo needs gradio: pip install -e ".[serve]"') from None
+    from kosmos2_jax import serving, webapp
+
+    prompts = args.prompts or list(serving.DESCRIBE_PROMPTS.values())
+    service = serving.Service.load(args.checkpoint, args.tokenizer, args.batch_sizes)
+    print(f"loaded {service.name}: {service.grid}x{service.grid} location grid, batches of "
+          f"{', '.join(map(str, service.batch_sizes))}", flush=True)
+    if not args.no_warm_up:
+        n = service.warm_up(webapp.warm_up_requests(prompts), progress=lambda m: print(m, flush=True))
+        print(f"compiled {n} programs", flush=True)
+    examples = webapp.example_images(args.examples)
+    app = webapp.build_app(service, examples, prompts)
+    print(f"serving at http://{args.host}:{args.port}", flush=True)
+    return webapp.launch(app, args.host, args.port, args.max_file_size, block=block)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
