@@ -93,18 +93,20 @@ def _entity_text(label: str, elem_id: str):
 
 def uploaded_image(**kwargs):
     """A `gr.Image` whose bad upload (not an image, a decompression bomb) reaches the request as
-    its message instead of failing the whole batch in Gradio's preprocessing."""
-    class _Image(gr.Image):
-        is_template = True  # drawn by the frontend's image component
+    its message instead of failing the whole batch in Gradio's preprocessing. (Wrapped, not
+    subclassed: Gradio writes a .pyi file next to any module that subclasses a component.)"""
+    image = gr.Image(type="pil", image_mode="RGB", **kwargs)
+    preprocess = image.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception as e:  # noqa: BLE001 - any undecodable upload
-                name = getattr(payload, "orig_name", None) or "the upload"
-                return f"{name} is not an image this server can read ({type(e).__name__})"
+    def tolerant(payload):
+        try:
+            return preprocess(payload)
+        except Exception as e:  # noqa: BLE001 - any undecodable upload
+            name = getattr(payload, "orig_name", None) or "the upload"
+            return f"{name} is not an image this server can read ({type(e).__name__})"
 
-    return _Image(type="pil", image_mode="RGB", **kwargs)
+    image.preprocess = tolerant
+    return image
 
 
 def _decoding(strategy, max_new_tokens, no_repeat_ngram_size, num_beams, temperature, top_p, seed):

@@ -140,6 +140,7 @@ def test_start_up_compiles_the_page_s_programs(server):
     assert "compiled describe (batch 1" in log and "compiled describe (batch 8" in log
     assert "not compiled" not in log, log  # every default prompt encodes with this tokenizer
     assert re.search(r"compiled \d+ programs", log)
+    assert not list((REPO / "kosmos2_jax").glob("*.pyi"))  # Gradio writes stubs next to component subclasses
 
 
 def test_each_tab_answers_well_formed_output(client, images):
