@@ -41,8 +41,15 @@ def test_data_never_imports_models_or_train():
 
 def test_no_library_module_imports_a_cli_module():
     clis = ("kosmos2_jax.train.__main__", "kosmos2_jax.predict", "kosmos2_jax.evaluate", "kosmos2_jax.export",
-            "kosmos2_jax.grit.build", "kosmos2_jax.data.build")
+            "kosmos2_jax.grit.build", "kosmos2_jax.data.build", "kosmos2_jax.serve")
     bad = [(f, m) for folder in ("models", "data", "train", "evaluation", "grit")
            for f, names in _imports(folder).items() for m in sorted(names) if m in clis
            and f"kosmos2_jax/{f}" != m.replace(".", "/") + ".py"]
     assert bad == []
+
+
+def test_only_the_web_page_imports_gradio():
+    # serving (requests, batching) works without the `serve` extra; only the page needs Gradio
+    users = sorted(f for f, names in _imports(".").items() if any(m == "gradio" or m.startswith("gradio.")
+                                                                  for m in names))
+    assert users == ["serve.py", "webapp.py"]
