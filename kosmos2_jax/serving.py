@@ -275,7 +275,7 @@ class Service:
             try:
                 rows.append(self._row(i, request))
             except RequestError as e:  # e.g. a tokenizer without the example's characters
-                progress(f"not compiled: {request.task} {request.prompt!r}: {e}")
+                progress(f"not compiled: {request.task} {request.prompt!r}: {e} (the page answers so)")
         seen, count = set(), 0
         for row in rows:
             for size in self.batch_sizes:

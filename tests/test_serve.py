@@ -306,6 +306,33 @@ def test_the_page_refers_to_a_region_drawn_with_two_clicks(page, images, tmp_pat
     page.screenshot(path=str(tmp_path / "refer.png"), full_page=True)
 
 
+def test_service_answers_a_mixed_batch_row_by_row(checkpoint, spm, images):
+    """The library under the page: a bad request in a batch gets its error, the others their answers,
+    each equal to its answer alone (rows padded to the batch size 4)."""
+    from kosmos2_jax import serving
+
+    service = serving.Service.load(checkpoint, spm, batch_sizes=(1, 4))
+    opened = [Image.open(p).convert("RGB") for p in images[:3]]
+    requests = [serving.describe(opened[0]), serving.refer(opened[1], "0, 0, 0, 5"), serving.describe(opened[1]),
+                serving.describe(opened[2])]
+    together = service.run(requests)
+    assert isinstance(together[1], serving.RequestError) and "zero-area" in str(together[1])
+    assert [r["batch"] for r in (together[0], together[2], together[3])] == [3, 3, 3]
+    for request, record in zip(requests, together):
+        if not isinstance(record, serving.RequestError):
+            [alone] = service.run([request])
+            assert alone["batch"] == 1 and alone["text"] == record["text"] and alone["entities"] == record["entities"]
+
+
+def test_example_images_are_the_folder_s_images_sorted(tmp_path):
+    from kosmos2_jax import webapp
+
+    for name in ("b.jpg", "a.PNG", "notes.txt", "c.webp"):
+        (tmp_path / name).write_bytes(b"")
+    assert webapp.example_images(str(tmp_path)) == [str(tmp_path / n) for n in ("a.PNG", "b.jpg", "c.webp")]
+    assert webapp.example_images(str(tmp_path / "absent")) == [] and webapp.example_images("") == []
+
+
 def test_serve_without_a_checkpoint_is_one_line(tmp_path, capsys):
     from kosmos2_jax import serve
 
