@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_EXAMPLES = os.path.join("..", "shared", "kosmos2", "images")
+# the released demo's images, beside the repository (never copied into it)
+DEFAULT_EXAMPLES = os.path.join(os.environ.get("KOSMOS2_SHARED_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "kosmos2"), "images")
 
 
 def parse_args(argv):

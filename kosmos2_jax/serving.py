@@ -240,6 +240,15 @@ class Service:
                                f"it exceeds the model's {limit} positions")
         return _Row(index, request, inputs)
 
+    def _rows(self, requests: Sequence[Request]) -> tuple[list[_Row], dict[int, RequestError]]:
+        rows, refused = [], {}
+        for i, request in enumerate(requests):
+            try:
+                rows.append(self._row(i, request))
+            except RequestError as e:
+                refused[i] = e
+        return rows, refused
+
     def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
         """Rows that can share a generate call, in chunks of at most the largest batch size."""
         groups: dict[tuple, list[_Row]] = {}
@@ -270,12 +279,9 @@ class Service:
 
     def warm_up(self, requests: Sequence[Request], progress=print) -> int:
         """Compile the programs these requests need at every batch size; returns how many."""
-        rows = []
-        for i, request in enumerate(requests):
-            try:
-                rows.append(self._row(i, request))
-            except RequestError as e:  # e.g. a tokenizer without the example's characters
-                progress(f"not compiled: {request.task} {request.prompt!r}: {e} (the page answers so)")
+        rows, refused = self._rows(requests)
+        for i, e in refused.items():  # e.g. a tokenizer without the example's characters
+            progress(f"not compiled: {requests[i].task} {requests[i].prompt!r}: {e} (the page answers so)")
         seen, count = set(), 0
         for row in rows:
             for size in self.batch_sizes:
@@ -294,12 +300,9 @@ class Service:
     def run(self, requests: Sequence[Request]) -> list[dict | RequestError]:
         """Each request's record (`predict --json`'s, with `seconds` and `batch`), or its error."""
         out: list = [None] * len(requests)
-        rows = []
-        for i, request in enumerate(requests):
-            try:
-                rows.append(self._row(i, request))
-            except RequestError as e:
-                out[i] = e
+        rows, refused = self._rows(requests)
+        for i, e in refused.items():
+            out[i] = e
         for group in self._groups(rows):
             try:
                 for row, record in zip(group, self._generate(group)):

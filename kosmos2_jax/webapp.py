@@ -206,71 +206,39 @@ def build_app(service: serving.Service, examples: Sequence[str] = (),
         settings = [strategy, max_new, ngram, beams, temperature, top_p, seed]
         batching = dict(batch=True, max_batch_size=service.max_batch, concurrency_id="model", concurrency_limit=1)
 
-        with gr.Tab("Describe"):
-            with gr.Row():
-                with gr.Column():
-                    d_image = uploaded_image(label="image", elem_id="describe-image")
-                    d_prompt = gr.Dropdown(list(prompts), value=prompts[0], allow_custom_value=True, label="prompt")
-                    d_button = gr.Button("Describe", variant="primary", elem_id="describe-button")
-                    if examples:
-                        gr.Examples([[p] for p in examples], [d_image])
-                with gr.Column():
-                    d_boxes = gr.AnnotatedImage(label="entities", elem_id="describe-boxes")
-                    d_text = _entity_text("caption", "describe-text")
-                    d_status = gr.Markdown(elem_id="describe-status")
-                    d_json = gr.JSON(label="JSON")
-            d_button.click(describe_fn, [d_image, d_prompt, *settings], [d_boxes, d_text, d_json, d_status],
-                           api_name="describe", **batching)
+        def tab(title, key, field, button, fn, boxes_label, text_label=None, image_label="image"):
+            """image + one field -> (annotated image[, highlighted text], JSON, status): one endpoint."""
+            with gr.Tab(title):
+                with gr.Row():
+                    with gr.Column():
+                        image = uploaded_image(label=image_label, elem_id=f"{key}-image")
+                        field = field()
+                        run = gr.Button(button, variant="primary", elem_id=f"{key}-button")
+                        if examples:
+                            gr.Examples([[p] for p in examples], [image])
+                    with gr.Column():
+                        outputs = [gr.AnnotatedImage(label=boxes_label, elem_id=f"{key}-boxes")]
+                        if text_label:
+                            outputs.append(_entity_text(text_label, f"{key}-text"))
+                        status = gr.Markdown(elem_id=f"{key}-status")
+                        outputs += [gr.JSON(label="JSON"), status]
+                run.click(fn, [image, field, *settings], outputs, api_name=key, **batching)
+            return image, field
 
-        with gr.Tab("Ground"):
-            with gr.Row():
-                with gr.Column():
-                    g_image = uploaded_image(label="image", elem_id="ground-image")
-                    g_phrases = gr.Textbox(label="phrases (one per line, or separated by ;)", lines=2)
-                    g_button = gr.Button("Ground", variant="primary", elem_id="ground-button")
-                    if examples:
-                        gr.Examples([[p] for p in examples], [g_image])
-                with gr.Column():
-                    g_boxes = gr.AnnotatedImage(label="boxes", elem_id="ground-boxes")
-                    g_status = gr.Markdown(elem_id="ground-status")
-                    g_json = gr.JSON(label="JSON")
-            g_button.click(ground_fn, [g_image, g_phrases, *settings], [g_boxes, g_json, g_status],
-                           api_name="ground", **batching)
-
-        with gr.Tab("Refer"):
-            corner = gr.State(None)
-            with gr.Row():
-                with gr.Column():
-                    r_image = uploaded_image(label="image: click two corners of a region", elem_id="refer-image")
-                    r_box = gr.Textbox(label="region x1, y1, x2, y2 (pixels)", elem_id="refer-box")
-                    r_button = gr.Button("Describe the region", variant="primary", elem_id="refer-button")
-                    if examples:
-                        gr.Examples([[p] for p in examples], [r_image])
-                with gr.Column():
-                    r_boxes = gr.AnnotatedImage(label="region and entities", elem_id="refer-boxes")
-                    r_text = _entity_text("description", "refer-text")
-                    r_status = gr.Markdown(elem_id="refer-status")
-                    r_json = gr.JSON(label="JSON")
-            r_image.select(pick_corner, [r_image, corner], [corner, r_box], api_name=False)
-            r_image.upload(lambda: (None, ""), None, [corner, r_box], api_name=False)
-            r_button.click(refer_fn, [r_image, r_box, *settings], [r_boxes, r_text, r_json, r_status],
-                           api_name="refer", **batching)
-
-        with gr.Tab("Ask"):
-            with gr.Row():
-                with gr.Column():
-                    a_image = uploaded_image(label="image", elem_id="ask-image")
-                    a_question = gr.Textbox(label="question", value="What is in the image?")
-                    a_button = gr.Button("Ask", variant="primary", elem_id="ask-button")
-                    if examples:
-                        gr.Examples([[p] for p in examples], [a_image])
-                with gr.Column():
-                    a_boxes = gr.AnnotatedImage(label="entities", elem_id="ask-boxes")
-                    a_text = _entity_text("answer", "ask-text")
-                    a_status = gr.Markdown(elem_id="ask-status")
-                    a_json = gr.JSON(label="JSON")
-            a_button.click(ask_fn, [a_image, a_question, *settings], [a_boxes, a_text, a_json, a_status],
-                           api_name="ask", **batching)
+        tab("Describe", "describe", lambda: gr.Dropdown(list(prompts), value=prompts[0], allow_custom_value=True,
+                                                        label="prompt"),
+            "Describe", describe_fn, "entities", "caption")
+        tab("Ground", "ground", lambda: gr.Textbox(label="phrases (one per line, or separated by ;)", lines=2),
+            "Ground", ground_fn, "boxes")
+        corner = gr.State(None)
+        r_image, r_box = tab("Refer", "refer", lambda: gr.Textbox(label="region x1, y1, x2, y2 (pixels)",
+                                                                  elem_id="refer-box"),
+                             "Describe the region", refer_fn, "region and entities", "description",
+                             image_label="image: click two corners of a region")
+        r_image.select(pick_corner, [r_image, corner], [corner, r_box], api_name=False)
+        r_image.upload(lambda: (None, ""), None, [corner, r_box], api_name=False)
+        tab("Ask", "ask", lambda: gr.Textbox(label="question", value="What is in the image?"),
+            "Ask", ask_fn, "entities", "answer")
     return app
 
 

@@ -275,10 +275,10 @@ def test_the_page_describes_an_upload(page, server, images, tmp_path):
     page.wait_for_selector("#describe-image img")
     page.click("#describe-button")
     page.wait_for_selector("#describe-status :text('s for a batch of')", timeout=60_000)
-    assert page.locator("#describe-boxes img").first.is_visible()  # the annotated image
-    legend = page.inner_text("#describe-boxes")
-    assert "a red circle" in legend and "a blue square" in legend  # entity labels
-    assert "a red circle" in page.inner_text("#describe-text")
+    page.locator("#describe-boxes img").first.wait_for(state="visible", timeout=30_000)  # the annotated image
+    for label in ("a red circle", "a blue square"):  # the entity labels under the image, the caption's highlights
+        page.wait_for_selector(f"#describe-boxes :text('{label}')", timeout=30_000)
+        page.wait_for_selector(f"#describe-text :text('{label}')", timeout=30_000)
     page.screenshot(path=str(tmp_path / "describe.png"), full_page=True)
     assert Image.open(tmp_path / "describe.png").size[0] == 1280
     port = server[1].split(":")[2].strip("/")
@@ -301,8 +301,8 @@ def test_the_page_refers_to_a_region_drawn_with_two_clicks(page, images, tmp_pat
     assert abs(x1 - 0.2 * w) <= 2 and abs(y1 - 0.25 * h) <= 2 and abs(x2 - 0.7 * w) <= 2 and abs(y2 - 0.75 * h) <= 2
     page.click("#refer-button")
     page.wait_for_selector("#refer-status :text('s for a batch of')", timeout=60_000)
-    assert "It" in page.inner_text("#refer-text")  # the region's phrase, highlighted
-    assert page.locator("#refer-boxes img").first.is_visible()
+    page.wait_for_selector("#refer-text :text('It')", timeout=30_000)  # the region's phrase, highlighted
+    page.locator("#refer-boxes img").first.wait_for(state="visible", timeout=30_000)
     page.screenshot(path=str(tmp_path / "refer.png"), full_page=True)
 
 
