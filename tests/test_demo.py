@@ -37,7 +37,7 @@ def test_make_demo_trains_and_evaluates(tmp_path):
         assert noise not in console, (noise, console)
     # the demo's own model, exported, scored; the table and the pictures are where it says
     config = json.loads((run / "model_config.json").read_text())
-    assert config["text"]["embed_dim"] == 192 and config["vision"]["image_size"] == 64
+    assert config["text"]["embed_dim"] == 192 and config["vision"]["image_size"] == 48
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["task"] == "shapes" and results["scored"] > 0 and 0 <= results["accuracy"] <= 100
     assert "| shapes | test |" in out.stdout and f"{results['accuracy']:.1f}" in out.stdout, out.stdout
