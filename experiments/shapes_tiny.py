@@ -8,7 +8,8 @@ the full-size pretraining config (`kosmos2_jax/train/presets.py`).
 Arguments (`FILE:ARG`, comma-separated): `data=DIR` (what `make demo-data` writes; default
 workdir/demo_data), `runlocal` (4 steps of a tiny model).
 
-Measured (2-core Intel Xeon with AVX-512 and AMX, 2026-12-02, `benchmarks/demo_robustness.py
+Measured (2-core Intel Xeon with AVX-512 and AMX, 2026-12-02, commit a51ae14 with these values as
+`--override`s, `benchmarks/demo_robustness.py
 --seeds 0 1 2`): first-box accuracy (IoU >= 0.5) on the 161 held-out test expressions 88.8 / 88.2 /
 87.6% for seeds 0 / 1 / 2 (median 88.2%), 8.4-8.6 min of training each. The grounding accuracy on
 128 validation expressions over the last third (steps 1500, 1750, 2000): 82.0, 89.8, 89.1 (seed 0),
@@ -21,12 +22,12 @@ evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same ma
 |---|---|---|---|---|---|
 | 64 x 64 images, 3 vision layers, one-hot location targets (the paper's loss), weight 2, 4,000 images, 32 rows of 64 tokens, 1500 steps | 46.9 | 64.1 | 64.1 | 67.7 | |
 | + soft location targets, sigma 1 cell (`train.location_sigma`) | 60.9 | 78.1 | 78.1 | 73.9 | |
-| + sin-cos tables with linear frequencies (`init.*_frequencies`), 12,000 training images | 62.5 | 82.8 | 82.8 | 78.9 | 10.5 min |
-| + 48 x 48 images, packed rows (16 of 128 tokens, ~50 examples a step), 1800 steps | 65.6 (@900) | 85.9 | 92.2 | 88.2 | 10.9 min |
+| + sin-cos tables with linear frequencies (`init.*_frequencies`), 12,000 training images | 62.5 | 82.8 | 82.8 | 78.9 | |
+| + 48 x 48 images, packed rows (16 of 128 tokens, ~50 examples a step), 1800 steps | 65.6 (@900) | 85.9 | 92.2 | 88.2 | 10.9 min (other work running) |
 | the same with lr 2e-3, 1500 steps | 21.1 (@900) | 60.9 | 60.9 | 67.1 | 6.8 min |
 | 48 x 48 images, 2 vision layers, packed rows, 2000 steps (this config) | 68.8 | 82.0 | 89.1 | 88.8 | 8.6 min |
 
-(val: 64 expressions in the first three rows, 128 below.) Not kept (test accuracy, 64 x 64 recipe):
+(val: 64 expressions in the first four rows, 128 below.) Not kept (test accuracy, 64 x 64 recipe):
 location weight 4 with soft targets (69.6), the LR held at its peak until the last 30% (72.0), a
 32 x 32 grid (1,024 location tokens; 1.6x slower per step). With one-hot targets 41 of the 52
 missed test boxes had IoU 0.3-0.5, both corners within 2 cells.
