@@ -17,6 +17,7 @@ any number of concurrent requests.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -92,51 +93,59 @@ class Request:
     problem: str | None = None  # set by a builder: the request is refused with this message
 
 
-def _refused(task: str, message: str) -> Request:
-    return Request(task, None, "", problem=message)
+def _refusable(task: str):
+    """A request builder whose RequestError becomes a request refused with its message: a bad input
+    is answered in its own slot of `Service.run`, never raised into the batch."""
+    def wrap(build):
+        @functools.wraps(build)
+        def builder(*args, **kwargs) -> Request:
+            try:
+                return build(*args, **kwargs)
+            except RequestError as e:
+                return Request(task, None, "", problem=str(e))
+        return builder
+    return wrap
 
 
-def _checked_image(image) -> Image.Image | str:
-    """An RGB image, or why not (a message)."""
+def _checked_image(image) -> Image.Image:
+    """An RGB image; RequestError says why not."""
     if image is None:
-        return "no image: upload one"
+        raise RequestError("no image: upload one")
     if isinstance(image, str):  # the web app passes an upload it could not open as its message
-        return image
+        raise RequestError(image)
     if not isinstance(image, Image.Image):
-        return f"not an image: {type(image).__name__}"
+        raise RequestError(f"not an image: {type(image).__name__}")
     w, h = image.size
     if w * h > MAX_PIXELS:
-        return f"the image is {w}x{h} ({w * h / 1e6:.0f} megapixels); the limit is {MAX_PIXELS / 1e6:.0f}"
+        raise RequestError(f"the image is {w}x{h} ({w * h / 1e6:.0f} megapixels); the limit is {MAX_PIXELS / 1e6:.0f}")
     if w < 1 or h < 1:
-        return f"the image is {w}x{h}: empty"
+        raise RequestError(f"the image is {w}x{h}: empty")
     return image.convert("RGB")
 
 
-def _text(value) -> str | None:
+def _text(value, missing: str) -> str:
+    """`value` stripped; RequestError `missing` when nothing is left."""
     text = "" if value is None else str(value).strip()
-    return text or None
+    if not text:
+        raise RequestError(missing)
+    return text
 
 
+@_refusable("describe")
 def describe(image, prompt: str = DESCRIBE_PROMPTS["brief"], decoding: Decoding = Decoding()) -> Request:
     """A grounded caption continuing `prompt` (the released model's: DESCRIBE_PROMPTS)."""
     image = _checked_image(image)
-    if isinstance(image, str):
-        return _refused("describe", image)
-    if _text(prompt) is None:
-        return _refused("describe", "empty prompt: write one (e.g. <grounding>An image of)")
+    _text(prompt, "empty prompt: write one (e.g. <grounding>An image of)")
     return Request("describe", image, str(prompt), decoding=decoding)
 
 
+@_refusable("ground")
 def ground(image, phrase: str, decoding: Decoding = Decoding()) -> Request:
     """The boxes of one phrase (the paper's phrase grounding prompt)."""
     image = _checked_image(image)
-    if isinstance(image, str):
-        return _refused("ground", image)
-    phrase = _text(phrase)
-    if phrase is None:
-        return _refused("ground", "empty phrase: write what to find")
+    phrase = _text(phrase, "empty phrase: write what to find")
     if "<" in phrase or ">" in phrase:
-        return _refused("ground", f"phrase {phrase!r}: '<' and '>' are reserved for the model's tags")
+        raise RequestError(f"phrase {phrase!r}: '<' and '>' are reserved for the model's tags")
     decoding = dataclasses.replace(decoding, max_new_tokens=min(decoding.max_new_tokens, GROUND_MAX_NEW_TOKENS))
     return Request("ground", image, GROUND_PROMPT.format(phrase=phrase), decoding=decoding, subject=phrase)
 
@@ -161,28 +170,19 @@ def parse_pixel_box(text: str, size: tuple[int, int]) -> tuple[float, float, flo
     return box
 
 
+@_refusable("refer")
 def refer(image, box: str, decoding: Decoding = Decoding()) -> Request:
     """A description of the region `box` (pixels "x1, y1, x2, y2")."""
     image = _checked_image(image)
-    if isinstance(image, str):
-        return _refused("refer", image)
-    if _text(box) is None:
-        return _refused("refer", "no region: click two corners on the image (or type x1, y1, x2, y2)")
-    try:
-        normalized = parse_pixel_box(box, image.size)
-    except RequestError as e:
-        return _refused("refer", str(e))
-    return Request("refer", image, REFER_PROMPT, boxes=(normalized,), decoding=decoding)
+    box = _text(box, "no region: click two corners on the image (or type x1, y1, x2, y2)")
+    return Request("refer", image, REFER_PROMPT, boxes=(parse_pixel_box(box, image.size),), decoding=decoding)
 
 
+@_refusable("ask")
 def ask(image, question: str, decoding: Decoding = Decoding()) -> Request:
     """Grounded VQA: `<grounding> Question: ... Answer:`."""
     image = _checked_image(image)
-    if isinstance(image, str):
-        return _refused("ask", image)
-    question = _text(question)
-    if question is None:
-        return _refused("ask", "empty question: write one")
+    question = _text(question, "empty question: write one")
     return Request("ask", image, ASK_PROMPT.format(question=question), decoding=decoding)
 
 

@@ -68,11 +68,12 @@ def _colour_map(labels: Sequence[str]) -> dict[str, str]:
     return {label: "#%02x%02x%02x" % c for label, c in zip(unique, entity_colours(len(unique)))}
 
 
-def status_line(record: dict | serving.RequestError, service: serving.Service) -> str:
+def status_line(record: dict | serving.RequestError, service: serving.Service, found: str | None = None) -> str:
+    """The batch's time and size and what was found (default: the record's entities), or the error."""
     if isinstance(record, serving.RequestError):
         return f"**Error:** {record}"
     return (f"{record['seconds']:.2f} s for a batch of {record['batch']} · "
-            f"{len(record['entities'])} entities · `{service.name}`")
+            f"{found or str(len(record['entities'])) + ' entities'} · `{service.name}`")
 
 
 def _answer(request: serving.Request, record, service, text_of=None):
@@ -176,8 +177,8 @@ def build_app(service: serving.Service, examples: Sequence[str] = (),
             first = mine[0][1]
             record = {"task": "ground", "phrases": phrases, "image_size": first["image_size"],
                       "seconds": first["seconds"], "batch": first["batch"]}
-            status = (f"{first['seconds']:.2f} s for a batch of {first['batch']} · "
-                      f"{sum(bool(p['boxes']) for p in phrases)}/{len(phrases)} phrases found · `{service.name}`")
+            found = f"{sum(bool(p['boxes']) for p in phrases)}/{len(phrases)} phrases found"
+            status = status_line(record, service, found)
             out.append((_display(mine[0][0].image, phrases), record, status))
         return [list(column) for column in zip(*out)]
 

@@ -238,10 +238,12 @@ def plan(cfg, start: int, evals: list[Evaluation]) -> str:
         records = split_size(s.data_dir, s.split) if s.data_dir and not s.path else None
         where = f"{s.split} of {s.data_dir}" if s.data_dir and not s.path else s.path
         if len(sources) == 1:
-            # packed rows hold several examples each: their passes are counted in the log's fill line
-            passes = (f"{t.steps * t.batch_size / records:.1f} epochs" if not d.pack else
-                      f"{t.steps * t.batch_size / records:.1f} epochs at one example a row (packed: more)")
-            parts.append(f"{records:,} training records ({where}), {passes}" if records else f"training data {where}")
+            if records:  # counted in rows, not examples: a packed row holds several
+                packed = " at one example a row (packed: more)" if d.pack else ""
+                parts.append(f"{records:,} training records ({where}), "
+                             f"{t.steps * t.batch_size / records:.1f} epochs{packed}")
+            else:
+                parts.append(f"training data {where}")
         else:
             parts.append(f"{s.name} {100 * s.weight / total:.0f}%: " + (f"{records:,} records ({where})" if records else where))
     data = "; ".join(parts)
