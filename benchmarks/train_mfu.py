@@ -4,6 +4,7 @@
     python benchmarks/train_mfu.py --rows 8 --max_images 12 --steps 20
     python benchmarks/train_mfu.py --tiny --steps 2         # a seconds-scale CPU smoke run
     python benchmarks/train_mfu.py --profile /tmp/prof      # + where the time goes, by model part and op kind
+    python benchmarks/train_mfu.py --attention cudnn,xla --remat minimal,full   # a table of every pair
 
 Builds `Trainer` from the experiment config (bf16 compute, fp32 params and AdamW, layers scanned
 with the config's remat policy, the LM head on 64-position chunks of targets) and times the program
@@ -91,18 +92,33 @@ def main(argv=None):
     parser.add_argument("--max_images", type=int, default=None, help="image slots per row (default: the config's)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps, after 2 untimed ones")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the chip's dense bf16 peak")
-    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
-                        help="model.attention_impl (default: the config's); not 'einsum' sets attention dropout to 0")
+    parser.add_argument("--attention", default=None,
+                        help=f"model.attention_impl, or several joined by commas to compare them "
+                             f"({', '.join(ATTENTION_IMPLS)}; default: the config's); not 'einsum' sets attention dropout to 0")
     parser.add_argument("--no_compact", action="store_true",
                         help="train.compact_images=False: the vision tower on every image slot, empty ones included")
-    parser.add_argument("--remat", choices=REMAT_POLICIES, default=None, help="model.remat_policy (default: the config's)")
+    parser.add_argument("--remat", default=None,
+                        help=f"model.remat_policy, or several joined by commas (e.g. {', '.join(REMAT_POLICIES)}, any "
+                             f"jax.checkpoint_policies name, save:NAME+NAME; default: the config's)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="after timing, trace --profile_steps more steps to DIR (TensorBoard/Perfetto) "
                              "and print where the time goes (kosmos2_jax/train/profiling.py)")
     parser.add_argument("--profile_steps", type=int, default=3)
     args = parser.parse_args(argv)
+    attentions = args.attention.split(",") if args.attention else [None]
+    remats = args.remat.split(",") if args.remat else [None]
+    results = [dict(run_one(args, attention, remat), attention=attention, remat=remat)
+               for attention in attentions for remat in remats]
+    if len(results) > 1:
+        print("\n| attention | remat | step s | tokens/s | MFU |\n|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['attention_impl']} | {r['remat_policy']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['mfu']} |")
+    return results if len(results) > 1 else results[0]
 
+
+def run_one(args, attention, remat):
     import importlib
 
     from kosmos2_jax.train.trainer import model_config
@@ -114,10 +130,10 @@ def main(argv=None):
     if args.tiny:
         cfg = tiny(cfg)
         args.images_per_row, args.caption_tokens = min(args.images_per_row, 3), min(args.caption_tokens, 20)
-    if args.attention:
-        cfg.model.attention_impl = args.attention
-    if args.remat:
-        cfg.model.remat_policy = args.remat
+    if attention:
+        cfg.model.attention_impl = attention
+    if remat:
+        cfg.model.remat_policy = remat
     if args.no_compact:
         cfg.train.compact_images = False
     if cfg.model.attention_impl != "einsum":  # jax.nn.dot_product_attention has no dropout
@@ -192,7 +208,8 @@ def main(argv=None):
         print(f"\nprofile of {args.profile_steps} steps in {args.profile}:\n"
               + profiling.format_summary(summary, step))
     return {"step_s": step, "tokens_per_s": tokens / step, "model_flops": model, "hardware_flops": hardware,
-            "loss": loss, "profile": summary}
+            "loss": loss, "profile": summary, "mfu": mfu, "attention_impl": config.attention_impl,
+            "remat_policy": config.remat_policy}
 
 
 if __name__ == "__main__":

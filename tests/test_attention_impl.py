@@ -1,6 +1,7 @@
 """`attention_impl`: the `jax.nn.dot_product_attention` paths ("xla" here; "cudnn" shares every
-line but the implementation name and needs a GPU) give the einsum path's logits and gradients on a
-packed row with padding, images and a causal decoder."""
+line but the implementation name and needs a GPU) and Pallas splash attention (interpreted on CPU)
+give the einsum path's logits and gradients on packed rows with padding, on right-padded unpacked
+rows, with images and a causal decoder — from a causal flag and segment ids or lengths, no bias."""
 
 import json
 
@@ -41,24 +42,43 @@ def _loss_and_grads(impl):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-def test_xla_dot_product_attention_matches_einsum_on_packed_rows():
-    cfg = tiny(vocab_size=97)
-    batch = _packed_batch(np.random.default_rng(0), cfg)
-    pixels, ids, attn, img, seg = batch
-    params = Kosmos2(cfg).init(jax.random.PRNGKey(0), pixels, ids, attn, img)["params"]
-    (ref_value, ref_logits), ref_grads = _loss_and_grads("einsum")(params, batch)
-    xla = _loss_and_grads("xla")
-    (value, logits), grads = xla(params, batch)
-    real = attn.astype(bool)  # padding queries see no key: their rows differ by design
+def _assert_close(got, ref, real):
+    (value, logits), grads = got
+    (ref_value, ref_logits), ref_grads = ref
+    # padding queries: their rows differ by design (they see no key under the einsum bias)
     np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(ref_logits)[real], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
     flat, ref_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
     for (path, g), r in zip(flat, ref_flat):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6,
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_fused_attention_matches_einsum_on_packed_rows(impl):
+    cfg = tiny(vocab_size=97)
+    batch = _packed_batch(np.random.default_rng(0), cfg)
+    pixels, ids, attn, img, seg = batch
+    params = Kosmos2(cfg).init(jax.random.PRNGKey(0), pixels, ids, attn, img)["params"]
+    fused = _loss_and_grads(impl)
+    got = fused(params, batch)
+    _assert_close(got, _loss_and_grads("einsum")(params, batch), attn.astype(bool))
     # the comparison can fail: without the segment mask the second example of each row changes
-    (_, leaked), _ = xla(params, (pixels, ids, attn, img, (seg > 0).astype(np.int32)))
-    assert np.abs(np.asarray(leaked) - np.asarray(logits))[seg == 2].max() > 1e-3
+    (_, leaked), _ = fused(params, (pixels, ids, attn, img, (seg > 0).astype(np.int32)))
+    assert np.abs(np.asarray(leaked) - np.asarray(got[0][1]))[seg == 2].max() > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_fused_attention_matches_einsum_on_right_padded_rows(impl):
+    """Unpacked rows: the kernels get each row's length (and the causal flag), not a mask."""
+    cfg = tiny(vocab_size=97)
+    pixels, ids, _, img, seg = _packed_batch(np.random.default_rng(1), cfg)
+    attn = np.ones_like(ids)
+    attn[0, 29:], attn[1, 35:] = 0, 0
+    ids = np.where(attn == 1, ids, cfg.text.pad_token_id)
+    batch = (pixels[:, 0], ids, attn, img * attn, None)
+    params = Kosmos2(cfg).init(jax.random.PRNGKey(0), pixels[:, 0], ids, attn, img)["params"]
+    _assert_close(_loss_and_grads(impl)(params, batch), _loss_and_grads("einsum")(params, batch), attn.astype(bool))
 
 
 def test_decoding_keeps_the_einsum_path():
@@ -69,7 +89,7 @@ def test_decoding_keeps_the_einsum_path():
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 16))
     seen = np.ones((1, 5), np.int32)
     outs = {}
-    for impl in ("einsum", "xla"):
+    for impl in ("einsum", "xla", "splash"):
         layer = Attention(num_heads=2, impl=impl)
         variables = layer.init(jax.random.PRNGKey(1), x, decode=True)
         _, cache = layer.apply(variables, x[:, :2], bias=attention_bias(seen, 2, 0), decode=True, causal=True,
@@ -78,6 +98,7 @@ def test_decoding_keeps_the_einsum_path():
                               causal=True, mutable=["cache"])
         outs[impl] = np.asarray(step)
     np.testing.assert_array_equal(outs["xla"], outs["einsum"])
+    np.testing.assert_array_equal(outs["splash"], outs["einsum"])
 
 
 def test_attention_dropout_needs_the_einsum_path():
@@ -94,7 +115,7 @@ def test_attention_dropout_needs_the_einsum_path():
 
 
 def test_attention_impl_errors():
-    assert ATTENTION_IMPLS == ("einsum", "xla", "cudnn")
+    assert ATTENTION_IMPLS == ("einsum", "xla", "cudnn", "splash")
     with pytest.raises(ValueError, match="attention_impl 'flash' not in"):
         tiny(attention_impl="flash")
     with pytest.raises(ValueError, match="bfloat16 or float16, not dtype='float32'"):

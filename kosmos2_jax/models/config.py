@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# the common remat policies (layers.remat_policy takes any jax.checkpoint_policies name and
+# name-based ones too: "minimal", "minimal_with_context", "save:query_proj+context")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal", "minimal_with_context")
 # "einsum": our own softmax(QK^T + bias)V, HF's numerics exactly (the default; the only one with
 # attention dropout and cached decoding). "xla" / "cudnn": `jax.nn.dot_product_attention` with that
 # implementation for the vision and decoder self-attention in training and scoring forwards;
-# "cudnn" is cuDNN's fused flash attention (GPU only, no attention dropout).
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+# "cudnn" is cuDNN's fused flash attention (GPU only, no attention dropout); "splash": Pallas's
+# TPU splash attention with segment ids (interpreted elsewhere: slow, for tests).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,10 @@ class Kosmos2Config:
     attention_impl: str = "einsum"
 
     def __post_init__(self):
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.remat_policy != "none":
+            from kosmos2_jax.models.layers import remat_policy
+
+            remat_policy(self.remat_policy)  # raises on an unknown name
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):

@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from kosmos2_jax.models.config import Kosmos2Config
 from kosmos2_jax.models.layers import Attention, Dense, activation, constrain, layer_norm, stack_layers
@@ -70,14 +71,14 @@ class TextBlock(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, bias):
+    def __call__(self, x, bias, segment_ids, lengths):
         t, dt, pdt = self.config.text, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
         drop = lambda h: nn.Dropout(t.dropout)(h, deterministic=self.deterministic)
         h = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="self_attn_layer_norm")(x)
         h = Attention(t.attention_heads, inner_layer_norm_eps=t.layer_norm_eps, dropout=t.attention_dropout,
                       dtype=dt, param_dtype=pdt, impl=self.config.attention_impl,
                       name="self_attn")(h, bias=bias, deterministic=self.deterministic, decode=self.decode,
-                                        causal=True)
+                                        causal=True, segment_ids=segment_ids, lengths=lengths)
         x = x + drop(h)
         h = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="final_layer_norm")(x)
         h = FFN(self.config, self.deterministic, name="ffn")(h)
@@ -91,11 +92,12 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, x):
         t, dt, pdt = self.config.text, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
-        h = Dense(t.ffn_dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(x)
+        h = checkpoint_name(Dense(t.ffn_dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(x), "mlp_in")
         h = constrain(activation(t.activation_function)(h), ("act_batch", "act_len", "act_mlp"))
         h = nn.Dropout(t.activation_dropout)(h, deterministic=self.deterministic)
         h = layer_norm(t.layer_norm_eps, "mlp", dt, pdt, name="ffn_layernorm")(h)
-        return Dense(t.embed_dim, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h)
+        return checkpoint_name(Dense(t.embed_dim, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h),
+                               "mlp_out")
 
 
 class TextDecoder(nn.Module):
@@ -104,7 +106,10 @@ class TextDecoder(nn.Module):
     `attention_mask` is [B, T], or [B, cache_length] with `decode=True`, where the queries sit at
     cache positions `cache_index .. cache_index + T` (the caller passes `position_ids` then).
     `segment_ids` [B, T] (1, 2, ... per packed example, 0 on padding) keep packed examples apart:
-    each attends within itself and counts its own positions.
+    each attends within itself and counts its own positions. With a fused `attention_impl`
+    (not "einsum") no [B, 1, T, T] bias is built: the kernels get the causal flag and the segment
+    ids, or, for unpacked rows, each row's length — such rows must be right-padded, as the input
+    pipeline writes them.
     """
 
     config: Kosmos2Config
@@ -143,9 +148,14 @@ class TextDecoder(nn.Module):
             q_offset = index.value
             if self.is_mutable_collection("cache") and self.has_variable("cache", "index"):
                 index.value = index.value + input_ids.shape[1]
-        bias = attention_bias(attention_mask, input_ids.shape[1], q_offset, segment_ids)
+        if self.config.attention_impl == "einsum" or decode:
+            masks = (attention_bias(attention_mask, input_ids.shape[1], q_offset, segment_ids), None, None)
+        elif segment_ids is not None:  # the fused kernels take the causal flag and segments, no bias
+            masks = (None, segment_ids, None)
+        else:  # training and scoring rows are right-padded: their lengths
+            masks = (None, None, jnp.sum(attention_mask, axis=1, dtype=jnp.int32))
         x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.text_layers_scanned, "layers",
-                            config=self.config, deterministic=deterministic, decode=decode)(x, (bias,))
+                            config=self.config, deterministic=deterministic, decode=decode)(x, masks)
         x = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(x)
         if return_hidden:
             return x

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 _INIT = nn.initializers.normal(0.02)
@@ -66,9 +67,10 @@ def layer_norm(eps: float, axis_name: str = "norm", dtype: Dtype = jnp.float32, 
                         name=name)
 
 
-def fused_attention(q, k, v, mask, causal: bool, impl: str):
+def fused_attention(q, k, v, mask, causal: bool, impl: str, lengths=None):
     """`jax.nn.dot_product_attention` on [B, len, heads, head_dim] inputs with q already scaled
-    (HF's order, hence scale=1), odd lengths padded to even ones.
+    (HF's order, hence scale=1), odd lengths padded to even ones. `lengths` [B]: each row's tokens
+    are its first `lengths` (right padding), given to the kernel as sequence lengths, not a mask.
 
     The padding is for cuDNN: JAX's training rule for its fused kernel (through JAX 0.11) sees a
     bias even when there is none, and with a bias it rejects odd lengths, such as CLIP's 257
@@ -77,16 +79,83 @@ def fused_attention(q, k, v, mask, causal: bool, impl: str):
     """
     q_len, kv_len = q.shape[1], k.shape[1]
     pad_q, pad_kv = q_len % 2, kv_len % 2
-    kv_lengths = None
+    q_lengths = kv_lengths = None if lengths is None else lengths.astype(jnp.int32)
     if pad_q or pad_kv:
         pad = lambda t, n: jnp.pad(t, ((0, 0), (0, n), (0, 0), (0, 0)))
         q, k, v = pad(q, pad_q), pad(k, pad_kv), pad(v, pad_kv)
-        kv_lengths = jnp.full((q.shape[0],), kv_len, jnp.int32)
+        if kv_lengths is None:
+            kv_lengths = jnp.full((q.shape[0],), kv_len, jnp.int32)
         if mask is not None:  # the extra query row sees every key, so that no row is empty
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, pad_kv)), constant_values=True)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, is_causal=causal,
-                                       key_value_seq_lengths=kv_lengths, implementation=impl)
+                                       query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
+                                       implementation=impl)
     return out[:, :q_len]
+
+
+SPLASH_BLOCK = 512  # the largest splash block; shorter sequences are padded to a multiple of 128
+
+
+def splash_attention(q, k, v, causal: bool, segment_ids=None, interpret: bool | None = None):
+    """Pallas splash attention (TPU) on [B, len, heads, head_dim] self-attention inputs with q
+    already scaled: a causal flag and `segment_ids` [B, len] (0 = padding), no mask array.
+
+    Lengths are padded to a multiple of the block size (CLIP's 257 tokens -> 384), the padding
+    segment 0 as padding tokens are, so no real query sees it. Under a mesh (`jax.set_mesh`) the kernel runs per
+    device in a `shard_map` over the activations' batch and head shardings (the logical rules in
+    force); splash has no sequence sharding. `interpret` (default: off on TPU) runs the same kernel
+    in Pallas's interpreter, as on CPU in the tests.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, length, heads, _ = q.shape
+    if k.shape[1] != length:
+        raise ValueError(f"attention_impl='splash' is for self-attention, got {length} queries and {k.shape[1]} keys")
+    block = min(SPLASH_BLOCK, -(-length // 128) * 128)
+    padded = -(-length // block) * block
+    segments = jnp.ones((b, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if padded != length:
+        pad = lambda t: jnp.pad(t, ((0, 0), (0, padded - length)) + ((0, 0),) * (t.ndim - 2))
+        q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+    def local(q, k, v, segments):  # one device's [b, len, heads, d]
+        shape = (padded, padded)
+        one = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+        kernel = splash.make_splash_mha(splash.MultiHeadMask([one] * q.shape[2]), head_shards=1, q_seq_shards=1,
+                                        block_sizes=sizes, interpret=interpret)
+        per_row = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+        heads_first = lambda t: jnp.swapaxes(t, 1, 2)
+        return heads_first(jax.vmap(per_row)(heads_first(q), heads_first(k), heads_first(v), segments))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        out = local(q, k, v, segments)
+    else:
+        from kosmos2_jax.train.sharding import spec_for
+
+        rules = nn.get_logical_axis_rules()
+        spec = spec_for(q.shape, ("act_batch", None, "act_heads", None), mesh, rules)
+        seg_spec = jax.sharding.PartitionSpec(spec[0], None)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
+                            check_vma=False)(q, k, v, segments)
+    return out[:, :length]
+
+
+def masked_attention(q, k, v, causal: bool, segment_ids, lengths, impl: str):
+    """Self-attention without a dense bias: the causal flag, and either `segment_ids` [B, len]
+    (packed rows: a query sees its own segment) or `lengths` [B] (right-padded rows) or neither."""
+    if impl == "splash":
+        if segment_ids is None and lengths is not None:
+            segment_ids = (jnp.arange(q.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+        return splash_attention(q, k, v, causal, segment_ids)
+    mask = None
+    if segment_ids is not None:  # no segment ids in jax.nn.dot_product_attention: a boolean mask
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return fused_attention(q, k, v, mask, causal, impl, lengths)
 
 
 class Attention(nn.Module):
@@ -100,10 +169,12 @@ class Attention(nn.Module):
     `cache_index` and the queries attend over the whole cache (the caller's `bias` covers the cache
     length).
 
-    `impl` (config.ATTENTION_IMPLS): "einsum" computes the scores itself, as HF does; "xla" and
-    "cudnn" hand q, k, v and the mask to `jax.nn.dot_product_attention` (not when decoding), where
-    "cudnn" is the fused flash-attention kernel that skips the causal upper triangle. The query
-    rows that see no key at all (padding) then come out differently from HF's; the others agree.
+    `impl` (config.ATTENTION_IMPLS): "einsum" computes the scores itself, as HF does, from `bias`;
+    the others take the causal flag and `segment_ids` [B, len] or `lengths` [B] instead of a bias
+    (`masked_attention`; not when decoding): "xla" and "cudnn" through
+    `jax.nn.dot_product_attention` ("cudnn" is the fused flash-attention kernel that skips the
+    causal upper triangle), "splash" through Pallas's TPU kernel. The query rows that see no key
+    at all (padding) then come out differently from HF's; the others agree.
     """
 
     num_heads: int
@@ -115,16 +186,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv=None, bias=None, deterministic: bool = True, decode: bool = False,
-                 causal: bool = False):
+                 causal: bool = False, segment_ids=None, lengths=None):
         kv = x if kv is None else kv
         width = x.shape[-1]
         head_dim = width // self.num_heads
         dense = lambda name, axes=("embed", "heads"): Dense(width, axes, dtype=self.dtype,
                                                             param_dtype=self.param_dtype, name=name)
         split = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)
-        q = split(dense("q_proj")(x) * head_dim ** -0.5)
-        k = split(dense("k_proj")(kv))
-        v = split(dense("v_proj")(kv))
+        q = split(checkpoint_name(dense("q_proj")(x), "query_proj") * head_dim ** -0.5)
+        k = split(checkpoint_name(dense("k_proj")(kv), "key_proj"))
+        v = split(checkpoint_name(dense("v_proj")(kv), "value_proj"))
         q = constrain(q, ("act_batch", "act_len", "act_heads", None))
         if decode:
             k, v = self._update_cache(k, v)
@@ -135,13 +206,13 @@ class Attention(nn.Module):
                 raise ValueError(f"attention_impl={self.impl!r} has no attention dropout "
                                  f"(jax.nn.dot_product_attention); set the towers' attention_dropout to 0.0 "
                                  f"or use attention_impl='einsum'")
-            mask = None if bias is None else bias == 0  # [B, 1, q_len, kv_len]
-            out = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, causal, self.impl)
-        out = out.reshape(*x.shape[:2], width)
+            out = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), causal, segment_ids, lengths, self.impl)
+        out = checkpoint_name(out.reshape(*x.shape[:2], width), "context")
         out = constrain(out, ("act_batch", "act_len", "act_heads"))
         if self.inner_layer_norm_eps is not None:
             out = layer_norm(self.inner_layer_norm_eps, "heads", self.dtype, self.param_dtype, name="inner_attn_ln")(out)
-        return Dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
+        out = Dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
+        return checkpoint_name(out, "out_proj")
 
     def _einsum_attention(self, q, k, v, bias, deterministic):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32).astype(jnp.float32)
@@ -168,12 +239,37 @@ class Attention(nn.Module):
         return cached_k.value, cached_v.value
 
 
+# Activations tagged with `checkpoint_name` in every block (attention: q/k/v projections, the
+# merged heads before `out_proj` ("context"), `out_proj`; MLP: the outputs of fc1 and fc2).
+CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_in", "mlp_out")
+# MaxText's presets over those names: `minimal` keeps every projection, `minimal_with_context` also
+# the attention's output, so the backward recomputes only the elementwise ops (and attention).
+NAMED_POLICIES = {"minimal": ("query_proj", "key_proj", "value_proj", "out_proj", "mlp_in", "mlp_out"),
+                  "minimal_with_context": ("query_proj", "key_proj", "value_proj", "context", "out_proj",
+                                           "mlp_in", "mlp_out")}
+# `jax.checkpoint_policies` members that are policies themselves (the others build one from names)
+_JAX_POLICIES = ("checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "dots_saveable",
+                 "dots_with_no_batch_dims_saveable", "everything_saveable", "nothing_saveable")
+_ALIASES = {"full": "nothing_saveable", "dots": "checkpoint_dots",
+            "dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims"}
+
+
 def remat_policy(name: str):
-    return {
-        "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    }[name]
+    """A `model.remat_policy` name -> the `jax.checkpoint` policy (what the backward keeps; the
+    rest is recomputed). "none" means no remat at all and has no policy. Names: "full" (keep
+    nothing), "dots", "dots_with_no_batch_dims", any plain `jax.checkpoint_policies` policy,
+    "minimal", "minimal_with_context", or "save:NAME+NAME..." over `CHECKPOINT_NAMES`."""
+    name = _ALIASES.get(name, name)
+    if name in _JAX_POLICIES:
+        return getattr(jax.checkpoint_policies, name)
+    if name in NAMED_POLICIES or name.startswith("save:"):
+        names = NAMED_POLICIES.get(name) or tuple(n for n in name[len("save:"):].split("+") if n)
+        bad = [n for n in names if n not in CHECKPOINT_NAMES]
+        if bad or not names:
+            raise ValueError(f"remat_policy {name!r}: names must be some of {', '.join(CHECKPOINT_NAMES)}")
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    raise ValueError(f"remat_policy {name!r} not in none, {', '.join(_ALIASES)}, {', '.join(_JAX_POLICIES)}, "
+                     f"{', '.join(NAMED_POLICIES)} or save:NAME+NAME (names: {', '.join(CHECKPOINT_NAMES)})")
 
 
 def stack_layers(block_cls: type[nn.Module], num_layers: int, remat: str, scan: bool, name: str, **block_kwargs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from kosmos2_jax.models.config import Kosmos2Config
@@ -48,9 +49,10 @@ class VisionBlock(nn.Module):
                       impl=self.config.attention_impl, name="self_attn")(h, deterministic=self.deterministic)
         x = x + h
         h = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm2")(x)
-        h = Dense(c.intermediate_size, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(h)
+        h = checkpoint_name(Dense(c.intermediate_size, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="fc1")(h),
+                            "mlp_in")
         h = constrain(activation(c.hidden_act)(h), ("act_batch", "act_len", "act_mlp"))
-        h = Dense(c.hidden_size, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h)
+        h = checkpoint_name(Dense(c.hidden_size, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="fc2")(h), "mlp_out")
         return constrain(x + h, ("act_batch", "act_len", "act_embed"))
 
 
