@@ -12,8 +12,9 @@ points at its block's first entry, which no image position reads. Rows are split
 The model runs the tower on the compact images and gathers each row's embeddings back
 (`models.kosmos2.gather_image_embeds`).
 
-Groups keep that gather on the device that holds the rows. The trainer uses one group per batch
-shard, a multiple of `grad_accum_steps`, so that each micro-batch also takes whole groups. Capacity is
+Groups keep that gather on the device that holds the rows. The trainer uses one group per
+micro-batch of each batch shard (`grad_accum_steps` per shard), so that each micro-batch takes
+whole groups (`trainer.micro_batches`). Capacity is
 rounded up to a quarter of a group's slots (`capacity`), so a run compiles at most four steps.
 """
 

@@ -104,8 +104,14 @@ class Trainer:
         self.mesh = sharding.create_mesh(dict(config.mesh), devices)
         self.rules = sharding.rules_from_text(config.mesh.get("rules", ""))
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-        # compacted images: one block per batch shard, whole blocks per micro-batch
-        self.image_groups = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], config.train.grad_accum_steps)
+        self.batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        accum = config.train.grad_accum_steps
+        if accum > 1 and config.train.batch_size % (self.batch_shards * accum):
+            raise ValueError(f"config.train.grad_accum_steps={accum}: each of the {self.batch_shards} batch shards "
+                             f"holds {config.train.batch_size / self.batch_shards:g} of train.batch_size="
+                             f"{config.train.batch_size} rows, which do not split into {accum} micro-batches")
+        # compacted images: one block per micro-batch of each batch shard (`micro_batches`)
+        self.image_groups = self.batch_shards * accum
         self.image_slots = 0  # image slots the vision tower ran on in the last batch put on the devices
         self._init_state(init_params, abstract)
         self._step_fn = self._build_step()
@@ -175,7 +181,7 @@ class Trainer:
             if accum == 1:
                 grads, metrics = grad_fn(state["params"], batch, rng)
             else:
-                micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+                micro = jax.tree_util.tree_map(lambda x: micro_batches(x, accum, self.batch_shards), batch)
 
                 def body(carry, xs):
                     g_acc, m_acc = carry
@@ -263,6 +269,20 @@ class Trainer:
         tokens = max(totals.get("tokens", 0.0), 1.0)
         return {"loss": totals.get("nll_sum", 0.0) / tokens,
                 "loc_accuracy": totals.get("loc_correct", 0.0) / max(totals.get("loc_tokens", 0.0), 1.0)}
+
+
+def micro_batches(x, accum: int, shards: int):
+    """[N, ...] -> [accum, N / accum, ...], micro-batch i being the i-th 1/accum of every batch
+    shard's rows (strided over the batch, not its contiguous i-th 1/accum): each micro-batch stays
+    on the devices that hold it, so no micro-step moves data between them. Batch arrays whose
+    leading axis is split in shards (rows, compacted images, image blocks) all split alike."""
+    n = x.shape[0]
+    x = x.reshape(shards, accum, n // (shards * accum), *x.shape[1:]).swapaxes(0, 1)
+    x = x.reshape(accum, n // accum, *x.shape[3:])
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        x = jax.lax.with_sharding_constraint(x, P(None, ("data", "fsdp")))
+    return x
 
 
 def abstract_like(state, shardings):
