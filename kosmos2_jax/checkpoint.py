@@ -91,8 +91,8 @@ def _quiet_merge():
 def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int:
     """Write `model_config.json` + `params/` (see the module docstring). `params` may be numpy or
     global jax arrays sharded over several processes: collective then, every process writes its own
-    shards and none gathers the model. Its config has the default `attention_impl` and layer
-    layout: how a run computed is not a property of the weights. The folder is written beside
+    shards and none gathers the model. Its config has the default `attention_impl`, layer layout
+    and no frozen layers: how a run computed is not a property of the weights. The folder is written beside
     `out_dir` and replaces it whole when complete (a kill leaves the old one as it was). Returns
     the parameter count."""
     import orbax.checkpoint as ocp
@@ -114,7 +114,8 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int
         multihost.sync("save_checkpoint:made")
         if primary:
             with open(os.path.join(tmp, "model_config.json"), "w") as f:
-                json.dump(config.replace(attention_impl="einsum", scan_text_layers=None).to_dict(), f, indent=2)
+                plain = config.replace(attention_impl="einsum", scan_text_layers=None, frozen_vision_layers=0)
+                json.dump(plain.to_dict(), f, indent=2)
         with _quiet_merge(), ocp.Checkpointer(handler) as ckptr:
             ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(tree, save_args=save_args), force=True)
         multihost.sync("save_checkpoint:written")

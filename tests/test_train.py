@@ -206,6 +206,7 @@ def test_vision_except_last_mask(scan):
 
 @pytest.mark.parametrize("freeze", ["vision_except_last", "all_but_resampler"])
 def test_freezing(shapes_tfds, small_spm, freeze):
+    from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.train.loss import location_kernel
     from kosmos2_jax.train.trainer import BATCH_KEYS, loss_and_metrics
 
@@ -216,7 +217,9 @@ def test_freezing(shapes_tfds, small_spm, freeze):
     inputs = {k: batch[k] for k in BATCH_KEYS if k in batch}
     t = trainer.config.train  # the step's loss: location weight and soft targets (their width at step 0)
     kernel = location_kernel(round(trainer.loc[1] ** 0.5), t.location_sigma) if t.location_sigma > 0 else None
-    grads, m = jax.jit(jax.grad(lambda p: loss_and_metrics(trainer.model, p, inputs, jax.random.PRNGKey(0), True,
+    # the gradients of every parameter, frozen ones too: a model that freezes no vision layer
+    unfrozen = Kosmos2(trainer.model.config.replace(frozen_vision_layers=0))
+    grads, m = jax.jit(jax.grad(lambda p: loss_and_metrics(unfrozen, p, inputs, jax.random.PRNGKey(0), True,
                                                            *trainer.loc, t.location_loss_weight, location_kernel=kernel),
                                 has_aux=True))(before)
     grads = jax.tree_util.tree_map(lambda g: g / m["tokens"], grads)
@@ -229,10 +232,16 @@ def test_freezing(shapes_tfds, small_spm, freeze):
     trainer.train_step(batch)
     after = jax.device_get(trainer.state["params"])
     moved = lambda *path: not np.array_equal(_get(before, path), _get(after, path))
+    # the optimizer holds moments for the trained parameters only
+    adam = [s for s in jax.tree_util.tree_leaves(trainer.state["opt_state"], is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+    assert sum(x.size for x in jax.tree_util.tree_leaves(adam.mu)) == trainer.parameter_counts()[1]
+    assert isinstance(adam.mu["vision_model"]["patch_embedding"]["kernel"], optax.MaskedNode)
     if freeze == "vision_except_last":
         fc1_before = before["vision_model"]["encoder"]["layer"]["fc1"]["kernel"]
         fc1_after = after["vision_model"]["encoder"]["layer"]["fc1"]["kernel"]
         np.testing.assert_array_equal(fc1_before[:-1], fc1_after[:-1])
+        assert adam.mu["vision_model"]["encoder"]["layer"]["fc1"]["kernel"].shape == (1, *fc1_before.shape[1:])
         assert not np.array_equal(fc1_before[-1], fc1_after[-1])
         assert not moved("vision_model", "patch_embedding", "kernel")
         assert moved("vision_model", "post_layernorm", "scale") and moved("text_model", "embed_tokens", "embedding")

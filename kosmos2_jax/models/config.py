@@ -71,12 +71,18 @@ class Kosmos2Config:
     # weights out of the stack on every call, which makes token-by-token decoding 2.4x slower.
     scan_text_layers: bool | None = None
     attention_impl: str = "einsum"
+    # Training only: the first N vision layers are frozen (the trainer sets it from train.freeze),
+    # so that with scanned layers their backward is not computed at all (layers.stack_layers).
+    frozen_vision_layers: int = 0
 
     def __post_init__(self):
         if self.remat_policy != "none":
             from kosmos2_jax.models.layers import remat_policy
 
             remat_policy(self.remat_policy)  # raises on an unknown name
+        if not 0 <= self.frozen_vision_layers <= self.vision.num_hidden_layers:
+            raise ValueError(f"frozen_vision_layers={self.frozen_vision_layers} not in [0, "
+                             f"{self.vision.num_hidden_layers}] (the vision layers)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):

@@ -7,6 +7,7 @@ activations carry logical constraints (`act_batch`, `act_len`, `act_embed`, `act
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -272,19 +273,42 @@ def remat_policy(name: str):
                      f"{', '.join(NAMED_POLICIES)} or save:NAME+NAME (names: {', '.join(CHECKPOINT_NAMES)})")
 
 
-def stack_layers(block_cls: type[nn.Module], num_layers: int, remat: str, scan: bool, name: str, **block_kwargs):
+def stack_layers(block_cls: type[nn.Module], num_layers: int, remat: str, scan: bool, name: str,
+                 frozen: int = 0, owner: nn.Module | None = None, **block_kwargs):
     """`num_layers` copies of `block_cls`: `nn.scan`ned (params and cache stacked on a leading
     `layers` axis) or a Python loop, with an optional `nn.remat` policy. Call the result as
-    `(x, args)` with `args` a tuple of arrays shared by every layer; blocks take `(x, *args)`."""
+    `(x, args)` with `args` a tuple of arrays shared by every layer; blocks take `(x, *args)`.
+
+    `frozen` > 0 with `scan` (and the calling module as `owner`): the first `frozen` layers, and
+    everything before them, get no gradient, and the backward stops at them. The same stacked
+    parameters, but applied as two scans, the first under `stop_gradient`: one scan over all
+    layers would carry the backward through every layer even where it only multiplies by zero. (A
+    loop of layers needs none of this: `stop_gradient` on the frozen parameters is enough.)"""
     block = block_cls
     if remat != "none":
         block = nn.remat(block, policy=remat_policy(remat), prevent_cse=not scan)
     if scan:
-        scanned = nn.scan(
-            _ScanAdapter, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=nn.broadcast, length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        return scanned(block=block, block_kwargs=tuple(block_kwargs.items()), name=name)
+        def scanned(length, **kwargs):
+            return nn.scan(_ScanAdapter, variable_axes={"params": 0, "cache": 0},
+                           split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast, length=length,
+                           metadata_params={nn.PARTITION_NAME: "layers"})(
+                block=block, block_kwargs=tuple(block_kwargs.items()), **kwargs)
+
+        if frozen and owner is not None and name in owner.variables.get("params", {}):
+            return partial(_frozen_then_trained, scanned, owner.variables["params"][name], frozen, num_layers,
+                           {"dropout": owner.make_rng("dropout")} if owner.has_rng("dropout") else {})
+        return scanned(num_layers, name=name)
     return _Loop(block=block, num_layers=num_layers, block_kwargs=tuple(block_kwargs.items()), name=name)
+
+
+def _frozen_then_trained(scanned, params, frozen: int, num_layers: int, rngs: dict, x, args):
+    """`stack_layers`'s scan as a frozen scan over the first `frozen` layers, then the rest."""
+    head = jax.tree_util.tree_map(lambda p: jax.lax.stop_gradient(p[:frozen]), params)
+    x, _ = scanned(frozen, parent=None).apply({"params": head}, jax.lax.stop_gradient(x), args, rngs=rngs)
+    if frozen < num_layers:
+        tail = jax.tree_util.tree_map(lambda p: p[frozen:], params)
+        x, _ = scanned(num_layers - frozen, parent=None).apply({"params": tail}, x, args, rngs=rngs)
+    return x, None
 
 
 class _ScanAdapter(nn.Module):

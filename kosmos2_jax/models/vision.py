@@ -90,5 +90,6 @@ class VisionEncoder(nn.Module):
         x = constrain(x + pos.astype(dt), ("act_batch", "act_len", "act_embed"))
         x = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="pre_layrnorm")(x)
         x, _ = stack_layers(VisionBlock, c.num_hidden_layers, self.config.remat_policy, self.config.scan_layers,
-                            "encoder", config=self.config, deterministic=deterministic)(x, ())
+                            "encoder", frozen=self.config.frozen_vision_layers, owner=self, config=self.config,
+                            deterministic=deterministic)(x, ())
         return layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="post_layernorm")(x)

@@ -107,6 +107,12 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
     locations = _get(cfg, "num_location_tokens")
     if locations is not _MISSING and math.isqrt(int(locations)) ** 2 != locations:
         raise UsageError(f"config.num_location_tokens={locations}: must be a square (a P x P grid of locations)")
+    decay_mask = _get(cfg, "optim.weight_decay_mask")
+    if decay_mask is not _MISSING:
+        from kosmos2_jax.train.optim import WEIGHT_DECAY_MASKS
+
+        if decay_mask not in WEIGHT_DECAY_MASKS:
+            raise UsageError(f"config.optim.weight_decay_mask={decay_mask!r}: must be one of {', '.join(WEIGHT_DECAY_MASKS)}")
     batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum_steps")
     if accum is not _MISSING and batch % accum:
         raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")

@@ -1,5 +1,6 @@
 """Optimizer: AdamW with linear warm-up and linear decay to zero (the paper's schedule), global-norm
-clipping, gradient accumulation, and parameter freezing by masking updates."""
+clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state) covers the
+trained parameters only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import flax.linen as nn
 from flax import traverse_util
 
 FREEZE_MODES = ("none", "vision_except_last", "all_but_resampler")
@@ -48,19 +51,76 @@ def trainable_mask(params, mode: str, scan_layers: bool = True):
     return traverse_util.unflatten_dict(out)
 
 
-def mask_updates(mask) -> optax.GradientTransformation:
+def _kept(mask_leaf):
+    """True (trained), False (frozen) or the trained layers' indices (a per-layer mask)."""
+    m = np.asarray(mask_leaf)
+    if m.ndim == 0:
+        return bool(m != 0)
+    layers = np.flatnonzero(m.reshape(m.shape[0], -1)[:, 0])
+    return True if len(layers) == m.shape[0] else (False if len(layers) == 0 else layers)
+
+
+def _take_layers(leaf, layers):
+    contiguous = layers[-1] - layers[0] + 1 == len(layers)
+    take = (lambda a: a[layers[0]:layers[-1] + 1]) if contiguous else (lambda a: a[layers])
+    if isinstance(leaf, nn.LogicallyPartitioned):
+        return leaf.replace_boxed(take(leaf.value))
+    return take(leaf)
+
+
+def trained_only(inner: optax.GradientTransformation, mask) -> optax.GradientTransformation:
+    """`inner` on the trained part of the parameters alone: a frozen leaf has no optimizer state
+    (`optax.MaskedNode`), a partly frozen stack (`trainable_mask`'s per-layer multipliers) state for
+    its trained layers only; frozen parts get zero updates. (optax.masked would keep whole leaves.)"""
+    is_leaf = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    kept = [_kept(m) for m in jax.tree_util.tree_leaves(mask)]
+
+    def part(tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
+        if len(leaves) != len(kept):
+            raise ValueError(f"the trainable mask has {len(kept)} leaves, the parameters {len(leaves)}")
+        return treedef.unflatten([leaf if k is True else optax.MaskedNode() if k is False else _take_layers(leaf, k)
+                                  for leaf, k in zip(leaves, kept)])
+
     def update(updates, state, params=None):
-        return jax.tree_util.tree_map(lambda u, m: u * m.astype(u.dtype), updates, mask), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+        new, state = inner.update(part(updates), state, None if params is None else part(params))
+        full, treedef = jax.tree_util.tree_flatten(updates)
+        new = jax.tree_util.tree_flatten(new, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+        out = [n if k is True else jnp.zeros_like(u) if k is False else jnp.zeros_like(u).at[k].set(n)
+               for u, n, k in zip(full, new, kept)]
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(lambda params: inner.init(part(params)), update)
+
+
+WEIGHT_DECAY_MASKS = ("all", "matrices")
+
+
+def weight_decay_mask(name: str):
+    """`optim.weight_decay_mask`: "all" decays every parameter, as the released training code
+    (fairseq's Adam with --weight-decay) does; "matrices" only kernels and embeddings (no biases,
+    LayerNorms, class embedding or position tables)."""
+    if name not in WEIGHT_DECAY_MASKS:
+        raise ValueError(f"optim.weight_decay_mask {name!r} not in {WEIGHT_DECAY_MASKS}")
+    if name == "all":
+        return None
+
+    def last_key(path):
+        return next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
+
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: last_key(path) in ("kernel", "embedding"), params)
 
 
 def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm."""
+    """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm, and optionally
+    weight_decay_mask ("all"). With `mask` (`trainable_mask`) the optimizer runs on the trained
+    parameters only (`trained_only`)."""
     schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps)
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
-    if mask is not None:
-        parts.append(mask_updates(mask))
-    return optax.chain(*parts), schedule
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             mask=weight_decay_mask(cfg.get("weight_decay_mask", "all"))))
+    tx = optax.chain(*parts)
+    return (tx if mask is None else trained_only(tx, mask)), schedule

@@ -130,7 +130,10 @@ def base() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=p["warmup_steps"], b1=p["b1"], b2=p["b2"], eps=p["eps"],
-        weight_decay=p["weight_decay"], clip_norm=p["clip_norm"]))
+        weight_decay=p["weight_decay"], clip_norm=p["clip_norm"],
+        # "all": every parameter decays, as in the released training code; "matrices": kernels and
+        # embeddings only (train/optim.py)
+        weight_decay_mask="all"))
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=208, steps=p["steps"], grad_accum_steps=1, freeze="none", log_every=50, eval_every=2000,

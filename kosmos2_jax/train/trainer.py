@@ -32,7 +32,8 @@ METRIC_KEYS = ("nll_sum", "tokens", "loc_correct", "loc_tokens")
 
 
 def model_config(cfg, vocab_size: int):
-    """The experiment config's `model` -> a Kosmos2Config (`text.vocab_size=-1`: the tokenizer's)."""
+    """The experiment config's `model` -> a Kosmos2Config (`text.vocab_size=-1`: the tokenizer's;
+    the vision layers `train.freeze` freezes run without a backward)."""
     from kosmos2_jax.models import Kosmos2Config, TextConfig, VisionConfig
 
     text = dict(cfg.model.text)
@@ -40,10 +41,14 @@ def model_config(cfg, vocab_size: int):
         text["vocab_size"] = vocab_size
     elif text["vocab_size"] != vocab_size:
         raise ValueError(f"config model.text.vocab_size={text['vocab_size']} but the tokenizer has {vocab_size}")
-    return Kosmos2Config(vision=VisionConfig(**dict(cfg.model.vision)), text=TextConfig(**text),
+    vision = VisionConfig(**dict(cfg.model.vision))
+    freeze = cfg.get("train", {}).get("freeze", "none")
+    frozen = {"vision_except_last": vision.num_hidden_layers - 1, "all_but_resampler": vision.num_hidden_layers}
+    return Kosmos2Config(vision=vision, text=TextConfig(**text),
                          latent_query_num=cfg.model.latent_query_num, dtype=cfg.model.dtype,
                          param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat_policy,
-                         scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.get("attention_impl", "einsum"))
+                         scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.get("attention_impl", "einsum"),
+                         frozen_vision_layers=frozen.get(freeze, 0))
 
 
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
@@ -132,7 +137,7 @@ class Trainer:
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         param_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
         self.mask = trainable_mask(nn.unbox(boxed), self.config.train.freeze, self.model.config.scan_layers)
-        self.tx, self.schedule = make_optimizer(self.config.optim, self.mask)
+        self.tx, self.schedule = make_optimizer(self.config.optim, self.mask)  # no state for frozen params
         opt_boxed = jax.eval_shape(self.tx.init, boxed)
         opt_shardings = sharding.tree_shardings(opt_boxed, self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, P())

@@ -1,0 +1,103 @@
+"""Frozen vision layers under `nn.scan` (`frozen_vision_layers`, set by `train.freeze`): the
+same gradients for the trained parameters as masking a single scan, none for the frozen ones, and
+no backward through the frozen layers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from flax import traverse_util
+
+from kosmos2_jax.models import Kosmos2, tiny
+from kosmos2_jax.models.config import VisionConfig
+from kosmos2_jax.train.optim import trainable_mask
+
+
+def _setup(frozen):
+    base = tiny(vocab_size=97)
+    cfg = base.replace(vision=VisionConfig(**{**base.vision.__dict__, "num_hidden_layers": 5}),
+                       frozen_vision_layers=frozen)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 97, size=(2, 20)).astype(np.int32)
+    img = np.zeros_like(ids)
+    img[:, 2:2 + cfg.latent_query_num] = 1
+    pixels = rng.standard_normal((2, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+    model = Kosmos2(cfg)
+
+    def loss(p):
+        logits = model.apply({"params": p}, pixels, ids, np.ones_like(ids), img)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1)[:, :-1], ids[:, 1:, None], -1).mean()
+
+    return model, loss, (pixels, ids, np.ones_like(ids), img)
+
+
+def test_split_scan_gradients_equal_the_masked_single_scan():
+    model, masked_loss, batch = _setup(0)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), *batch)["params"])
+    _, split_loss, _ = _setup(4)
+    mask = trainable_mask(params, "vision_except_last", scan_layers=True)
+    reference = jax.tree_util.tree_map(lambda g, m: g * m, jax.jit(jax.grad(masked_loss))(params), mask)
+    split = jax.jit(jax.grad(split_loss))(params)
+    np.testing.assert_allclose(float(jax.jit(split_loss)(params)), float(jax.jit(masked_loss)(params)), rtol=1e-6)
+    flat, ref = traverse_util.flatten_dict(split), traverse_util.flatten_dict(reference)
+    for path in ref:
+        if path[:2] in (("vision_model", "patch_embedding"), ("vision_model", "pre_layrnorm")) or \
+                path[-1] in ("class_embedding", "position_embedding"):
+            assert not np.any(np.asarray(flat[path])), path  # before the frozen layers: no gradient
+        else:
+            np.testing.assert_allclose(np.asarray(flat[path]), np.asarray(ref[path]), rtol=1e-5, atol=1e-7,
+                                       err_msg="/".join(path))
+    fc1 = np.asarray(flat[("vision_model", "encoder", "layer", "fc1", "kernel")])
+    assert not fc1[:4].any() and fc1[4].any()  # the frozen layers' slice is zero, the last layer's is not
+
+
+def _scan_lengths(loss, params):
+    lengths = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                lengths.append(eqn.params["length"])
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    return lengths
+
+
+def test_no_backward_through_the_frozen_layers():
+    """The gradient program runs the scan of the 4 frozen layers once (forward only); a single
+    scan of all 5 layers runs twice (forward and backward), whatever the mask."""
+    model, masked_loss, batch = _setup(0)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *batch))["params"]
+    _, split_loss, _ = _setup(4)
+    assert _scan_lengths(masked_loss, params).count(5) == 2
+    split = _scan_lengths(split_loss, params)
+    assert split.count(4) == 1 and split.count(1) == 2 and 5 not in split
+
+
+def test_weight_decay_masks_and_trained_only_updates():
+    import ml_collections
+    import optax
+
+    from kosmos2_jax.train.optim import make_optimizer, weight_decay_mask
+
+    params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "stack": {"kernel": jnp.ones((4, 2))}}
+    mask = {"dense": {"kernel": jnp.ones(()), "bias": jnp.zeros(())},
+            "stack": {"kernel": jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(4, 1)}}
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for decay, bias_moves in (("all", True), ("matrices", False)):
+        cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.99, eps=1e-8,
+                                             weight_decay=0.5, clip_norm=1.0, weight_decay_mask=decay))
+        tx, _ = make_optimizer(cfg)  # zero gradients: only the weight decay moves a parameter
+        updates, _ = tx.update(zero_grads, tx.init(params), params)
+        assert bool(jnp.any(updates["dense"]["bias"] != 0)) == bias_moves and jnp.all(updates["dense"]["kernel"] < 0)
+        tx, _ = make_optimizer(cfg, mask)
+        state = tx.init(params)
+        updates, _ = tx.update(zero_grads, state, params)
+        assert not jnp.any(updates["dense"]["bias"]) and not jnp.any(updates["stack"]["kernel"][:2])
+        assert jnp.all(updates["stack"]["kernel"][2:] < 0)
+        adam = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState)][0]
+        assert isinstance(adam.mu["dense"]["bias"], optax.MaskedNode) and adam.mu["stack"]["kernel"].shape == (2, 2)
+    assert weight_decay_mask("all") is None
