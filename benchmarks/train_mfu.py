@@ -27,6 +27,7 @@ bf16; `--peak_tflops` for chips not in PEAK_TFLOPS).
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 import time
@@ -100,12 +101,23 @@ def main(argv=None):
     parser.add_argument("--remat", default=None,
                         help=f"model.remat_policy, or several joined by commas (e.g. {', '.join(REMAT_POLICIES)}, any "
                              f"jax.checkpoint_policies name, save:NAME+NAME; default: the config's)")
+    parser.add_argument("--xla_gpu_preset", default="training", help="XLA flags added on NVIDIA GPUs "
+                        "(kosmos2_jax.cli.GPU_XLA_PRESETS: training, none), as `train` adds them")
+    parser.add_argument("--freeze", default=None, help="train.freeze (none, vision_except_last, all_but_resampler; "
+                        "default: the config's): the step and the optimizer state then cover the trained part only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config value, e.g. --set model.vision.num_hidden_layers=12 (repeatable; applied last)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a CPU smoke run")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="after timing, trace --profile_steps more steps to DIR (TensorBoard/Perfetto) "
                              "and print where the time goes (kosmos2_jax/train/profiling.py)")
     parser.add_argument("--profile_steps", type=int, default=3)
     args = parser.parse_args(argv)
+    from kosmos2_jax import cli
+
+    added = cli.use_gpu_xla_flags(args.xla_gpu_preset)  # before JAX starts its backend
+    if added:
+        print(f"XLA flags added ({args.xla_gpu_preset}): {' '.join(added)}", flush=True)
     attentions = args.attention.split(",") if args.attention else [None]
     remats = args.remat.split(",") if args.remat else [None]
     results = [dict(run_one(args, attention, remat), attention=attention, remat=remat)
@@ -136,6 +148,18 @@ def run_one(args, attention, remat):
         cfg.model.remat_policy = remat
     if args.no_compact:
         cfg.train.compact_images = False
+    if args.freeze:
+        cfg.train.freeze = args.freeze
+    for item in args.set:
+        key, _, text = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        try:
+            node[leaf] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            node[leaf] = text
     if cfg.model.attention_impl != "einsum":  # jax.nn.dot_product_attention has no dropout
         cfg.model.text.attention_dropout = cfg.model.vision.attention_dropout = 0.0
     config = model_config(cfg, cfg.model.text.vocab_size)
@@ -152,6 +176,10 @@ def run_one(args, attention, remat):
     start = time.perf_counter()
     trainer = Trainer(Kosmos2(config), cfg, config.text.vocab_size - cfg.num_location_tokens, cfg.num_location_tokens)
     print(f"init {time.perf_counter() - start:.1f}s", flush=True)
+    total, trained = trainer.parameter_counts()
+    opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(trainer.state["opt_state"]))
+    print(f"freeze {cfg.train.freeze}: {trained:,} of {total:,} parameters trained; optimizer state "
+          f"{opt_bytes / 2**20:,.1f} MiB", flush=True)
     with jax.set_mesh(trainer.mesh), sharding.logical_axis_rules(trainer.rules):
         on_device = trainer._put(batch)  # one batch, kept on the device: this times the step, not the input
         print(f"vision tower on {trainer.image_slots} images per step ({args.rows * args.images_per_row} real, "
@@ -209,7 +237,7 @@ def run_one(args, attention, remat):
               + profiling.format_summary(summary, step))
     return {"step_s": step, "tokens_per_s": tokens / step, "model_flops": model, "hardware_flops": hardware,
             "loss": loss, "profile": summary, "mfu": mfu, "attention_impl": config.attention_impl,
-            "remat_policy": config.remat_policy}
+            "remat_policy": config.remat_policy, "optimizer_state_bytes": opt_bytes, "trained_parameters": trained}
 
 
 if __name__ == "__main__":

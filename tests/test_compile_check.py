@@ -40,6 +40,18 @@ def test_tiny_config_compiles_for_a_small_tpu_slice(small_spm):
     assert "compiled in" in text and "TFLOP per device per step" in text
 
 
+@needs_libtpu
+def test_splash_attention_compiles_for_a_tpu_slice(small_spm):
+    """The Pallas TPU kernel, compiled (not interpreted) per device in a shard_map over batch and
+    heads, on packed rows."""
+    config = f"{HERE}/train_tiny_config.py:unused,{small_spm}"
+    out = _compile(config, "--topology", "v5p-8", "--config.data.pack=True", "--config.mesh.data=1",
+                   "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.model.attention_impl=splash",
+                   "--config.model.text.attention_dropout=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mesh data=1 fsdp=4 tensor=2" in out.stdout and "compiled in" in out.stdout
+
+
 def test_clear_errors(small_spm):
     config = f"{HERE}/train_tiny_config.py:unused,{small_spm}"
     bad = _compile(config, "--topology", "v9-8", timeout=120)

@@ -118,8 +118,9 @@ def splash_attention(q, k, v, causal: bool, segment_ids=None, interpret: bool | 
     if padded != length:
         pad = lambda t: jnp.pad(t, ((0, 0), (0, padded - length)) + ((0, 0),) * (t.ndim - 2))
         q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    if interpret is None:  # the mesh's platform: compiling for a TPU slice from a CPU host is not interpreting
+        interpret = ((None if mesh.empty else getattr(mesh, "platform", None)) or jax.default_backend()) != "tpu"
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
 
@@ -132,7 +133,6 @@ def splash_attention(q, k, v, causal: bool, segment_ids=None, interpret: bool | 
         heads_first = lambda t: jnp.swapaxes(t, 1, 2)
         return heads_first(jax.vmap(per_row)(heads_first(q), heads_first(k), heads_first(v), segments))
 
-    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         out = local(q, k, v, segments)
     else:

@@ -36,6 +36,9 @@ flags.DEFINE_string("compilation_cache", cli.default_compilation_cache(),
                     "persistent XLA compilation cache: a rerun or resume of the same config loads its programs "
                     "instead of compiling them (env KOSMOS2_COMPILATION_CACHE)")
 flags.DEFINE_bool("no_compilation_cache", False, "compile afresh and write no cache")
+flags.DEFINE_enum("xla_gpu_preset", "training", list(cli.GPU_XLA_PRESETS),
+                  "on NVIDIA GPUs: XLA flags added to XLA_FLAGS (cli.GPU_XLA_PRESETS: latency-hiding scheduler, "
+                  "pipelined and combined collectives); none adds nothing")
 flags.mark_flags_as_required(["config"])
 
 
@@ -44,6 +47,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
     from kosmos2_jax.cli import USER_ERRORS
 
+    cli.use_gpu_xla_flags(FLAGS.xla_gpu_preset)  # before JAX starts its backend
     cli.use_compilation_cache(None if FLAGS.no_compilation_cache else FLAGS.compilation_cache)
     try:
         if FLAGS.print_config:
