@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from kosmos2_jax.models.partitioning import spec_for
+
 Dtype = Any
 _INIT = nn.initializers.normal(0.02)
 
@@ -136,8 +138,6 @@ def splash_attention(q, k, v, causal: bool, segment_ids=None, interpret: bool | 
     if mesh.empty or mesh.size == 1:
         out = local(q, k, v, segments)
     else:
-        from kosmos2_jax.train.sharding import spec_for
-
         rules = nn.get_logical_axis_rules()
         spec = spec_for(q.shape, ("act_batch", None, "act_heads", None), mesh, rules)
         seg_spec = jax.sharding.PartitionSpec(spec[0], None)

@@ -16,6 +16,8 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kosmos2_jax.models import partitioning
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -71,29 +73,10 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any]
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def _mesh_axes_for(logical: str | None, rules: Mapping[str, Any]):
-    if logical is None:
-        return None
-    if logical not in rules:
-        raise ValueError(f"logical axis {logical!r} has no sharding rule; known: {sorted(rules)}")
-    return rules[logical]
-
-
 def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
              rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
-    """Logical axes -> PartitionSpec, keeping a dimension replicated when its mesh axes don't
-    divide it and never using one mesh axis twice."""
-    table, used, out = dict(rules), set(), []
-    for dim, logical in zip(shape, logical_axes):
-        axes = _mesh_axes_for(logical, table)
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
-            used.update(axes)
-            out.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            out.append(None)
-    return PartitionSpec(*out)
+    """`models.partitioning.spec_for` under this table of rules by default."""
+    return partitioning.spec_for(shape, logical_axes, mesh, rules)
 
 
 def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
