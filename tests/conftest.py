@@ -31,8 +31,13 @@ IMAGES_DIR = SHARED_KOSMOS2 / "images"
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
     """The CLI tests' subprocesses share one persistent XLA compilation cache, so runs of the same
-    config (a run and its resume, say) compile once. The same executables, so the same numbers."""
-    cache = tmp_path_factory.mktemp("xla_cache")
+    config (a run and its resume, say) compile once. The same executables, so the same numbers.
+    Under xdist both workers use one cache (in the run's common temporary folder)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "xla_cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("xla_cache")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
     yield cache
 
@@ -137,10 +142,15 @@ def save_tiny_checkpoint(directory, spm_path):
     return str(directory)
 
 
-# The longest modules first. `make test` runs each module on one of two workers (--dist loadscope)
-# in collection order, so a long module collected last (test_pods.py, 3-5 minutes) would run alone
-# at the end while the other worker sits idle.
-LONGEST_FIRST = ("test_pods.py", "test_demo.py", "test_train.py", "test_experiments.py", "test_safety.py")
+# The longest modules first, so the two workers finish together (longest-processing-time
+# scheduling). `make test` runs each module on one worker (--dist loadscope, with
+# --no-loadscope-reorder: xdist's own reorder puts modules with few tests, such as test_pods.py's
+# one 4-minute test, last, where it runs alone). Seconds on the 2-core development VM, for keeping
+# the order right: train 330, pods 240, evaluate 175, safety 190, grit_engine 100, experiments 95,
+# serve 120, attention_impl 75, compile_check 70, demo 60.
+LONGEST_FIRST = ("test_train.py", "test_pods.py", "test_safety.py", "test_evaluate.py", "test_serve.py",
+                 "test_grit_engine.py", "test_experiments.py", "test_attention_impl.py", "test_compile_check.py",
+                 "test_demo.py", "test_model_parity.py", "test_grit.py", "test_predict.py", "test_sharding.py")
 
 
 def pytest_collection_modifyitems(config, items):
