@@ -21,7 +21,9 @@ work running: 20 min of training): validation 87.5 at step 2000, then 90.6, 92.2
 2250-3000; 91.9% on the test expressions. The curve is flat from step 2500, so a recipe that is
 flat over its last third within the 12-minute budget needs this accuracy in ~1700 steps or a step
 ~40% cheaper (a profile of this config: the 3-layer decoder is ~70% of the step, its FFN dots the
-largest ops). Not kept: location_sigma 1.5 (seeds 0 and 1: the same curve as sigma 1 to step
+largest ops). Not kept: 2 text layers for 2800 steps (25% more tokens/s; seed 0, same day: it learns
+less per step and is still rising, validation 79.7 at 2000, 85.2, 89.8, 87.5 at 2500-2800, test 88.8% in
+14.1 min), location_sigma 1.5 (seeds 0 and 1: the same curve as sigma 1 to step
 500, 6.2 / 28.1 and 3.9 / 19.5; stopped there).
 
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
