@@ -146,8 +146,8 @@ def save_tiny_checkpoint(directory, spm_path):
 # scheduling). `make test` runs each module on one worker (--dist loadscope, with
 # --no-loadscope-reorder: xdist's own reorder puts modules with few tests, such as test_pods.py's
 # one 4-minute test, last, where it runs alone). Seconds on the 2-core development VM, for keeping
-# the order right: train 330, pods 240, evaluate 175, safety 190, grit_engine 100, experiments 95,
-# serve 120, attention_impl 75, compile_check 70, demo 60.
+# the order right: train 330, pods 240, safety 190, evaluate 175, serve 120, grit_engine 100,
+# experiments 95, attention_impl 75, compile_check 70, demo 60.
 LONGEST_FIRST = ("test_train.py", "test_pods.py", "test_safety.py", "test_evaluate.py", "test_serve.py",
                  "test_grit_engine.py", "test_experiments.py", "test_attention_impl.py", "test_compile_check.py",
                  "test_demo.py", "test_model_parity.py", "test_grit.py", "test_predict.py", "test_sharding.py")
