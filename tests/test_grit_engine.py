@@ -58,15 +58,16 @@ def test_a_dask_cluster_of_two_workers_builds_what_the_local_loop_builds(src, lo
 def test_a_build_killed_between_shards_resumes_without_redoing_them(src, local_build, tmp_path):
     out = tmp_path / "out"
     args = _args(src, out, "--runner", "local", "--shard_size", 3)
-    kill_at_line("kosmos2_jax.grit.build", "shard 2/4 done", {"KOSMOS2_TEST_PAUSE_AFTER_SHARD": "60"}, *args)
+    # the build pauses after each shard: killed in the pause after the first
+    kill_at_line("kosmos2_jax.grit.build", "shard 1/4 done", {"KOSMOS2_TEST_PAUSE_AFTER_SHARD": "60"}, *args)
     partial = tmp_path / "out.partial"
-    assert not out.exists() and sorted(p.name for p in partial.glob("stats-*.json")) == ["stats-00000.json",
-                                                                                          "stats-00001.json"]
-    kept = {p.name: p.stat().st_mtime_ns for p in partial.glob("*-0000[01].*")}
+    assert not out.exists() and sorted(p.name for p in partial.glob("stats-*.json")) == ["stats-00000.json"]
+    kept = {p.name: p.stat().st_mtime_ns for p in partial.glob("*-00000.*")}
+    assert len(kept) > 1  # the shard's records and its stats
     again = subprocess.run([sys.executable, "-m", "kosmos2_jax.grit.build", *args], capture_output=True, text=True,
                            cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "4 shards: 2 finished earlier (skipped), 2 to build on local" in again.stderr
+    assert "4 shards: 1 finished earlier (skipped), 3 to build on local" in again.stderr
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not recomputed
     assert _result(out) == local_build and not partial.exists()
 
