@@ -26,6 +26,20 @@ less per step and is still rising, validation 79.7 at 2000, 85.2, 89.8, 87.5 at 
 14.1 min), location_sigma 1.5 (seeds 0 and 1: the same curve as sigma 1 to step
 500, 6.2 / 28.1 and 3.9 / 19.5; stopped there).
 
+The batch size and the learning rate around these values (seed 0, `benchmarks/demo_robustness.py
+--seeds 0 --override=...`, commit 45e6285, the same 2-core Xeon idle, 2026-12-03; each stopped once
+it was clearly behind; this config's curve: 7.0, 28.1, 56.2 at steps 250, 500, 750, 82.0 at 1500):
+
+| change | step time | validation grounding accuracy |
+|---|---|---|
+| 8 rows a step, 4000 steps (the same tokens in all) | 0.55x (0.154 vs 0.279 s) | 1.6, 10.9, 25.0, 33.6, 38.3, 43.8 at 250-1500 |
+| 32 rows a step, 1000 steps (the same tokens in all) | not timed | 0.8, 16.4, 26.6 at 125, 250, 375 (16 rows: 28.1 at 500, 56.2 at 750) |
+| lr 1.5e-3, 200 warm-up steps, b2 0.95 | 1x | 5.5, 18.8, 31.2 at 250-750 |
+| lr 6e-4 | 1x | 6.2, 20.3, 43.8 at 250-750 |
+
+So 16 rows of 128 tokens and lr 1e-3 are the best of their neighbours per CPU-minute; neither
+direction brings the plateau inside the budget.
+
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
 evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same machine):
 
