@@ -36,9 +36,10 @@ it was clearly behind; this config's curve: 7.0, 28.1, 56.2 at steps 250, 500, 7
 | 32 rows a step, 1000 steps (the same tokens in all) | not timed | 0.8, 16.4, 26.6 at 125, 250, 375 (16 rows: 28.1 at 500, 56.2 at 750) |
 | lr 1.5e-3, 200 warm-up steps, b2 0.95 | 1x | 5.5, 18.8, 31.2 at 250-750 |
 | lr 6e-4 | 1x | 6.2, 20.3, 43.8 at 250-750 |
+| 36 latent queries (one per patch; 16 here) | not timed | 3.1, 14.8, 17.2 at 250-750 |
 
-So 16 rows of 128 tokens and lr 1e-3 are the best of their neighbours per CPU-minute; neither
-direction brings the plateau inside the budget.
+So 16 rows of 128 tokens, lr 1e-3 and 16 latent queries are the best of their neighbours per
+CPU-minute; none of these changes brings the plateau inside the budget.
 
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
 evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same machine):
