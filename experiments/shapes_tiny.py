@@ -26,7 +26,7 @@ less per step and is still rising, validation 79.7 at 2000, 85.2, 89.8, 87.5 at 
 14.1 min), location_sigma 1.5 (seeds 0 and 1: the same curve as sigma 1 to step
 500, 6.2 / 28.1 and 3.9 / 19.5; stopped there).
 
-The batch size and the learning rate around these values (seed 0, `benchmarks/demo_robustness.py
+The batch size, the learning rate and the latent queries around these values (seed 0, `benchmarks/demo_robustness.py
 --seeds 0 --override=...`, commit 45e6285, the same 2-core Xeon idle, 2026-12-03; each stopped once
 it was clearly behind; this config's curve: 7.0, 28.1, 56.2 at steps 250, 500, 750, 82.0 at 1500):
 
