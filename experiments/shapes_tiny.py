@@ -41,6 +41,18 @@ it was clearly behind; this config's curve: 7.0, 28.1, 56.2 at steps 250, 500, 7
 So 16 rows of 128 tokens, lr 1e-3 and 16 latent queries are the best of their neighbours per
 CPU-minute; none of these changes brings the plateau inside the budget.
 
+Cosine decay instead of linear (`--override=--config.optim.decay=cosine`, commit 83a1f0e + the
+option, 2-core AMD EPYC with AVX-512 and no AMX, 2026-12-03, one run at a time): flatter but lower.
+Validation at steps 1500 / 1750 / 2000 and test accuracy: seed 0 85.9 / 85.9 / 84.4, 85.7%; seed 1
+75.8 / 75.0 / 78.9, 80.1%; seed 2 78.1 / 82.8 / 82.8, 83.9% (last-third spreads 1.6, 3.9, 4.7
+points; training 10.5-11.8 min). This linear recipe on the same machine, seed 1: 72.7 / 78.9 / 85.2,
+86.3% in 10.9 min (on the Xeon above 88.2%): the learning rate it keeps late is what buys the last
+points, so linear stays. Not kept either (seed 0, same machine and day, stopped at step 750, against
+this recipe's 7.0 / 28.1 / 56.2 at 250 / 500 / 750 on the Xeon; single runs this early differ by
+about 15 points between near-identical recipes, so they only rule out large gains): 8 attention
+heads (4.7 / 20.3 / 35.9), 12-pixel patches, 16 of them (5.5 / 19.5 / 26.6), no gradient clipping
+(7.8 / 24.2 / 41.4), FFN width 256 (6.2 / 24.2 / 43.0).
+
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
 evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same machine):
 

@@ -113,6 +113,12 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
 
         if decay_mask not in WEIGHT_DECAY_MASKS:
             raise UsageError(f"config.optim.weight_decay_mask={decay_mask!r}: must be one of {', '.join(WEIGHT_DECAY_MASKS)}")
+    decay = _get(cfg, "optim.decay")
+    if decay is not _MISSING:
+        from kosmos2_jax.train.optim import DECAYS
+
+        if decay not in DECAYS:
+            raise UsageError(f"config.optim.decay={decay!r}: must be one of {', '.join(DECAYS)}")
     batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum_steps")
     if accum is not _MISSING and batch % accum:
         raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")

@@ -1,4 +1,4 @@
-"""Optimizer: AdamW with linear warm-up and linear decay to zero (the paper's schedule), global-norm
+"""Optimizer: AdamW with linear warm-up and linear (the paper's schedule) or cosine decay to zero, global-norm
 clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state) covers the
 trained parameters only."""
 
@@ -16,10 +16,19 @@ from flax import traverse_util
 FREEZE_MODES = ("none", "vision_except_last", "all_but_resampler")
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0):
+DECAYS = ("linear", "cosine")
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0,
+                           decay: str = "linear"):
+    """Linear warm-up to `peak`, then `decay` ("linear" or "cosine") to `end` at `total_steps`."""
+    if decay not in DECAYS:
+        raise ValueError(f"optim.decay={decay!r} not in {DECAYS}")
     warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
-    decay = optax.linear_schedule(peak, end, max(total_steps - warmup_steps, 1))
-    return optax.join_schedules([warmup, decay], [warmup_steps])
+    steps = max(total_steps - warmup_steps, 1)
+    after = (optax.linear_schedule(peak, end, steps) if decay == "linear" else
+             optax.cosine_decay_schedule(peak, steps, alpha=end / peak if peak else 0.0))
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def trainable_mask(params, mode: str, scan_layers: bool = True):
@@ -114,9 +123,9 @@ def weight_decay_mask(name: str):
 
 def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm, and optionally
-    weight_decay_mask ("all"). With `mask` (`trainable_mask`) the optimizer runs on the trained
+    decay ("linear") and weight_decay_mask ("all"). With `mask` (`trainable_mask`) the optimizer runs on the trained
     parameters only (`trained_only`)."""
-    schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps)
+    schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, decay=cfg.get("decay", "linear"))
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

@@ -131,6 +131,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=p["warmup_steps"], b1=p["b1"], b2=p["b2"], eps=p["eps"],
         weight_decay=p["weight_decay"], clip_norm=p["clip_norm"],
+        decay="linear",  # after the warm-up, to zero at the last step: "linear" (the paper's) or "cosine"
         # "all": every parameter decays, as in the released training code; "matrices": kernels and
         # embeddings only (train/optim.py)
         weight_decay_mask="all"))
