@@ -1,6 +1,6 @@
-"""Optimizer: AdamW with linear warm-up and linear (the paper's schedule) or cosine decay to zero, global-norm
-clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state) covers the
-trained parameters only."""
+"""Optimizer: AdamW with linear warm-up and linear (the paper's schedule) or cosine decay to zero,
+global-norm clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state)
+covers the trained parameters only."""
 
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def weight_decay_mask(name: str):
 
 def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm, and optionally
-    decay ("linear") and weight_decay_mask ("all"). With `mask` (`trainable_mask`) the optimizer runs on the trained
-    parameters only (`trained_only`)."""
+    decay ("linear") and weight_decay_mask ("all"). With `mask` (`trainable_mask`) the optimizer
+    runs on the trained parameters only (`trained_only`)."""
     schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, decay=cfg.get("decay", "linear"))
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
