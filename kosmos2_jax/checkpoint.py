@@ -461,18 +461,43 @@ def _read(ckpt_dir: str, saved: Kosmos2Config, wanted: Kosmos2Config, expected, 
     return {p: v if v.dtype == dtypes[p] else v.astype(dtypes[p]) for p, v in flat.items()}
 
 
-def restore_params(ckpt_dir: str, *, shardings: Any = None, numpy: bool = False,
+def stored_abstract_params(ckpt_dir: str, **layout: Any) -> dict | None:
+    """ShapeDtypeStructs of the params `restore_params(ckpt_dir, **layout)` returns, from the saved
+    arrays' metadata alone (milliseconds; tracing the released model takes a second or more), or
+    None when the folder is not in `save_checkpoint`'s layout. Nothing here checks them against
+    model_config.json: tracing the model on them does (a shape or name it does not expect fails)."""
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    arrays = _direct_arrays(ckpt_dir)
+    if arrays is None:
+        return None
+    saved = read_model_config(ckpt_dir)
+    found = _layout({p: a.shape for p, a in arrays.items()}, saved, saved.replace(**layout))
+    return traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(shape, arrays[src].dtype)
+                                         for p, (src, _, shape) in found.items()})
+
+
+def check_fits(ckpt_dir: str, abstract: Any, model: Kosmos2) -> None:
+    """A ValueError naming the first param of `abstract` (from `stored_abstract_params`) that
+    `model` has not, lacks, or has in another shape; nothing when they fit."""
+    found = {p: (p, None, tuple(s.shape)) for p, s in traverse_util.flatten_dict(abstract).items()}
+    _check_layout(ckpt_dir, found, traverse_util.flatten_dict(abstract_params(model)))
+
+
+def restore_params(ckpt_dir: str, *, shardings: Any = None, numpy: bool = False, abstract: Any = None,
                    **layout: Any) -> tuple[Kosmos2, dict]:
     """A params checkpoint folder -> (Kosmos2 model, params). `layout` overrides compute settings
     of the saved config (e.g. `scan_layers=False`: stacked layers come back as one array per
     layer). `shardings`: a tree of target shardings like the params (default: the first local
-    device); `numpy=True` returns host numpy arrays instead."""
+    device); `numpy=True` returns host numpy arrays instead. `abstract`: the params' shapes and
+    dtypes when the caller has them (`stored_abstract_params`), checked against instead of the
+    traced model."""
     ckpt_dir = os.path.abspath(ckpt_dir)
     saved = read_model_config(ckpt_dir)
     model = Kosmos2(saved.replace(**layout))
     flat_shardings = None if numpy or shardings is None else traverse_util.flatten_dict(nn.unbox(shardings))
     with ThreadPoolExecutor(1) as side:  # trace the model's shapes while the chunks are read
-        expected = side.submit(lambda: traverse_util.flatten_dict(abstract_params(model)))
+        expected = side.submit(lambda: traverse_util.flatten_dict(abstract if abstract is not None
+                                                                  else abstract_params(model)))
         flat = _read(ckpt_dir, saved, model.config, expected, flat_shardings, numpy)
     return model, traverse_util.unflatten_dict(flat)
 
@@ -500,6 +525,6 @@ def iter_checkpoint_leaves(ckpt_dir: str) -> tuple[Kosmos2, Iterator[tuple[tuple
     return model, leaves()
 
 
-def load_checkpoint(ckpt_dir: str, **layout: Any) -> tuple[Kosmos2, dict]:
+def load_checkpoint(ckpt_dir: str, abstract: Any = None, **layout: Any) -> tuple[Kosmos2, dict]:
     """A params checkpoint folder -> (Kosmos2 model, params on the first local device)."""
-    return restore_params(ckpt_dir, **layout)
+    return restore_params(ckpt_dir, abstract=abstract, **layout)

@@ -315,21 +315,38 @@ def load_hf(hf_dir: str, **config_overrides: Any) -> tuple[Kosmos2, dict]:
 DECODING = dict(scan_layers=False)
 
 
+def is_hf_folder(path: str) -> bool:
+    """An HF model folder (its config.json), not a kosmos2_jax checkpoint."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def model_config_of(path: str, **layout: Any) -> Kosmos2Config:
     """The config of the model `load_model(path, **layout)` returns, without reading weights."""
     from kosmos2_jax.checkpoint import read_model_config
 
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if is_hf_folder(path):
         return config_from_hf(read_hf_config(path), **layout)
     return read_model_config(os.path.abspath(path)).replace(**layout)
 
 
-def load_model(path: str, **layout: Any) -> tuple[Kosmos2, dict]:
+def load_model(path: str, abstract: Any = None, **layout: Any) -> tuple[Kosmos2, dict]:
     """An HF model folder (config.json) or a params checkpoint -> (Kosmos2 model, params on the
-    first local device). `layout`: compute settings such as `scan_text_layers=False`."""
-    if os.path.isfile(os.path.join(path, "config.json")):
+    first local device). `layout`: compute settings such as `scan_text_layers=False`; `abstract`:
+    the params' shapes (`abstract_params_of`), so that a checkpoint's are not traced again."""
+    if is_hf_folder(path):
         return load_hf(path, **layout)
-    return load_checkpoint(path, **layout)
+    return load_checkpoint(path, abstract=abstract, **layout)
+
+
+def abstract_params_of(path: str, model: Kosmos2) -> dict:
+    """Shapes and dtypes of the params `load_model(path, ...)` returns for `model`: from a
+    checkpoint's metadata when it has them (no tracing), else traced."""
+    from kosmos2_jax.checkpoint import stored_abstract_params
+
+    c = model.config
+    stored = None if is_hf_folder(path) else stored_abstract_params(path, scan_layers=c.scan_layers,
+                                                                    scan_text_layers=c.scan_text_layers)
+    return stored if stored is not None else abstract_params(model)
 
 
 # Dropout rates are training settings: a run sets its own, whatever the weights were trained with.

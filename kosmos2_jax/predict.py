@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
-from kosmos2_jax import convert, grounding
+from kosmos2_jax import checkpoint, convert, grounding
 from kosmos2_jax.generate import generate, prepare
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.processor import Kosmos2Processor, load_image
@@ -138,12 +138,16 @@ def predict(args) -> int:
                    pad_token_id=tokenizer.pad_id, bucket=8)
     start = time.perf_counter()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                      convert.abstract_params(model))  # traced once, shared with the loader
+    shapes = convert.abstract_params_of(args.checkpoint, model)  # shared with the loader
+    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     with ThreadPoolExecutor(1) as pool:  # read the weights while the program compiles
-        loading = pool.submit(convert.load_model, args.checkpoint, **convert.DECODING)
+        loading = pool.submit(convert.load_model, args.checkpoint, abstract=shapes, **convert.DECODING)
         try:
             prepare(model, abstract, inputs, **options)
+        except Exception:  # a checkpoint's arrays that do not fit its model_config.json: say which
+            if not convert.is_hf_folder(args.checkpoint):
+                checkpoint.check_fits(args.checkpoint, shapes, model)
+            raise
         finally:
             model, params = loading.result()
     ready = time.perf_counter() - start

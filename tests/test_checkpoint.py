@@ -101,6 +101,34 @@ def test_unrolled_decoder_generates_the_same_tokens(saved):
         np.testing.assert_array_equal(a.sequences, b.sequences)
 
 
+def test_shapes_from_the_metadata_are_the_traced_ones(saved, tmp_path):
+    """`stored_abstract_params` (no tracing) gives the shapes and dtypes `abstract_params` traces,
+    in every layout; a restore handed them returns the same params. Other folders: None."""
+    import orbax.checkpoint as ocp
+
+    folder, model, params = saved
+    for layout in ({}, {"scan_text_layers": False}, {"scan_layers": False}):
+        stored = checkpoint.stored_abstract_params(str(folder), **layout)
+        traced = checkpoint.abstract_params(Kosmos2(model.config.replace(**layout)))
+        assert jax.tree_util.tree_structure(stored) == jax.tree_util.tree_structure(traced)
+        for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(traced)):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        _, restored = checkpoint.restore_params(str(folder), abstract=stored, **layout)
+        _, reference = checkpoint.restore_params(str(folder), **layout)
+        _equal(restored, reference)
+    checkpoint.check_fits(str(folder), checkpoint.stored_abstract_params(str(folder)), model)
+    import dataclasses
+
+    wider = Kosmos2(model.config.replace(text=dataclasses.replace(model.config.text, ffn_dim=model.config.text.ffn_dim + 8)))
+    with pytest.raises(ValueError, match="fc1.*has shape .*model_config.json says"):
+        checkpoint.check_fits(str(folder), checkpoint.stored_abstract_params(str(folder)), wider)
+    (tmp_path / "ocdbt").mkdir()
+    (tmp_path / "ocdbt" / "model_config.json").write_text((folder / "model_config.json").read_text())
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(str(tmp_path / "ocdbt" / "params"), params)
+    assert checkpoint.stored_abstract_params(str(tmp_path / "ocdbt")) is None
+
+
 def test_restore_into_shardings_reads_each_chunk_once(saved, monkeypatch):
     """Onto a mesh: every shard holds its slice; a chunk is read once per distinct shard it
     overlaps, never once per device (replicas share one read)."""

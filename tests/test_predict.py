@@ -62,6 +62,23 @@ def test_predict_bad_input(tiny_ckpt, image_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_predict_names_a_param_that_does_not_fit_the_config(tiny_ckpt, image_path, tmp_path, capsys):
+    """predict takes the shapes from the checkpoint's metadata (no tracing); weights that do not
+    fit model_config.json still fail with one line naming the parameter."""
+    import shutil
+
+    ckpt, spm = tiny_ckpt
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    config = json.loads((broken / "model_config.json").read_text())
+    config["text"]["ffn_dim"] += 8
+    (broken / "model_config.json").write_text(json.dumps(config))
+    rc = predict.main(["--checkpoint", str(broken), "--tokenizer", spm, "--image", image_path,
+                       "--prompt", "<grounding>a red circle", "--max_new_tokens", "2"])
+    assert rc == 2
+    assert "fc1/bias has shape (128,), model_config.json says (136,)" in capsys.readouterr().err
+
+
 def test_pixel_boxes_are_normalized():
     assert predict.parse_box("a dog=10,20,50,60", (100, 200), "px") == ("a dog", (0.1, 0.1, 0.5, 0.3))
 
@@ -105,11 +122,15 @@ def test_second_predict_loads_its_programs_from_the_cache(tiny_ckpt, image_path,
             for c in (cmd, cmd, cmd + ["--no_compilation_cache"])]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
-    traced = "Finished tracing run for jit"
-    assert traced in runs[0].stderr and os.listdir(tmp_path / "xla" / "kosmos2_generate")
-    assert traced not in runs[1].stderr and "Compiling run" not in runs[1].stderr
+    programs = ("prefill", "decode")  # generation's two programs
+    for name in programs:
+        traced = f"Finished tracing {name} for jit"
+        assert traced in runs[0].stderr and f"Compiling jit({name})" in runs[0].stderr
+        assert traced not in runs[1].stderr and f"Compiling jit({name})" not in runs[1].stderr
+        assert traced in runs[2].stderr
+    assert os.listdir(tmp_path / "xla" / "kosmos2_generate")
     assert runs[0].stdout.splitlines()[0] == runs[1].stdout.splitlines()[0]  # the same caption
-    assert traced in runs[2].stderr and "Persistent compilation cache hit" not in runs[2].stderr
+    assert "Persistent compilation cache hit" not in runs[2].stderr
 
 
 def test_a_program_from_xla_s_cache_is_not_stored_again(tiny_ckpt, image_path, tmp_path):
