@@ -140,7 +140,7 @@ def predict(args) -> int:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = convert.abstract_params_of(args.checkpoint, model)  # shared with the loader
     abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-    with ThreadPoolExecutor(1) as pool:  # read the weights while the program compiles
+    with ThreadPoolExecutor(1) as pool:  # read the weights while the programs compile
         loading = pool.submit(convert.load_model, args.checkpoint, abstract=shapes, **convert.DECODING)
         try:
             prepare(model, abstract, inputs, **options)

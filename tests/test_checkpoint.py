@@ -104,6 +104,8 @@ def test_unrolled_decoder_generates_the_same_tokens(saved):
 def test_shapes_from_the_metadata_are_the_traced_ones(saved, tmp_path):
     """`stored_abstract_params` (no tracing) gives the shapes and dtypes `abstract_params` traces,
     in every layout; a restore handed them returns the same params. Other folders: None."""
+    import dataclasses
+
     import orbax.checkpoint as ocp
 
     folder, model, params = saved
@@ -116,12 +118,11 @@ def test_shapes_from_the_metadata_are_the_traced_ones(saved, tmp_path):
         _, restored = checkpoint.restore_params(str(folder), abstract=stored, **layout)
         _, reference = checkpoint.restore_params(str(folder), **layout)
         _equal(restored, reference)
-    checkpoint.check_fits(str(folder), checkpoint.stored_abstract_params(str(folder)), model)
-    import dataclasses
-
+    stored = checkpoint.stored_abstract_params(str(folder))
+    checkpoint.check_fits(str(folder), stored, model)
     wider = Kosmos2(model.config.replace(text=dataclasses.replace(model.config.text, ffn_dim=model.config.text.ffn_dim + 8)))
     with pytest.raises(ValueError, match="fc1.*has shape .*model_config.json says"):
-        checkpoint.check_fits(str(folder), checkpoint.stored_abstract_params(str(folder)), wider)
+        checkpoint.check_fits(str(folder), stored, wider)
     (tmp_path / "ocdbt").mkdir()
     (tmp_path / "ocdbt" / "model_config.json").write_text((folder / "model_config.json").read_text())
     with ocp.StandardCheckpointer() as ckptr:
