@@ -180,6 +180,23 @@ def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):
     np.testing.assert_allclose(m_packed["nll_sum"], m_plain["nll_sum"], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
                            jax.device_get(plain_trainer.state["params"]), jax.device_get(packed_trainer.state["params"]))
+    # a new image capacity is a new step program; the same one again is not
+    assert packed_trainer.compiled_last_step
+    packed_trainer.train_step(packed)
+    assert not packed_trainer.compiled_last_step
+
+
+def test_step_timer_leaves_out_the_steps_that_compiled(monkeypatch):
+    """The startup line's s/step: block-to-block times of steps that compiled nothing (the first
+    step, and a later one with a new image capacity, each take 30 s here; the others 0.5 s)."""
+    from kosmos2_jax.train import loop
+
+    clock = iter([30.0, 30.5, 31.0, 61.0, 61.5, 62.0, 62.5])  # when each step ends
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    timer = loop.StepTimer(steps=4)
+    compiled = [True, False, False, True, False, False, False]
+    got = [timer.after(np.zeros(()), c) for c in compiled]
+    assert got == [None, None, None, None, None, 0.5, None]
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -24,7 +24,7 @@ from kosmos2_jax.train import config_check
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
 from kosmos2_jax.train.trainer import Trainer, abstract_like, format_eta, input_counts, model_config, source_examples
 
-TIMED_STEPS = 10  # steps after the compiling first one that the time estimate is measured over
+TIMED_STEPS = 10  # steps that compile nothing, which the time estimate is measured over
 
 
 # --- state and restore ----------------------------------------------------------------------------
@@ -252,6 +252,28 @@ def plan(cfg, start: int, evals: list[Evaluation]) -> str:
             f"validation every {t.eval_every or '-'} steps{scheduled}")
 
 
+class StepTimer:
+    """The startup line's time estimate: the mean wall time (input included) of the first
+    TIMED_STEPS steps that compiled nothing. A batch with another count of real images runs another
+    step program (train/image_slots.py: up to four), whose first step compiles it, so the first
+    steps after the first one are not all alike."""
+
+    def __init__(self, steps: int = TIMED_STEPS):
+        self.wanted, self.seconds, self.steps, self.last = steps, 0.0, 0, None
+
+    def after(self, metrics, compiled: bool) -> float | None:
+        """Call after each step: the seconds per step once `wanted` steps are timed (once), else None."""
+        if self.steps >= self.wanted:
+            return None
+        jax.block_until_ready(metrics)
+        now = time.perf_counter()
+        if self.last is not None and not compiled:
+            self.steps += 1
+            self.seconds += now - self.last
+        self.last = now
+        return self.seconds / self.steps if self.steps == self.wanted else None
+
+
 def expected_time(remaining: int, step_s: float) -> str:
     return (f"expected: {step_s:.3f} s/step here (timed over {TIMED_STEPS} steps), about {format_eta(remaining * step_s)} "
             f"for the remaining {remaining} steps, plus evaluations and the export")
@@ -411,6 +433,7 @@ def run(cfg, workdir: str) -> dict:
     # the loop
     log, preemption = Log(workdir, primary), Preemption()
     total, stopped, run_start = cfg.train.steps, False, time.time()
+    timer = StepTimer()
     profile = Profile(cfg.train.get("profile_start", 0), cfg.train.get("profile_steps", 3), workdir, start, total)
     try:
         for step in range(start, total):
@@ -418,12 +441,9 @@ def run(cfg, workdir: str) -> dict:
             profile.before(step)
             metrics = trainer.train_step(batch)
             profile.after(step, metrics, trainer, batch)
-            if step == start:  # compiled: time the next TIMED_STEPS
-                jax.block_until_ready(metrics)
-                timed_from = time.time()
-            elif step == start + TIMED_STEPS:
-                jax.block_until_ready(metrics)
-                say(expected_time(total - step - 1, (time.time() - timed_from) / TIMED_STEPS))
+            step_s = timer.after(metrics, trainer.compiled_last_step)
+            if step_s is not None:
+                say(expected_time(total - step - 1, step_s))
             log.step(batch, trainer)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:

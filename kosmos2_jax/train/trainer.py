@@ -118,6 +118,9 @@ class Trainer:
         # compacted images: one block per micro-batch of each batch shard (`micro_batches`)
         self.image_groups = self.batch_shards * accum
         self.image_slots = 0  # image slots the vision tower ran on in the last batch put on the devices
+        # A batch with another image capacity runs (and first compiles) another step program
+        self._programs: set[int] = set()
+        self.compiled_last_step = False
         self._init_state(init_params, abstract)
         self._step_fn = self._build_step()
         self._eval_fn = jax.jit(self._eval_batch, in_shardings=(self.state_shardings["params"], self.batch_sharding))
@@ -245,7 +248,10 @@ class Trainer:
 
     def train_step(self, batch) -> dict:
         with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
-            self.state, metrics = self._step_fn(self.state, self._put(batch))
+            put = self._put(batch)
+            self.compiled_last_step = self.image_slots not in self._programs
+            self._programs.add(self.image_slots)
+            self.state, metrics = self._step_fn(self.state, put)
         return metrics
 
     def parameter_counts(self) -> tuple[int, int]:
