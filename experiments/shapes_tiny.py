@@ -57,6 +57,19 @@ machine and day): validation 75.8 / 78.1 / 83.6 at steps 1500 / 1750 / 2000 (spr
 against this recipe's 12.5), test 85.7% against 86.3%, 11.6 min: flatter, still rising, no more
 accurate; not kept.
 
+Fewer image tokens (seed 0, the same AMD EPYC, commit 721e4d6, 2026-12-03): 8 latent queries,
+2000 steps, validation 10.2, 25.0, 42.2, 63.3, 79.7, 78.9, 82.8, 86.7 at steps 250-2000 (this
+recipe from a fresh clone there: 7.8, 25.8, 50.8, 67.2, 78.9, 81.3, 82.8, 88.3), 12.5 min: 15%
+more examples a step (36 tokens each instead of 44) learn no faster. 8 latent queries in 12 rows
+for 2600 steps (~42 examples a step against ~50 here, in 0.72x the step time): 8.6, 28.9,
+35.2, 51.6, 58.6, 76.6, 77.3, 86.7, 83.6, 86.7 at 250-2600, 11.6 min: less learned per step, as
+with 8 rows above, and the last third still rises (spread 9.4). Neither kept. Better packing buys
+little: the examples are 32-41 or 46-63 tokens, and first-fit-decreasing over windows of 64
+examples would fill 0.85 of a row against arrival order's 0.83 (simulated on 640 measured
+lengths). XLA:CPU flags (`--xla_cpu_prefer_vector_width=512`,
+`--xla_cpu_enable_concurrency_optimized_scheduler=true`, `--xla_cpu_use_onednn=true`,
+`--xla_cpu_enable_fast_math=true`) make no step faster beyond the noise of 100-step runs there.
+
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
 evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same machine):
 
