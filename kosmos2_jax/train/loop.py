@@ -258,15 +258,15 @@ class StepTimer:
     step program (train/image_slots.py: up to four), whose first step compiles it, so the first
     steps after the first one are not all alike."""
 
-    def __init__(self, steps: int = TIMED_STEPS):
-        self.wanted, self.seconds, self.steps, self.last = steps, 0.0, 0, None
+    def __init__(self, steps: int = TIMED_STEPS, clock=time.perf_counter):
+        self.wanted, self.clock, self.seconds, self.steps, self.last = steps, clock, 0.0, 0, None
 
     def after(self, metrics, compiled: bool) -> float | None:
         """Call after each step: the seconds per step once `wanted` steps are timed (once), else None."""
         if self.steps >= self.wanted:
             return None
         jax.block_until_ready(metrics)
-        now = time.perf_counter()
+        now = self.clock()
         if self.last is not None and not compiled:
             self.steps += 1
             self.seconds += now - self.last
