@@ -187,14 +187,18 @@ def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):
 
 
 def test_step_timer_leaves_out_the_steps_that_compiled():
-    """The startup line's s/step: block-to-block times of steps that compiled nothing (the first
-    step, and a later one with a new image capacity, each take 30 s here; the others 0.5 s)."""
+    """The startup line's s/step: the times of steps that compiled nothing, from reading the batch
+    to the result (the first step, and a later one with a new image capacity, each take 30 s here;
+    the others 0.5 s; the 5 s between the fourth and the fifth step, an evaluation, is not a step's)."""
     from kosmos2_jax.train import loop
 
-    ends = iter([30.0, 30.5, 31.0, 61.0, 61.5, 62.0, 62.5])  # when each step ends
-    timer = loop.StepTimer(steps=4, clock=lambda: next(ends))
-    compiled = [True, False, False, True, False, False, False]
-    got = [timer.after(np.zeros(()), c) for c in compiled]
+    # the start of each step, and the end of each that compiled nothing (once 4 are timed: no more)
+    times = iter([0.0, 30.0, 30.5, 30.5, 31.0, 31.0, 66.0, 66.5, 66.5, 67.0])
+    timer = loop.StepTimer(steps=4, clock=lambda: next(times))
+    got = []
+    for compiled in [True, False, False, True, False, False, False]:
+        timer.before()
+        got.append(timer.after(np.zeros(()), compiled))
     assert got == [None, None, None, None, None, 0.5, None]
 
 

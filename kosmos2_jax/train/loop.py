@@ -253,24 +253,27 @@ def plan(cfg, start: int, evals: list[Evaluation]) -> str:
 
 
 class StepTimer:
-    """The startup line's time estimate: the mean wall time (input included) of the first
-    TIMED_STEPS steps that compiled nothing. A batch with another count of real images runs another
-    step program (train/image_slots.py: up to four), whose first step compiles it, so the first
-    steps after the first one are not all alike."""
+    """The startup line's time estimate: the mean wall time of the first TIMED_STEPS steps that
+    compiled nothing, each from reading its batch to its result (evaluations and checkpoints
+    between steps left out). A batch with another count of real images runs another step program
+    (train/image_slots.py: up to four), whose first step compiles it."""
 
     def __init__(self, steps: int = TIMED_STEPS, clock=time.perf_counter):
-        self.wanted, self.clock, self.seconds, self.steps, self.last = steps, clock, 0.0, 0, None
+        self.wanted, self.clock, self.seconds, self.steps, self.started = steps, clock, 0.0, 0, 0.0
+
+    def before(self):
+        """Call before a step reads its batch."""
+        if self.steps < self.wanted:
+            self.started = self.clock()
 
     def after(self, metrics, compiled: bool) -> float | None:
         """Call after each step: the seconds per step once `wanted` steps are timed (once), else None."""
         if self.steps >= self.wanted:
             return None
-        jax.block_until_ready(metrics)
-        now = self.clock()
-        if self.last is not None and not compiled:
+        jax.block_until_ready(metrics)  # the step's time, and no earlier step still running at `before`
+        if not compiled:
             self.steps += 1
-            self.seconds += now - self.last
-        self.last = now
+            self.seconds += self.clock() - self.started
         return self.seconds / self.steps if self.steps == self.wanted else None
 
 
@@ -437,6 +440,7 @@ def run(cfg, workdir: str) -> dict:
     profile = Profile(cfg.train.get("profile_start", 0), cfg.train.get("profile_steps", 3), workdir, start, total)
     try:
         for step in range(start, total):
+            timer.before()
             batch = next(train)
             profile.before(step)
             metrics = trainer.train_step(batch)
