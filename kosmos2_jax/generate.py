@@ -26,13 +26,15 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import serialize_executable
 
-from kosmos2_jax.models import Kosmos2, init_cache
-from kosmos2_jax.models.decoder import position_ids_from_input_ids
+from kosmos2_jax.models import Kosmos2
+from kosmos2_jax.models.decoder import (attention_bias, block_step, embed_step, empty_block_cache, logits_step,
+                                        position_ids_from_input_ids)
 
 NEG_INF = -jnp.inf
 
@@ -94,60 +96,13 @@ def top_p_filter(logits, top_p: float):
 
 
 # --- the compiled programs ----------------------------------------------------------------------
-def _apply_decode(model, params, cache, ids, mask, positions, image_embeds=None, image_mask=None):
-    logits, state = model.apply({"params": params, "cache": cache}, None, ids, mask, image_mask,
-                                image_embeds=image_embeds, position_ids=positions, decode=True, mutable=["cache"])
-    return logits[:, -1].astype(jnp.float32), state["cache"]
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool):
-    """(prefill, decode) for these shapes: two programs rather than one, so that XLA compiles them
-    side by side (the decoder is unrolled in both; compiling them one after the other takes ~1.3x
-    as long on 2 cores)."""
-    s = settings
-    total = prompt_len + s.max_new_tokens
-    k = s.num_beams
-
-    def prefill(params, prompt, prompt_mask, image_mask, pixel_values):
-        image_embeds = None
-        if with_image:
-            image_embeds = model.apply({"params": params}, pixel_values, method=Kosmos2.image_features)
-        positions = position_ids_from_input_ids(prompt, model.config.text.pad_token_id)
-        n_prompt = jnp.sum(prompt != model.config.text.pad_token_id, axis=1)
-        mask = jnp.concatenate([prompt_mask, jnp.ones((batch, s.max_new_tokens), prompt_mask.dtype)], axis=1)
-        tokens = jnp.concatenate([prompt, jnp.full((batch, s.max_new_tokens), s.pad_token_id, prompt.dtype)], axis=1)
-        logits, cache = _apply_decode(model, params, init_cache(model, batch, total), prompt, mask, positions,
-                                      image_embeds, image_mask if with_image else None)
-        return logits, cache, tokens, mask, n_prompt
-
-    def decode(params, state, start, rng):
-        logits, cache, tokens, mask, n_prompt = state
-        if k == 1:
-            return _greedy_or_sample(model, params, s, cache, logits, tokens, mask, n_prompt, prompt_len, start, rng)
-        # Beam search runs the prefill on B rows and repeats the cache, as HF repeats the prompt.
-        axis = _cache_batch_axis(model)
-        cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=axis) if x.ndim > 1 else x, cache)
-        return _beam_search(model, params, s, cache, jnp.repeat(logits, k, axis=0), jnp.repeat(tokens, k, axis=0),
-                            jnp.repeat(mask, k, axis=0), jnp.repeat(n_prompt, k, axis=0), prompt_len, start, batch)
-
-    return jax.jit(prefill), jax.jit(decode)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Program:
-    """The compiled prefill and decoding loop, called as one program."""
-    prefill: Any
-    decode: Any
-
-    def __call__(self, params, prompt, prompt_mask, image_mask, pixel_values, start, rng):
-        return self.decode(params, self.prefill(params, prompt, prompt_mask, image_mask, pixel_values), start, rng)
-
-
-def _cache_batch_axis(model: Kosmos2) -> int:
-    # Keys/values are [B, T, H, D], or [layers, B, T, H, D] when layers are scanned; the cache
-    # indices (0-d, or [layers]) are the same for every row.
-    return 1 if model.config.text_layers_scanned else 0
+# The decoder runs one layer at a time, driven from Python: every layer is the same compiled
+# program called on that layer's weights and KV cache. XLA then compiles one layer instead of the
+# unrolled stack twice (prefill and decoding loop), which was most of a cold start (at the
+# released size ~7 of the ~9 s spent tracing and compiling on 2 cores); a call from Python costs
+# tens of microseconds against a layer's hundreds reading its weights. Each decoding step ends in
+# one small program that picks the next tokens (greedy, sampling or beam search) and embeds them.
+PROGRAMS = ("prefill", "prefill_layer", "prefill_logits", "choose", "layer", "logits")
 
 
 def _step_positions(n_prompt, step):
@@ -155,117 +110,191 @@ def _step_positions(n_prompt, step):
     return (1 + n_prompt + step)[:, None]
 
 
-def _greedy_or_sample(model, params, s: _Settings, cache, logits, tokens, mask, n_prompt, prompt_len, start, rng):
-    rows = tokens.shape[0]
+def _layers(model: Kosmos2, params) -> list:
+    """(block params, index) of every decoder layer: its own subtree, or the scanned stack with
+    the index the layer program takes its slice at."""
+    layers = params["text_model"]["layers"]
+    scanned = model.config.text_layers_scanned
+    return [(layers["layer"] if scanned else layers[f"layer_{i}"], np.int32(i)) for i in range(model.config.text.layers)]
 
-    def choose(logits, tokens, cur, rng):
-        scores = jax.nn.log_softmax(logits, axis=-1) if not s.do_sample else logits
-        scores = ban_repeated_ngrams(scores, tokens, cur, start, s.no_repeat_ngram_size)
-        if s.do_sample:
-            scores = top_p_filter(scores / s.temperature, s.top_p)
-            rng, sub = jax.random.split(rng)
-            nxt = jax.random.categorical(sub, scores, axis=-1)
+
+def _repeat_rows(tree, k: int):
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, tree) if k > 1 else tree
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool) -> dict:
+    """The jitted programs `_Program` drives, by name (PROGRAMS). Beam search runs the prefill on
+    B rows and repeats its results k times, as HF repeats the prompt."""
+    s, cfg, k = settings, model.config, settings.num_beams
+    total = prompt_len + s.max_new_tokens
+
+    def block(params, index, cache, x, bias):
+        if cfg.text_layers_scanned:
+            params = jax.tree_util.tree_map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False),
+                                            nn.unbox(params))
+        return block_step(cfg, params, cache, x, bias)
+
+    def prefill(params, prompt, prompt_mask, image_mask, pixel_values, rng):
+        image_embeds = None
+        if with_image:
+            image_embeds = model.apply({"params": params}, pixel_values, method=Kosmos2.image_features)
+        positions = position_ids_from_input_ids(prompt, cfg.text.pad_token_id)
+        n_prompt = jnp.sum(prompt != cfg.text.pad_token_id, axis=1)
+        mask = jnp.concatenate([prompt_mask, jnp.ones((batch, s.max_new_tokens), prompt_mask.dtype)], axis=1)
+        tokens = jnp.concatenate([prompt, jnp.full((batch, s.max_new_tokens), s.pad_token_id, prompt.dtype)], axis=1)
+        x = embed_step(cfg, params["text_model"], prompt, positions, image_embeds, image_mask if with_image else None)
+        carry = dict(tokens=tokens, mask=mask, n_prompt=n_prompt)
+        carry = _repeat_rows(carry, k) | (_beam_start(s, batch, total) if k > 1 else _greedy_start(s, batch, rng))
+        return x, attention_bias(mask, prompt_len), carry
+
+    def prefill_layer(params, index, x, bias):
+        x, cache = block(params, index, empty_block_cache(cfg, batch, total), x, bias)
+        return x, _repeat_rows(cache, k)
+
+    def logits(params, x):
+        return logits_step(cfg, params["text_model"], x[:, -1]).astype(jnp.float32)
+
+    def prefill_logits(params, x):
+        return jnp.repeat(logits(params, x), k, axis=0)
+
+    def choose(params, logits, carry, step, start):
+        """The next tokens from `logits`; returns (carry, the next tokens' embeddings and attention
+        bias, whether to stop, and for beam search which cache row each row continues)."""
+        if k == 1:
+            carry, nxt, stop, rows = _greedy_choose(s, prompt_len, logits, carry, step, start)
         else:
-            nxt = jnp.argmax(scores, axis=-1)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), nxt[:, None], axis=1)[:, 0]
-        return nxt.astype(tokens.dtype), logp, rng
+            carry, nxt, stop, rows = _beam_choose(s, prompt_len, batch, logits, carry, step, start)
+        x = embed_step(cfg, params["text_model"], nxt[:, None], _step_positions(carry["n_prompt"], step + 1))
+        return carry, x, attention_bias(carry["mask"], 1, prompt_len + step), stop | (step + 1 >= s.max_new_tokens), rows
 
-    def body(state):
-        step, cache, logits, tokens, finished, out_scores, rng = state
-        cur = prompt_len + step
-        nxt, logp, rng = choose(logits, tokens, cur, rng)
-        nxt = jnp.where(finished, s.pad_token_id, nxt)
-        out_scores = out_scores.at[:, step].set(jnp.where(finished, 0.0, logp))
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], cur, axis=1)
-        finished = finished | (nxt == s.eos_token_id)
-        logits, cache = _apply_decode(model, params, cache, nxt[:, None], mask, _step_positions(n_prompt, step + 1))
-        return step + 1, cache, logits, tokens, finished, out_scores, rng
+    def layer(params, index, cache, x, bias, rows):
+        if rows is not None:
+            cache = jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=0) if c.ndim else c, cache)
+        return block(params, index, cache, x, bias)
 
-    def cond(state):
-        step, finished = state[0], state[4]
-        return (step < s.max_new_tokens) & ~jnp.all(finished)
-
-    state = (0, cache, logits, tokens, jnp.zeros(rows, bool), jnp.zeros((rows, s.max_new_tokens), jnp.float32), rng)
-    step, _, _, tokens, _, out_scores, _ = jax.lax.while_loop(cond, body, state)
-    return tokens, out_scores, step
+    return dict(prefill=jax.jit(prefill), prefill_layer=jax.jit(prefill_layer),
+                prefill_logits=jax.jit(prefill_logits), choose=jax.jit(choose),
+                layer=jax.jit(layer, donate_argnums=2), logits=jax.jit(logits))
 
 
-def _beam_search(model, params, s: _Settings, cache, logits, tokens, mask, n_prompt, prompt_len, start, batch):
-    k, total = s.num_beams, tokens.shape[1]
-    vocab = logits.shape[-1]
-    beam_scores = jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), batch)  # [B*k]
-    tok_logp = jnp.zeros((batch * k, s.max_new_tokens), jnp.float32)
-    hyp_tokens = jnp.full((batch, k, total), s.pad_token_id, tokens.dtype)
-    hyp_logp = jnp.zeros((batch, k, s.max_new_tokens), jnp.float32)
-    hyp_scores = jnp.full((batch, k), NEG_INF)
-    hyp_len = jnp.zeros((batch, k), jnp.int32)
-    hyp_count = jnp.zeros((batch,), jnp.int32)
-    done = jnp.zeros((batch,), bool)
+def _read(flag) -> bool:
+    """A replicated scalar's value on this process (also for arrays spanning several processes)."""
+    return bool(np.asarray(flag.addressable_data(0)))
 
-    def body(state):
-        (step, cache, logits, tokens, beam_scores, tok_logp,
-         hyp_tokens, hyp_logp, hyp_scores, hyp_len, hyp_count, done) = state
-        cur = prompt_len + step  # tokens so far; HF's cur_len in process() is cur + 1
-        processed = ban_repeated_ngrams(jax.nn.log_softmax(logits, axis=-1), tokens, cur, start,
-                                        s.no_repeat_ngram_size)
-        total_scores = (processed + beam_scores[:, None]).reshape(batch, k * vocab)
-        cand_scores, cand = jax.lax.top_k(total_scores, 2 * k)
-        cand_beam, cand_tok = cand // vocab, cand % vocab
-        rows = jnp.arange(batch)[:, None] * k + cand_beam  # [B, 2k] global rows
-        cand_logp = jnp.take_along_axis(processed.reshape(batch, k, vocab)[jnp.arange(batch)[:, None], cand_beam],
-                                        cand_tok[..., None], axis=-1)[..., 0]
-        is_eos = cand_tok == s.eos_token_id
-        rank = jnp.arange(2 * k)[None, :]
-        gen_len = (step + 1).astype(jnp.float32)
 
-        # finished hypotheses: eos among the top k candidates, scored by length ** length_penalty
-        new_hyp = is_eos & (rank < k) & ~done[:, None]
-        new_scores = jnp.where(new_hyp, cand_scores / gen_len ** s.length_penalty, NEG_INF)
-        new_tokens = tokens[rows]  # without the eos, as HF stores them
-        new_logp = tok_logp[rows].at[:, :, step].set(cand_logp)
-        pool_scores = jnp.concatenate([hyp_scores, new_scores], axis=1)
-        keep = jnp.argsort(-pool_scores, axis=1, stable=True)[:, :k]
-        pool_tokens = jnp.concatenate([hyp_tokens, new_tokens], axis=1)
-        pool_logp = jnp.concatenate([hyp_logp, new_logp], axis=1)
-        pool_len = jnp.concatenate([hyp_len, jnp.broadcast_to(step, new_scores.shape).astype(jnp.int32)], axis=1)
-        take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
-        hyp_scores, hyp_tokens, hyp_logp, hyp_len = (take(pool_scores), take(pool_tokens), take(pool_logp),
-                                                     take(pool_len))
-        hyp_count = jnp.minimum(hyp_count + jnp.sum(new_hyp, axis=1), k)
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The compiled programs of one request shape (PROGRAMS), and the loop that drives them."""
+    parts: dict
+    max_new_tokens: int
+    num_beams: int
 
-        # next beams: the first k non-eos candidates in rank order
-        order = jnp.argsort(jnp.where(is_eos, 2 * k + rank, rank), axis=1)[:, :k]
-        next_rows = jnp.take_along_axis(rows, order, axis=1).reshape(-1)
-        next_tok = jnp.take_along_axis(cand_tok, order, axis=1).reshape(-1)
-        next_scores = jnp.take_along_axis(cand_scores, order, axis=1).reshape(-1)
-        next_logp = jnp.take_along_axis(cand_logp, order, axis=1).reshape(-1)
-        done_rows = jnp.repeat(done, k)
-        next_rows = jnp.where(done_rows, jnp.arange(batch * k), next_rows)
-        next_tok = jnp.where(done_rows, s.pad_token_id, next_tok).astype(tokens.dtype)
-        next_scores = jnp.where(done_rows, 0.0, next_scores)
+    def __call__(self, model, params, prompt, prompt_mask, image_mask, pixel_values, start, rng):
+        run = self.parts
+        layers = _layers(model, params)
+        x, bias, carry = run["prefill"](params, prompt, prompt_mask, image_mask, pixel_values, rng)
+        caches = []
+        for block, index in layers:
+            x, cache = run["prefill_layer"](block, index, x, bias)
+            caches.append(cache)
+        logits = run["prefill_logits"](params, x)
+        for step in range(self.max_new_tokens):
+            carry, x, bias, stop, rows = run["choose"](params, logits, carry, np.int32(step), start)
+            if _read(stop):
+                break
+            for i, (block, index) in enumerate(layers):
+                x, caches[i] = run["layer"](block, index, caches[i], x, bias, rows)
+            logits = run["logits"](params, x)
+        if self.num_beams == 1:
+            return carry["tokens"], carry["scores"], step + 1
+        return dict(carry, step=step + 1)
 
-        worst = jnp.min(jnp.where(jnp.arange(k)[None] < hyp_count[:, None], hyp_scores, jnp.inf), axis=1)
-        best_possible = jnp.max(cand_scores, axis=1) / gen_len ** s.length_penalty
-        done = done | ((hyp_count >= k) & (worst >= best_possible))
 
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens[next_rows], next_tok[:, None], cur, axis=1)
-        tok_logp = tok_logp[next_rows].at[:, step].set(next_logp)
-        axis = _cache_batch_axis(model)
-        cache = jax.tree_util.tree_map(lambda x: jnp.take(x, next_rows, axis=axis) if x.ndim > 1 else x, cache)
-        logits, cache = _apply_decode(model, params, cache, next_tok[:, None], mask,
-                                      _step_positions(n_prompt, step + 1))
-        return (step + 1, cache, logits, tokens, next_scores, tok_logp,
-                hyp_tokens, hyp_logp, hyp_scores, hyp_len, hyp_count, done)
+def _greedy_start(s: _Settings, rows: int, rng) -> dict:
+    return dict(finished=jnp.zeros(rows, bool), scores=jnp.zeros((rows, s.max_new_tokens), jnp.float32), rng=rng)
 
-    def cond(state):
-        return (state[0] < s.max_new_tokens) & ~jnp.all(state[-1])
 
-    state = (0, cache, logits, tokens, beam_scores, tok_logp, hyp_tokens, hyp_logp, hyp_scores, hyp_len,
-             hyp_count, done)
-    state = jax.lax.while_loop(cond, body, state)
-    (step, _, _, tokens, beam_scores, tok_logp, hyp_tokens, hyp_logp, hyp_scores, hyp_len, hyp_count, done) = state
-    return dict(step=step, tokens=tokens, beam_scores=beam_scores, tok_logp=tok_logp, hyp_tokens=hyp_tokens,
-                hyp_logp=hyp_logp, hyp_scores=hyp_scores, hyp_len=hyp_len, hyp_count=hyp_count, done=done)
+def _greedy_choose(s: _Settings, prompt_len: int, logits, carry, step, start):
+    tokens, finished, rng = carry["tokens"], carry["finished"], carry["rng"]
+    cur = prompt_len + step
+    scores = jax.nn.log_softmax(logits, axis=-1) if not s.do_sample else logits
+    scores = ban_repeated_ngrams(scores, tokens, cur, start, s.no_repeat_ngram_size)
+    if s.do_sample:
+        scores = top_p_filter(scores / s.temperature, s.top_p)
+        rng, sub = jax.random.split(rng)
+        nxt = jax.random.categorical(sub, scores, axis=-1)
+    else:
+        nxt = jnp.argmax(scores, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), nxt[:, None], axis=1)[:, 0]
+    nxt = jnp.where(finished, s.pad_token_id, nxt.astype(tokens.dtype))
+    carry = dict(carry, rng=rng, scores=carry["scores"].at[:, step].set(jnp.where(finished, 0.0, logp)),
+                 tokens=jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], cur, axis=1),
+                 finished=finished | (nxt == s.eos_token_id))
+    return carry, nxt, jnp.all(carry["finished"]), None
+
+
+def _beam_start(s: _Settings, batch: int, total: int) -> dict:
+    k = s.num_beams
+    return dict(beam_scores=jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), batch),  # [B*k]
+                tok_logp=jnp.zeros((batch * k, s.max_new_tokens), jnp.float32),
+                hyp_tokens=jnp.full((batch, k, total), s.pad_token_id, jnp.int32),
+                hyp_logp=jnp.zeros((batch, k, s.max_new_tokens), jnp.float32),
+                hyp_scores=jnp.full((batch, k), NEG_INF), hyp_len=jnp.zeros((batch, k), jnp.int32),
+                hyp_count=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool))
+
+
+def _beam_choose(s: _Settings, prompt_len: int, batch: int, logits, carry, step, start):
+    k, vocab = s.num_beams, logits.shape[-1]
+    tokens, beam_scores, tok_logp, done = carry["tokens"], carry["beam_scores"], carry["tok_logp"], carry["done"]
+    hyp_tokens, hyp_logp, hyp_scores = carry["hyp_tokens"], carry["hyp_logp"], carry["hyp_scores"]
+    hyp_len, hyp_count = carry["hyp_len"], carry["hyp_count"]
+    cur = prompt_len + step  # tokens so far; HF's cur_len in process() is cur + 1
+    processed = ban_repeated_ngrams(jax.nn.log_softmax(logits, axis=-1), tokens, cur, start, s.no_repeat_ngram_size)
+    total_scores = (processed + beam_scores[:, None]).reshape(batch, k * vocab)
+    cand_scores, cand = jax.lax.top_k(total_scores, 2 * k)
+    cand_beam, cand_tok = cand // vocab, cand % vocab
+    rows = jnp.arange(batch)[:, None] * k + cand_beam  # [B, 2k] global rows
+    cand_logp = jnp.take_along_axis(processed.reshape(batch, k, vocab)[jnp.arange(batch)[:, None], cand_beam],
+                                    cand_tok[..., None], axis=-1)[..., 0]
+    is_eos = cand_tok == s.eos_token_id
+    rank = jnp.arange(2 * k)[None, :]
+    gen_len = (step + 1).astype(jnp.float32)
+
+    # finished hypotheses: eos among the top k candidates, scored by length ** length_penalty
+    new_hyp = is_eos & (rank < k) & ~done[:, None]
+    new_scores = jnp.where(new_hyp, cand_scores / gen_len ** s.length_penalty, NEG_INF)
+    new_tokens = tokens[rows]  # without the eos, as HF stores them
+    new_logp = tok_logp[rows].at[:, :, step].set(cand_logp)
+    pool_scores = jnp.concatenate([hyp_scores, new_scores], axis=1)
+    keep = jnp.argsort(-pool_scores, axis=1, stable=True)[:, :k]
+    pool_tokens = jnp.concatenate([hyp_tokens, new_tokens], axis=1)
+    pool_logp = jnp.concatenate([hyp_logp, new_logp], axis=1)
+    pool_len = jnp.concatenate([hyp_len, jnp.broadcast_to(step, new_scores.shape).astype(jnp.int32)], axis=1)
+    take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
+    hyp_scores, hyp_tokens, hyp_logp, hyp_len = take(pool_scores), take(pool_tokens), take(pool_logp), take(pool_len)
+    hyp_count = jnp.minimum(hyp_count + jnp.sum(new_hyp, axis=1), k)
+
+    # next beams: the first k non-eos candidates in rank order
+    order = jnp.argsort(jnp.where(is_eos, 2 * k + rank, rank), axis=1)[:, :k]
+    next_rows = jnp.take_along_axis(rows, order, axis=1).reshape(-1)
+    next_tok = jnp.take_along_axis(cand_tok, order, axis=1).reshape(-1)
+    next_scores = jnp.take_along_axis(cand_scores, order, axis=1).reshape(-1)
+    next_logp = jnp.take_along_axis(cand_logp, order, axis=1).reshape(-1)
+    done_rows = jnp.repeat(done, k)
+    next_rows = jnp.where(done_rows, jnp.arange(batch * k), next_rows)
+    next_tok = jnp.where(done_rows, s.pad_token_id, next_tok).astype(tokens.dtype)
+    next_scores = jnp.where(done_rows, 0.0, next_scores)
+
+    worst = jnp.min(jnp.where(jnp.arange(k)[None] < hyp_count[:, None], hyp_scores, jnp.inf), axis=1)
+    best_possible = jnp.max(cand_scores, axis=1) / gen_len ** s.length_penalty
+    done = done | ((hyp_count >= k) & (worst >= best_possible))
+
+    carry = dict(carry, tokens=jax.lax.dynamic_update_slice_in_dim(tokens[next_rows], next_tok[:, None], cur, axis=1),
+                 tok_logp=tok_logp[next_rows].at[:, step].set(next_logp), beam_scores=next_scores,
+                 hyp_tokens=hyp_tokens, hyp_logp=hyp_logp, hyp_scores=hyp_scores, hyp_len=hyp_len,
+                 hyp_count=hyp_count, done=done)
+    return carry, next_tok, jnp.all(done), next_rows
 
 
 def _finalize_beams(out, s: _Settings, batch: int, prompt_len: int):
@@ -333,30 +362,42 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
     else traced and compiled (XLA's persistent cache may still hold the compilation)."""
     stored = _stored_executable_path(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
                                      params_signature)
+    make = lambda parts: _Program(parts, settings.max_new_tokens, settings.num_beams)
     if stored and os.path.isfile(stored):
         try:
             with open(stored, "rb") as f:
-                return _Program(*(serialize_executable.deserialize_and_load(*part) for part in pickle.load(f)))
+                return make({name: serialize_executable.deserialize_and_load(*part)
+                                for name, part in pickle.load(f).items()})
         except Exception:  # a damaged or foreign entry: compile afresh
             pass
     treedef, specs = params_signature
     params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                                                     for shape, dtype, sharding in specs])
-    ids = jax.ShapeDtypeStruct((batch, prompt_len), np.int32)
-    prefill, decode = _compiled(model, settings, batch, prompt_len, with_image)
+    functions = _compiled(model, settings, batch, prompt_len, with_image)
+    ids, index = jax.ShapeDtypeStruct((batch, prompt_len), np.int32), jax.ShapeDtypeStruct((), np.int32)
+    block = _layers(model, params)[0][0]
     hits = _xla_cache_hits[0]
-    with ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL: the prefill while decode is traced
-        prefill = prefill.lower(params, ids, ids, ids, jax.ShapeDtypeStruct(pixels_shape, np.float32))
-        state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), prefill.out_info)
-        prefill = pool.submit(prefill.compile)
-        decode = pool.submit(decode.lower(params, state, jax.ShapeDtypeStruct((), np.int32),
-                                          jax.ShapeDtypeStruct(*rng_spec)).compile)
-        program = _Program(prefill.result(), decode.result())
+    with ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL: each program while the next is traced
+        compiling = {}
+
+        def lower(name, *args):
+            lowered = functions[name].lower(*args)
+            compiling[name] = pool.submit(lowered.compile)
+            return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lowered.out_info)
+
+        x, bias, carry = lower("prefill", params, ids, ids, ids, jax.ShapeDtypeStruct(pixels_shape, np.float32),
+                               jax.ShapeDtypeStruct(*rng_spec))
+        x, cache = lower("prefill_layer", block, index, x, bias)
+        logits = lower("prefill_logits", params, x)
+        _, x, bias, _, rows = lower("choose", params, logits, carry, index, index)
+        lower("layer", block, index, cache, x, bias, rows)
+        lower("logits", params, x)
+        program = make({name: job.result() for name, job in compiling.items()})
     # XLA:CPU re-serializes an executable that XLA's persistent cache loaded without its machine
     # code: stored, it would fail in the next process ("Function ... not found"). Keep only fresh ones.
     if stored and _xla_cache_hits[0] == hits:
         try:
-            blob = pickle.dumps([serialize_executable.serialize(part) for part in (program.prefill, program.decode)])
+            blob = pickle.dumps({name: serialize_executable.serialize(part) for name, part in program.parts.items()})
             os.makedirs(os.path.dirname(stored), exist_ok=True)
             with open(f"{stored}.{os.getpid()}.tmp", "wb") as f:
                 f.write(blob)
@@ -446,7 +487,7 @@ def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, m
                                           top_p, no_repeat_ngram_size, eos_token_id, pad_token_id, length_penalty,
                                           rng, bucket)
     batch, padded = args[0].shape
-    out = run(params, *args)
+    out = run(model, params, *args)
     if num_beams == 1:
         tokens, scores, steps = out
         steps = int(steps)

@@ -6,6 +6,7 @@ from PIL import Image
 
 from conftest import IMAGES_DIR, official_spm_path, save_tiny_checkpoint
 from kosmos2_jax import predict
+from kosmos2_jax.generate import PROGRAMS
 from kosmos2_jax.visualize import draw_entities, entity_colours
 
 
@@ -122,8 +123,7 @@ def test_second_predict_loads_its_programs_from_the_cache(tiny_ckpt, image_path,
             for c in (cmd, cmd, cmd + ["--no_compilation_cache"])]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
-    programs = ("prefill", "decode")  # generation's two programs
-    for name in programs:
+    for name in PROGRAMS:  # generation's programs
         traced = f"Finished tracing {name} for jit"
         assert traced in runs[0].stderr and f"Compiling jit({name})" in runs[0].stderr
         assert traced not in runs[1].stderr and f"Compiling jit({name})" not in runs[1].stderr

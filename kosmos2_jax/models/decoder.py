@@ -65,6 +65,34 @@ def attention_bias(attention_mask: jax.Array, q_len: int, q_offset: jax.Array | 
     return bias
 
 
+def token_embedding(config: Kosmos2Config, name: str | None = None) -> nn.Embed:
+    """The token embeddings, also the tied LM head (`attend`)."""
+    t = config.text
+    return nn.Embed(t.vocab_size, t.embed_dim, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+                    embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                    name=name)
+
+
+def final_layer_norm(config: Kosmos2Config, name: str | None = None) -> nn.LayerNorm:
+    return layer_norm(config.text.layer_norm_eps, dtype=jnp.dtype(config.dtype),
+                      param_dtype=jnp.dtype(config.param_dtype), name=name)
+
+
+def input_embeddings(config: Kosmos2Config, x, position_ids, image_embeds=None, image_embeds_position_mask=None):
+    """Token embeddings `x` [B, T, D] -> the first layer's input: image embeddings written over the
+    image slots, scaled by sqrt(embed_dim), plus the sinusoidal positions."""
+    t = config.text
+    if image_embeds is not None:
+        # The k-th slot (row-major over the mask) takes the k-th image embedding of its row.
+        mask = image_embeds_position_mask.astype(bool)
+        slot = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, image_embeds.shape[1] - 1)
+        img = jnp.take_along_axis(image_embeds.astype(x.dtype), slot[..., None], axis=1)
+        x = jnp.where(mask[..., None], img, x)
+    if t.scale_embedding:
+        x = x * jnp.asarray(math.sqrt(t.embed_dim), x.dtype)
+    return x + sinusoidal_positions(position_ids, t.embed_dim, t.pad_token_id).astype(x.dtype)
+
+
 class TextBlock(nn.Module):
     config: Kosmos2Config
     deterministic: bool = True
@@ -118,27 +146,17 @@ class TextDecoder(nn.Module):
     def __call__(self, input_ids, attention_mask=None, image_embeds=None, image_embeds_position_mask=None,
                  position_ids=None, deterministic: bool = True, decode: bool = False, return_hidden: bool = False,
                  segment_ids=None):
-        t, dt, pdt = self.config.text, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+        t = self.config.text
         if segment_ids is not None and decode:
             raise ValueError("segment_ids (packed rows) are for training forwards, not cached decoding")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        embed_tokens = nn.Embed(
-            t.vocab_size, t.embed_dim, dtype=dt, param_dtype=pdt, name="embed_tokens",
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-        x = embed_tokens(input_ids)
-        if image_embeds is not None:
-            # The k-th slot (row-major over the mask) takes the k-th image embedding of its row.
-            mask = image_embeds_position_mask.astype(bool)
-            slot = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, image_embeds.shape[1] - 1)
-            img = jnp.take_along_axis(image_embeds.astype(x.dtype), slot[..., None], axis=1)
-            x = jnp.where(mask[..., None], img, x)
-        if t.scale_embedding:
-            x = x * jnp.asarray(math.sqrt(t.embed_dim), x.dtype)
+        embed_tokens = token_embedding(self.config, name="embed_tokens")
         if position_ids is None:
             position_ids = (position_ids_from_input_ids(input_ids, t.pad_token_id) if segment_ids is None
                             else position_ids_from_segments(segment_ids, t.pad_token_id))
-        x = x + sinusoidal_positions(position_ids, t.embed_dim, t.pad_token_id).astype(x.dtype)
+        x = input_embeddings(self.config, embed_tokens(input_ids), position_ids, image_embeds,
+                             image_embeds_position_mask)
         x = nn.Dropout(t.dropout)(x, deterministic=deterministic)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
 
@@ -156,8 +174,40 @@ class TextDecoder(nn.Module):
             masks = (None, None, jnp.sum(attention_mask, axis=1, dtype=jnp.int32))
         x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.text_layers_scanned, "layers",
                             config=self.config, deterministic=deterministic, decode=decode)(x, masks)
-        x = layer_norm(t.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(x)
+        x = final_layer_norm(self.config, name="layer_norm")(x)
         if return_hidden:
             return x
         logits = embed_tokens.attend(x)  # tied LM head
         return constrain(logits, ("act_batch", "act_len", "act_vocab"))
+
+
+# --- the cached decoder one stage at a time (generation drives its layers from Python) ------------
+# `text_params` is the `text_model` subtree of the params; a block's params and cache are one
+# layer's (`layers/layer_{i}` unrolled, or one slice of the scanned `layers/layer` stack).
+def embed_step(config: Kosmos2Config, text_params, input_ids, position_ids, image_embeds=None,
+               image_embeds_position_mask=None):
+    """`TextDecoder`'s input to its first layer, as it computes it when decoding."""
+    x = token_embedding(config).apply({"params": nn.unbox(text_params["embed_tokens"])}, input_ids)
+    return input_embeddings(config, x, position_ids, image_embeds, image_embeds_position_mask)
+
+
+def block_step(config: Kosmos2Config, block_params, cache, x, bias):
+    """One decoder layer with its KV cache: (x, cache) -> (x, cache) for queries at the cache's index."""
+    out, state = TextBlock(config, decode=True).apply({"params": nn.unbox(block_params), "cache": cache}, x, bias,
+                                                     None, None, mutable=["cache"])
+    return out, state["cache"]
+
+
+def empty_block_cache(config: Kosmos2Config, batch_size: int, max_length: int):
+    """One layer's empty KV cache for `batch_size` rows of `max_length` positions."""
+    x = jax.ShapeDtypeStruct((batch_size, max_length, config.text.embed_dim), jnp.dtype(config.dtype))
+    shapes = jax.eval_shape(lambda x: TextBlock(config, decode=True).init(jax.random.PRNGKey(0), x, None, None, None),
+                            x)["cache"]
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def logits_step(config: Kosmos2Config, text_params, x):
+    """The final LayerNorm and the tied LM head."""
+    x = final_layer_norm(config).apply({"params": nn.unbox(text_params["layer_norm"])}, x)
+    return token_embedding(config).apply({"params": nn.unbox(text_params["embed_tokens"])}, x,
+                                         method=nn.Embed.attend)
