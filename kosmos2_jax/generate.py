@@ -35,6 +35,8 @@ from jax.experimental import serialize_executable
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.models.decoder import (attention_bias, block_step, embed_step, empty_block_cache, logits_step,
                                         position_ids_from_input_ids)
+from kosmos2_jax.models.kosmos2 import resample
+from kosmos2_jax.models.vision import embed_images, vision_block_step, vision_output
 
 NEG_INF = -jnp.inf
 
@@ -102,7 +104,7 @@ def top_p_filter(logits, top_p: float):
 # released size ~7 of the ~9 s spent tracing and compiling on 2 cores); a call from Python costs
 # tens of microseconds against a layer's hundreds reading its weights. Each decoding step ends in
 # one small program that picks the next tokens (greedy, sampling or beam search) and embeds them.
-PROGRAMS = ("prefill", "prefill_layer", "prefill_logits", "choose", "layer", "logits")
+PROGRAMS = ("vision_embed", "vision_layer", "prefill", "prefill_layer", "prefill_logits", "choose", "layer", "logits")
 
 
 def _step_positions(n_prompt, step):
@@ -110,12 +112,21 @@ def _step_positions(n_prompt, step):
     return (1 + n_prompt + step)[:, None]
 
 
-def _layers(model: Kosmos2, params) -> list:
-    """(block params, index) of every decoder layer: its own subtree, or the scanned stack with
-    the index the layer program takes its slice at."""
-    layers = params["text_model"]["layers"]
-    scanned = model.config.text_layers_scanned
-    return [(layers["layer"] if scanned else layers[f"layer_{i}"], np.int32(i)) for i in range(model.config.text.layers)]
+def _layers(model: Kosmos2, params, tower: str = "text") -> list:
+    """(block params, index) of every layer of the decoder or the vision tower: its own subtree,
+    or the scanned stack with the index the layer program takes its slice at."""
+    c = model.config
+    if tower == "text":
+        stack, scanned, n = params["text_model"]["layers"], c.text_layers_scanned, c.text.layers
+    else:
+        stack, scanned, n = params["vision_model"]["encoder"], c.scan_layers, c.vision.num_hidden_layers
+    return [(stack["layer"] if scanned else stack[f"layer_{i}"], np.int32(i)) for i in range(n)]
+
+
+def _layer_slice(params, index, scanned: bool):
+    if not scanned:
+        return params
+    return jax.tree_util.tree_map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), nn.unbox(params))
 
 
 def _repeat_rows(tree, k: int):
@@ -130,15 +141,19 @@ def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, 
     total = prompt_len + s.max_new_tokens
 
     def block(params, index, cache, x, bias):
-        if cfg.text_layers_scanned:
-            params = jax.tree_util.tree_map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False),
-                                            nn.unbox(params))
-        return block_step(cfg, params, cache, x, bias)
+        return block_step(cfg, _layer_slice(params, index, cfg.text_layers_scanned), cache, x, bias)
 
-    def prefill(params, prompt, prompt_mask, image_mask, pixel_values, rng):
+    def vision_embed(params, pixel_values):  # [B, H, W, 3], or [B, N, H, W, 3] for N images a row
+        return embed_images(cfg, params["vision_model"], pixel_values.reshape(-1, *pixel_values.shape[-3:]))
+
+    def vision_layer(params, index, x):
+        return vision_block_step(cfg, _layer_slice(params, index, cfg.scan_layers), x)
+
+    def prefill(params, prompt, prompt_mask, image_mask, vision_tokens, rng):
         image_embeds = None
         if with_image:
-            image_embeds = model.apply({"params": params}, pixel_values, method=Kosmos2.image_features)
+            image_embeds = resample(cfg, params, vision_output(cfg, params["vision_model"], vision_tokens))
+            image_embeds = image_embeds.reshape(batch, -1, image_embeds.shape[-1])  # a row's images in order
         positions = position_ids_from_input_ids(prompt, cfg.text.pad_token_id)
         n_prompt = jnp.sum(prompt != cfg.text.pad_token_id, axis=1)
         mask = jnp.concatenate([prompt_mask, jnp.ones((batch, s.max_new_tokens), prompt_mask.dtype)], axis=1)
@@ -173,7 +188,8 @@ def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, 
             cache = jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=0) if c.ndim else c, cache)
         return block(params, index, cache, x, bias)
 
-    return dict(prefill=jax.jit(prefill), prefill_layer=jax.jit(prefill_layer),
+    return dict(vision_embed=jax.jit(vision_embed), vision_layer=jax.jit(vision_layer),
+                prefill=jax.jit(prefill), prefill_layer=jax.jit(prefill_layer),
                 prefill_logits=jax.jit(prefill_logits), choose=jax.jit(choose),
                 layer=jax.jit(layer, donate_argnums=2), logits=jax.jit(logits))
 
@@ -189,11 +205,17 @@ class _Program:
     parts: dict
     max_new_tokens: int
     num_beams: int
+    with_image: bool
 
     def __call__(self, model, params, prompt, prompt_mask, image_mask, pixel_values, start, rng):
         run = self.parts
+        images = pixel_values  # text only: a placeholder the prefill does not read
+        if self.with_image:
+            images = run["vision_embed"](params, pixel_values)
+            for block, index in _layers(model, params, "vision"):
+                images = run["vision_layer"](block, index, images)
         layers = _layers(model, params)
-        x, bias, carry = run["prefill"](params, prompt, prompt_mask, image_mask, pixel_values, rng)
+        x, bias, carry = run["prefill"](params, prompt, prompt_mask, image_mask, images, rng)
         caches = []
         for block, index in layers:
             x, cache = run["prefill_layer"](block, index, x, bias)
@@ -362,7 +384,7 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
     else traced and compiled (XLA's persistent cache may still hold the compilation)."""
     stored = _stored_executable_path(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
                                      params_signature)
-    make = lambda parts: _Program(parts, settings.max_new_tokens, settings.num_beams)
+    make = lambda parts: _Program(parts, settings.max_new_tokens, settings.num_beams, with_image)
     if stored and os.path.isfile(stored):
         try:
             with open(stored, "rb") as f:
@@ -385,8 +407,11 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
             compiling[name] = pool.submit(lowered.compile)
             return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lowered.out_info)
 
-        x, bias, carry = lower("prefill", params, ids, ids, ids, jax.ShapeDtypeStruct(pixels_shape, np.float32),
-                               jax.ShapeDtypeStruct(*rng_spec))
+        images = jax.ShapeDtypeStruct(pixels_shape, np.float32)
+        if with_image:
+            images = lower("vision_embed", params, images)
+            lower("vision_layer", _layers(model, params, "vision")[0][0], index, images)
+        x, bias, carry = lower("prefill", params, ids, ids, ids, images, jax.ShapeDtypeStruct(*rng_spec))
         x, cache = lower("prefill_layer", block, index, x, bias)
         logits = lower("prefill_logits", params, x)
         _, x, bias, _, rows = lower("choose", params, logits, carry, index, index)

@@ -82,6 +82,12 @@ class Kosmos2(nn.Module):
                                deterministic=True, decode=True)
 
 
+def resample(config: Kosmos2Config, params, vision_tokens):
+    """`Kosmos2.image_features` after the vision tower: its output tokens -> image embeddings."""
+    return ImageToTextProjection(config).apply({"params": nn.unbox(params["image_to_text_projection"])},
+                                               l2_normalize(vision_tokens))
+
+
 def init_cache(model: Kosmos2, batch_size: int, max_length: int):
     """An empty `cache` collection for `batch_size` rows of `max_length` positions."""
     ids = jnp.ones((batch_size, max_length), jnp.int32)

@@ -68,16 +68,11 @@ class VisionEncoder(nn.Module):
         if not interpolate_pos_encoding and (height != c.image_size or width != c.image_size):
             raise ValueError(f"input image size ({height}x{width}) doesn't match the model ({c.image_size}x"
                              f"{c.image_size}); pass interpolate_pos_encoding=True to interpolate positions")
-        patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
-                          padding="VALID", use_bias=False, dtype=dt, param_dtype=pdt,
-                          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                   (None, None, None, "embed")),
-                          name="patch_embedding")(pixel_values.astype(dt))
+        patches = patch_embedding(self.config, name="patch_embedding")(pixel_values.astype(dt))
         grid_h, grid_w = patches.shape[1:3]
         patches = patches.reshape(b, grid_h * grid_w, c.hidden_size)
         cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
                          (c.hidden_size,), pdt)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, c.hidden_size)), patches], axis=1)
         pos = self.param("position_embedding",
                          nn.with_logical_partitioning(nn.initializers.normal(0.02), ("positions", "embed")),
                          (c.num_patches + 1, c.hidden_size), pdt)
@@ -87,9 +82,49 @@ class VisionEncoder(nn.Module):
             grid = jnp.einsum("ys,xt,std->yxd", bicubic_matrix(side, grid_h).astype(np.float32),
                               bicubic_matrix(side, grid_w).astype(np.float32), grid)
             pos = jnp.concatenate([pos[:1], grid.reshape(grid_h * grid_w, c.hidden_size)], axis=0)
-        x = constrain(x + pos.astype(dt), ("act_batch", "act_len", "act_embed"))
-        x = layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="pre_layrnorm")(x)
+        x = constrain(with_class_and_positions(self.config, patches, cls, pos), ("act_batch", "act_len", "act_embed"))
+        x = vision_layer_norm(self.config, name="pre_layrnorm")(x)
         x, _ = stack_layers(VisionBlock, c.num_hidden_layers, self.config.remat_policy, self.config.scan_layers,
                             "encoder", frozen=self.config.frozen_vision_layers, owner=self, config=self.config,
                             deterministic=deterministic)(x, ())
-        return layer_norm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="post_layernorm")(x)
+        return vision_layer_norm(self.config, name="post_layernorm")(x)
+
+
+def patch_embedding(config: Kosmos2Config, name: str | None = None) -> nn.Conv:
+    c = config.vision
+    return nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size), padding="VALID",
+                   use_bias=False, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, None, "embed")),
+                   name=name)
+
+
+def with_class_and_positions(config: Kosmos2Config, patches, class_embedding, position_embedding):
+    """Patch embeddings [B, N, D] -> [B, 1 + N, D]: the class token first, then the positions added."""
+    dt = jnp.dtype(config.dtype)
+    cls = jnp.broadcast_to(class_embedding.astype(dt), (patches.shape[0], 1, patches.shape[2]))
+    return jnp.concatenate([cls, patches], axis=1) + position_embedding.astype(dt)
+
+
+def vision_layer_norm(config: Kosmos2Config, name: str | None = None) -> nn.LayerNorm:
+    return layer_norm(config.vision.layer_norm_eps, dtype=jnp.dtype(config.dtype),
+                      param_dtype=jnp.dtype(config.param_dtype), name=name)
+
+
+# --- the encoder one stage at a time (generation drives its layers from Python) ------------------
+# `vision_params` is the `vision_model` subtree; a block's params are one layer's
+# (`encoder/layer_{i}`, or one slice of the scanned `encoder/layer` stack).
+def embed_images(config: Kosmos2Config, vision_params, pixel_values):
+    """`VisionEncoder`'s input to its first layer, for images of the model's size."""
+    p = nn.unbox(vision_params)
+    patches = patch_embedding(config).apply({"params": p["patch_embedding"]}, pixel_values.astype(config.dtype))
+    patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
+    x = with_class_and_positions(config, patches, p["class_embedding"], p["position_embedding"])
+    return vision_layer_norm(config).apply({"params": p["pre_layrnorm"]}, x)
+
+
+def vision_block_step(config: Kosmos2Config, block_params, x):
+    return VisionBlock(config).apply({"params": nn.unbox(block_params)}, x)
+
+
+def vision_output(config: Kosmos2Config, vision_params, x):
+    return vision_layer_norm(config).apply({"params": nn.unbox(vision_params["post_layernorm"])}, x)
