@@ -150,3 +150,32 @@ def test_bad_generation_inputs(models):
         generate(model, params, right, max_new_tokens=4)
     with pytest.raises(ValueError, match="rng"):
         generate(model, params, batch, max_new_tokens=4, do_sample=True)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_interleaved_greedy_equals_full_forwards(scan_layers):
+    """Two images a row ([B, N, H, W, 3]), both weight layouts: generation's layer-by-layer cached
+    decoding picks the tokens that greedy decoding by uncached full forwards picks."""
+    import dataclasses
+
+    from kosmos2_jax.models import Kosmos2, tiny
+
+    config = dataclasses.replace(tiny(), scan_layers=scan_layers)
+    model, q, rng = Kosmos2(config), config.latent_query_num, np.random.default_rng(0)
+    text = lambda n: rng.integers(10, config.text.vocab_size, (2, n))
+    ids = np.concatenate([np.zeros((2, 1)), np.full((2, q), 5), text(3), np.full((2, q), 5), text(4)], 1).astype(np.int32)
+    slots = np.concatenate([np.zeros((2, 1)), np.ones((2, q)), np.zeros((2, 3)), np.ones((2, q)), np.zeros((2, 4))], 1)
+    slots = slots.astype(np.int32)
+    pixels = rng.normal(size=(2, 2, config.vision.image_size, config.vision.image_size, 3)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(1), pixels, ids, image_embeds_position_mask=slots)["params"]
+    out = generate(model, params, dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                                       image_embeds_position_mask=slots, pixel_values=pixels), max_new_tokens=5)
+    seq, mask, logp = ids, slots, []
+    for _ in range(5):
+        logits = model.apply({"params": params}, pixels, seq, image_embeds_position_mask=mask)[:, -1]
+        nxt = np.argmax(logits, axis=-1)
+        logp.append(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), nxt[:, None], axis=1)[:, 0])
+        seq = np.concatenate([seq, nxt[:, None].astype(np.int32)], axis=1)
+        mask = np.pad(mask, ((0, 0), (0, 1)))
+    np.testing.assert_array_equal(out.sequences, seq)
+    np.testing.assert_allclose(out.scores, np.stack(logp, axis=1), rtol=0, atol=1e-5)
