@@ -98,12 +98,13 @@ def top_p_filter(logits, top_p: float):
 
 
 # --- the compiled programs ----------------------------------------------------------------------
-# The decoder runs one layer at a time, driven from Python: every layer is the same compiled
-# program called on that layer's weights and KV cache. XLA then compiles one layer instead of the
-# unrolled stack twice (prefill and decoding loop), which was most of a cold start (at the
-# released size ~7 of the ~9 s spent tracing and compiling on 2 cores); a call from Python costs
-# tens of microseconds against a layer's hundreds reading its weights. Each decoding step ends in
-# one small program that picks the next tokens (greedy, sampling or beam search) and embeds them.
+# Both towers run one layer at a time, driven from Python: every layer is the same compiled
+# program called on that layer's weights (and KV cache). XLA then compiles one layer instead of
+# the unrolled stacks (the decoder twice: prefill and decoding loop), which were most of a cold
+# start (at the released size ~6 of the ~9 s spent tracing and compiling on 2 cores); a call from
+# Python costs tens of microseconds against the ~11 ms a released-size decoder layer takes to read
+# its weights. Each decoding step ends in one small program that picks the next tokens (greedy,
+# sampling or beam search) and embeds them.
 PROGRAMS = ("vision_embed", "vision_layer", "prefill", "prefill_layer", "prefill_logits", "choose", "layer", "logits")
 
 
