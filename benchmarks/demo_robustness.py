@@ -5,9 +5,9 @@ for another machine's arithmetic (XLA:CPU picks other kernels on other CPUs).
     make demo-data                     # the demo's tokenizer and datasets (what `make demo` builds first)
     .venv/bin/python benchmarks/demo_robustness.py [--seeds 0 1 2] [--workdir workdir/robustness] [--parallel 1]
 
-Each run: `python -m kosmos2_jax.train --config experiments/shapes_tiny.py --config.seed=S`, then
-`python -m kosmos2_jax.evaluate --task shapes` on the held-out `refexp` test split, as `make demo`
-does. Prints one row per seed (accuracy, train and eval wall time, grounding accuracy at each
+Each run: `python -m kosmos2_jax.train --config experiments/shapes_tiny.py --config.seed=S` (its
+log written to WORKDIR/seed_S.train.log as it runs), then `python -m kosmos2_jax.evaluate --task
+shapes` on the held-out `refexp` test split, as `make demo` does. Prints one row per seed (accuracy, train and eval wall time, grounding accuracy at each
 periodic evaluation) and the median. `--parallel N` runs N seeds at once (their times then share
 the cores: compare times only between runs made the same way).
 """
@@ -29,12 +29,12 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
-    run = workdir / f"seed_{seed}"
+    run, log = workdir / f"seed_{seed}", workdir / f"seed_{seed}.train.log"
     start = time.time()
-    train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config", f"experiments/shapes_tiny.py:data={DATA}",
-                            "--workdir", str(run), f"--config.seed={seed}", *overrides], capture_output=True, text=True,
-                           cwd=REPO, env=ENV)
-    (workdir / f"seed_{seed}.train.log").write_text(train.stdout + train.stderr)
+    with open(log, "w") as out:  # written as it runs: `tail -f` it to follow a run
+        train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config",
+                                f"experiments/shapes_tiny.py:data={DATA}", "--workdir", str(run), f"--config.seed={seed}",
+                                *overrides], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
     if train.returncode:
         raise SystemExit(f"seed {seed}: training failed (see {workdir}/seed_{seed}.train.log)")
     trained = time.time()
@@ -47,7 +47,7 @@ def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
         raise SystemExit(f"seed {seed}: evaluation failed: {evaluated.stderr[-2000:]}")
     result = json.loads((run / "eval" / "results.json").read_text())
     curve = [(int(m.group(1)), float(m.group(2))) for m in
-             re.finditer(r"step (\d+) eval grounding: accuracy ([\d.]+)", train.stdout)]
+             re.finditer(r"step (\d+) eval grounding: accuracy ([\d.]+)", log.read_text())]
     return {"seed": seed, "accuracy": result["accuracy"], "scored": result["scored"], "curve": curve,
             "train_s": trained - start, "eval_s": time.time() - trained}
 
