@@ -75,6 +75,11 @@ A deeper decoder in fewer steps (seed 0, `--override=--config.model.text.layers=
 this recipe ran ~0.35 s a step): 1.26x the step time (11.0 min for 1500 steps), validation 6.2, 26.6,
 43.0, 58.6, 71.9, 75.0 at steps 250-1500, test 78.9%: it learns no more per step than 3 layers
 (7.0, 28.1, 56.2, 68.8, 78.1 at 250-1250 above) and still rises at its end (spread 16.4); not kept.
+FFN width 256 for the 2000 steps (`--override=--config.model.text.ffn_dim=256`, same commit, machine
+and day; the VM's speed changed during the run, so its 9.0 min compare with nothing): validation
+8.6, 25.0, 46.1, 67.2, 74.2, 82.8, 85.9, 85.2 at steps 250-2000 (spread over the last third 3.1
+against this recipe's 7.8), test 86.3% against 88.8%: flatter but lower, as cosine decay was; not
+kept.
 
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
 evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same machine):
