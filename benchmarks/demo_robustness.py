@@ -7,9 +7,10 @@ for another machine's arithmetic (XLA:CPU picks other kernels on other CPUs).
 
 Each run: `python -m kosmos2_jax.train --config experiments/shapes_tiny.py --config.seed=S` (its
 log written to WORKDIR/seed_S.train.log as it runs), then `python -m kosmos2_jax.evaluate --task
-shapes` on the held-out `refexp` test split, as `make demo` does. Prints one row per seed (accuracy, train and eval wall time, grounding accuracy at each
-periodic evaluation) and the median. `--parallel N` runs N seeds at once (their times then share
-the cores: compare times only between runs made the same way).
+shapes` on the held-out `refexp` test split, as `make demo` does. Prints one row per seed
+(accuracy, train and eval wall time, grounding accuracy at each periodic evaluation) and the
+median. `--parallel N` runs N seeds at once (their times then share the cores: compare times only
+between runs made the same way).
 """
 
 import argparse
@@ -36,7 +37,7 @@ def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
                                 f"experiments/shapes_tiny.py:data={DATA}", "--workdir", str(run), f"--config.seed={seed}",
                                 *overrides], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
     if train.returncode:
-        raise SystemExit(f"seed {seed}: training failed (see {workdir}/seed_{seed}.train.log)")
+        raise SystemExit(f"seed {seed}: training failed (see {log})")
     trained = time.time()
     evaluated = subprocess.run([sys.executable, "-m", "kosmos2_jax.evaluate", "--task", "shapes", "--checkpoint",
                                 str(run / "export"), "--tokenizer", str(DATA / "spm" / "shapes.model"),

@@ -176,13 +176,13 @@ def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, 
 
     def choose(params, logits, carry, step, start):
         """The next tokens from `logits`; returns (carry, the next tokens' embeddings and attention
-        bias, whether to stop, and for beam search which cache row each row continues)."""
+        bias, whether every row has ended, and for beam search which cache row each row continues)."""
         if k == 1:
-            carry, nxt, stop, rows = _greedy_choose(s, prompt_len, logits, carry, step, start)
+            carry, nxt, ended, rows = _greedy_choose(s, prompt_len, logits, carry, step, start)
         else:
-            carry, nxt, stop, rows = _beam_choose(s, prompt_len, batch, logits, carry, step, start)
+            carry, nxt, ended, rows = _beam_choose(s, prompt_len, batch, logits, carry, step, start)
         x = embed_step(cfg, params["text_model"], nxt[:, None], _step_positions(carry["n_prompt"], step + 1))
-        return carry, x, attention_bias(carry["mask"], 1, prompt_len + step), stop | (step + 1 >= s.max_new_tokens), rows
+        return carry, x, attention_bias(carry["mask"], 1, prompt_len + step), ended, rows
 
     def layer(params, index, cache, x, bias, rows):
         if rows is not None:
@@ -223,8 +223,8 @@ class _Program:
             caches.append(cache)
         logits = run["prefill_logits"](params, x)
         for step in range(self.max_new_tokens):
-            carry, x, bias, stop, rows = run["choose"](params, logits, carry, np.int32(step), start)
-            if _read(stop):
+            carry, x, bias, ended, rows = run["choose"](params, logits, carry, np.int32(step), start)
+            if step + 1 == self.max_new_tokens or _read(ended):
                 break
             for i, (block, index) in enumerate(layers):
                 x, caches[i] = run["layer"](block, index, caches[i], x, bias, rows)

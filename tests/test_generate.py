@@ -1,5 +1,7 @@
 """Generation equals HF `generate` token for token (greedy, beam search, n-gram blocking)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from hf_reference import SMALL_CONFIGS, grounded_batch, hf_model, torch
 from kosmos2_jax import convert
 from kosmos2_jax.generate import ban_repeated_ngrams, generate, top_p_filter
+from kosmos2_jax.models import Kosmos2, tiny
 
 NAME, VISION, TEXT, QUERIES = SMALL_CONFIGS[0]
 
@@ -156,10 +159,6 @@ def test_bad_generation_inputs(models):
 def test_interleaved_greedy_equals_full_forwards(scan_layers):
     """Two images a row ([B, N, H, W, 3]), both weight layouts: generation's layer-by-layer cached
     decoding picks the tokens that greedy decoding by uncached full forwards picks."""
-    import dataclasses
-
-    from kosmos2_jax.models import Kosmos2, tiny
-
     config = dataclasses.replace(tiny(), scan_layers=scan_layers)
     model, q, rng = Kosmos2(config), config.latent_query_num, np.random.default_rng(0)
     text = lambda n: rng.integers(10, config.text.vocab_size, (2, n))
