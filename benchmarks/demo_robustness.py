@@ -4,6 +4,8 @@ for another machine's arithmetic (XLA:CPU picks other kernels on other CPUs).
 
     make demo-data                     # the demo's tokenizer and datasets (what `make demo` builds first)
     .venv/bin/python benchmarks/demo_robustness.py [--seeds 0 1 2] [--workdir workdir/robustness] [--parallel 1]
+    make demo-data DEMO_DATA=workdir/demo_data48 SHAPES_NUM_TRAIN=48000    # another dataset size, then
+    .venv/bin/python benchmarks/demo_robustness.py --seeds 0 --data workdir/demo_data48
 
 Each run: `python -m kosmos2_jax.train --config experiments/shapes_tiny.py --config.seed=S` (its
 log written to WORKDIR/seed_S.train.log as it runs), then `python -m kosmos2_jax.evaluate --task
@@ -29,19 +31,19 @@ DATA = REPO / "workdir" / "demo_data"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def run_seed(seed: int, workdir: pathlib.Path, overrides=()) -> dict:
+def run_seed(seed: int, workdir: pathlib.Path, overrides=(), data: pathlib.Path = DATA) -> dict:
     run, log = workdir / f"seed_{seed}", workdir / f"seed_{seed}.train.log"
     start = time.time()
     with open(log, "w") as out:  # written as it runs: `tail -f` it to follow a run
         train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config",
-                                f"experiments/shapes_tiny.py:data={DATA}", "--workdir", str(run), f"--config.seed={seed}",
+                                f"experiments/shapes_tiny.py:data={data}", "--workdir", str(run), f"--config.seed={seed}",
                                 *overrides], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
     if train.returncode:
         raise SystemExit(f"seed {seed}: training failed (see {log})")
     trained = time.time()
     evaluated = subprocess.run([sys.executable, "-m", "kosmos2_jax.evaluate", "--task", "shapes", "--checkpoint",
-                                str(run / "export"), "--tokenizer", str(DATA / "spm" / "shapes.model"),
-                                "--data_dir", str(DATA / "tfds" / "shapes" / "refexp" / "1.0.0"), "--split", "test",
+                                str(run / "export"), "--tokenizer", str(data / "spm" / "shapes.model"),
+                                "--data_dir", str(data / "tfds" / "shapes" / "refexp" / "1.0.0"), "--split", "test",
                                 "--out", str(run / "eval" / "results.json"), "--overwrite"],
                                capture_output=True, text=True, cwd=REPO, env=ENV)
     if evaluated.returncode:
@@ -79,9 +81,11 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="seeds trained at once")
     p.add_argument("--override", action="append", default=[],
                    help="a train flag for every run, e.g. --override=--config.train.steps=50 (a quick check)")
+    p.add_argument("--data", default=str(DATA), help="the demo's tokenizer and datasets (`make demo-data DEMO_DATA=DIR`)")
     args = p.parse_args(argv)
-    if not (DATA / "spm" / "shapes.model").is_file() or not list((DATA / "tfds").glob(".shapes-*")):
-        print(f"error: the demo data is not in {DATA}: run `make demo-data` first", file=sys.stderr)
+    data = pathlib.Path(args.data)
+    if not (data / "spm" / "shapes.model").is_file() or not (data / "tfds" / "shapes" / "refexp").is_dir():
+        print(f"error: the demo data is not in {data}: run `make demo-data` first", file=sys.stderr)
         return 2
     workdir = pathlib.Path(args.workdir)
     existing = [s for s in args.seeds if (workdir / f"seed_{s}").exists()]
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
         return 2
     workdir.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(max(args.parallel, 1)) as pool:
-        rows = list(pool.map(lambda s: run_seed(s, workdir, args.override), args.seeds))
+        rows = list(pool.map(lambda s: run_seed(s, workdir, args.override, data), args.seeds))
     steps = max((step for r in rows for step, _ in r["curve"]), default=0)
     print(f"machine: {cpu_model()}")
     print("| seed | first-box accuracy (%) | items | train | eval | grounding accuracy during training (step: %) "
