@@ -81,6 +81,26 @@ and day; the VM's speed changed during the run, so its 9.0 min compare with noth
 against this recipe's 7.8), test 86.3% against 88.8%: flatter but lower, as cosine decay was; not
 kept.
 
+Early probes, seed 0 to step 750 (2-core Intel Xeon with AVX-512 and AMX, 2026-12-06, commit
+9075314, which has the two init options; reverted after it), against this recipe's 7.0 / 28.1 / 56.2 at
+steps 250 / 500 / 750 (single runs this early differ by about 15 points, so these rule out only
+large gains):
+
+| change | validation grounding accuracy at 250 / 500 / 750 |
+|---|---|
+| 48,000 training images instead of 12,000 (`make demo-data DEMO_DATA=... SHAPES_NUM_TRAIN=48000`, `demo_robustness.py --data`; 1:42 to build instead of ~0:25) | 5.5 / 26.6 / 52.3 |
+| latent queries that each attend to one 4 x 4-grid region at init (`init.spatial_latent_logit=10`: q/k projections a * I, latent i = 0.3 * c_i W with c_i a Gaussian mix of the patch position codes around region i) | 7.0 / 31.3 / 49.2 |
+| location tables 5x larger (`init.location_std=0.1`) | 3.1 / 18.0 / - (stopped) |
+| location tables 4x smaller (`init.location_std=0.005`) | 8.6 / 28.9 / 37.5 |
+
+At the default init the 16 latents start as the same vector (their outputs' mean cosine 0.999 on
+8 training images: every latent attends uniformly); the spatial init makes them distinct (0.49,
+each over ~4 patches), yet the model learns no faster: it separates the latents itself within the
+first ~100 steps. More images change nothing this early either (2,000 steps see each of the 12,000
+images ~8 times). Neither is the bottleneck; none kept. The text FFN's activation (`relu` or
+`gelu_new` instead of HF's exact `gelu`) made no step measurably faster on that VM (0.33-0.44 s a
+step between runs, in either order).
+
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
 evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same machine):
 

@@ -35,30 +35,12 @@ def sincos_2d(side: int, dim: int, temperature: float = 10000.0, frequencies: st
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
-def spatial_latents(position_table: np.ndarray, num_latents: int, sigma: float = 0.75) -> np.ndarray:
-    """[num_latents, width] unit vectors, latent i a Gaussian-weighted (`sigma` patches) sum of the
-    patch position codes (`position_table` [side * side, width], row-major) around the i-th cell
-    centre of a sqrt(num_latents)-square grid laid over the patches."""
-    side, grid = int(round(len(position_table) ** 0.5)), int(round(num_latents ** 0.5))
-    if side * side != len(position_table) or grid * grid != num_latents:
-        raise ValueError(f"spatial latents need square grids: {len(position_table)} patches, {num_latents} latents")
-    centres = (np.arange(grid) + 0.5) * side / grid - 0.5  # patch coordinates
-    cy, cx = np.meshgrid(centres, centres, indexing="ij")
-    py, px = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    d2 = (cy.reshape(-1, 1) - py.reshape(1, -1)) ** 2 + (cx.reshape(-1, 1) - px.reshape(1, -1)) ** 2
-    weights = np.exp(-d2 / (2 * sigma ** 2))
-    codes = position_table / np.linalg.norm(position_table, axis=1, keepdims=True)
-    mixed = weights @ codes
-    return (mixed / np.linalg.norm(mixed, axis=1, keepdims=True)).astype(np.float32)
-
-
 def structured_init(params, model_config, first_location_id: int, num_location_tokens: int,
                     positions: bool = True, locations: bool = True, location_std: float = 0.02,
                     connector_dense_std: float = 0.0, location_frequencies: str = "log",
-                    position_frequencies: str = "log", spatial_latent_logit: float = 0.0):
-    """Return `params` (a plain nested dict of arrays) with the chosen tables rewritten, with the
-    resampler's input projection rescaled to `connector_dense_std` when it is > 0, and, when
-    `spatial_latent_logit` > 0, latent queries that each look at one region of the image."""
+                    position_frequencies: str = "log"):
+    """Return `params` (a plain nested dict of arrays) with the chosen tables rewritten, and with
+    the resampler's input projection rescaled to `connector_dense_std` when it is > 0."""
     import jax.numpy as jnp
 
     params = dict(params)
@@ -93,36 +75,4 @@ def structured_init(params, model_config, first_location_id: int, num_location_t
             jnp.asarray(grid, table.dtype))
         text["embed_tokens"] = embed
         params["text_model"] = text
-    if spatial_latent_logit > 0:
-        params["image_to_text_projection"] = _spatial_resampler(params, model_config, spatial_latent_logit)
     return params
-
-
-def _spatial_resampler(params, model_config, peak_logit: float):
-    """The resampler with latent i attending to the patches around the i-th cell of a grid.
-
-    At the default init its q/k projections are ~N(0, 0.02), so every latent attends uniformly and
-    all latents start as the same average of the image: where things are is lost until the
-    projections grow. Here q_proj = k_proj = a * I and latent i = alpha * (c_i @ W), where W is the
-    input projection and c_i a unit mix of the patch position codes around cell i; a vision token
-    u_j (unit norm, L2-normalized before W) then scores a^2 * alpha * c_i W W^T u_j / sqrt(head_dim)
-    ~ a^2 * alpha * width * (c_i . u_j) / sqrt(head_dim), largest for the patches near cell i (their
-    position code is a share of u_j). alpha = 0.3 keeps a latent's score for itself (~a^2 alpha^2
-    width / sqrt(head_dim)) below its region's; `peak_logit` sets a^2 for a region score of about that
-    size with a position share of 1/2."""
-    import jax.numpy as jnp
-
-    v, t = model_config.vision, model_config.text
-    table = np.asarray(params["vision_model"]["position_embedding"])[1:]  # without the class token's
-    proj = {k: dict(val) if isinstance(val, dict) else val for k, val in params["image_to_text_projection"].items()}
-    kernel = np.asarray(proj["dense"]["kernel"], np.float64)  # [vision width, text width]
-    alpha, width, head_dim = 0.3, t.embed_dim, t.embed_dim // t.attention_heads
-    a2 = peak_logit * np.sqrt(head_dim) / (alpha * np.sum(kernel ** 2) / kernel.shape[0] * 0.5)
-    codes = spatial_latents(table, model_config.latent_query_num)
-    proj["latent_query"] = jnp.asarray(alpha * codes @ kernel, proj["latent_query"].dtype)
-    attn = {k: dict(val) for k, val in proj["x_attn"].items()}
-    for name in ("q_proj", "k_proj"):
-        attn[name]["kernel"] = jnp.asarray(np.sqrt(a2) * np.eye(width), attn[name]["kernel"].dtype)
-        attn[name]["bias"] = jnp.zeros_like(attn[name]["bias"])
-    proj["x_attn"] = attn
-    return proj

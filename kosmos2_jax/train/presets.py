@@ -98,8 +98,8 @@ def base() -> ml_collections.ConfigDict:
     # The released model's init (HF's). From scratch, train/init.py's 2-D sin-cos tables and a
     # stronger resampler projection help (the demo's).
     c.init = ml_collections.ConfigDict(dict(hf_dir="", checkpoint="", sincos_positions=False, sincos_locations=False,
-                                            connector_dense_std=0.0, location_std=0.02, location_frequencies="log",
-                                            position_frequencies="log", spatial_latent_logit=0.0))
+                                            connector_dense_std=0.0, location_frequencies="log",
+                                            position_frequencies="log"))
 
     c.data = ml_collections.ConfigDict(dict(
         # The training mixture: every source with its folder or file set, weighted relative to the

@@ -158,11 +158,9 @@ class Trainer:
                 init_cfg = self.config.get("init", {})
                 options = dict(positions=init_cfg.get("sincos_positions", False),
                                locations=init_cfg.get("sincos_locations", False),
-                               connector_dense_std=init_cfg.get("connector_dense_std", 0.0),
-                               spatial_latent_logit=init_cfg.get("spatial_latent_logit", 0.0))
+                               connector_dense_std=init_cfg.get("connector_dense_std", 0.0))
                 if any(options.values()):
-                    options.update(location_std=init_cfg.get("location_std", 0.02),
-                                   location_frequencies=init_cfg.get("location_frequencies", "log"),
+                    options.update(location_frequencies=init_cfg.get("location_frequencies", "log"),
                                    position_frequencies=init_cfg.get("position_frequencies", "log"))
                     params = jax.device_put(structured_init(params, self.model.config, *self.loc, **options),
                                             param_shardings)
