@@ -93,6 +93,7 @@ large gains):
 | location tables 5x larger (`init.location_std=0.1`) | 3.1 / 18.0 / - (stopped) |
 | location tables 4x smaller (`init.location_std=0.005`) | 8.6 / 28.9 / 37.5 |
 | a curriculum: one-shape images only (6,000 of them, the first 6,000 single-shape training images of the generator) for the first 307 steps, then this data (a SIGTERM at step 300 and a resume with the other `data_dir`, same schedule) | 7.8 / 23.4 / 33.6 |
+| lr 2e-3 with the token embeddings (tied LM head, location tokens) updated at a tenth of it (a trial scaling of their Adam updates, not kept): does the scaled, tied embedding limit the learning rate? | 2.3 / 1.6 (stopped): no |
 | FFN width 256 for 2400 steps (a cheaper step for more of them) | 9.4 / 24.2 / 43.0, then 58.6 / 58.6 / 67.2 / 77.3 at 1000-1750 (stopped) |
 
 At the default init the 16 latents start as the same vector (their outputs' mean cosine 0.999 on
