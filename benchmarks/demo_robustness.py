@@ -81,11 +81,14 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="seeds trained at once")
     p.add_argument("--override", action="append", default=[],
                    help="a train flag for every run, e.g. --override=--config.train.steps=50 (a quick check)")
-    p.add_argument("--data", default=str(DATA), help="the demo's tokenizer and datasets (`make demo-data DEMO_DATA=DIR`)")
+    p.add_argument("--data", default=str(DATA),
+                   help="the demo's tokenizer and datasets (`make demo-data DEMO_DATA=DIR`)")
     args = p.parse_args(argv)
-    data = pathlib.Path(args.data)
-    if not (data / "spm" / "shapes.model").is_file() or not (data / "tfds" / "shapes" / "refexp").is_dir():
-        print(f"error: the demo data is not in {data}: run `make demo-data` first", file=sys.stderr)
+    data = pathlib.Path(args.data).resolve()  # the runs start in the repository
+    built = [data / "tfds" / "shapes" / config / "1.0.0" / "dataset_info.json" for config in ("grounded", "refexp")]
+    if not (data / "spm" / "shapes.model").is_file() or not all(f.is_file() for f in built):
+        make = "make demo-data" + ("" if data == DATA.resolve() else f" DEMO_DATA={data}")
+        print(f"error: the demo data is not in {data}: run `{make}` first", file=sys.stderr)
         return 2
     workdir = pathlib.Path(args.workdir)
     existing = [s for s in args.seeds if (workdir / f"seed_{s}").exists()]

@@ -1,5 +1,5 @@
 """benchmarks/demo_robustness.py as it is run, shortened: the demo recipe on a tiny build of the demo
-data (`--data`), two seeds of a few steps, and the table it prints; its refusals."""
+data (`--data`), two seeds of a few steps at once, and the table it prints; its refusals."""
 
 import math
 import os
@@ -25,11 +25,17 @@ def test_last_third_spread():
 
 def test_refuses_missing_data_and_existing_runs(tmp_path, capsys):
     assert demo_robustness.main(["--data", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]) == 2
-    assert f"the demo data is not in {tmp_path / 'none'}" in capsys.readouterr().err
+    assert f"the demo data is not in {tmp_path / 'none'}: run `make demo-data DEMO_DATA=" in capsys.readouterr().err
     data = tmp_path / "data"
     (data / "spm").mkdir(parents=True)
     (data / "spm" / "shapes.model").touch()
-    (data / "tfds" / "shapes" / "refexp").mkdir(parents=True)
+    for config in ("grounded", "refexp"):
+        (data / "tfds" / "shapes" / config / "1.0.0").mkdir(parents=True)
+        if config == "grounded":  # a half-built dataset (no refexp dataset_info.json) is refused too
+            (data / "tfds" / "shapes" / config / "1.0.0" / "dataset_info.json").touch()
+    assert demo_robustness.main(["--data", str(data), "--workdir", str(tmp_path / "w")]) == 2
+    assert "the demo data is not in" in capsys.readouterr().err
+    (data / "tfds" / "shapes" / "refexp" / "1.0.0" / "dataset_info.json").touch()
     (tmp_path / "w" / "seed_1").mkdir(parents=True)
     assert demo_robustness.main(["--data", str(data), "--workdir", str(tmp_path / "w"), "--seeds", "0", "1"]) == 2
     assert "already holds runs of seeds [1]" in capsys.readouterr().err
@@ -49,8 +55,8 @@ def test_two_seeds_on_a_tiny_build(tmp_path):
     flags = ["--config.train.steps=4", "--config.train.batch_size=4", "--config.train.log_every=2",
              "--config.train.eval_every=4", "--config.evals.grounding.every=2", "--config.train.ckpt_every=4",
              "--config.evals.grounding.max_items=4", "--config.data.val_batches=1", "--config.data.shuffle_buffer=16"]
-    out = subprocess.run([sys.executable, str(SCRIPT), "--seeds", "0", "1", "--data", str(data), "--workdir",
-                          str(tmp_path / "runs"), *[f"--override={f}" for f in flags]],
+    out = subprocess.run([sys.executable, str(SCRIPT), "--seeds", "0", "1", "--parallel", "2", "--data", str(data),
+                          "--workdir", str(tmp_path / "runs"), *[f"--override={f}" for f in flags]],
                          cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     rows = [line for line in out.stdout.splitlines() if re.match(r"\| [01] \| ", line)]
@@ -59,7 +65,7 @@ def test_two_seeds_on_a_tiny_build(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert 0 <= float(cells[1]) <= 100 and int(cells[2]) > 0, row
         assert re.fullmatch(r"2: [\d.]+, 4: [\d.]+", cells[5]), row
-    assert re.search(r"median [\d.]+%, min [\d.]+%, max [\d.]+% over 2 seeds", out.stdout), out.stdout
+    assert re.search(r"median [\d.]+%, min [\d.]+%, max [\d.]+% over 2 seeds \(parallel=2\)", out.stdout), out.stdout
     # each run's training log, written as it ran, and its evaluation, from the data given
     for seed in (0, 1):
         log = (tmp_path / "runs" / f"seed_{seed}.train.log").read_text()
