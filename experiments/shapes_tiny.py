@@ -97,6 +97,7 @@ large gains):
 | resampler input projection at std 0.3 instead of 1.0 (`init.connector_dense_std=0.3`) | 2.3 / 14.1 (stopped) |
 | resampler input projection at std 2.0 | 10.2 / 34.4 / 53.9, then 64.8 at 1000 (this recipe: 68.8; stopped) |
 | the vision position table at a quarter of its scale (a trial `position_scale` factor on `sincos_2d` in `structured_init`, not kept), so that image content makes ~45% of the vision tokens' variance across images at init instead of ~7% | 1.6 / 15.6 (stopped) |
+| a 12 x 12 location grid (`--config.num_location_tokens=144`; quantizing the 161 test boxes to it still gives IoU >= 0.5 for all, mean IoU 0.76 against 0.80 on 16 x 16) | 8.6 / 27.3 / 46.9 |
 | FFN width 256 for 2400 steps (a cheaper step for more of them) | 9.4 / 24.2 / 43.0, then 58.6 / 58.6 / 67.2 / 77.3 at 1000-1750 (stopped) |
 
 At the default init the 16 latents start as the same vector (their outputs' mean cosine 0.999 on
