@@ -26,13 +26,16 @@ import subprocess
 import sys
 import time
 
+from kosmos2_jax.train import presets
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DATA = REPO / "workdir" / "demo_data"
+DATA = REPO / presets.DEMO_DATA
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run_seed(seed: int, workdir: pathlib.Path, overrides=(), data: pathlib.Path = DATA) -> dict:
     run, log = workdir / f"seed_{seed}", workdir / f"seed_{seed}.train.log"
+    demo = presets.demo_data(data)
     start = time.time()
     with open(log, "w") as out:  # written as it runs: `tail -f` it to follow a run
         train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config",
@@ -42,8 +45,8 @@ def run_seed(seed: int, workdir: pathlib.Path, overrides=(), data: pathlib.Path 
         raise SystemExit(f"seed {seed}: training failed (see {log})")
     trained = time.time()
     evaluated = subprocess.run([sys.executable, "-m", "kosmos2_jax.evaluate", "--task", "shapes", "--checkpoint",
-                                str(run / "export"), "--tokenizer", str(data / "spm" / "shapes.model"),
-                                "--data_dir", str(data / "tfds" / "shapes" / "refexp" / "1.0.0"), "--split", "test",
+                                str(run / "export"), "--tokenizer", demo["tokenizer"],
+                                "--data_dir", demo["refexp"], "--split", "test",
                                 "--out", str(run / "eval" / "results.json"), "--overwrite"],
                                capture_output=True, text=True, cwd=REPO, env=ENV)
     if evaluated.returncode:
@@ -85,8 +88,9 @@ def main(argv=None) -> int:
                    help="the demo's tokenizer and datasets (`make demo-data DEMO_DATA=DIR`)")
     args = p.parse_args(argv)
     data = pathlib.Path(args.data).resolve()  # the runs start in the repository
-    built = [data / "tfds" / "shapes" / config / "1.0.0" / "dataset_info.json" for config in ("grounded", "refexp")]
-    if not (data / "spm" / "shapes.model").is_file() or not all(f.is_file() for f in built):
+    demo = presets.demo_data(data)
+    built = [pathlib.Path(demo[name], "dataset_info.json") for name in ("grounded", "refexp")]
+    if not pathlib.Path(demo["tokenizer"]).is_file() or not all(f.is_file() for f in built):
         make = "make demo-data" + ("" if data == DATA.resolve() else f" DEMO_DATA={data}")
         print(f"error: the demo data is not in {data}: run `{make}` first", file=sys.stderr)
         return 2

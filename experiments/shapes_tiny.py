@@ -100,20 +100,20 @@ large gains):
 | a 12 x 12 location grid (`--config.num_location_tokens=144`; quantizing the 161 test boxes to it still gives IoU >= 0.5 for all, mean IoU 0.76 against 0.80 on 16 x 16) | 8.6 / 27.3 / 46.9 |
 | FFN width 256 for 2400 steps (a cheaper step for more of them) | 9.4 / 24.2 / 43.0, then 58.6 / 58.6 / 67.2 / 77.3 at 1000-1750 (stopped) |
 
-At the default init the 16 latents start as the same vector (their outputs' mean cosine 0.999 on
-8 training images: every latent attends uniformly); the spatial init makes them distinct (0.49,
-each over ~4 patches), yet the model learns no faster: it separates the latents itself within the
-first ~100 steps. More images change nothing this early either (2,000 steps see each of the 12,000
-images ~8 times), and one-shape images first make it slower: at step 250 the model grounds them
-(training location-token accuracy 0.16 against 0.10 on this data) but not yet the scenes with
-several shapes, which are the ones to learn. None kept. What a trained resampler does (the 48,000-image run
-at step 750, 32 validation images): each latent attends to ~2 keys (attention entropy 0.8 nats against 4.0
+At the default init the 16 latents start as the same vector (their outputs' mean cosine 0.999 on 8
+training images: every latent attends uniformly); the spatial init makes them distinct (0.49, each
+over ~4 patches), yet the model learns no faster: it separates the latents itself within the first
+~100 steps. More images change nothing this early either (2,000 steps see each of the 12,000 images
+~8 times), and one-shape images first make it slower: at step 250 the model grounds them (training
+location-token accuracy 0.16 against 0.10 on this data) but not yet the scenes with several shapes,
+which are the ones to learn. None kept. What a trained resampler does (the 48,000-image run at step
+750, 32 validation images): each latent attends to ~2 keys (attention entropy 0.8 nats against 4.0
 for uniform), half of its attention on the latent queries themselves; the vision tokens vary across
-images by ~20% of their variance (the rest is the position code). Weakening either the position
-code or the projection into the resampler (std 0.3 and the quarter-scale table above) slows learning down: the strong
-spatial code and sharp attention are what this recipe learns with. The text FFN's activation (`relu` or
-`gelu_new` instead of HF's exact `gelu`) made no step measurably faster on that VM (0.33-0.44 s a
-step between runs, in either order).
+images by ~20% of their variance (the rest is the position code). Weakening either the position code
+or the projection into the resampler (std 0.3 and the quarter-scale table above) slows learning
+down: the strong spatial code and sharp attention are what this recipe learns with. The text FFN's
+activation (`relu` or `gelu_new` instead of HF's exact `gelu`) made no step measurably faster on
+that VM (0.33-0.44 s a step between runs, in either order).
 
 What made it learn where things are within ~10 CPU-minutes ("val": the periodic grounding
 evaluation; "test": the 161 test expressions `make demo` scores; seed 0, same machine):
@@ -138,9 +138,9 @@ from kosmos2_jax.train import presets
 
 def get_config(arg=None):
     args = presets.parse_arg(arg, data=presets.DEMO_DATA, runlocal=False)
-    root = args.data.rstrip("/")
+    demo = presets.demo_data(args.data)
     c = presets.base()
-    c.tokenizer = f"{root}/spm/shapes.model"
+    c.tokenizer = demo["tokenizer"]
     # A 16 x 16 location grid (the released model uses 32 x 32 = 1024 tokens): a quarter of the
     # classes to learn, which a from-scratch CPU run can manage in minutes.
     c.num_location_tokens = 256
@@ -163,7 +163,7 @@ def get_config(arg=None):
     c.init.update(sincos_positions=True, sincos_locations=True, connector_dense_std=1.0,
                   location_frequencies="linear", position_frequencies="linear")
 
-    grounded = f"{root}/tfds/shapes/grounded/1.0.0"
+    grounded = demo["grounded"]
     c.data.sources.train.data_dir = grounded  # the only source: the grounded shapes captions
     c.data.sources.caption.weight = c.data.sources.text.weight = 0.0
     # Packed rows of 128 tokens (an example is about 44): ~50 examples a step in 16 rows instead of
@@ -178,7 +178,6 @@ def get_config(arg=None):
                    # grid cell (train/loss.py): see the table above.
                    location_loss_weight=2.0, location_sigma=1.0, loss_chunk=8)
     # phrase grounding on held-out referring expressions every 250 steps (`evaluate --task shapes`)
-    c.evals.grounding = presets.evaluation("shapes", f"{root}/tfds/shapes/refexp/1.0.0", "validation", every=250,
-                                           max_items=128)
+    c.evals.grounding = presets.evaluation("shapes", demo["refexp"], "validation", every=250, max_items=128)
     c.mesh.update(data=-1, fsdp=1, tensor=1)
-    return presets.runlocal(c, root) if args.runlocal else c
+    return presets.runlocal(c, args.data) if args.runlocal else c

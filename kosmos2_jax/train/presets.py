@@ -167,13 +167,20 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def demo_data(root: str = DEMO_DATA) -> dict:
+    """What `make demo-data` writes under `root`: the tokenizer and the shapes datasets' folders."""
+    root = str(root).rstrip("/")
+    return {"tokenizer": f"{root}/spm/shapes.model", "grounded": f"{root}/tfds/shapes/grounded/1.0.0",
+            "refexp": f"{root}/tfds/shapes/refexp/1.0.0"}
+
+
 def runlocal(c: ml_collections.ConfigDict, data_root: str = DEMO_DATA) -> ml_collections.ConfigDict:
     """Any config, shrunk to run a few steps on a CPU in well under a minute: a tiny model of the
     same kind (scanned or not, its attention implementation, freezing, packing) on the demo's
     data and tokenizer (`make demo-data`), with its evaluations on the shapes `refexp` split."""
-    root = data_root.rstrip("/")
-    grounded, refexp = f"{root}/tfds/shapes/grounded/1.0.0", f"{root}/tfds/shapes/refexp/1.0.0"
-    c.tokenizer = f"{root}/spm/shapes.model"
+    demo = demo_data(data_root)
+    grounded, refexp = demo["grounded"], demo["refexp"]
+    c.tokenizer = demo["tokenizer"]
     c.num_location_tokens = 256
     c.model.vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           image_size=32, patch_size=8)
