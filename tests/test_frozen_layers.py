@@ -101,3 +101,38 @@ def test_weight_decay_masks_and_trained_only_updates():
                 if isinstance(s, optax.ScaleByAdamState)][0]
         assert isinstance(adam.mu["dense"]["bias"], optax.MaskedNode) and adam.mu["stack"]["kernel"].shape == (2, 2)
     assert weight_decay_mask("all") is None
+
+
+def test_lr_multipliers_scale_the_matching_updates():
+    """`optim.lr_multipliers`: the first matching pattern's factor scales a parameter's whole AdamW
+    update (its learning rate), also on the trained layers of a partly frozen stack."""
+    import ml_collections
+    import pytest
+
+    from kosmos2_jax.train.optim import lr_multipliers, make_optimizer, parse_lr_multipliers
+
+    params = {"attn": {"q_proj": {"kernel": jnp.ones((2, 3))}, "v_proj": {"kernel": jnp.ones((2, 3))}},
+              "stack": {"kernel": jnp.ones((4, 2))}}
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    mask = {"attn": {"q_proj": {"kernel": jnp.ones(())}, "v_proj": {"kernel": jnp.ones(())}},
+            "stack": {"kernel": jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(4, 1)}}
+
+    def updates(spec, mask=None):
+        cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.99, eps=1e-8,
+                                             weight_decay=0.0, clip_norm=0.0, lr_multipliers=spec))
+        tx, _ = make_optimizer(cfg, mask)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    plain, scaled = updates(""), updates(r"q_proj=0.25,attn/=2,stack=0")
+    np.testing.assert_allclose(scaled["attn"]["q_proj"]["kernel"], 0.25 * plain["attn"]["q_proj"]["kernel"])
+    np.testing.assert_allclose(scaled["attn"]["v_proj"]["kernel"], 2 * plain["attn"]["v_proj"]["kernel"])
+    assert not jnp.any(scaled["stack"]["kernel"]) and jnp.all(plain["stack"]["kernel"] < 0)
+    partly = updates("stack=0.5", mask)["stack"]["kernel"]
+    assert not jnp.any(partly[:2])
+    np.testing.assert_allclose(partly[2:], 0.5 * updates("", mask)["stack"]["kernel"][2:])
+    assert lr_multipliers(params, "q_proj=0.25,attn/=2") == {"attn/q_proj/kernel": 0.25, "attn/v_proj/kernel": 2.0}
+    with pytest.raises(ValueError, match="'qproj' matches no parameter"):
+        lr_multipliers(params, "qproj=0.5")
+    for bad in ("q_proj", "=2", "(=1", "q_proj=-1", "q_proj=half"):
+        with pytest.raises(ValueError, match="is not REGEX=FACTOR"):
+            parse_lr_multipliers(bad)

@@ -275,6 +275,10 @@ def test_every_numeric_setting_of_train_is_range_checked(shapes_tfds, small_spm)
                 config_check.check(cfg)
             checked += 1
     assert checked == sum(2 + (lo is not None) + (hi is not None) for _, lo, hi, _ in config_check.RANGES.values())
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    cfg.optim.lr_multipliers = "vision_model"  # no factor
+    with pytest.raises(UsageError, match=re.escape("config.optim.lr_multipliers: 'vision_model' is not REGEX=FACTOR")):
+        config_check.check(cfg)
 
 
 # --- export ----------------------------------------------------------------------------------------

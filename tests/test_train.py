@@ -286,6 +286,10 @@ def test_clear_errors(shapes_tfds, small_spm, tmp_path):
     unwritable = subprocess.run(_cmd(tmp_path / "file" / "w", shapes_tfds, small_spm), capture_output=True,
                                 text=True, cwd=REPO)
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
+    typo = subprocess.run(_cmd(tmp_path / "t", shapes_tfds, small_spm, "--config.optim.lr_multipliers=vison_model=0.5"),
+                          capture_output=True, text=True, cwd=REPO)
+    assert typo.returncode == 2 and "optim.lr_multipliers: 'vison_model' matches no parameter" in typo.stderr, typo.stderr
+    assert not (tmp_path / "t" / "checkpoints").exists()
 
 
 def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, small_spm, tmp_path):

@@ -119,6 +119,14 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
 
         if decay not in DECAYS:
             raise UsageError(f"config.optim.decay={decay!r}: must be one of {', '.join(DECAYS)}")
+    multipliers = _get(cfg, "optim.lr_multipliers")
+    if multipliers is not _MISSING:
+        from kosmos2_jax.train.optim import parse_lr_multipliers
+
+        try:
+            parse_lr_multipliers(multipliers)
+        except ValueError as e:
+            raise UsageError(f"config.{e}") from None
     batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum_steps")
     if accum is not _MISSING and batch % accum:
         raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")

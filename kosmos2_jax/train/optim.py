@@ -1,6 +1,6 @@
 """Optimizer: AdamW with linear warm-up and linear (the paper's schedule) or cosine decay to zero,
 global-norm clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state)
-covers the trained parameters only."""
+covers the trained parameters only; per-parameter learning-rate multipliers."""
 
 from __future__ import annotations
 
@@ -121,9 +121,57 @@ def weight_decay_mask(name: str):
         lambda path, _: last_key(path) in ("kernel", "embedding"), params)
 
 
+def _param_path(path) -> str:
+    """"text_model/layers_0/ffn/fc1/kernel": the dict keys of a parameter's tree path."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def parse_lr_multipliers(spec: str) -> list[tuple[re.Pattern, float]]:
+    """`optim.lr_multipliers`, "REGEX=FACTOR,REGEX=FACTOR" -> [(pattern, factor)]. A parameter's
+    learning rate is multiplied by the factor of the first pattern found (re.search) in its path,
+    e.g. "image_to_text_projection/x_attn/(q|k)_proj=0.25"; no match: 1."""
+    rules = []
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        pattern, sep, factor = item.rpartition("=")
+        try:
+            rules.append((re.compile(pattern), float(factor)))
+            if not sep or not pattern or rules[-1][1] < 0:
+                raise ValueError
+        except (re.error, ValueError):
+            raise ValueError(f"optim.lr_multipliers: {item!r} is not REGEX=FACTOR (a factor >= 0)") from None
+    return rules
+
+
+def lr_multipliers(params, spec: str) -> dict[str, float]:
+    """{path: factor} for the parameters of `params` that `spec` changes (for logs and checks);
+    a pattern that matches no parameter is an error (a typo would otherwise change nothing)."""
+    rules = parse_lr_multipliers(spec)
+    paths = [_param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for pattern, _ in rules:
+        if not any(pattern.search(p) for p in paths):
+            raise ValueError(f"optim.lr_multipliers: {pattern.pattern!r} matches no parameter")
+    return {p: f for p in paths for f in [next((f for pat, f in rules if pat.search(p)), 1.0)] if f != 1.0}
+
+
+def scale_by_path(spec: str) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by its `parse_lr_multipliers` factor: after AdamW that
+    scales its learning rate (and its weight decay with it)."""
+    rules = parse_lr_multipliers(spec)
+
+    def factor(path):
+        p = _param_path(path)
+        return next((f for pattern, f in rules if pattern.search(p)), 1.0)
+
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u if factor(path) == 1.0 else u * jnp.asarray(factor(path), u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm, and optionally
-    decay ("linear") and weight_decay_mask ("all"). With `mask` (`trainable_mask`) the optimizer
+    decay ("linear"), weight_decay_mask ("all") and lr_multipliers ("", `parse_lr_multipliers`). With `mask` (`trainable_mask`) the optimizer
     runs on the trained parameters only (`trained_only`)."""
     schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, decay=cfg.get("decay", "linear"))
     parts = []
@@ -131,5 +179,7 @@ def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=weight_decay_mask(cfg.get("weight_decay_mask", "all"))))
+    if cfg.get("lr_multipliers", ""):
+        parts.append(scale_by_path(cfg.lr_multipliers))
     tx = optax.chain(*parts)
     return (tx if mask is None else trained_only(tx, mask)), schedule

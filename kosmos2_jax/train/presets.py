@@ -134,7 +134,11 @@ def base() -> ml_collections.ConfigDict:
         decay="linear",  # after the warm-up, to zero at the last step: "linear" (the paper's) or "cosine"
         # "all": every parameter decays, as in the released training code; "matrices": kernels and
         # embeddings only (train/optim.py)
-        weight_decay_mask="all"))
+        weight_decay_mask="all",
+        # per-parameter learning-rate factors, "REGEX=FACTOR,...": the first pattern found in a
+        # parameter's path ("image_to_text_projection/x_attn/q_proj/kernel") scales its learning
+        # rate; "" (or no match): 1 (train/optim.py)
+        lr_multipliers=""))
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=208, steps=p["steps"], grad_accum_steps=1, freeze="none", log_every=50, eval_every=2000,

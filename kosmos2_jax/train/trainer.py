@@ -24,7 +24,7 @@ from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import image_slots, sharding
 from kosmos2_jax.train.init import structured_init
 from kosmos2_jax.train.loss import lm_head_loss, location_kernel
-from kosmos2_jax.train.optim import make_optimizer, trainable_mask
+from kosmos2_jax.train.optim import lr_multipliers, make_optimizer, trainable_mask
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
               "segment_ids", "source_ids")  # segment_ids: packed rows only; `_put` may add image_index
@@ -140,6 +140,7 @@ class Trainer:
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         param_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
         self.mask = trainable_mask(nn.unbox(boxed), self.config.train.freeze, self.model.config.scan_layers)
+        self.lr_multipliers = lr_multipliers(nn.unbox(boxed), self.config.optim.get("lr_multipliers", ""))
         self.tx, self.schedule = make_optimizer(self.config.optim, self.mask)  # no state for frozen params
         opt_boxed = jax.eval_shape(self.tx.init, boxed)
         opt_shardings = sharding.tree_shardings(opt_boxed, self.mesh, self.rules)
