@@ -136,3 +136,39 @@ def test_lr_multipliers_scale_the_matching_updates():
     for bad in ("q_proj", "=2", "(=1", "q_proj=-1", "q_proj=half"):
         with pytest.raises(ValueError, match="is not REGEX=FACTOR"):
             parse_lr_multipliers(bad)
+
+
+def test_muon_orthogonalizes_the_dense_kernels_only():
+    """`optim.optimizer=muon`: a dense kernel's update has near-equal singular values (orthogonalized
+    momentum), each layer of a scanned stack on its own; embeddings and biases get AdamW's
+    elementwise update; a frozen layer of a stack gets none."""
+    import ml_collections
+
+    from kosmos2_jax.train.optim import make_optimizer
+
+    rng = np.random.default_rng(0)
+    params = {"dense": {"kernel": jnp.ones((8, 6)), "bias": jnp.ones(6)},
+              "stack": {"kernel": jnp.ones((3, 6, 4))}, "embed_tokens": {"embedding": jnp.ones((10, 6))}}
+    grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+    cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98, eps=1e-8,
+                                         weight_decay=0.0, clip_norm=0.0, optimizer="muon"))
+    tx, _ = make_optimizer(cfg)
+    updates, _ = tx.update(grads, tx.init(params), params)
+
+    def spread(matrix):  # max / min singular value
+        s = np.linalg.svd(np.asarray(matrix), compute_uv=False)
+        return s.max() / s.min()
+
+    assert spread(updates["dense"]["kernel"]) < 2 and spread(grads["dense"]["kernel"]) > 3
+    assert all(spread(u) < 2 < 3 < spread(g) for u, g in zip(updates["stack"]["kernel"], grads["stack"]["kernel"]))
+    # AdamW's first step: -lr * sign(g) (Nesterov, as optax.contrib.muon's Adam part, scales it)
+    for leaf in (("dense", "bias"), ("embed_tokens", "embedding")):
+        u, g = updates[leaf[0]][leaf[1]], grads[leaf[0]][leaf[1]]
+        np.testing.assert_array_equal(np.sign(u), -np.sign(g))
+        assert np.ptp(np.abs(np.asarray(u))) < 1e-3 * cfg.lr
+    mask = {"dense": {"kernel": jnp.ones(()), "bias": jnp.ones(())},
+            "stack": {"kernel": jnp.array([0.0, 1.0, 1.0]).reshape(3, 1, 1)},
+            "embed_tokens": {"embedding": jnp.ones(())}}
+    tx, _ = make_optimizer(cfg, mask)
+    partly = tx.update(grads, tx.init(params), params)[0]["stack"]["kernel"]
+    assert not jnp.any(partly[0]) and all(spread(layer) < 2 for layer in partly[1:])

@@ -208,7 +208,8 @@ def test_train_user_errors_are_one_line(run_dir, shapes_tfds, small_spm, tmp_pat
              (tmp_path / "new", ["--config.train.batch_size=0"], "config.train.batch_size=0"),
              (tmp_path / "new", ["--config.train.stepz=3"], "--config.train.stepz"),
              (run_dir, ["--config.train.steps=4"], "is at step 8"),
-             (run_dir, ["--config.train.freeze=vision"], "train.freeze")]
+             (run_dir, ["--config.train.freeze=vision"], "train.freeze"),
+             (run_dir, ["--config.optim.optimizer=muon"], "optim.optimizer: 'adamw' -> 'muon'")]
     before = snapshot(run_dir)
     for workdir, extra, name in cases:
         bad = subprocess.run(train_cmd(workdir, shapes_tfds, small_spm, *extra), capture_output=True, text=True,
@@ -275,6 +276,14 @@ def test_every_numeric_setting_of_train_is_range_checked(shapes_tfds, small_spm)
                 config_check.check(cfg)
             checked += 1
     assert checked == sum(2 + (lo is not None) + (hi is not None) for _, lo, hi, _ in config_check.RANGES.values())
+    for key, value, message in (("optimizer", "sgd", "config.optim.optimizer='sgd': must be one of adamw, muon"),
+                                ("weight_decay_mask", "matrices", "optim.optimizer=muon decays every parameter")):
+        cfg = ml_collections.ConfigDict(base.to_dict())
+        cfg.optim.update({key: value, "optimizer": cfg.optim.optimizer if key != "optimizer" else value})
+        if key == "weight_decay_mask":
+            cfg.optim.optimizer = "muon"
+        with pytest.raises(UsageError, match=re.escape(message)):
+            config_check.check(cfg)
     cfg = ml_collections.ConfigDict(base.to_dict())
     cfg.optim.lr_multipliers = "vision_model"  # no factor
     with pytest.raises(UsageError, match=re.escape("config.optim.lr_multipliers: 'vision_model' is not REGEX=FACTOR")):

@@ -90,6 +90,21 @@ def test_mesh_2x2x2_equals_single_device(shapes_tfds, small_spm):
     assert losses["1,1,1"][2] != losses["1,1,1"][0]
 
 
+def test_muon_on_a_2x2x2_mesh_equals_single_device(shapes_tfds, small_spm):
+    """`optim.optimizer=muon` with scanned layers: the Newton-Schulz steps on fsdp- and
+    tensor-sharded stacks of kernels give the single device's losses."""
+    losses = {}
+    for devices, mesh in ((8, "2,2,2"), (1, "1,1,1")):
+        env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+        out = subprocess.run([sys.executable, os.path.join(HERE, "trainer_mesh_check.py"), str(shapes_tfds),
+                              small_spm, mesh, "1", "muon"], capture_output=True, text=True, env=env, cwd=REPO,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses[mesh] = json.loads(out.stdout.split("LOSSES")[1])
+    np.testing.assert_allclose(losses["2,2,2"], losses["1,1,1"], rtol=1e-5)
+    assert losses["1,1,1"][2] < losses["1,1,1"][0]
+
+
 def _trainer(shapes_tfds, small_spm, packed=False, **train):
     sys.path.insert(0, HERE)
     import train_tiny_config

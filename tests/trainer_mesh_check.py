@@ -1,6 +1,6 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=N: prints the losses of 3 train steps
 on a (data, fsdp, tensor) mesh given as argv[3] ("2,2,2" or "1,1,1") with argv[4] gradient
-accumulation steps (default 1) as JSON, the image slots the vision tower ran on against the
+accumulation steps (default 1) and optimizer argv[5] (default the config's) as JSON, the image slots the vision tower ran on against the
 batches' slots (packed rows: their real images are compacted into one block per micro-batch of
 each batch shard, train/image_slots.py), and how many all-to-all and collective-permute ops the
 compiled step holds. (Several processes: tests/test_pods.py.)"""
@@ -24,6 +24,8 @@ from kosmos2_jax.train.trainer import Trainer  # noqa: E402
 data_root, spm, mesh = sys.argv[1], sys.argv[2], sys.argv[3]
 cfg = train_tiny_config.get_config(f"{data_root},{spm}")
 cfg.train.grad_accum_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+if len(sys.argv) > 5:
+    cfg.optim.optimizer = sys.argv[5]
 cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))))
 cfg.model.text.dropout = 0.0
 tok = Kosmos2Tokenizer.from_file(spm)

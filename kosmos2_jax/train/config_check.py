@@ -65,7 +65,10 @@ RANGES = {
 
 
 # Settings that change the train state's tree (so a checkpoint could not restore into it).
-STATE_LAYOUT_KEYS = ("model.scan_layers", "model.param_dtype", "train.freeze", "num_location_tokens")
+STATE_LAYOUT_KEYS = ("model.scan_layers", "model.param_dtype", "train.freeze", "num_location_tokens",
+                     "optim.optimizer")
+# what a run saved before the key existed ran with
+SAVED_DEFAULTS = {"optim.optimizer": "adamw"}
 
 
 def _get(cfg, key: str):
@@ -113,6 +116,15 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
 
         if decay_mask not in WEIGHT_DECAY_MASKS:
             raise UsageError(f"config.optim.weight_decay_mask={decay_mask!r}: must be one of {', '.join(WEIGHT_DECAY_MASKS)}")
+    optimizer = _get(cfg, "optim.optimizer")
+    if optimizer is not _MISSING:
+        from kosmos2_jax.train.optim import OPTIMIZERS
+
+        if optimizer not in OPTIMIZERS:
+            raise UsageError(f"config.optim.optimizer={optimizer!r}: must be one of {', '.join(OPTIMIZERS)}")
+        if optimizer == "muon" and decay_mask not in (_MISSING, "all"):
+            raise UsageError(f"config.optim.weight_decay_mask={decay_mask!r}: optim.optimizer=muon decays every "
+                             "parameter (weight_decay_mask=all)")
     decay = _get(cfg, "optim.decay")
     if decay is not _MISSING:
         from kosmos2_jax.train.optim import DECAYS
@@ -225,7 +237,7 @@ def flat(cfg) -> dict:
 
 def changes(saved: dict, cfg) -> list[str]:
     """`key: saved -> now` for each setting a resumed run changes (from the saved config.json)."""
-    before = flat(saved)
+    before = {**SAVED_DEFAULTS, **flat(saved)}
     now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat(cfg).items()}
     return [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
             for k in sorted(set(before) | set(now)) if before.get(k, "(absent)") != now.get(k, "(absent)")]

@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -22,7 +23,9 @@ from kosmos2_jax import convert, multihost
 from kosmos2_jax.cli import UsageError
 from kosmos2_jax.train import config_check
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
-from kosmos2_jax.train.trainer import Trainer, abstract_like, format_eta, input_counts, model_config, source_examples
+from kosmos2_jax.train.optim import lr_multipliers
+from kosmos2_jax.train.trainer import (Trainer, abstract_like, format_eta, input_counts, model_config, model_init,
+                                     source_examples)
 
 TIMED_STEPS = 10  # steps that compile nothing, which the time estimate is measured over
 
@@ -91,6 +94,8 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
     (model, state layout, step count, data shards) and restored before anything is written."""
     if cfg.init.hf_dir and cfg.init.checkpoint:
         raise ValueError("set one of init.hf_dir and init.checkpoint, not both")
+    if cfg.optim.get("lr_multipliers", ""):  # a pattern matching no parameter: refused before anything is written
+        lr_multipliers(nn.unbox(jax.eval_shape(model_init(model), jax.random.PRNGKey(0))), cfg.optim.lr_multipliers)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
     try:
         start, later = resume_step(checkpoints, cfg.train.get("resume_step", 0), workdir)

@@ -1,5 +1,5 @@
 """Optimizer: AdamW with linear warm-up and linear (the paper's schedule) or cosine decay to zero,
-global-norm clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state)
+or Muon on the dense kernels; global-norm clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state)
 covers the trained parameters only; per-parameter learning-rate multipliers."""
 
 from __future__ import annotations
@@ -169,6 +169,38 @@ def scale_by_path(spec: str) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_matrices(params):
+    """Muon's dimension numbers: the dense kernels, `[in, out]` or a scanned stack `[layers, in,
+    out]` (each layer's matrix orthogonalized on its own); embeddings (and so the tied LM head),
+    latent queries, position tables, the 4-D patch kernel, biases and norms: None (AdamW)."""
+    from optax.contrib import MuonDimensionNumbers
+
+    def last_key(path):
+        return next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+        if last_key(path) == "kernel" and x.ndim in (2, 3) else None, params)
+
+
+def muon(schedule, cfg) -> optax.GradientTransformation:
+    """`optim.optimizer="muon"`: Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps) on
+    `muon_matrices`, its updates scaled to an RMS of 0.2 x lr (`consistent_rms`, Moonshot's
+    matching of AdamW's update size, so AdamW's lr and weight decay carry over); AdamW with
+    b1, b2, eps on the rest (optax.contrib.muon's: with Nesterov momentum there too). Both decay
+    every parameter they update by `weight_decay` (weight_decay_mask "all" only)."""
+    if cfg.get("weight_decay_mask", "all") != "all":
+        raise ValueError("optim.optimizer='muon' decays every parameter: it needs optim.weight_decay_mask='all'")
+    from optax.contrib import muon as optax_muon
+
+    return optax_muon(schedule, beta=0.95, weight_decay=cfg.weight_decay,
+                      adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps, adam_weight_decay=cfg.weight_decay,
+                      muon_weight_dimension_numbers=muon_matrices, consistent_rms=0.2)
+
+
 def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm, and optionally
     decay ("linear"), weight_decay_mask ("all") and lr_multipliers ("", `parse_lr_multipliers`). With `mask` (`trainable_mask`) the optimizer
@@ -177,8 +209,13 @@ def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=weight_decay_mask(cfg.get("weight_decay_mask", "all"))))
+    if cfg.get("optimizer", "adamw") not in OPTIMIZERS:
+        raise ValueError(f"optim.optimizer={cfg.optimizer!r} not in {OPTIMIZERS}")
+    if cfg.get("optimizer", "adamw") == "muon":
+        parts.append(muon(schedule, cfg))
+    else:
+        parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 mask=weight_decay_mask(cfg.get("weight_decay_mask", "all"))))
     if cfg.get("lr_multipliers", ""):
         parts.append(scale_by_path(cfg.lr_multipliers))
     tx = optax.chain(*parts)

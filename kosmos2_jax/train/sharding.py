@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -85,6 +86,8 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]
     def one(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
             value = leaf.value
+            if isinstance(value, optax.MaskedNode):  # a partitioned optimizer's placeholder: no array
+                return value
             return NamedSharding(mesh, spec_for(value.shape, leaf.names, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
     return jax.tree_util.tree_map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -51,6 +51,16 @@ def model_config(cfg, vocab_size: int):
                          frozen_vision_layers=frozen.get(freeze, 0))
 
 
+def model_init(model: Kosmos2):
+    """rng -> the model's boxed params (`nn.LogicallyPartitioned`), from a one-image example."""
+    c = model.config
+    q = c.latent_query_num
+    ids = jnp.ones((1, q + 4), jnp.int32)
+    img = jnp.zeros((1, q + 4), jnp.int32).at[:, 2:2 + q].set(1)
+    pix = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)
+    return lambda rng: model.init(rng, pix, ids, None, img)["params"]
+
+
 def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
                      num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 8,
                      location_kernel=None, num_sources: int = 0):
@@ -126,21 +136,12 @@ class Trainer:
         self._eval_fn = jax.jit(self._eval_batch, in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
     # --- state ----------------------------------------------------------------------------
-    def _example_inputs(self):
-        c = self.model.config
-        q = c.latent_query_num
-        ids = jnp.ones((1, q + 4), jnp.int32)
-        img = jnp.zeros((1, q + 4), jnp.int32).at[:, 2:2 + q].set(1)
-        pix = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)
-        return pix, ids, img
-
     def _init_state(self, init_params, abstract: bool = False):
-        pix, ids, img = self._example_inputs()
-        init = lambda rng: self.model.init(rng, pix, ids, None, img)["params"]
+        init = model_init(self.model)
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         param_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
         self.mask = trainable_mask(nn.unbox(boxed), self.config.train.freeze, self.model.config.scan_layers)
-        self.lr_multipliers = lr_multipliers(nn.unbox(boxed), self.config.optim.get("lr_multipliers", ""))
+        lr_multipliers(nn.unbox(boxed), self.config.optim.get("lr_multipliers", ""))  # a typo is an error
         self.tx, self.schedule = make_optimizer(self.config.optim, self.mask)  # no state for frozen params
         opt_boxed = jax.eval_shape(self.tx.init, boxed)
         opt_shardings = sharding.tree_shardings(opt_boxed, self.mesh, self.rules)
