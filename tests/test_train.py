@@ -68,6 +68,37 @@ def test_sigterm_right_after_a_skipped_save_saves_the_next_step(shapes_tfds, sma
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
 
 
+def test_a_muon_run_stopped_and_resumed_equals_one_uninterrupted(shapes_tfds, small_spm, tmp_path, monkeypatch):
+    """`optim.optimizer=muon`: its state (momentum for the kernels, AdamW moments for the rest)
+    round-trips through the checkpoint: 4 steps, stopped by a SIGTERM and resumed, export the
+    params of 4 steps in one go."""
+    sys.path.insert(0, HERE)
+    import train_tiny_config
+
+    from kosmos2_jax.train import checkpoints
+    from kosmos2_jax.train.loop import run
+
+    cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
+    cfg.optim.optimizer = "muon"
+    cfg.model.text.dropout = 0.0
+    cfg.train.update(steps=4, ckpt_every=2, eval_every=0)
+    run(cfg, str(tmp_path / "a"))
+    real_save = checkpoints.Checkpoints.save
+
+    def save_then_sigterm(self, step, *args, **kwargs):
+        saved = real_save(self, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return saved
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints.Checkpoints, "save", save_then_sigterm)
+        run(cfg, str(tmp_path / "b"))
+    assert max(map(int, os.listdir(tmp_path / "b" / "checkpoints"))) < 4  # stopped before the end
+    run(cfg, str(tmp_path / "b"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "a"), _params(tmp_path / "b"))
+
+
 def test_mesh_2x2x2_equals_single_device(shapes_tfds, small_spm):
     """8 devices with 2 micro-batches per step against 1 device with none: the same losses, and
     the strided micro-batches move no data — the step holds no more all-to-all or
