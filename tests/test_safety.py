@@ -276,12 +276,11 @@ def test_every_numeric_setting_of_train_is_range_checked(shapes_tfds, small_spm)
                 config_check.check(cfg)
             checked += 1
     assert checked == sum(2 + (lo is not None) + (hi is not None) for _, lo, hi, _ in config_check.RANGES.values())
-    for key, value, message in (("optimizer", "sgd", "config.optim.optimizer='sgd': must be one of adamw, muon"),
-                                ("weight_decay_mask", "matrices", "optim.optimizer=muon decays every parameter")):
+    for optim, message in ((dict(optimizer="sgd"), "config.optim.optimizer='sgd': must be one of adamw, muon"),
+                           (dict(optimizer="muon", weight_decay_mask="matrices"),
+                            "optim.optimizer=muon decays every parameter")):
         cfg = ml_collections.ConfigDict(base.to_dict())
-        cfg.optim.update({key: value, "optimizer": cfg.optim.optimizer if key != "optimizer" else value})
-        if key == "weight_decay_mask":
-            cfg.optim.optimizer = "muon"
+        cfg.optim.update(optim)
         with pytest.raises(UsageError, match=re.escape(message)):
             config_check.check(cfg)
     cfg = ml_collections.ConfigDict(base.to_dict())
