@@ -1,6 +1,7 @@
-"""Optimizer: AdamW with linear warm-up and linear (the paper's schedule) or cosine decay to zero,
-or Muon on the dense kernels; global-norm clipping, a weight-decay mask, and parameter freezing: the optimizer (and its state)
-covers the trained parameters only; per-parameter learning-rate multipliers."""
+"""Optimizer: AdamW (or Muon on the dense kernels) with linear warm-up and linear (the paper's
+schedule) or cosine decay to zero, global-norm clipping, a weight-decay mask, per-parameter
+learning-rate multipliers, and parameter freezing: the optimizer (and its state) covers the
+trained parameters only."""
 
 from __future__ import annotations
 
@@ -105,6 +106,11 @@ def trained_only(inner: optax.GradientTransformation, mask) -> optax.GradientTra
 WEIGHT_DECAY_MASKS = ("all", "matrices")
 
 
+def _last_key(path):
+    """A parameter's name ("kernel", "bias", "embedding", ...) from its tree path."""
+    return next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
+
+
 def weight_decay_mask(name: str):
     """`optim.weight_decay_mask`: "all" decays every parameter, as the released training code
     (fairseq's Adam with --weight-decay) does; "matrices" only kernels and embeddings (no biases,
@@ -114,15 +120,12 @@ def weight_decay_mask(name: str):
     if name == "all":
         return None
 
-    def last_key(path):
-        return next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
-
     return lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: last_key(path) in ("kernel", "embedding"), params)
+        lambda path, _: _last_key(path) in ("kernel", "embedding"), params)
 
 
 def _param_path(path) -> str:
-    """"text_model/layers_0/ffn/fc1/kernel": the dict keys of a parameter's tree path."""
+    """"text_model/layers/layer_0/ffn/fc1/kernel": the dict keys of a parameter's tree path."""
     return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
@@ -143,8 +146,8 @@ def parse_lr_multipliers(spec: str) -> list[tuple[re.Pattern, float]]:
 
 
 def lr_multipliers(params, spec: str) -> dict[str, float]:
-    """{path: factor} for the parameters of `params` that `spec` changes (for logs and checks);
-    a pattern that matches no parameter is an error (a typo would otherwise change nothing)."""
+    """{path: factor} for the parameters of `params` that `spec` changes; a pattern that matches
+    no parameter is an error (a typo would otherwise change nothing)."""
     rules = parse_lr_multipliers(spec)
     paths = [_param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     for pattern, _ in rules:
@@ -178,12 +181,9 @@ def muon_matrices(params):
     latent queries, position tables, the 4-D patch kernel, biases and norms: None (AdamW)."""
     from optax.contrib import MuonDimensionNumbers
 
-    def last_key(path):
-        return next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
-
     return jax.tree_util.tree_map_with_path(
         lambda path, x: MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
-        if last_key(path) == "kernel" and x.ndim in (2, 3) else None, params)
+        if _last_key(path) == "kernel" and x.ndim in (2, 3) else None, params)
 
 
 def muon(schedule, cfg) -> optax.GradientTransformation:
@@ -203,15 +203,17 @@ def muon(schedule, cfg) -> optax.GradientTransformation:
 
 def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm, and optionally
-    decay ("linear"), weight_decay_mask ("all") and lr_multipliers ("", `parse_lr_multipliers`). With `mask` (`trainable_mask`) the optimizer
-    runs on the trained parameters only (`trained_only`)."""
+    optimizer ("adamw" or "muon"), decay ("linear"), weight_decay_mask ("all") and lr_multipliers
+    ("", `parse_lr_multipliers`). With `mask` (`trainable_mask`) the optimizer runs on the trained
+    parameters only (`trained_only`)."""
     schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, decay=cfg.get("decay", "linear"))
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    if cfg.get("optimizer", "adamw") not in OPTIMIZERS:
-        raise ValueError(f"optim.optimizer={cfg.optimizer!r} not in {OPTIMIZERS}")
-    if cfg.get("optimizer", "adamw") == "muon":
+    optimizer = cfg.get("optimizer", "adamw")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optim.optimizer={optimizer!r} not in {OPTIMIZERS}")
+    if optimizer == "muon":
         parts.append(muon(schedule, cfg))
     else:
         parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,

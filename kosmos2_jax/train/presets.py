@@ -135,8 +135,8 @@ def base() -> ml_collections.ConfigDict:
         # "all": every parameter decays, as in the released training code; "matrices": kernels and
         # embeddings only (train/optim.py)
         weight_decay_mask="all",
-        # "adamw" (the paper's), or "muon": the 2-D hidden kernels by Muon (optax.contrib, updates
-        # scaled to AdamW's RMS, so the same lr serves), everything else by AdamW (train/optim.py)
+        # "adamw" (the paper's), or "muon": the dense kernels by Muon (optax.contrib, updates scaled
+        # to AdamW's RMS, so the same lr serves), everything else by AdamW (train/optim.py)
         optimizer="adamw",
         # per-parameter learning-rate factors, "REGEX=FACTOR,...": the first pattern found in a
         # parameter's path ("image_to_text_projection/x_attn/q_proj/kernel") scales its learning
