@@ -21,5 +21,5 @@ def get_config(arg=None):
     c.data.update(val_dir=grounded, val_batches=1, seq_len=48, shuffle_buffer=16, num_workers=2)
     c.evals.grounding.update(data_dir=os.path.join(data_root, "shapes", "refexp", "1.0.0"), max_items=4, every=0)
     c.train.update(batch_size=8, steps=12, log_every=1, eval_every=0, ckpt_every=4, keep=3, async_ckpt=False)
-    c.optim.update(warmup_steps=2)
+    c.optim.update(warmup_steps=2, optimizer="adamw")  # the default; tests that want Muon set it
     return c

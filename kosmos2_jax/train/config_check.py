@@ -237,7 +237,8 @@ def flat(cfg) -> dict:
 
 def changes(saved: dict, cfg) -> list[str]:
     """`key: saved -> now` for each setting a resumed run changes (from the saved config.json)."""
-    before = {**SAVED_DEFAULTS, **flat(saved)}
+    before = flat(saved)
     now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat(cfg).items()}
+    before.update({k: v for k, v in SAVED_DEFAULTS.items() if k not in before and k in now})
     return [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
             for k in sorted(set(before) | set(now)) if before.get(k, "(absent)") != now.get(k, "(absent)")]
