@@ -207,3 +207,16 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     assert one["count"] == two["count"] > 6  # more than one batch on each process
     assert one["metrics"] == two["metrics"] and one["predictions"] == two["predictions"]
     assert len(list(tmp_path.glob("two.predictions.process_*-of-2.jsonl"))) == 2
+
+
+def test_muon_on_two_processes_equals_one(shapes_tfds, small_spm, tmp_path):
+    """`optim.optimizer=muon` through the CLI as a pod runs it: 2 processes, fsdp spanning them,
+    the same losses as one process with the same 4 devices."""
+    muon = ["--config.optim.optimizer=muon", "--config.train.steps=4", "--config.evals.grounding.every=0"]
+    two = _finish(_launch(_train(tmp_path / "a", shapes_tfds, small_spm, *muon)))
+    assert "on 2 process(es); mesh data=2 fsdp=2" in two, two[-3000:]
+    one = _finish(_launch(_train(tmp_path / "b", shapes_tfds, small_spm, *muon, "--config.data.shards=2"), 1, 4))
+    losses_two, losses_one = _losses(two), _losses(one)
+    assert sorted(losses_two) == [1, 2, 3, 4], two[-3000:]
+    np.testing.assert_allclose([float(losses_two[s]) for s in range(1, 5)],
+                               [float(losses_one[s]) for s in range(1, 5)], atol=1e-5)
