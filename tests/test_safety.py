@@ -287,6 +287,11 @@ def test_every_numeric_setting_of_train_is_range_checked(shapes_tfds, small_spm)
     cfg.optim.lr_multipliers = "vision_model"  # no factor
     with pytest.raises(UsageError, match=re.escape("config.optim.lr_multipliers: 'vision_model' is not REGEX=FACTOR")):
         config_check.check(cfg)
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    cfg.mesh.rules = "embed=fsdp,mlp=model"
+    with pytest.raises(UsageError, match=re.escape("config.mesh.rules='embed=fsdp,mlp=model': 'mlp=model': 'model' "
+                                                   "is not a mesh axis")):
+        config_check.check(cfg)
 
 
 # --- export ----------------------------------------------------------------------------------------

@@ -135,10 +135,7 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
     if multipliers is not _MISSING:
         from kosmos2_jax.train.optim import parse_lr_multipliers
 
-        try:
-            parse_lr_multipliers(multipliers)
-        except ValueError as e:
-            raise UsageError(f"config.{e}") from None
+        _parses(parse_lr_multipliers, multipliers, "config.")
     batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum_steps")
     if accum is not _MISSING and batch % accum:
         raise UsageError(f"config.train.grad_accum_steps={accum}: must divide train.batch_size={batch}")
@@ -152,14 +149,19 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
     if rules is not _MISSING:
         from kosmos2_jax.train.sharding import rules_from_text
 
-        try:
-            rules_from_text(rules)
-        except ValueError as e:
-            raise UsageError(f"config.mesh.rules={rules!r}: {e}") from None
+        _parses(rules_from_text, rules, f"config.mesh.rules={rules!r}: ")
     tokenizer = _get(cfg, "tokenizer")
     if need_tokenizer and tokenizer is not _MISSING and not os.path.isfile(tokenizer):
         raise UsageError(f"config.tokenizer={tokenizer!r}: no such file (a sentencepiece model; the demo's is "
                          f"built by `make demo`)")
+
+
+def _parses(parse, text, prefix: str) -> None:
+    """`parse(text)`, its ValueError a one-line UsageError starting with `prefix`."""
+    try:
+        parse(text)
+    except ValueError as e:
+        raise UsageError(f"{prefix}{e}") from None
 
 
 def _check_sources(sources, need_data: bool = True, packed: bool = False) -> None:
