@@ -248,6 +248,30 @@ def test_step_timer_leaves_out_the_steps_that_compiled():
     assert got == [None, None, None, None, None, 0.5, None]
 
 
+def test_the_eta_of_a_line_after_a_compile_uses_the_measured_step_time(tmp_path, capsys, monkeypatch):
+    """The first console line's window holds the compile: its ETA extrapolates StepTimer's step
+    time, not the window's mean (which counted 10 s of compiling as if every step paid it)."""
+    import types
+
+    from kosmos2_jax.train import loop
+
+    clock = iter([0.0, 12.0, 12.0, 14.0, 14.0])  # Log's window starts and line times
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    log = loop.Log(str(tmp_path), primary=True)
+    batch = {"attention_mask": np.ones((2, 4))}
+    metrics = {"nll_sum": 1.0, "tokens": 1.0, "lr": 1e-3, "grad_norm": 1.0, "loc_correct": 0.0, "loc_tokens": 1.0}
+    for compiled in [True, False, False, False]:  # the first step compiled (10 s), the others took 0.5 s
+        log.step(batch, types.SimpleNamespace(compiled_last_step=compiled, image_slots=0, sources=()))
+    log.step_s = 0.5
+    log.line(4, 104, metrics)  # 12 s for 4 steps: 3 s a step without the fix
+    assert capsys.readouterr().out.rstrip().endswith("ETA 0:50")
+    for _ in range(4):  # no compile: the window's own mean
+        log.step(batch, types.SimpleNamespace(compiled_last_step=False, image_slots=0, sources=()))
+    log.line(8, 104, metrics)  # 2 s for 4 steps
+    assert capsys.readouterr().out.rstrip().endswith("ETA 0:48")
+    log.close()
+
+
 @pytest.mark.parametrize("scan", [True, False])
 def test_vision_except_last_mask(scan):
     """The trainable mask of `vision_except_last` on both layer layouts (the demo config loops)."""

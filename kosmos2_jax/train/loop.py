@@ -338,10 +338,12 @@ class Log:
 
             self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
         self.history, self.last, self.sources = [], {}, ()
+        self.step_s = None  # a step's time without compiling (StepTimer's), once measured
         self._reset()
 
     def _reset(self):
         self.t0, self.counts, self.steps = time.time(), np.zeros(4), 0  # counts: input_counts since the last line
+        self.compiled = False  # a step since the last line compiled its program
         self.examples = None  # examples per source since the last line
 
     def scalars(self, prefix: str, values: dict, step: int):
@@ -352,6 +354,7 @@ class Log:
 
     def step(self, batch, trainer: Trainer):
         self.steps += 1
+        self.compiled = self.compiled or trainer.compiled_last_step
         self.counts = self.counts + input_counts(batch, trainer.image_slots) * jax.process_count()
         if trainer.sources and "source_ids" in batch:
             self.sources = trainer.sources
@@ -369,10 +372,12 @@ class Log:
                      "token_fill": c[0] / max(c[1], 1), "image_fill": c[2] / max(c[3], 1)}
         self.history.append(self.last)
         last = self.last
+        # a compile is paid once: the ETA of a line after one extrapolates the measured step time
+        step_s = self.step_s if self.compiled and self.step_s else elapsed / self.steps
         self.say(f"step {done}/{total} loss {loss:.6f} loc_acc {last['loc_accuracy']:.3f} lr {last['lr']:.2e} "
                  f"gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
                  f"fill: tokens {last['token_fill']:.2f} images {last['image_fill']:.2f} "
-                 f"ETA {format_eta((total - done) * elapsed / self.steps)}")
+                 f"ETA {format_eta((total - done) * step_s)}")
         self.scalars("train", last, done)
         if "source_tokens" in m and self.examples is not None:
             self._source_line(done, m)
@@ -453,6 +458,7 @@ def run(cfg, workdir: str) -> dict:
             step_s = timer.after(metrics, trainer.compiled_last_step)
             if step_s is not None:
                 say(expected_time(total - step - 1, step_s))
+                log.step_s = step_s
             log.step(batch, trainer)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:
