@@ -8,9 +8,9 @@ the full-size pretraining config (`kosmos2_jax/train/presets.py`).
 Arguments (`FILE:ARG`, comma-separated): `data=DIR` (what `make demo-data` writes; default
 workdir/demo_data), `runlocal` (4 steps of a tiny model).
 
-Measured (2-core Intel Xeon with AVX-512 and AMX, 2026-12-06, commit @COMMIT@,
+Measured (2-core Intel Xeon with AVX-512 and AMX, 2026-12-06, commit c9728e5,
 `benchmarks/demo_robustness.py --seeds 0 1 2`, one run at a time): first-box accuracy (IoU >= 0.5) on
-the 161 held-out test expressions 95.0 / 93.8 / 92.5% for seeds 0 / 1 / 2 (median 93.8%), @TIMES@
+the 161 held-out test expressions 95.0 / 93.8 / 92.5% for seeds 0 / 1 / 2 (median 93.8%), 9.7-11.7
 min of training each. Validation grounding accuracy (128 expressions) at steps 800 / 1000 / 1200, the
 last third: 92.2 / 93.0 / 93.8 (seed 0), 89.8 / 92.2 / 93.8 (seed 1), 90.6 / 92.2 / 94.5 (seed 2):
 spreads of 1.6, 3.9 and 3.9 points (5 of the 128 expressions). What is left of the rise is the
