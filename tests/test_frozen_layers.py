@@ -172,3 +172,30 @@ def test_muon_orthogonalizes_the_dense_kernels_only():
     tx, _ = make_optimizer(cfg, mask)
     partly = tx.update(grads, tx.init(params), params)[0]["stack"]["kernel"]
     assert not jnp.any(partly[0]) and all(spread(layer) < 2 for layer in partly[1:])
+
+
+def test_muon_ns_steps_sets_how_orthogonal_an_update_is():
+    """`optim.muon_ns_steps`: fewer Newton-Schulz iterations leave the update's singular values
+    further apart; 5 (the default, optax's) is what a config without the key gets."""
+    import ml_collections
+
+    from kosmos2_jax.train.optim import make_optimizer
+
+    params = {"dense": {"kernel": jnp.ones((32, 16))}}
+    rng = np.random.default_rng(1)
+    # a gradient with singular values from 1 down to 0.01, as real ones spread
+    u, _ = np.linalg.qr(rng.standard_normal((32, 16)))
+    v, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    grads = {"dense": {"kernel": jnp.asarray(u @ np.diag(np.geomspace(1, 0.01, 16)) @ v.T, jnp.float32)}}
+
+    def update(**extra):
+        cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98, eps=1e-8,
+                                             weight_decay=0.0, clip_norm=0.0, optimizer="muon", **extra))
+        tx, _ = make_optimizer(cfg)
+        s = np.linalg.svd(np.asarray(tx.update(grads, tx.init(params), params)[0]["dense"]["kernel"]),
+                          compute_uv=False)
+        return s.max() / s.min()
+
+    default, five, three, one = update(), update(muon_ns_steps=5), update(muon_ns_steps=3), update(muon_ns_steps=1)
+    assert default == five
+    assert five < 2 < 3 < three < one

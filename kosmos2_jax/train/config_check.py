@@ -60,6 +60,7 @@ RANGES = {
     "optim.eps": (_NUM, 0.0, None, True),
     "optim.weight_decay": (_NUM, 0.0, None, False),
     "optim.clip_norm": (_NUM, 0.0, None, False),
+    "optim.muon_ns_steps": (_INT, 1, None, False),
     "optim.total_steps": (_INT, 1, None, False),
 }
 

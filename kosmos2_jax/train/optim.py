@@ -187,7 +187,7 @@ def muon_matrices(params):
 
 
 def muon(schedule, cfg) -> optax.GradientTransformation:
-    """`optim.optimizer="muon"`: Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps) on
+    """`optim.optimizer="muon"`: Muon (momentum 0.95, Nesterov, `muon_ns_steps` Newton-Schulz steps) on
     `muon_matrices`, its updates scaled to an RMS of 0.2 x lr (`consistent_rms`, Moonshot's
     matching of AdamW's update size, so AdamW's lr and weight decay carry over); AdamW with
     b1, b2, eps on the rest (optax.contrib.muon's: with Nesterov momentum there too). Both decay
@@ -196,7 +196,7 @@ def muon(schedule, cfg) -> optax.GradientTransformation:
         raise ValueError("optim.optimizer='muon' decays every parameter: it needs optim.weight_decay_mask='all'")
     from optax.contrib import muon as optax_muon
 
-    return optax_muon(schedule, beta=0.95, weight_decay=cfg.weight_decay,
+    return optax_muon(schedule, ns_steps=cfg.get("muon_ns_steps", 5), beta=0.95, weight_decay=cfg.weight_decay,
                       adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps, adam_weight_decay=cfg.weight_decay,
                       muon_weight_dimension_numbers=muon_matrices, consistent_rms=0.2)
 

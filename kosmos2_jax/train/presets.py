@@ -138,6 +138,8 @@ def base() -> ml_collections.ConfigDict:
         # "adamw" (the paper's), or "muon": the dense kernels by Muon (optax.contrib, updates scaled
         # to AdamW's RMS, so the same lr serves), everything else by AdamW (train/optim.py)
         optimizer="adamw",
+        # Newton-Schulz iterations that orthogonalize each Muon update (optimizer="muon" only)
+        muon_ns_steps=5,
         # per-parameter learning-rate factors, "REGEX=FACTOR,...": the first pattern found in a
         # parameter's path ("image_to_text_projection/x_attn/q_proj/kernel") scales its learning
         # rate; "" (or no match): 1 (train/optim.py)
