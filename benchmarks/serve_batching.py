@@ -109,6 +109,10 @@ def screenshot(url: str, image: str, path: str, prompt: str | None = None) -> No
         page.wait_for_selector("#describe-image img")
         page.click("#describe-button")
         page.wait_for_selector("#describe-status :text('s for a batch')", timeout=60_000)
+        # the outputs' loading overlays fade out after the answer arrives: a screenshot before that
+        # shows the page greyed
+        page.wait_for_function("() => [...document.querySelectorAll('.wrap.full')]"
+                               ".every(e => getComputedStyle(e).opacity === '0')", timeout=10_000)
         page.screenshot(path=path)
         browser.close()
 
