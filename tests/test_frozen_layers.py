@@ -138,26 +138,33 @@ def test_lr_multipliers_scale_the_matching_updates():
             parse_lr_multipliers(bad)
 
 
+def _muon_config(**extra):
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98, eps=1e-8,
+                                          weight_decay=0.0, clip_norm=0.0, optimizer="muon", **extra))
+
+
+def _singular_spread(matrix) -> float:
+    """max / min singular value"""
+    s = np.linalg.svd(np.asarray(matrix), compute_uv=False)
+    return s.max() / s.min()
+
+
 def test_muon_orthogonalizes_the_dense_kernels_only():
     """`optim.optimizer=muon`: a dense kernel's update has near-equal singular values (orthogonalized
     momentum), each layer of a scanned stack on its own; embeddings and biases get AdamW's
     elementwise update; a frozen layer of a stack gets none."""
-    import ml_collections
-
     from kosmos2_jax.train.optim import make_optimizer
 
     rng = np.random.default_rng(0)
     params = {"dense": {"kernel": jnp.ones((8, 6)), "bias": jnp.ones(6)},
               "stack": {"kernel": jnp.ones((3, 6, 4))}, "embed_tokens": {"embedding": jnp.ones((10, 6))}}
     grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
-    cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98, eps=1e-8,
-                                         weight_decay=0.0, clip_norm=0.0, optimizer="muon"))
+    cfg = _muon_config()
     tx, _ = make_optimizer(cfg)
     updates, _ = tx.update(grads, tx.init(params), params)
-
-    def spread(matrix):  # max / min singular value
-        s = np.linalg.svd(np.asarray(matrix), compute_uv=False)
-        return s.max() / s.min()
+    spread = _singular_spread
 
     assert spread(updates["dense"]["kernel"]) < 2 and spread(grads["dense"]["kernel"]) > 3
     assert all(spread(u) < 2 < 3 < spread(g) for u, g in zip(updates["stack"]["kernel"], grads["stack"]["kernel"]))
@@ -177,8 +184,6 @@ def test_muon_orthogonalizes_the_dense_kernels_only():
 def test_muon_ns_steps_sets_how_orthogonal_an_update_is():
     """`optim.muon_ns_steps`: fewer Newton-Schulz iterations leave the update's singular values
     further apart; 5 (the default, optax's) is what a config without the key gets."""
-    import ml_collections
-
     from kosmos2_jax.train.optim import make_optimizer
 
     params = {"dense": {"kernel": jnp.ones((32, 16))}}
@@ -189,12 +194,8 @@ def test_muon_ns_steps_sets_how_orthogonal_an_update_is():
     grads = {"dense": {"kernel": jnp.asarray(u @ np.diag(np.geomspace(1, 0.01, 16)) @ v.T, jnp.float32)}}
 
     def update(**extra):
-        cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98, eps=1e-8,
-                                             weight_decay=0.0, clip_norm=0.0, optimizer="muon", **extra))
-        tx, _ = make_optimizer(cfg)
-        s = np.linalg.svd(np.asarray(tx.update(grads, tx.init(params), params)[0]["dense"]["kernel"]),
-                          compute_uv=False)
-        return s.max() / s.min()
+        tx, _ = make_optimizer(_muon_config(**extra))
+        return _singular_spread(tx.update(grads, tx.init(params), params)[0]["dense"]["kernel"])
 
     default, five, three, one = update(), update(muon_ns_steps=5), update(muon_ns_steps=3), update(muon_ns_steps=1)
     assert default == five
