@@ -133,10 +133,9 @@ def main(argv=None):
 def run_one(args, attention, remat):
     import importlib
 
-    from kosmos2_jax.train.trainer import model_config
     from kosmos2_jax.models import Kosmos2
-    from kosmos2_jax.train import sharding
-    from kosmos2_jax.train.trainer import Trainer
+    from kosmos2_jax.train import loop, sharding
+    from kosmos2_jax.train.trainer import Trainer, model_config
 
     cfg = importlib.import_module(args.config).get_config()
     if args.tiny:
@@ -163,7 +162,7 @@ def run_one(args, attention, remat):
     if cfg.model.attention_impl != "einsum":  # jax.nn.dot_product_attention has no dropout
         cfg.model.text.attention_dropout = cfg.model.vision.attention_dropout = 0.0
     config = model_config(cfg, cfg.model.text.vocab_size)
-    seq_len, max_images = cfg.data.seq_len, args.max_images or cfg.data.get("pack_max_images", args.images_per_row)
+    seq_len, max_images = cfg.data.seq_len, args.max_images or cfg.data.pack_max_images
     batch, targets = packed_batch(config, args.rows, seq_len, args.images_per_row, max_images, args.caption_tokens,
                                   np.random.default_rng(0))
     device = jax.devices()[0]
@@ -171,10 +170,11 @@ def run_one(args, attention, remat):
           f"{args.images_per_row} images in {max_images} slots per row, {targets} targets; "
           f"{config.dtype} compute, remat {config.remat_policy}, scan {config.scan_layers}, "
           f"attention {config.attention_impl} (dropout {config.text.attention_dropout}), "
-          f"loss_chunk {cfg.train.get('loss_chunk', 8)}; {jax.device_count()} x {device.device_kind}", flush=True)
+          f"loss {cfg.train.loss_impl} (chunk {cfg.train.loss_chunk}); {jax.device_count()} x {device.device_kind}", flush=True)
 
     start = time.perf_counter()
-    trainer = Trainer(Kosmos2(config), cfg, config.text.vocab_size - cfg.num_location_tokens, cfg.num_location_tokens)
+    trainer = Trainer(Kosmos2(config), cfg, config.text.vocab_size - cfg.num_location_tokens, cfg.num_location_tokens,
+                      train_step=loop.train_step)
     print(f"init {time.perf_counter() - start:.1f}s", flush=True)
     total, trained = trainer.parameter_counts()
     opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(trainer.state["opt_state"]))

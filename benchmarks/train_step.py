@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
 from forward import median_time, setup  # noqa: E402
 
-from kosmos2_jax.train.trainer import loss_and_metrics  # noqa: E402
+from conftest import loss_and_metrics  # noqa: E402
 
 ADAMW = dict(b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01)
 
@@ -41,7 +41,8 @@ def main():
     parser.add_argument("--text_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--loss_chunk", type=int, default=64)
+    parser.add_argument("--loss_impl", choices=("plain", "chunked"), default="plain")
+    parser.add_argument("--loss_chunk", type=int, default=64, help="with --loss_impl chunked")
     parser.add_argument("--scan", action="store_true", help="scan over layers (nn.scan) instead of a Python loop")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="after timing, trace 2 of our steps to DIR and print where their time goes")
@@ -57,7 +58,8 @@ def main():
 
     def step(params, opt_state, batch):
         grads, metrics = jax.grad(lambda p: loss_and_metrics(model, p, batch, jax.random.PRNGKey(0), True, 0, 1,
-                                                             loss_chunk=args.loss_chunk), has_aux=True)(params)
+                                                             loss_chunk=args.loss_chunk, loss_impl=args.loss_impl),
+                                   has_aux=True)(params)
         with jax.named_scope("optimizer"):
             tokens = jnp.maximum(metrics["tokens"], 1)
             grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)

@@ -156,3 +156,16 @@ LONGEST_FIRST = ("test_train.py", "test_pods.py", "test_safety.py", "test_evalua
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
+
+def loss_and_metrics(model, params, batch, rng, deterministic, first_location_id, num_location_tokens,
+                     location_weight=1.0, loss_chunk=8, location_kernel=None, num_sources=0, loss_impl="plain"):
+    """train/loop.py's `loss_fn` with its settings as arguments (no optimizer in the context)."""
+    from kosmos2_jax.train.loop import loss_fn
+    from kosmos2_jax.train.trainer import StepContext
+
+    ctx = StepContext(model=model, tx=None, schedule=None, mask=None, seed=0, first_location_id=first_location_id,
+                      num_location_tokens=num_location_tokens, location_weight=location_weight,
+                      location_kernel=location_kernel, loss_impl=loss_impl, loss_chunk=loss_chunk,
+                      grad_accum_steps=1, batch_shards=1, num_sources=num_sources)
+    return loss_fn(params, batch, rng, ctx, deterministic)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kosmos2_jax.train.loss import lm_head_loss, location_kernel
+from kosmos2_jax.train.loss import chunked_lm_head_loss as lm_head_loss, location_kernel
 
 
 def _plain(hidden, embedding, targets, weights, active):
@@ -109,7 +109,7 @@ def test_loss_and_gradients_equal_hf_pytorch():
     from hf_reference import SMALL_CONFIGS, grounded_batch, hf_model
     from kosmos2_jax import convert
     from kosmos2_jax.models import Kosmos2
-    from kosmos2_jax.train.trainer import loss_and_metrics
+    from conftest import loss_and_metrics
 
     name, vision, text, queries = SMALL_CONFIGS[1]
     hf = hf_model(vision, text, queries)

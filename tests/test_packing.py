@@ -12,7 +12,7 @@ from kosmos2_jax.models import Kosmos2, tiny
 from kosmos2_jax.models.decoder import position_ids_from_input_ids, position_ids_from_segments
 from kosmos2_jax.processor import Kosmos2Processor, encode_grounded_caption
 from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-from kosmos2_jax.train.trainer import loss_and_metrics
+from conftest import loss_and_metrics  # noqa: E402
 
 
 def _example(ids, loss, image_mask, pixels, has_image, seq_len, pad=1):
@@ -51,9 +51,8 @@ def test_positions_restart_per_segment():
     np.testing.assert_array_equal(pos[1], position_ids_from_input_ids(jnp.full((1, 8), 5), 1)[0])
 
 
-def test_packed_row_computes_each_example_as_alone(small_spm):
-    """Logits and loss of a packed row (two image examples and a text line) equal those of the
-    three examples each in its own padded row."""
+def _packed_examples(small_spm):
+    """(tokenizer, model, params, the three examples, their packed row as a batch of one)."""
     tok = Kosmos2Tokenizer.from_file(small_spm)
     model = Kosmos2(tiny(vocab_size=tok.vocab_size))
     processor = Kosmos2Processor(tok, image_size=28, num_image_tokens=model.config.latent_query_num)
@@ -73,6 +72,13 @@ def test_packed_row_computes_each_example_as_alone(small_spm):
     packed = {k: v[None] for k, v in row.items()}
     params = model.init(jax.random.PRNGKey(0), packed["pixel_values"], packed["input_ids"], None,
                         packed["image_embeds_position_mask"])["params"]
+    return tok, model, params, examples, packed
+
+
+def test_packed_row_computes_each_example_as_alone(small_spm):
+    """Logits and loss of a packed row (two image examples and a text line) equal those of the
+    three examples each in its own padded row."""
+    tok, model, params, examples, packed = _packed_examples(small_spm)
     logits = model.apply({"params": params}, packed["pixel_values"], packed["input_ids"], packed["attention_mask"],
                          packed["image_embeds_position_mask"], segment_ids=packed["segment_ids"])
     start = 0
@@ -155,3 +161,31 @@ def test_input_counts_of_packed_and_unpacked_batches():
                 "has_image": np.array([1, 0], np.int32)}  # the text row still runs the vision tower
     assert input_counts(unpacked).tolist() == [5, 8, 1, 2]
     assert input_counts({"attention_mask": mask}).tolist() == [5, 8, 0, 0]
+
+
+def test_plain_and_chunked_losses_are_equal_in_value_and_every_gradient(small_spm):
+    """`train.loss_impl`: the plain loss (full logits, autodiff) and the chunked one (custom VJP)
+    give the same loss, metrics and gradient of every parameter, on packed rows with weighted, soft
+    location targets and chunks narrower than the rows' targets (several chunks and a tail)."""
+    from kosmos2_jax.train.loss import location_kernel
+
+    tok, model, params, examples, packed = _packed_examples(small_spm)
+    other = pack_row(examples[::-1], packed["input_ids"].shape[1], 3, tok.pad_id)  # the second row: reversed order
+    batch = {k: np.concatenate([v, other[k][None]]) for k, v in packed.items()}
+    loc = (tok.first_location_id, tok.num_location_tokens)
+    assert ((batch["input_ids"] >= loc[0]) & (batch["loss_mask"] > 0)).sum() >= 2  # location targets
+    kernel = location_kernel(int(round(loc[1] ** 0.5)), 1.0)
+    out = {}
+    for impl in ("plain", "chunked"):
+        out[impl] = jax.value_and_grad(
+            lambda p: loss_and_metrics(model, p, batch, jax.random.PRNGKey(0), True, *loc, 2.0, loss_chunk=4,
+                                       location_kernel=kernel, num_sources=2, loss_impl=impl), has_aux=True)(params)
+    ((plain, m_plain), g_plain), ((chunked, m_chunked), g_chunked) = out["plain"], out["chunked"]
+    np.testing.assert_allclose(plain, chunked, rtol=1e-5)
+    for k in m_plain:
+        np.testing.assert_allclose(m_plain[k], m_chunked[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # one tolerance for all: some gradients are 0 up to rounding (a key bias under softmax)
+    atol = 1e-5 * max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(g_plain))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_plain), jax.tree_util.tree_leaves(g_chunked)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+    assert atol > 0

@@ -145,8 +145,8 @@ def _trainer(shapes_tfds, small_spm, packed=False, **train):
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.processor import Kosmos2Processor
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.trainer import model_config
-    from kosmos2_jax.train.trainer import Trainer
+    from kosmos2_jax.train import loop
+    from kosmos2_jax.train.trainer import Trainer, model_config
 
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
     cfg.model.text.dropout = 0.0
@@ -155,7 +155,8 @@ def _trainer(shapes_tfds, small_spm, packed=False, **train):
     rows = dict(pack=True, pack_max_images=6) if packed else {}
     pipe = Pipeline([Source("s", "grit", data_dir=cfg.data.sources.train.data_dir)], Kosmos2Processor(tok, 32, 8),
                     ExampleConfig(seq_len=96 if packed else 48), 8, seed=0, num_workers=1, **rows)
-    return Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id), next(pipe)
+    return Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id,
+                   train_step=loop.train_step, eval_step=loop.eval_step), next(pipe)
 
 
 def test_gradient_accumulation_equals_one_big_batch(shapes_tfds, small_spm):
@@ -177,7 +178,7 @@ def test_location_loss_weight(small_spm):
     from kosmos2_jax.models import Kosmos2, tiny
     from kosmos2_jax.processor import Kosmos2Processor, encode_grounded_caption
     from kosmos2_jax.tokenizer import Kosmos2Tokenizer
-    from kosmos2_jax.train.trainer import loss_and_metrics
+    from conftest import loss_and_metrics
 
     tok = Kosmos2Tokenizer.from_file(small_spm)
     model = Kosmos2(tiny(vocab_size=tok.vocab_size))
@@ -298,7 +299,8 @@ def test_vision_except_last_mask(scan):
 def test_freezing(shapes_tfds, small_spm, freeze):
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.train.loss import location_kernel
-    from kosmos2_jax.train.trainer import BATCH_KEYS, loss_and_metrics
+    from conftest import loss_and_metrics
+    from kosmos2_jax.train.trainer import BATCH_KEYS
 
     trainer, batch = _trainer(shapes_tfds, small_spm, freeze=freeze)
     before = jax.device_get(trainer.state["params"])

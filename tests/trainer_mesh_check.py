@@ -19,6 +19,7 @@ from kosmos2_jax.processor import Kosmos2Processor  # noqa: E402
 from kosmos2_jax.tokenizer import Kosmos2Tokenizer  # noqa: E402
 from kosmos2_jax.train.trainer import model_config  # noqa: E402
 from kosmos2_jax.models import Kosmos2  # noqa: E402
+from kosmos2_jax.train.loop import train_step  # noqa: E402
 from kosmos2_jax.train.trainer import Trainer  # noqa: E402
 
 data_root, spm, mesh = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -39,7 +40,7 @@ def pipeline(batch):
 
 
 batches = pipeline(8)
-trainer = Trainer(model, cfg, tok.first_location_id)
+trainer = Trainer(model, cfg, tok.first_location_id, train_step=train_step)
 losses, slots = [], []
 for _ in range(3):
     batch = next(batches)
@@ -57,6 +58,6 @@ if cfg.train.grad_accum_steps > 1:  # the same count for one step on a micro-bat
     rows = batch["input_ids"].shape[0] // cfg.train.grad_accum_steps
     cfg.train.update(grad_accum_steps=1, batch_size=rows)
     micro = next(pipeline(rows))
-    print("MICRO_MOVES", json.dumps(moves(Trainer(model, cfg, tok.first_location_id).step_hlo(micro))))
+    print("MICRO_MOVES", json.dumps(moves(Trainer(model, cfg, tok.first_location_id, train_step=train_step).step_hlo(micro))))
 print("SLOTS", json.dumps(slots))
 print("LOSSES", json.dumps(losses))

@@ -86,7 +86,7 @@ def abstract_batch(cfg, config, batch_sharding) -> dict:
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
     batch = {k: spec((rows, seq_len), np.int32)
              for k in ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask")}
-    if cfg.data.get("pack", False):
+    if cfg.data.pack:
         batch["pixel_values"] = spec((rows, cfg.data.pack_max_images, size, size, 3), np.uint8)
         batch["segment_ids"] = spec((rows, seq_len), np.int32)
     else:
@@ -120,10 +120,14 @@ def sharding_table(trainer) -> list[tuple[str, tuple, str, str]]:
     return out
 
 
-def check(cfg, topology: str) -> dict:
-    """AOT-compile the config's init-free train step for `topology` and print the report."""
+def check(cfg, topology: str, train_step=None) -> dict:
+    """AOT-compile the config's init-free train step (train/loop.py's, or the `train_step` given)
+    for `topology` and print the report."""
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.train.trainer import Trainer, model_config
+
+    if train_step is None:
+        from kosmos2_jax.train.loop import train_step
 
     devices, described, hbm_gib = topology_devices(topology)
     vocab = cfg.model.text.vocab_size
@@ -136,7 +140,7 @@ def check(cfg, topology: str) -> dict:
         raise ValueError("model.attention_impl=cudnn is GPU-only: compile for a TPU with einsum or xla")
     model = Kosmos2(config)
     trainer = Trainer(model, cfg, vocab - cfg.num_location_tokens, cfg.num_location_tokens, abstract=True,
-                      devices=devices)
+                      devices=devices, train_step=train_step)
     batch_devices = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     if cfg.train.batch_size % (batch_devices * cfg.train.grad_accum_steps):
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by data x fsdp = {batch_devices} "
@@ -159,7 +163,7 @@ def check(cfg, topology: str) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    slots = cfg.data.pack_max_images if cfg.data.get("pack", False) else 1
+    slots = cfg.data.pack_max_images if cfg.data.pack else 1
     rows = cfg.train.batch_size
     model_flops = train_flops(config, rows, cfg.data.seq_len, rows * slots, rows * cfg.data.seq_len) / len(devices)
     table = sharding_table(trainer)

@@ -126,6 +126,12 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
         if optimizer == "muon" and decay_mask not in (_MISSING, "all"):
             raise UsageError(f"config.optim.weight_decay_mask={decay_mask!r}: optim.optimizer=muon decays every "
                              "parameter (weight_decay_mask=all)")
+    loss_impl = _get(cfg, "train.loss_impl")
+    if loss_impl is not _MISSING:
+        from kosmos2_jax.train.trainer import LOSS_IMPLS
+
+        if loss_impl not in LOSS_IMPLS:
+            raise UsageError(f"config.train.loss_impl={loss_impl!r}: must be one of {', '.join(LOSS_IMPLS)}")
     decay = _get(cfg, "optim.decay")
     if decay is not _MISSING:
         from kosmos2_jax.train.optim import DECAYS

@@ -1,12 +1,17 @@
-"""One training run, top to bottom: `run(cfg, workdir)`.
+"""One training run, top to bottom: the loss, the train and eval steps, and `run(cfg, workdir)`.
 
-Sections, in the order a run goes through them: setup (processes, tokenizer, model), state and
-restore (a fresh or resumed train state, checked against the workdir before anything is written),
-data (this process's shards of the mixture, validation batches), evaluations (`config.evals`),
-the loop (train step, logging, validation, evaluations, checkpoints, SIGTERM), and the export.
-The pieces it calls are library modules: `trainer.Trainer` (sharded state and jitted steps),
+Fork this file to change the loss, the update or what a run does: copy it into your own package
+and run the copy as `python -m yourpkg.train --config ... --workdir ...` (the same flags as
+`python -m kosmos2_jax.train`; see the end of the file). Sections, in order: the step (`loss_fn`,
+`train_step`, `eval_step`: pure functions, jitted by `Trainer` over the mesh), setup (processes,
+tokenizer, model), state and restore (a fresh or resumed train state, checked against the workdir
+before anything is written), data, evaluations (`config.evals`), logging, and the run (train
+step, logging, validation, evaluations, checkpoints, SIGTERM, export).
+
+A metric `loss_fn` returns beside the built-in ones is logged: a name ending in `_sum` (summed over
+targets, like `nll_sum`) as its mean per target, under the name without `_sum`; any other scalar as
+it is. The library pieces: `trainer.Trainer` (sharded state, batches on the devices),
 `checkpoints` (Orbax manager, preemption), `data.pipeline`, `evaluation.tasks`.
-Fork this file to change what a run does; the CLI (`train/__main__.py`) only parses flags.
 """
 
 from __future__ import annotations
@@ -17,17 +22,85 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from kosmos2_jax import convert, multihost
 from kosmos2_jax.cli import UsageError
 from kosmos2_jax.train import config_check
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
+from kosmos2_jax.data.examples import normalize_pixels
+from kosmos2_jax.train.loss import chunked_lm_head_loss, cross_entropy
 from kosmos2_jax.train.optim import lr_multipliers
-from kosmos2_jax.train.trainer import (Trainer, abstract_like, format_eta, input_counts, model_config, model_init,
-                                     source_examples)
+from kosmos2_jax.train.trainer import (StepContext, Trainer, abstract_like, accumulate_gradients, format_eta, freeze,
+                                       input_counts, model_config, model_init, source_examples)
 
 TIMED_STEPS = 10  # steps that compile nothing, which the time estimate is measured over
+
+
+# --- the step -------------------------------------------------------------------------------------
+def loss_fn(params, batch, rng, ctx: StepContext, deterministic: bool = False):
+    """-> (the loss to differentiate, metrics). The loss is next-token cross-entropy summed over the
+    `loss_mask[:, 1:]` targets, location-token targets weighted by `train.location_loss_weight` and
+    soft when `train.location_sigma` > 0; the step divides its gradient by the target count. The
+    metrics are sums (`nll_sum`, unweighted; `tokens`; location-token accuracy counts; with the
+    batch's `source_ids`, per-source `source_nll_sum` and `source_tokens` [num_sources + 1], index
+    0 padding). uint8 `pixel_values` (the input pipeline's) are CLIP-normalized here, on the device."""
+    pixels = batch["pixel_values"]
+    if pixels.dtype == jnp.uint8:
+        pixels = normalize_pixels(pixels, jnp)
+    hidden = ctx.model.apply({"params": params}, pixels, batch["input_ids"], batch["attention_mask"],
+                             batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng},
+                             segment_ids=batch.get("segment_ids"), image_index=batch.get("image_index"),
+                             return_hidden=True)[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    first, n_loc = ctx.first_location_id, ctx.num_location_tokens
+    is_loc = ((targets >= first) & (targets < first + n_loc)).astype(jnp.float32)
+    weights = mask * (1.0 + (ctx.location_weight - 1.0) * is_loc)
+    embedding = nn.unbox(params["text_model"]["embed_tokens"]["embedding"])  # the tied LM head
+    with jax.named_scope("lm_head"):  # named for the profile summary (train/profiling.py)
+        if ctx.loss_impl == "chunked":
+            loss, nll, correct = chunked_lm_head_loss(hidden, embedding, targets, weights, mask > 0, ctx.loss_chunk,
+                                                      location_kernel=ctx.location_kernel, first_location_id=first)
+        else:
+            logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(hidden.dtype),
+                                preferred_element_type=jnp.float32)
+            loss, nll, correct = cross_entropy(logits, targets, weights, ctx.location_kernel, first)
+    metrics = {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
+               "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
+    if ctx.num_sources and "source_ids" in batch:
+        by_source = jax.nn.one_hot(batch["source_ids"][:, 1:], ctx.num_sources + 1, dtype=jnp.float32)
+        metrics["source_nll_sum"] = jnp.einsum("bt,bts->s", nll * mask, by_source)
+        metrics["source_tokens"] = jnp.einsum("bt,bts->s", mask, by_source)
+    return loss, metrics
+
+
+def train_step(ctx: StepContext, state: dict, batch: dict):
+    """One optimizer step: state {step, params, opt_state} -> (the next state, metrics). The
+    gradient is the mean over the batch's targets (summed over `train.grad_accum_steps`
+    micro-batches first); frozen parameters (`train.freeze`) get none. Dropout keys are
+    fold_in(seed, step), so a resumed run repeats the uninterrupted one."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(ctx.seed), state["step"])
+    grad_fn = jax.grad(lambda p, b, r: loss_fn(freeze(p, ctx.mask), b, r, ctx), has_aux=True)
+    if ctx.grad_accum_steps == 1:
+        grads, metrics = grad_fn(state["params"], batch, rng)
+    else:
+        grads, metrics = accumulate_gradients(grad_fn, state["params"], batch, rng, ctx.grad_accum_steps,
+                                              ctx.batch_shards)
+    with jax.named_scope("optimizer"):
+        tokens = jnp.maximum(metrics["tokens"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype) / tokens, grads, ctx.mask)
+        updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=ctx.schedule(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(ctx: StepContext, params, batch: dict) -> dict:
+    """The metrics of `loss_fn` without dropout (validation)."""
+    return loss_fn(params, batch, jax.random.PRNGKey(0), ctx, deterministic=True)[1]
 
 
 # --- state and restore ----------------------------------------------------------------------------
@@ -94,11 +167,11 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
     (model, state layout, step count, data shards) and restored before anything is written."""
     if cfg.init.hf_dir and cfg.init.checkpoint:
         raise ValueError("set one of init.hf_dir and init.checkpoint, not both")
-    if cfg.optim.get("lr_multipliers", ""):  # a pattern matching no parameter: refused before anything is written
+    if cfg.optim.lr_multipliers:  # a pattern matching no parameter: refused before anything is written
         lr_multipliers(nn.unbox(jax.eval_shape(model_init(model), jax.random.PRNGKey(0))), cfg.optim.lr_multipliers)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
     try:
-        start, later = resume_step(checkpoints, cfg.train.get("resume_step", 0), workdir)
+        start, later = resume_step(checkpoints, cfg.train.resume_step, workdir)
         shard_states = None
         if start:
             check_resume(workdir, cfg, model.config, say)
@@ -110,7 +183,7 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
         if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
             init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
         trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params,
-                          sources=tuple(s.name for s in mixture(cfg)))
+                          sources=tuple(s.name for s in mixture(cfg)), train_step=train_step, eval_step=eval_step)
         if start:
             trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
         for step in later:
@@ -126,7 +199,7 @@ def data_shards(cfg) -> int:
     """How many host shards the data is read as (`data.shards`, default: one per process). Each
     process reads `shards / processes` of them and concatenates their batches, so one machine can
     replay a pod's exact data order, and a checkpoint resumes on any process count dividing it."""
-    shards = cfg.data.get("shards", 0) or jax.process_count()
+    shards = cfg.data.shards or jax.process_count()
     if shards % jax.process_count():
         raise ValueError(f"data.shards={shards} is not a multiple of the {jax.process_count()} processes")
     if cfg.train.batch_size % shards:
@@ -160,7 +233,7 @@ def data_pipelines(cfg, processor, shard_states=None):
     sources = mixture(cfg)
     train = HostShards(lambda shard, state: Pipeline(
         sources, processor, example_config, per_shard, seed=cfg.seed, state=state, shuffle_buffer=d.shuffle_buffer,
-        max_bad_fraction=d.max_bad_fraction, pack=d.get("pack", False), pack_max_images=d.get("pack_max_images", 4),
+        max_bad_fraction=d.max_bad_fraction, pack=d.pack, pack_max_images=d.pack_max_images,
         process_index=shard, **common), shards, shard_states)
 
     def validation():
@@ -217,7 +290,7 @@ class Evaluation:
 
 def evaluations(cfg, model, processor) -> list[Evaluation]:
     """The scheduled entries of `config.evals` (`every` > 0 and a `data_dir`)."""
-    evals = cfg.get("evals", {})
+    evals = cfg.evals
     return [Evaluation(name, evals[name], model, processor) for name in sorted(evals)
             if evals[name].every and evals[name].data_dir]
 
@@ -327,6 +400,22 @@ class Profile:
             self.active = False
 
 
+BUILTIN_METRICS = ("nll_sum", "tokens", "loc_correct", "loc_tokens", "source_nll_sum", "source_tokens", "grad_norm",
+                   "lr")
+
+
+def extra_metrics(metrics: dict) -> dict:
+    """The scalar metrics a (forked) `loss_fn` adds: `NAME_sum` -> NAME, its mean per target; any
+    other as it is."""
+    tokens = max(float(metrics["tokens"]), 1.0)
+    out = {}
+    for k, v in sorted(metrics.items()):
+        if k in BUILTIN_METRICS or np.ndim(v):
+            continue
+        out[k[:-4] if k.endswith("_sum") else k] = float(v) / tokens if k.endswith("_sum") else float(v)
+    return out
+
+
 class Log:
     """The console line every `train.log_every` steps and the TensorBoard scalars (process 0)."""
 
@@ -370,12 +459,15 @@ class Log:
                      "tokens_per_s": c[0] / elapsed, "step_time": elapsed / self.steps,
                      "loc_accuracy": float(m["loc_correct"] / max(m["loc_tokens"], 1)),
                      "token_fill": c[0] / max(c[1], 1), "image_fill": c[2] / max(c[3], 1)}
+        extra = extra_metrics(m)
+        self.last.update(extra)
         self.history.append(self.last)
         last = self.last
         # a compile is paid once: the ETA of a line after one extrapolates the measured step time
         step_s = self.step_s if self.compiled and self.step_s else elapsed / self.steps
-        self.say(f"step {done}/{total} loss {loss:.6f} loc_acc {last['loc_accuracy']:.3f} lr {last['lr']:.2e} "
-                 f"gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
+        extra_text = "".join(f" {k} {v:.6f}" for k, v in extra.items())
+        self.say(f"step {done}/{total} loss {loss:.6f}{extra_text} loc_acc {last['loc_accuracy']:.3f} "
+                 f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f} {last['tokens_per_s']:.0f} tok/s "
                  f"fill: tokens {last['token_fill']:.2f} images {last['image_fill']:.2f} "
                  f"ETA {format_eta((total - done) * step_s)}")
         self.scalars("train", last, done)
@@ -417,8 +509,7 @@ def run(cfg, workdir: str) -> dict:
     # setup
     config_check.check(cfg)
     if cfg.distributed:
-        multihost.initialize(cfg.get("coordinator_address", ""), cfg.get("num_processes", 0),
-                             cfg.get("process_id", -1))
+        multihost.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     primary = multihost.is_primary()
     say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
     tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
@@ -447,7 +538,7 @@ def run(cfg, workdir: str) -> dict:
     log, preemption = Log(workdir, primary), Preemption()
     total, stopped, run_start = cfg.train.steps, False, time.time()
     timer = StepTimer()
-    profile = Profile(cfg.train.get("profile_start", 0), cfg.train.get("profile_steps", 3), workdir, start, total)
+    profile = Profile(cfg.train.profile_start, cfg.train.profile_steps, workdir, start, total)
     try:
         for step in range(start, total):
             timer.before()
@@ -500,3 +591,9 @@ def run(cfg, workdir: str) -> dict:
         convert.save_checkpoint(os.path.join(workdir, "export"), model.config, trainer.state["params"])
         say(f"exported params to {os.path.join(workdir, 'export')} ({time.time() - run_start:.0f}s)")
     return {"history": log.history, "last": log.last}
+
+
+if __name__ == "__main__":  # a forked copy of this file runs as `python -m yourpkg.yourfile --config ...`
+    from kosmos2_jax.train.launch import launch
+
+    launch(run, train_step)

@@ -1,24 +1,18 @@
-"""Next-token cross-entropy through the tied LM head, only where there are targets, in chunks.
+"""The LM loss: next-token cross-entropy through the tied LM head, with optional soft location targets.
 
-The decoder's final states are multiplied by the [vocab, embed] token embedding chunk by chunk of
-positions, and only for chunks that hold a target: in KOSMOS-2 batches the 64 image slots of every
-image (and padding) are never targets, so a plain head spends about half its work, in the largest
-matmul of the model, on logits nobody reads. The [B, T, vocab] logits are never materialized either
-(at 2048 tokens x 65,037 entries per row they would not fit on an accelerator).
+`cross_entropy` is the plain one (the default, `train.loss_impl="plain"`): logits for every
+position, jax.grad for the backward; change it freely. `chunked_lm_head_loss` is the same loss,
+opt-in (`train.loss_impl="chunked"`) for the full-size configs, where [B, T, vocab] float32
+logits do not fit (docs/DESIGN.md, the speed machinery table): the decoder's final states are
+multiplied by the [vocab, embed] embedding chunk by chunk of positions, only for chunks that hold
+a target (image slots and padding never are), with the gradient computed in the forward pass
+(a `custom_vjp`: each chunk costs three matmuls and keeps no logits). Each row's target positions
+are first moved to its front (a stable sort), so "skip the chunks with no target" works for
+packed rows too. tests/test_loss.py holds the two equal in value and every gradient.
 
-Each row's target positions are first moved to its front (a stable sort), so "skip the chunks with
-no target" works for packed rows too. Chunks are `chunk` positions per row while at least half of
-one is left to compute, then `tail_chunk`: on CPU a [B*64, D] x [D, vocab] matmul runs ~2x faster
-per row than a [B*8, D] one, and the small tail chunks keep a last, mostly empty, large chunk from
-wasting that gain (benchmarks/train_step.py, 1.08x per step against chunks of 8 alone). The gradient
-is computed in the forward pass (the loss is a plain weighted sum, so its cotangent is one scalar):
-each computed chunk costs three matmuls (logits, d hidden, d embedding) and no logits are kept for
-the backward.
-
-Optional soft location targets (`location_kernel`, `train.location_sigma`): a location-token target
-is then a distribution over the grid, a 2-D Gaussian around the true cell, rather than one cell.
-Neighbouring cells are nearly right, and a from-scratch model that is told so learns where things
-are in fewer steps (README, *The demo*). The reported `nll` and `correct` stay those of the true cell.
+Soft location targets (`location_kernel`, `train.location_sigma` > 0): a location-token target
+is a 2-D Gaussian over the grid around the true cell rather than one cell. The reported `nll`
+and `correct` stay those of the true cell.
 """
 
 from __future__ import annotations
@@ -42,9 +36,34 @@ def location_kernel(side: int, sigma: float) -> np.ndarray:
     return (k / k.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
-                 active: jax.Array, chunk: int = 8, tail_chunk: int = 8, location_kernel=None,
-                 first_location_id: int = 0):
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, location_kernel=None,
+                  first_location_id: int = 0):
+    """Cross-entropy of `targets` [B, T] under `logits` [B, T, V], plain autodiff.
+
+    -> (sum(weights * loss per target), nll [B, T], correct [B, T]): nll = logsumexp(logits) -
+    logits[target]; correct = the target's logit is the maximum (a tie counts as correct).
+    `location_kernel` [L, L] with `first_location_id`: a target in [first_location_id,
+    first_location_id + L) is scored against the kernel row of its cell (soft cross-entropy
+    logsumexp - sum(q * logits)) in the loss; nll and correct stay those of the true cell."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = lse - target_logit
+    correct = jax.lax.stop_gradient((target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32))
+    per_target = nll
+    if location_kernel is not None:
+        kernel = jnp.asarray(location_kernel, jnp.float32)
+        n = kernel.shape[0]
+        is_loc = (targets >= first_location_id) & (targets < first_location_id + n)
+        q = kernel[jnp.clip(targets - first_location_id, 0, n - 1)]  # [B, T, L]
+        soft_logit = jnp.sum(q * logits[..., first_location_id:first_location_id + n], axis=-1)
+        per_target = jnp.where(is_loc, lse - soft_logit, nll)
+    return jnp.sum(per_target * weights), nll, correct
+
+
+def chunked_lm_head_loss(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
+                         active: jax.Array, chunk: int = 8, tail_chunk: int = 8, location_kernel=None,
+                         first_location_id: int = 0):
     """Cross-entropy of `targets` under logits `hidden @ embedding.T`.
 
     hidden [B, T, D] (the decoder's final-LayerNormed states; their dtype is the compute dtype),

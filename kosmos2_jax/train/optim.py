@@ -192,33 +192,31 @@ def muon(schedule, cfg) -> optax.GradientTransformation:
     matching of AdamW's update size, so AdamW's lr and weight decay carry over); AdamW with
     b1, b2, eps on the rest (optax.contrib.muon's: with Nesterov momentum there too). Both decay
     every parameter they update by `weight_decay` (weight_decay_mask "all" only)."""
-    if cfg.get("weight_decay_mask", "all") != "all":
+    if cfg.weight_decay_mask != "all":
         raise ValueError("optim.optimizer='muon' decays every parameter: it needs optim.weight_decay_mask='all'")
     from optax.contrib import muon as optax_muon
 
-    return optax_muon(schedule, ns_steps=cfg.get("muon_ns_steps", 5), beta=0.95, weight_decay=cfg.weight_decay,
+    return optax_muon(schedule, ns_steps=cfg.muon_ns_steps, beta=0.95, weight_decay=cfg.weight_decay,
                       adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps, adam_weight_decay=cfg.weight_decay,
                       muon_weight_dimension_numbers=muon_matrices, consistent_rms=0.2)
 
 
 def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`cfg`: lr, warmup_steps, total_steps, b1, b2, eps, weight_decay, clip_norm, and optionally
-    optimizer ("adamw" or "muon"), decay ("linear"), weight_decay_mask ("all") and lr_multipliers
-    ("", `parse_lr_multipliers`). With `mask` (`trainable_mask`) the optimizer runs on the trained
+    """`cfg`: the config's `optim` (train/presets.py: every key with its default). With `mask` (`trainable_mask`) the optimizer runs on the trained
     parameters only (`trained_only`)."""
-    schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, decay=cfg.get("decay", "linear"))
+    schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.total_steps, decay=cfg.decay)
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    optimizer = cfg.get("optimizer", "adamw")
+    optimizer = cfg.optimizer
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optim.optimizer={optimizer!r} not in {OPTIMIZERS}")
     if optimizer == "muon":
         parts.append(muon(schedule, cfg))
     else:
         parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                 mask=weight_decay_mask(cfg.get("weight_decay_mask", "all"))))
-    if cfg.get("lr_multipliers", ""):
+                                 mask=weight_decay_mask(cfg.weight_decay_mask)))
+    if cfg.lr_multipliers:
         parts.append(scale_by_path(cfg.lr_multipliers))
     tx = optax.chain(*parts)
     return (tx if mask is None else trained_only(tx, mask)), schedule

@@ -155,9 +155,11 @@ def base() -> ml_collections.ConfigDict:
         # > 0: location targets are a 2-D Gaussian of this many grid cells around the true cell
         # (train/loss.py); 0: the paper's one-hot targets.
         location_sigma=0.0,
-        # The LM head runs on chunks of this many positions per row, only where there are targets
-        # (image slots and padding never are; train/loss.py): 26 rows/device x 64 positions.
-        loss_chunk=64,
+        # "plain": cross-entropy on the full [B, T, vocab] logits, jax.grad for the backward (the one
+        # to change); "chunked": the same loss through the LM head in chunks of `loss_chunk` positions
+        # per row, only where there are targets, with a hand-written gradient (train/loss.py): the
+        # full-size experiment configs switch it on (docs/training.md, the compile-only memory table)
+        loss_impl="plain", loss_chunk=64,
         # The vision tower runs on the real images only, not on empty image slots (train/image_slots.py).
         compact_images=True,
         # > 0: trace steps [profile_start, profile_start + profile_steps) into WORKDIR/profile and print

@@ -1,15 +1,18 @@
-"""The train state and its jitted steps: `Trainer` (sharded {step, params, opt_state}, the train
-and eval steps over `config.mesh`), the loss, and the experiment config's model.
+"""The sharded train state: `Trainer` builds {step, params, opt_state} over `config.mesh` (fresh,
+from given params, or abstract for a restore or a compile-only check), puts host batches on the
+devices, and jits the step functions it is given with the state's shardings. The steps themselves
+(`train_step`, `eval_step`, `loss_fn`) are plain functions in train/loop.py, beside the run.
 
-Dropout keys are `fold_in(seed, step)`, and the data pipeline's position is saved with every
-checkpoint (train/checkpoints.py), so a run restarted from a checkpoint repeats exactly what the
-uninterrupted run computed. The run itself: train/loop.py.
+`StepContext` is what a step reads besides the state and the batch: the model, the optimizer, the
+trainable mask and the loss settings, all fixed for a run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +22,14 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kosmos2_jax.data.examples import normalize_pixels
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.train import image_slots, sharding
 from kosmos2_jax.train.init import structured_init
-from kosmos2_jax.train.loss import lm_head_loss, location_kernel
-from kosmos2_jax.train.optim import lr_multipliers, make_optimizer, trainable_mask
+from kosmos2_jax.train.loss import location_kernel
+from kosmos2_jax.train.optim import make_optimizer, trainable_mask
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
               "segment_ids", "source_ids")  # segment_ids: packed rows only; `_put` may add image_index
-METRIC_KEYS = ("nll_sum", "tokens", "loc_correct", "loc_tokens")
 
 
 def model_config(cfg, vocab_size: int):
@@ -37,17 +38,17 @@ def model_config(cfg, vocab_size: int):
     from kosmos2_jax.models import Kosmos2Config, TextConfig, VisionConfig
 
     text = dict(cfg.model.text)
-    if text.get("vocab_size", -1) == -1:
+    if text["vocab_size"] == -1:
         text["vocab_size"] = vocab_size
     elif text["vocab_size"] != vocab_size:
         raise ValueError(f"config model.text.vocab_size={text['vocab_size']} but the tokenizer has {vocab_size}")
     vision = VisionConfig(**dict(cfg.model.vision))
-    freeze = cfg.get("train", {}).get("freeze", "none")
+    freeze = cfg.train.freeze
     frozen = {"vision_except_last": vision.num_hidden_layers - 1, "all_but_resampler": vision.num_hidden_layers}
     return Kosmos2Config(vision=vision, text=TextConfig(**text),
                          latent_query_num=cfg.model.latent_query_num, dtype=cfg.model.dtype,
                          param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat_policy,
-                         scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.get("attention_impl", "einsum"),
+                         scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl,
                          frozen_vision_layers=frozen.get(freeze, 0))
 
 
@@ -61,44 +62,29 @@ def model_init(model: Kosmos2):
     return lambda rng: model.init(rng, pix, ids, None, img)["params"]
 
 
-def loss_and_metrics(model: Kosmos2, params, batch, rng, deterministic: bool, first_location_id: int,
-                     num_location_tokens: int, location_weight: float = 1.0, loss_chunk: int = 8,
-                     location_kernel=None, num_sources: int = 0):
-    """Next-token cross-entropy summed over `loss_mask[:, 1:]` targets, plus counts for means and
-    location-token accuracy. `location_weight` scales the location-token targets in the loss
-    (1.0, the paper's plain LM loss, by default; the reported `nll_sum` is always unweighted).
-    `location_kernel` (`train.loss.location_kernel`, `train.location_sigma` > 0): soft location
-    targets in the loss (`nll_sum` and the accuracy stay those of the true cell).
-    The tied LM head runs only on chunks of `loss_chunk` positions per row that hold targets
-    (`kosmos2_jax.train.loss`). uint8 `pixel_values` (the input pipeline's) are CLIP-normalized
-    here, on the device; float ones are taken as already normalized. With `num_sources` and the
-    batch's `source_ids`, also `source_nll_sum` and `source_tokens` [num_sources + 1] (index 0:
-    padding), each target counted for the source of its token."""
-    pixels = batch["pixel_values"]
-    if pixels.dtype == jnp.uint8:
-        pixels = normalize_pixels(pixels, jnp)
-    hidden = model.apply({"params": params}, pixels, batch["input_ids"], batch["attention_mask"],
-                         batch["image_embeds_position_mask"], deterministic=deterministic, rngs={"dropout": rng},
-                         segment_ids=batch.get("segment_ids"), image_index=batch.get("image_index"),
-                         return_hidden=True)
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    is_loc = ((targets >= first_location_id) & (targets < first_location_id + num_location_tokens)).astype(jnp.float32)
-    weights = mask * (1.0 + (location_weight - 1.0) * is_loc)
-    embedding = nn.unbox(params["text_model"]["embed_tokens"]["embedding"])
-    with jax.named_scope("lm_head"):  # named for the profile summary (train/profiling.py)
-        loss, nll, correct = lm_head_loss(hidden[:, :-1], embedding, targets, weights, mask > 0, loss_chunk,
-                                          location_kernel=location_kernel, first_location_id=first_location_id)
-    metrics = {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
-               "loc_correct": jnp.sum(correct * is_loc * mask), "loc_tokens": jnp.sum(is_loc * mask)}
-    if num_sources and "source_ids" in batch:
-        by_source = jax.nn.one_hot(batch["source_ids"][:, 1:], num_sources + 1, dtype=jnp.float32)
-        metrics["source_nll_sum"] = jnp.einsum("bt,bts->s", nll * mask, by_source)
-        metrics["source_tokens"] = jnp.einsum("bt,bts->s", mask, by_source)
-    return loss, metrics
+LOSS_IMPLS = ("plain", "chunked")  # train.loss_impl: train/loss.py's cross_entropy | chunked_lm_head_loss
 
 
-def _freeze(params, mask):
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What the step functions read besides the state and the batch, fixed for a run."""
+    model: Kosmos2
+    tx: optax.GradientTransformation
+    schedule: Callable  # step -> learning rate (logged)
+    mask: Any  # the trainable mask: a pytree like the params, 0 where frozen
+    seed: int  # dropout keys are fold_in(PRNGKey(seed), step)
+    first_location_id: int
+    num_location_tokens: int
+    location_weight: float  # train.location_loss_weight
+    location_kernel: Any  # [L, L] soft location targets (train.location_sigma > 0), or None
+    loss_impl: str  # train.loss_impl
+    loss_chunk: int  # train.loss_chunk (the chunked loss only)
+    grad_accum_steps: int
+    batch_shards: int  # data x fsdp: micro-batches split each shard's rows
+    num_sources: int  # training sources: per-source loss and tokens when the batch has source_ids
+
+
+def freeze(params, mask):
     """Wholly frozen leaves behind `stop_gradient`, so XLA drops their backward (with the vision
     tower frozen and its layers unscanned, the backward stops at the last trainable layer)."""
     frozen = lambda m: m.ndim == 0 and float(m) == 0.0
@@ -111,13 +97,16 @@ class Trainer:
     checkpoint into, or to compile for `devices` that are not attached: `train/compile_check.py`)."""
 
     def __init__(self, model: Kosmos2, config, first_location_id: int, num_location_tokens: int = 1024,
-                 init_params: Any = None, abstract: bool = False, devices=None, sources: tuple = ()):
+                 init_params: Any = None, abstract: bool = False, devices=None, sources: tuple = (),
+                 train_step: Callable | None = None, eval_step: Callable | None = None):
+        """`train_step(ctx, state, batch) -> (state, metrics)` and `eval_step(ctx, params, batch) ->
+        metrics` (train/loop.py's, or a fork's) are jitted over the state's shardings; without
+        them the trainer holds the state only (export, checkpoint restores)."""
         self.model, self.config = model, config
         self.sources = tuple(sources)  # the training mixture's source names: per-source loss and tokens
         self.loc = (first_location_id, num_location_tokens)
-        self.loss_chunk = config.train.get("loss_chunk", 8)
         self.mesh = sharding.create_mesh(dict(config.mesh), devices)
-        self.rules = sharding.rules_from_text(config.mesh.get("rules", ""))
+        self.rules = sharding.rules_from_text(config.mesh.rules)
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
         self.batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         accum = config.train.grad_accum_steps
@@ -132,8 +121,15 @@ class Trainer:
         self._programs: set[int] = set()
         self.compiled_last_step = False
         self._init_state(init_params, abstract)
-        self._step_fn = self._build_step()
-        self._eval_fn = jax.jit(self._eval_batch, in_shardings=(self.state_shardings["params"], self.batch_sharding))
+        self.ctx = self._step_context()
+        self._step_fn = self._eval_fn = None
+        if train_step is not None:
+            self._step_fn = jax.jit(functools.partial(train_step, self.ctx),
+                                    in_shardings=(self.state_shardings, self.batch_sharding),
+                                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        if eval_step is not None:
+            self._eval_fn = jax.jit(functools.partial(eval_step, self.ctx),
+                                    in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
     # --- state ----------------------------------------------------------------------------
     def _init_state(self, init_params, abstract: bool = False):
@@ -141,7 +137,6 @@ class Trainer:
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         param_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
         self.mask = trainable_mask(nn.unbox(boxed), self.config.train.freeze, self.model.config.scan_layers)
-        lr_multipliers(nn.unbox(boxed), self.config.optim.get("lr_multipliers", ""))  # a typo is an error
         self.tx, self.schedule = make_optimizer(self.config.optim, self.mask)  # no state for frozen params
         opt_boxed = jax.eval_shape(self.tx.init, boxed)
         opt_shardings = sharding.tree_shardings(opt_boxed, self.mesh, self.rules)
@@ -157,13 +152,12 @@ class Trainer:
             if init_params is None:
                 params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
                     jax.random.PRNGKey(self.config.seed))
-                init_cfg = self.config.get("init", {})
-                options = dict(positions=init_cfg.get("sincos_positions", False),
-                               locations=init_cfg.get("sincos_locations", False),
-                               connector_dense_std=init_cfg.get("connector_dense_std", 0.0))
+                i = self.config.init
+                options = dict(positions=i.sincos_positions, locations=i.sincos_locations,
+                               connector_dense_std=i.connector_dense_std)
                 if any(options.values()):
-                    options.update(location_frequencies=init_cfg.get("location_frequencies", "log"),
-                                   position_frequencies=init_cfg.get("position_frequencies", "log"))
+                    options.update(location_frequencies=i.location_frequencies,
+                                   position_frequencies=i.position_frequencies)
                     params = jax.device_put(structured_init(params, self.model.config, *self.loc, **options),
                                             param_shardings)
             else:
@@ -172,53 +166,15 @@ class Trainer:
         self.state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
                       "opt_state": opt_state}
 
-    # --- steps ----------------------------------------------------------------------------
-    def _build_step(self):
+    def _step_context(self) -> StepContext:
         t = self.config.train
-        accum = t.grad_accum_steps
         side = int(round(self.loc[1] ** 0.5))
-        sigma = t.get("location_sigma", 0.0)
-        kernel = location_kernel(side, sigma) if sigma > 0 else None  # soft location targets
-
-        def step_fn(state, batch):
-            rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
-            weight = t.get("location_loss_weight", 1.0)
-            per_source = len(self.sources) if "source_ids" in batch else 0
-            grad_fn = jax.grad(lambda p, b, r: loss_and_metrics(self.model, _freeze(p, self.mask), b, r, False,
-                                                                *self.loc, weight, self.loss_chunk, kernel,
-                                                                per_source),
-                               has_aux=True)
-            if accum == 1:
-                grads, metrics = grad_fn(state["params"], batch, rng)
-            else:
-                micro = jax.tree_util.tree_map(lambda x: micro_batches(x, accum, self.batch_shards), batch)
-
-                def body(carry, xs):
-                    g_acc, m_acc = carry
-                    b, i = xs
-                    g, m = grad_fn(state["params"], b, jax.random.fold_in(rng, i))
-                    return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m)), None
-
-                zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-                zeros_m = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
-                if per_source:
-                    zeros_m.update({k: jnp.zeros(per_source + 1, jnp.float32) for k in ("source_nll_sum", "source_tokens")})
-                (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
-            with jax.named_scope("optimizer"):
-                tokens = jnp.maximum(metrics["tokens"], 1.0)
-                # mean over all target tokens; frozen parameters have no gradient (nor a share of the clipped norm)
-                grads = jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype) / tokens, grads, self.mask)
-                updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-                params = optax.apply_updates(state["params"], updates)
-                metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state["step"]))
-            return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-        return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
-
-    def _eval_batch(self, params, batch):
-        return loss_and_metrics(self.model, params, batch, jax.random.PRNGKey(0), True, *self.loc,
-                                loss_chunk=self.loss_chunk)[1]
+        return StepContext(
+            model=self.model, tx=self.tx, schedule=self.schedule, mask=self.mask, seed=self.config.seed,
+            first_location_id=self.loc[0], num_location_tokens=self.loc[1], location_weight=t.location_loss_weight,
+            location_kernel=location_kernel(side, t.location_sigma) if t.location_sigma > 0 else None,
+            loss_impl=t.loss_impl, loss_chunk=t.loss_chunk, grad_accum_steps=t.grad_accum_steps,
+            batch_shards=self.batch_shards, num_sources=len(self.sources))
 
     def _put(self, batch):
         local = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
@@ -235,7 +191,7 @@ class Trainer:
             return local, 0
         slots = pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)
         groups = self.image_groups // jax.process_count()  # 0: a batch shard spans processes
-        if (not self.config.train.get("compact_images", True) or has_image is None or groups == 0
+        if (not self.config.train.compact_images or has_image is None or groups == 0
                 or pixels.shape[0] % groups):
             return local, slots
         counts = image_slots.image_counts(pixels, has_image)
@@ -249,6 +205,8 @@ class Trainer:
         return local, groups * cap
 
     def train_step(self, batch) -> dict:
+        if self._step_fn is None:
+            raise RuntimeError("this Trainer was built without a train_step")
         with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
             put = self._put(batch)
             self.compiled_last_step = self.image_slots not in self._programs
@@ -273,6 +231,8 @@ class Trainer:
             return self._step_fn.lower(self.state, self._put(batch)).compile().as_text()
 
     def evaluate(self, batches) -> dict:
+        if self._eval_fn is None:
+            raise RuntimeError("this Trainer was built without an eval_step")
         totals = {}
         with jax.set_mesh(self.mesh), sharding.logical_axis_rules(self.rules):
             for batch in batches:
@@ -296,6 +256,21 @@ def micro_batches(x, accum: int, shards: int):
     if not mesh.empty:
         x = jax.lax.with_sharding_constraint(x, P(None, ("data", "fsdp")))
     return x
+
+
+def accumulate_gradients(grad_fn, params, batch, rng, accum: int, shards: int):
+    """`grad_fn(params, batch, rng) -> (grads, metrics)` summed over `accum` micro-batches of
+    `batch` (`micro_batches`) in a `lax.scan`, micro-batch i with dropout key fold_in(rng, i)."""
+    micro = jax.tree_util.tree_map(lambda x: micro_batches(x, accum, shards), batch)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, first, rng))
+
+    def body(acc, xs):
+        b, i = xs
+        out = grad_fn(params, b, jax.random.fold_in(rng, i))
+        return jax.tree_util.tree_map(jnp.add, acc, out), None
+
+    return jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))[0]
 
 
 def abstract_like(state, shardings):

@@ -1,0 +1,95 @@
+"""The train command's flags and entry point, shared by `python -m kosmos2_jax.train` and a forked
+train file (`launch(run)` at its end): absl flags (`--config FILE[:ARG]`, `--config.KEY=VALUE`,
+`--workdir`, `--compile_only --topology`, `--print_config`, the compilation cache, GPU XLA flags),
+one-line errors for bad input (exit 2), tracebacks for everything else."""
+
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from kosmos2_jax import cli
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+flags.DEFINE_string("workdir", None, "where checkpoints, logs and the export go")
+flags.DEFINE_bool("compile_only", False, "compile the train step for --topology and report memory and sharding; "
+                  "trains nothing (train/compile_check.py)")
+flags.DEFINE_string("topology", "", "with --compile_only: a TPU slice, e.g. v5p-128 or v5p:4x4x8 (needs libtpu)")
+flags.DEFINE_bool("print_config", False, "print the config (every key --config.KEY=VALUE can set) and exit")
+flags.DEFINE_string("compilation_cache", cli.default_compilation_cache(),
+                    "persistent XLA compilation cache: a rerun or resume of the same config loads its programs "
+                    "instead of compiling them (env KOSMOS2_COMPILATION_CACHE)")
+flags.DEFINE_bool("no_compilation_cache", False, "compile afresh and write no cache")
+flags.DEFINE_enum("xla_gpu_preset", "training", list(cli.GPU_XLA_PRESETS),
+                  "on NVIDIA GPUs: XLA flags added to XLA_FLAGS (cli.GPU_XLA_PRESETS: latency-hiding scheduler, "
+                  "pipelined and combined collectives); none adds nothing")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv, run=None, train_step=None):
+    """`run(cfg, workdir)`: train/loop.py's, or a fork's (with its `train_step` for --compile_only)."""
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
+    from kosmos2_jax.cli import USER_ERRORS
+
+    cli.use_gpu_xla_flags(FLAGS.xla_gpu_preset)  # before JAX starts its backend
+    cli.use_compilation_cache(None if FLAGS.no_compilation_cache else FLAGS.compilation_cache)
+    try:
+        if FLAGS.print_config:
+            print(FLAGS.config)
+            return
+        if FLAGS.compile_only:
+            if not FLAGS.topology:
+                raise ValueError("--compile_only needs --topology (e.g. v5p-128 or v5p:4x4x8)")
+            from kosmos2_jax.train import config_check
+            from kosmos2_jax.train.compile_check import check
+
+            config_check.check(FLAGS.config, need_tokenizer=False, need_data=False)
+            check(FLAGS.config, FLAGS.topology, train_step)
+            return
+        if not FLAGS.workdir:
+            raise ValueError("--workdir is required (where checkpoints, logs and the export go)")
+        if run is None:
+            from kosmos2_jax.train.loop import run
+        run(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        if os.environ.get("KOSMOS2_DEBUG"):
+            raise
+        from kosmos2_jax.cli import stderr
+
+        print(f"error: {e}", file=stderr(), flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: after a failed Orbax restore, its event-loop threads print tracebacks at
+        # interpreter shutdown.
+        os._exit(2)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a bad `--config.KEY=VALUE` (an unknown key, a value of the wrong
+    type) as one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e.args[0] if e.args else e)
+        if message.startswith(("'", '"')):  # ml_collections wraps a KeyError's repr
+            message = message.strip("'\"").replace("\\'", "'").replace("\\n", " ")
+            key = message.split("'")[1] if message.count("'") >= 2 else ""
+            bad = [a for a in argv if key and a.startswith("--config.") and key in a.split("=")[0]]
+            message = f"{bad[0].split('=')[0]}: no such key ({message})" if bad else message
+    print(f"error: bad flag: {' '.join(message.split())} (list the config's keys with --config FILE --print_config)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+
+def launch(run=None, train_step=None):
+    """Parse the flags and train: `launch(run, train_step)` at the end of a forked train file."""
+    app.run(functools.partial(main, run=run, train_step=train_step), flags_parser=parse_flags)
