@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from hf_reference import grounded_batch, hf_model  # noqa: E402
 
-from kosmos2_jax import convert  # noqa: E402
+from kosmos2_jax import weights  # noqa: E402
 
 VISION = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, image_size=224,
               patch_size=14)
@@ -48,8 +48,8 @@ def setup(batch: int, text_tokens: int, **config_overrides):
     """The benchmark's HF model, our model with the same weights (`config_overrides`, e.g.
     `scan_layers`, go to our config), and a grounded batch."""
     hf = hf_model(VISION, TEXT, 64)
-    model = convert.Kosmos2(convert.config_from_hf(hf.config.to_dict(), **config_overrides))
-    params = convert.to_device(convert.params_from_hf(hf.state_dict(), model.config))
+    model = Kosmos2(weights.config_from_hf(hf.config.to_dict(), **config_overrides))
+    params = weights.to_device(weights.params_from_hf(hf.state_dict(), model.config))
     length = 64 + 3 + text_tokens
     arrays = grounded_batch(np.random.default_rng(0), batch, 64, TEXT["vocab_size"], 224, [length] * batch)
     return hf, model, params, length, arrays

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from forward import TEXT, VISION  # noqa: E402
 from hf_reference import grounded_batch, hf_model  # noqa: E402
 
-from kosmos2_jax import convert  # noqa: E402
-from kosmos2_jax.generate import generate  # noqa: E402
+from kosmos2_jax import weights  # noqa: E402
+from kosmos2_jax.inference.generate import generate  # noqa: E402
 
 
 def main():
@@ -33,8 +33,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     hf = hf_model(VISION, TEXT, 64)
-    model = convert.Kosmos2(convert.config_from_hf(hf.config.to_dict()))
-    params = convert.to_device(convert.params_from_hf(hf.state_dict(), model.config))
+    model = Kosmos2(weights.config_from_hf(hf.config.to_dict()))
+    params = weights.to_device(weights.params_from_hf(hf.state_dict(), model.config))
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         pixels, ids, attn, img = grounded_batch(np.random.default_rng(0), batch, 64, TEXT["vocab_size"], 224,

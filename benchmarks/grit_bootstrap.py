@@ -46,7 +46,7 @@ def write_inputs(folder: pathlib.Path, count: int, seed: int) -> dict:
 
 
 def score(records: list[dict], truth: dict) -> dict:
-    from kosmos2_jax.boxes import iou
+    from kosmos2_jax.format.boxes import iou
 
     pairs = correct = 0
     found = collections.Counter()  # true (key, span) -> boxes matched

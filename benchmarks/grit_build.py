@@ -29,15 +29,15 @@ def tiny_checkpoint(directory, spm: str) -> str:
     import jax
     import numpy as np
 
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
     from kosmos2_jax.models import Kosmos2, tiny
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
     model = Kosmos2(tiny(vocab_size=Kosmos2Tokenizer.from_file(spm).vocab_size))
     q = model.config.latent_query_num
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), np.ones((1, q + 3), np.int32),
                         None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]
-    convert.save_checkpoint(str(directory), model.config, params)
+    weights.save_checkpoint(str(directory), model.config, params)
     return str(directory)
 
 
@@ -48,11 +48,11 @@ def main():
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from kosmos2_jax import tokenizer
+    from kosmos2_jax.format import tokenizer
     from kosmos2_jax.data.synthetic import make_example
     from kosmos2_jax.grit.abstract import ABSTRACT_LEMMAS
     from kosmos2_jax.grit.engine import BuildSpec, DetectorSpec, build_shard, plan
-    from kosmos2_jax.grit.pipeline import GritConfig
+    from kosmos2_jax.grit.stages import GritConfig
 
     tmp = pathlib.Path(tempfile.mkdtemp())
     (tmp / "in" / "images").mkdir(parents=True)

@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from kosmos2_jax.data.build import build  # noqa: E402
 from kosmos2_jax.data.examples import ExampleConfig, decode_image, preprocess  # noqa: E402
 from kosmos2_jax.data.pipeline import END_OF_SPLIT, Pipeline, Source, _tfds_records  # noqa: E402
-from kosmos2_jax.processor import Kosmos2Processor  # noqa: E402
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer, train_sentencepiece  # noqa: E402
+from kosmos2_jax.format.processor import Kosmos2Processor  # noqa: E402
+from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer, train_sentencepiece  # noqa: E402
 
 
 def tokenizer(tmp):

@@ -102,7 +102,7 @@ def main(argv=None):
                         help=f"model.remat_policy, or several joined by commas (e.g. {', '.join(REMAT_POLICIES)}, any "
                              f"jax.checkpoint_policies name, save:NAME+NAME; default: the config's)")
     parser.add_argument("--xla_gpu_preset", default="training", help="XLA flags added on NVIDIA GPUs "
-                        "(kosmos2_jax.cli.GPU_XLA_PRESETS: training, none), as `train` adds them")
+                        "(kosmos2_jax.utils.cli.GPU_XLA_PRESETS: training, none), as `train` adds them")
     parser.add_argument("--freeze", default=None, help="train.freeze (none, vision_except_last, all_but_resampler; "
                         "default: the config's): the step and the optimizer state then cover the trained part only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -113,7 +113,7 @@ def main(argv=None):
                              "and print where the time goes (kosmos2_jax/train/profiling.py)")
     parser.add_argument("--profile_steps", type=int, default=3)
     args = parser.parse_args(argv)
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     added = cli.use_gpu_xla_flags(args.xla_gpu_preset)  # before JAX starts its backend
     if added:

@@ -30,7 +30,7 @@ def markdown(task: str, split: str, scored: int, missing: int, metrics: dict, pa
 
 def run_key(args, task_name: str) -> dict:
     """What a resumed evaluation must share with the one it resumes (`evaluation/runner.py`)."""
-    from kosmos2_jax.outputs import fingerprint
+    from kosmos2_jax.utils.outputs import fingerprint
 
     return {"task": task_name, "split": args.split, "checkpoint": os.path.abspath(args.checkpoint),
             "checkpoint_fingerprint": fingerprint(args.checkpoint), "tokenizer_fingerprint": fingerprint(args.tokenizer),
@@ -39,7 +39,7 @@ def run_key(args, task_name: str) -> dict:
 
 
 def parse_args(argv):
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
     from kosmos2_jax.evaluation.tasks import TASKS
 
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.evaluate", description=__doc__.split("\n")[0])
@@ -73,7 +73,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     args = parse_args(argv)
     cli.apply_compilation_cache_flags(args)
@@ -83,13 +83,14 @@ def main(argv=None) -> int:
 def evaluate(args) -> int:
     import jax
 
-    from kosmos2_jax import multihost, outputs
-    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.utils import multihost
+    from kosmos2_jax.utils import outputs
+    from kosmos2_jax.utils.cli import UsageError
     from kosmos2_jax.evaluation.runner import check_stream, run_shared
     from kosmos2_jax.evaluation.tasks import PAPER, TASKS, Context
-    from kosmos2_jax.convert import DECODING, load_model
-    from kosmos2_jax.tokenizer import tokenizer_for
-    from kosmos2_jax.processor import Kosmos2Processor
+    from kosmos2_jax.weights.hf import DECODING, load_model
+    from kosmos2_jax.format.tokenizer import tokenizer_for
+    from kosmos2_jax.format.processor import Kosmos2Processor
 
     task = TASKS[args.task]
     if args.distributed:
@@ -153,7 +154,7 @@ def evaluate(args) -> int:
 
 
 def _draw(items, records, n, ctx, folder):
-    from kosmos2_jax.visualize import draw_entities
+    from kosmos2_jax.format.visualize import draw_entities
 
     drawn = 0
     for item, rec in zip(items, records):

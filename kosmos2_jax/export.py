@@ -20,9 +20,10 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "", ov
     import jax
     import ml_collections
 
-    from kosmos2_jax import convert, outputs
+    from kosmos2_jax import weights
+    from kosmos2_jax.utils import outputs
     from kosmos2_jax.models import Kosmos2, Kosmos2Config
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
     from kosmos2_jax.train.checkpoints import Checkpoints
     from kosmos2_jax.train.trainer import Trainer
 
@@ -32,9 +33,9 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "", ov
             raise FileNotFoundError(f"{path} not found: is {workdir!r} a kosmos2_jax.train workdir?")
     for path in [out] + ([hf_out] if hf_out else []):
         outputs.refuse_existing(path, overwrite, "--out" if path == out else "--hf_out")
-    cfg = ml_collections.ConfigDict(convert.read_json(paths[0], "the run config"))
+    cfg = ml_collections.ConfigDict(weights.read_json(paths[0], "the run config"))
     # the attention kernel a run trained with (cuDNN) may not exist here
-    model = Kosmos2(Kosmos2Config.from_dict(convert.read_json(paths[1], "the model config")).replace(
+    model = Kosmos2(Kosmos2Config.from_dict(weights.read_json(paths[1], "the model config")).replace(
         attention_impl="einsum"))
     tokenizer = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, async_save=False)
@@ -49,17 +50,17 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "", ov
     trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, abstract=True)
     state = checkpoints.restore(step, trainer.state)  # names the step when it is damaged
     checkpoints.close()
-    count = convert.save_checkpoint(out, model.config, state["params"])
+    count = weights.save_checkpoint(out, model.config, state["params"])
     print(f"step {step}: wrote {count:,} parameters to {out}")
     if hf_out:
         with outputs.atomic_dir(hf_out) as tmp:
-            convert.export_hf(tmp, model.config, jax.device_get(state["params"]))
+            weights.export_hf(tmp, model.config, jax.device_get(state["params"]))
         print(f"wrote HF config.json + model.safetensors to {hf_out}")
     return step
 
 
 def main(argv=None) -> int:
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.export", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, type=cli.existing_dir, help="a kosmos2_jax.train workdir")

@@ -21,12 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
-from kosmos2_jax import checkpoint, convert, grounding
-from kosmos2_jax.generate import generate, prepare
+from kosmos2_jax.weights import checkpoint
+from kosmos2_jax import weights
+from kosmos2_jax.format import grounding
+from kosmos2_jax.inference.generate import generate, prepare
 from kosmos2_jax.models import Kosmos2
-from kosmos2_jax.processor import Kosmos2Processor, load_image
-from kosmos2_jax.tokenizer import tokenizer_for
-from kosmos2_jax.visualize import draw_entities
+from kosmos2_jax.format.processor import Kosmos2Processor, load_image
+from kosmos2_jax.format.tokenizer import tokenizer_for
+from kosmos2_jax.format.visualize import draw_entities
 
 
 def parse_box(spec: str, image_size: tuple[int, int] | None = None, units: str = "normalized"
@@ -74,7 +76,7 @@ def prompt_with_boxes(prompt: str, boxes: list[tuple[str, tuple]]) -> tuple[str,
 
 
 def parse_args(argv):
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.predict", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, type=cli.existing_dir, help="our checkpoint folder or a HF folder")
@@ -104,7 +106,7 @@ def output_paths(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     args = parse_args(argv)
     cli.apply_compilation_cache_flags(args)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
 
 
 def predict(args) -> int:
-    from kosmos2_jax import outputs
+    from kosmos2_jax.utils import outputs
 
     for path in output_paths(args):
         outputs.refuse_existing(path, args.overwrite, "--json" if path == args.json else "--out")
@@ -121,7 +123,7 @@ def predict(args) -> int:
     for image in images:
         per_image.append(prompt_with_boxes(args.prompt, [parse_box(b, image.size, args.box_units) for b in args.box]))
     prompt = per_image[0][0]
-    model = Kosmos2(convert.model_config_of(args.checkpoint, **convert.DECODING))
+    model = Kosmos2(weights.model_config_of(args.checkpoint, **weights.DECODING))
     tokenizer = tokenizer_for(args.tokenizer, model)
     unknown = tokenizer.unknown_characters(prompt)
     if unknown:
@@ -138,14 +140,14 @@ def predict(args) -> int:
                    pad_token_id=tokenizer.pad_id, bucket=8)
     start = time.perf_counter()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = convert.abstract_params_of(args.checkpoint, model)  # shared with the loader
+    shapes = weights.abstract_params_of(args.checkpoint, model)  # shared with the loader
     abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     with ThreadPoolExecutor(1) as pool:  # read the weights while the programs compile
-        loading = pool.submit(convert.load_model, args.checkpoint, abstract=shapes, **convert.DECODING)
+        loading = pool.submit(weights.load_model, args.checkpoint, abstract=shapes, **weights.DECODING)
         try:
             prepare(model, abstract, inputs, **options)
         except Exception:  # a checkpoint's arrays that do not fit its model_config.json: say which
-            if not convert.is_hf_folder(args.checkpoint):
+            if not weights.is_hf_folder(args.checkpoint):
                 checkpoint.check_fits(args.checkpoint, shapes, model)
             raise
         finally:

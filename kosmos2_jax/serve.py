@@ -20,7 +20,7 @@ DEFAULT_EXAMPLES = os.path.join(os.environ.get("KOSMOS2_SHARED_DIR") or os.path.
 
 
 def parse_args(argv):
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.serve", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, type=cli.existing_dir, help="our checkpoint folder or a HF folder")
@@ -49,7 +49,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     args = parse_args(argv)
     cli.apply_compilation_cache_flags(args)
@@ -62,7 +62,8 @@ def serve(args, block: bool = True):
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError('the web demo needs gradio: pip install -e ".[serve]"') from None
-    from kosmos2_jax import serving, webapp
+    from kosmos2_jax.serving import service as serving
+    from kosmos2_jax.serving import webapp
 
     prompts = args.prompts or list(serving.DESCRIBE_PROMPTS.values())
     service = serving.Service.load(args.checkpoint, args.tokenizer, args.batch_sizes)

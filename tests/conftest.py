@@ -57,14 +57,14 @@ def spm_path():
 
 @pytest.fixture(scope="session")
 def tokenizer(spm_path):
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
     return Kosmos2Tokenizer.from_file(spm_path)
 
 
 @pytest.fixture(scope="session")
 def processor(tokenizer):
-    from kosmos2_jax.processor import Kosmos2Processor
+    from kosmos2_jax.format.processor import Kosmos2Processor
 
     return Kosmos2Processor(tokenizer)
 
@@ -97,7 +97,7 @@ def hf_fast_tokenizer(hf_tokenizer_dir, hf_processor):
 @pytest.fixture(scope="session")
 def small_spm(tmp_path_factory):
     """A 300-piece model trained on synthetic captions with the project's own CLI."""
-    from kosmos2_jax import tokenizer
+    from kosmos2_jax.format import tokenizer
 
     d = tmp_path_factory.mktemp("small_spm")
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -130,15 +130,15 @@ def save_tiny_checkpoint(directory, spm_path):
     import jax
     import numpy as np
 
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
     from kosmos2_jax.models import Kosmos2, tiny
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
     model = Kosmos2(tiny(vocab_size=Kosmos2Tokenizer.from_file(spm_path).vocab_size))
     q = model.config.latent_query_num
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), np.ones((1, q + 3), np.int32),
                         None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]
-    convert.save_checkpoint(directory, model.config, params)
+    weights.save_checkpoint(directory, model.config, params)
     return str(directory)
 
 

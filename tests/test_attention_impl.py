@@ -124,11 +124,11 @@ def test_attention_impl_errors():
 
 
 def test_a_params_checkpoint_loads_with_the_default_attention(tmp_path):
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
 
     model = Kosmos2(tiny(vocab_size=97, attention_impl="cudnn", dtype="bfloat16"))
     params = {"w": np.ones((2, 3), np.float32)}
-    convert.save_checkpoint(str(tmp_path), model.config, params)
+    weights.save_checkpoint(str(tmp_path), model.config, params)
     with open(tmp_path / "model_config.json") as f:
         saved = json.load(f)
     assert saved["attention_impl"] == "einsum" and saved["text"] == json.loads(json.dumps(model.config.to_dict()))["text"]

@@ -1,4 +1,4 @@
-"""Params checkpoints (`kosmos2_jax.checkpoint`): one standard Orbax PyTree that plain Orbax restores,
+"""Params checkpoints (`kosmos2_jax.weights.checkpoint`): one standard Orbax PyTree that plain Orbax restores,
 read back by us chunk by chunk into the target layout and shardings; older layouts still load."""
 
 import json
@@ -12,7 +12,9 @@ import pytest
 from flax import traverse_util
 
 from hf_reference import SMALL_CONFIGS, grounded_batch, hf_logits, hf_model
-from kosmos2_jax import checkpoint, convert
+from kosmos2_jax.weights import checkpoint
+from kosmos2_jax import weights
+from kosmos2_jax import convert
 from kosmos2_jax.models import Kosmos2, tiny
 
 from conftest import xla_flags  # noqa: E402
@@ -85,7 +87,7 @@ def test_decoder_split_per_layer(saved):
 
 
 def test_unrolled_decoder_generates_the_same_tokens(saved):
-    from kosmos2_jax.generate import generate
+    from kosmos2_jax.inference.generate import generate
 
     folder, model, params = saved
     split_model, split = checkpoint.restore_params(str(folder), scan_text_layers=False)
@@ -155,7 +157,7 @@ def test_restore_onto_several_devices(saved):
     script = f"""
 import jax, numpy as np
 from flax import traverse_util
-from kosmos2_jax import checkpoint
+from kosmos2_jax.weights import checkpoint
 P = jax.sharding.PartitionSpec
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
 _, host = checkpoint.restore_params({str(folder)!r}, numpy=True)
@@ -230,7 +232,7 @@ def test_converted_folder_decodes_like_hf(tmp_path):
     assert convert.main(["from-hf", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     assert (tmp_path / "ckpt" / "params" / "_METADATA").exists()
     for source in ("ckpt", "hf"):
-        model, params = convert.load_model(str(tmp_path / source), **convert.DECODING)
+        model, params = weights.load_model(str(tmp_path / source), **weights.DECODING)
         assert "layer_0" in params["text_model"]["layers"]
         pixels, ids, attn, img = grounded_batch(np.random.default_rng(3), 2, queries, text["vocab_size"],
                                                 vision["image_size"], [queries + 6, queries + 4])

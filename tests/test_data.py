@@ -11,12 +11,13 @@ from conftest import REPO
 from kosmos2_jax.data import boxes as box_ops
 from kosmos2_jax.data.build import build
 from kosmos2_jax.data.example_random import ExampleRandom
-from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example, normalize_pixels
+from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example
+from kosmos2_jax.format.images import normalize_pixels
 from kosmos2_jax.data.pipeline import END_OF_SPLIT, SOURCE_KINDS, Pipeline, Source, _Reader, _tfds_records
 from kosmos2_jax.data.spans import select_spans
 from kosmos2_jax.data.synthetic import make_example
-from kosmos2_jax.processor import Kosmos2Processor
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+from kosmos2_jax.format.processor import Kosmos2Processor
+from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 from kosmos2_jax.train.trainer import source_examples
 
 
@@ -353,7 +354,7 @@ def test_llava_turns():
 def test_grounded_instruction_turns_cover_both_directions_and_templates():
     from kosmos2_jax.data.instruct import REG_TEMPLATES, grounded_instruction_turn
 
-    from kosmos2_jax.grounding import box_to_patch_pair, object_string
+    from kosmos2_jax.format.grounding import box_to_patch_pair, object_string
 
     obj = object_string([box_to_patch_pair((0.0, 0.0, 0.5, 0.5), 32, "train")])
     rng = np.random.default_rng(0)

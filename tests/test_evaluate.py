@@ -160,8 +160,8 @@ def test_loglik_picks_the_known_answer_and_sums_candidate_tokens():
 
 def test_loglik_equals_full_forward(tmp_path, small_spm):
     from kosmos2_jax.evaluation.loglik import candidate_logprobs
-    from kosmos2_jax.convert import load_model
-    from kosmos2_jax.tokenizer import tokenizer_for
+    from kosmos2_jax.weights.hf import load_model
+    from kosmos2_jax.format.tokenizer import tokenizer_for
 
     model, params = load_model(save_tiny_checkpoint(tmp_path / "ckpt", small_spm))
     tok = tokenizer_for(small_spm, model)
@@ -243,9 +243,9 @@ def test_reg_few_shot_prompts(tmp_path, small_spm):
     """k-shot REG: k demonstrations from the train split (seeded per item, stored with it), then the
     query, as one interleaved sequence of k + 1 images."""
     from kosmos2_jax.evaluation.tasks import Context, RegTask
-    from kosmos2_jax.convert import load_model
-    from kosmos2_jax.tokenizer import tokenizer_for
-    from kosmos2_jax.processor import Kosmos2Processor
+    from kosmos2_jax.weights.hf import load_model
+    from kosmos2_jax.format.tokenizer import tokenizer_for
+    from kosmos2_jax.format.processor import Kosmos2Processor
 
     root = _dummy_task_data("refcocog_reg", tmp_path / "data")
     task = RegTask(shots=2)
@@ -356,8 +356,8 @@ def test_language_data_cli_on_mock_tfds_then_evaluate(tmp_path, small_spm):
 
 def test_per_candidate_contexts_score_each_pair(tmp_path, small_spm):
     from kosmos2_jax.evaluation.loglik import candidate_logprobs, pair_logprobs
-    from kosmos2_jax.convert import load_model
-    from kosmos2_jax.tokenizer import tokenizer_for
+    from kosmos2_jax.weights.hf import load_model
+    from kosmos2_jax.format.tokenizer import tokenizer_for
 
     model, params = load_model(save_tiny_checkpoint(tmp_path / "ckpt", small_spm))
     tok = tokenizer_for(small_spm, model)

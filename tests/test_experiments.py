@@ -46,7 +46,7 @@ def test_the_configs_are_four_and_all_build_on_the_presets():
 
 def test_pretrain_config_is_table_7():
     """The paper's pretraining settings (Table 7 and the released train.sh), written out here."""
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
     from kosmos2_jax.models import kosmos2_1p6b
     from kosmos2_jax.train.trainer import model_config
 
@@ -61,7 +61,7 @@ def test_pretrain_config_is_table_7():
     assert (sources.train.kind, sources.train.weight, sources.text.kind, sources.text.weight) == ("grit", 1117, "text", 93)
     assert (sources.caption.kind, sources.caption.weight) == ("caption", 1117)  # image-caption pairs
     assert abs(c.train.batch_size * c.data.seq_len / 419_000 - 1) < 0.02  # ~419K tokens per step
-    assert convert.architecture_differences(model_config(c, 65037), kosmos2_1p6b()) == []
+    assert weights.architecture_differences(model_config(c, 65037), kosmos2_1p6b()) == []
 
 
 def test_runlocal_arguments_are_checked():
@@ -94,7 +94,7 @@ def _instruction_files(tmp_path, cfg):
 
 
 def test_the_mixture_is_checked_before_any_work(demo_root, tmp_path):
-    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.utils.cli import UsageError
     from kosmos2_jax.train import config_check
 
     def error(pack=True, **changes):

@@ -49,9 +49,9 @@ def test_full_size_forward_equals_hf(full_hf_dir):
     import torch
     import transformers
 
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
 
-    model, params = convert.load_hf(str(full_hf_dir))
+    model, params = weights.load_hf(str(full_hf_dir))
     rng = np.random.default_rng(0)
     ids = np.concatenate([[0, 64003], np.arange(4, 68), [64004], rng.integers(4, 64000, 12)])[None]
     img = np.zeros_like(ids)

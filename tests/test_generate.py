@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hf_reference import SMALL_CONFIGS, grounded_batch, hf_model, torch
-from kosmos2_jax import convert
-from kosmos2_jax.generate import ban_repeated_ngrams, generate, top_p_filter
+from kosmos2_jax import weights
+from kosmos2_jax.inference.generate import ban_repeated_ngrams, generate, top_p_filter
 from kosmos2_jax.models import Kosmos2, tiny
 
 NAME, VISION, TEXT, QUERIES = SMALL_CONFIGS[0]
@@ -19,8 +19,8 @@ def models():
     hf = hf_model(VISION, TEXT, QUERIES, seed=3)
     with torch.no_grad():  # make </s> a frequent candidate so that beams and rows finish early
         hf.text_model.model.embed_tokens.weight[2] *= 4.0
-    config = convert.config_from_hf(hf.config.to_dict())
-    return hf, convert.Kosmos2(config), convert.params_from_hf(hf.state_dict(), config)
+    config = weights.config_from_hf(hf.config.to_dict())
+    return hf, Kosmos2(config), weights.params_from_hf(hf.state_dict(), config)
 
 
 def _batch(with_image, seed=0):
@@ -97,7 +97,7 @@ def test_bucketing_reuses_compilations_and_keeps_results(models):
     a = generate(model, params, batch, max_new_tokens=8, bucket=32)
     b = generate(model, params, batch, max_new_tokens=8, bucket=128)
     np.testing.assert_array_equal(a.sequences, b.sequences)
-    from kosmos2_jax.generate import _compiled
+    from kosmos2_jax.inference.generate import _compiled
 
     before = _compiled.cache_info().misses
     shorter = {k: v[:, 1:] for k, v in batch.items() if k != "pixel_values"}

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kosmos2_jax import cli
+from kosmos2_jax.utils import cli
 
 
 def _starts(flags: str) -> bool:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from kosmos2_jax.grit import boxes as boxes_lib
 from kosmos2_jax.grit import text as text_lib
-from kosmos2_jax.grit.pipeline import GritConfig, caption_problem
+from kosmos2_jax.grit.stages import GritConfig, caption_problem
 from grit_cases import CASES
 
 
@@ -342,7 +342,7 @@ def _check_alone(det, image, phrases, per):
         lp2 = logits2 - np.log(np.exp(logits2 - logits2.max()).sum()) - logits2.max()
         loc2 = lp2[det.first_loc:det.first_loc + det.num_loc]
         lr = int(loc2.argmax())
-        from kosmos2_jax.grounding import patch_pair_to_box
+        from kosmos2_jax.format.grounding import patch_pair_to_box
 
         ((box, score),) = pairs
         assert box == pytest.approx(patch_pair_to_box(ul, lr, det.processor.num_bins))

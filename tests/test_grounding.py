@@ -3,8 +3,8 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kosmos2_jax import grounding
-from kosmos2_jax.grounding import box_to_patch_pair, patch_pair_to_box, post_process_generation
+from kosmos2_jax.format import grounding
+from kosmos2_jax.format.grounding import box_to_patch_pair, patch_pair_to_box, post_process_generation
 
 SNOWMAN_RAW = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
                " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>.")

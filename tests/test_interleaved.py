@@ -14,8 +14,8 @@ from kosmos2_jax.data.interleaved import document_parts, interleaved_example, sp
 from kosmos2_jax.data.packing import pack_row
 from kosmos2_jax.data.pipeline import Pipeline, Source
 from kosmos2_jax.models import Kosmos2, tiny
-from kosmos2_jax.processor import Kosmos2Processor
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+from kosmos2_jax.format.processor import Kosmos2Processor
+from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
 DUMMY = REPO / "data" / "interleaved" / "dummy_data"
 IMAGES = DUMMY / "images"

@@ -107,14 +107,14 @@ def test_loss_and_gradients_equal_hf_pytorch():
     autograd through Kosmos2ForConditionalGeneration + masked cross-entropy), dropout off."""
     torch = pytest.importorskip("torch")
     from hf_reference import SMALL_CONFIGS, grounded_batch, hf_model
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
     from kosmos2_jax.models import Kosmos2
     from conftest import loss_and_metrics
 
     name, vision, text, queries = SMALL_CONFIGS[1]
     hf = hf_model(vision, text, queries)
-    config = convert.config_from_hf(hf.config.to_dict())
-    model, params = Kosmos2(config), convert.params_from_hf(hf.state_dict(), config)
+    config = weights.config_from_hf(hf.config.to_dict())
+    model, params = Kosmos2(config), weights.params_from_hf(hf.state_dict(), config)
     rng = np.random.default_rng(0)
     pixels, ids, attn, img = grounded_batch(rng, 3, queries, text["vocab_size"], vision["image_size"],
                                             [queries + 12, queries + 7, queries + 10])
@@ -135,7 +135,7 @@ def test_loss_and_gradients_equal_hf_pytorch():
     np.testing.assert_allclose(float(loss), hf_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["nll_sum"]), hf_loss.item(), rtol=1e-5)
 
-    ours = convert.state_dict_from_params(jax.device_get(grads))
+    ours = weights.state_dict_from_params(jax.device_get(grads))
     theirs = {k: p.grad.numpy() for k, p in hf.named_parameters() if p.grad is not None}
     assert set(theirs) <= set(ours)
     for key, ref in theirs.items():

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from hf_reference import SMALL_CONFIGS, grounded_batch, hf_image_features, hf_logits, hf_model
+from kosmos2_jax import weights
 from kosmos2_jax import convert
 from kosmos2_jax.models import Kosmos2
 
 
 def _ours(hf, **overrides):
-    config = convert.config_from_hf(hf.config.to_dict(), **overrides)
-    return Kosmos2(config), convert.params_from_hf(hf.state_dict(), config)
+    config = weights.config_from_hf(hf.config.to_dict(), **overrides)
+    return Kosmos2(config), weights.params_from_hf(hf.state_dict(), config)
 
 
 def _close(ours, ref, tol=1e-4):
@@ -75,7 +76,7 @@ def test_state_dict_round_trip_is_exact():
     name, vision, text, queries = SMALL_CONFIGS[1]
     hf = hf_model(vision, text, queries)
     model, params = _ours(hf)
-    back = convert.state_dict_from_params(params)
+    back = weights.state_dict_from_params(params)
     ref = {k: v.numpy() for k, v in hf.state_dict().items() if k != "text_model.lm_head.weight"}
     assert sorted(back) == sorted(ref)
     for key in ref:
@@ -87,7 +88,7 @@ def test_checkpoint_folders_both_ways(tmp_path):
     hf = hf_model(vision, text, queries)
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert convert.main(["from-hf", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
-    model, params = convert.load_checkpoint(tmp_path / "ckpt")
+    model, params = weights.load_checkpoint(tmp_path / "ckpt")
     assert {"_METADATA", "image_to_text_projection.dense.bias"} <= set(os.listdir(tmp_path / "ckpt" / "params"))
     assert convert.main(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf2")]) == 0
     import transformers
@@ -95,7 +96,7 @@ def test_checkpoint_folders_both_ways(tmp_path):
     reloaded = transformers.Kosmos2ForConditionalGeneration.from_pretrained(tmp_path / "hf2").eval()
     shutil.rmtree(tmp_path / "ckpt" / "params" / "text_model.layer_norm.scale")
     with pytest.raises(ValueError, match="text_model/layer_norm/scale is missing"):
-        convert.load_checkpoint(tmp_path / "ckpt")
+        weights.load_checkpoint(tmp_path / "ckpt")
     for key, value in hf.state_dict().items():
         np.testing.assert_array_equal(reloaded.state_dict()[key].numpy(), value.numpy(), err_msg=key)
     pixels, ids, attn, img_mask = grounded_batch(np.random.default_rng(3), 1, queries, text["vocab_size"],
@@ -107,36 +108,36 @@ def test_pytorch_bin_folder(tmp_path):
     name, vision, text, queries = SMALL_CONFIGS[0]
     hf = hf_model(vision, text, queries)
     hf.save_pretrained(tmp_path, safe_serialization=False)
-    model, params = convert.load_hf(str(tmp_path))
-    ref = convert.params_from_hf(hf.state_dict(), model.config)
+    model, params = weights.load_hf(str(tmp_path))
+    ref = weights.params_from_hf(hf.state_dict(), model.config)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref)
 
 
 def test_bad_checkpoints(tmp_path):
     name, vision, text, queries = SMALL_CONFIGS[0]
     hf = hf_model(vision, text, queries)
-    config = convert.config_from_hf(hf.config.to_dict())
+    config = weights.config_from_hf(hf.config.to_dict())
     state = dict(hf.state_dict())
     key = "text_model.model.layers.1.ffn.fc1.weight"
     missing = {k: v for k, v in state.items() if k != key}
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        convert.params_from_hf(missing, config)
+        weights.params_from_hf(missing, config)
     bad = dict(state, **{key: state[key][:, :10]})
     with pytest.raises(ValueError, match=r"fc1\.weight.*\(128, 10\).*\(128, 64\)"):
-        convert.params_from_hf(bad, config)
+        weights.params_from_hf(bad, config)
     with pytest.raises(ValueError, match="unexpected.*extra.weight"):
-        convert.params_from_hf(dict(state, **{"extra.weight": state[key]}), config)
+        weights.params_from_hf(dict(state, **{"extra.weight": state[key]}), config)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
-        convert.load_hf(str(tmp_path / "empty"))
+        weights.load_hf(str(tmp_path / "empty"))
     (tmp_path / "empty" / "config.json").write_text(json.dumps(hf.config.to_dict()))
     with pytest.raises(ValueError, match="no weights"):
-        convert.load_hf(str(tmp_path / "empty"))
+        weights.load_hf(str(tmp_path / "empty"))
     (tmp_path / "empty" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
     with pytest.raises(ValueError, match="model.safetensors"):
-        convert.load_hf(str(tmp_path / "empty"))
+        weights.load_hf(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="not a kosmos2_jax checkpoint"):
-        convert.load_checkpoint(tmp_path / "empty")
+        weights.load_checkpoint(tmp_path / "empty")
 
 
 def test_full_size_parameter_count():
@@ -144,11 +145,11 @@ def test_full_size_parameter_count():
 
     from kosmos2_jax.models import kosmos2_1p6b
 
-    shapes = convert.abstract_params(Kosmos2(kosmos2_1p6b()))
+    shapes = weights.abstract_params(Kosmos2(kosmos2_1p6b()))
     ours = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
     with transformers.modeling_utils.no_init_weights(), __import__("torch").device("meta"):
         hf = transformers.Kosmos2ForConditionalGeneration(transformers.Kosmos2Config())
     # On the meta device HF does not tie the head; it is the token embedding in the released model.
     theirs = sum(p.numel() for n, p in hf.named_parameters() if n != "text_model.lm_head.weight")
     assert ours == theirs == 1_664_485_376
-    assert convert.config_from_hf(transformers.Kosmos2Config().to_dict()) == kosmos2_1p6b()
+    assert weights.config_from_hf(transformers.Kosmos2Config().to_dict()) == kosmos2_1p6b()

@@ -10,8 +10,8 @@ from kosmos2_jax.data.packing import fits, pack_row
 from kosmos2_jax.data.pipeline import Pipeline, Source
 from kosmos2_jax.models import Kosmos2, tiny
 from kosmos2_jax.models.decoder import position_ids_from_input_ids, position_ids_from_segments
-from kosmos2_jax.processor import Kosmos2Processor, encode_grounded_caption
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+from kosmos2_jax.format.processor import Kosmos2Processor, encode_grounded_caption
+from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 from conftest import loss_and_metrics  # noqa: E402
 
 

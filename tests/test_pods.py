@@ -83,9 +83,10 @@ def _lines(text, what):
 
 
 def _params(folder):
+    from kosmos2_jax import weights
     from kosmos2_jax import convert
 
-    return jax.device_get(convert.load_checkpoint(str(folder))[1])
+    return jax.device_get(weights.load_checkpoint(str(folder))[1])
 
 
 def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path):
@@ -156,10 +157,11 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     assert export.main(["--workdir", str(c), "--out", str(tmp_path / "exported")]) == 0
     jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "exported"), export_a)
     assert export.main(["--workdir", str(c), "--step", "3", "--out", str(tmp_path / "x")]) == 2
+    from kosmos2_jax import weights
     from kosmos2_jax import convert  # and `convert to-hf` streams it into HF safetensors
 
     assert convert.main(["to-hf", "--checkpoint", str(c / "export"), "--out", str(tmp_path / "hf")]) == 0
-    from_hf = jax.device_get(convert.load_hf(str(tmp_path / "hf"), scan_layers=True)[1])
+    from_hf = jax.device_get(weights.load_hf(str(tmp_path / "hf"), scan_layers=True)[1])
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_hf, export_a)
 
     # every process saved its own data position (packing: they differ) in the one checkpoint

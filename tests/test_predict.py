@@ -6,8 +6,8 @@ from PIL import Image
 
 from conftest import IMAGES_DIR, official_spm_path, save_tiny_checkpoint
 from kosmos2_jax import predict
-from kosmos2_jax.generate import PROGRAMS
-from kosmos2_jax.visualize import draw_entities, entity_colours
+from kosmos2_jax.inference.generate import PROGRAMS
+from kosmos2_jax.format.visualize import draw_entities, entity_colours
 
 
 def _checkpoint(tmp_path, spm):

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from conftest import IMAGES_DIR
-from kosmos2_jax.processor import Kosmos2Processor, encode_grounded_caption, load_image, preprocess_image
+from kosmos2_jax.format.processor import Kosmos2Processor, encode_grounded_caption, load_image, preprocess_image
 
 WORKED_EXAMPLE = [0, 64012, 64007, 1264, 17772, 64008, 64009, 64092, 65029, 64011, 64148, 65021, 64010, 1357, 12, 10,
                   770, 9, 64007, 4464, 64008, 64009, 64493, 65036, 64010, 106, 4]
@@ -222,7 +222,7 @@ def test_train_formula_is_default_for_records(processor):
 
 
 def test_processor_on_custom_tokenizer(small_spm):
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
     tok = Kosmos2Tokenizer.from_file(small_spm)
     proc = Kosmos2Processor(tok)

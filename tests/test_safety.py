@@ -99,15 +99,16 @@ def run_dir(shapes_tfds, small_spm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpts(small_spm, tmp_path_factory):
     """Two different tiny params checkpoints and the HF folder of the first."""
+    from kosmos2_jax import weights
     from kosmos2_jax import convert
 
     root = tmp_path_factory.mktemp("ckpts")
     first = save_tiny_checkpoint(root / "first", small_spm)
-    model, params = convert.load_checkpoint(first)
+    model, params = weights.load_checkpoint(first)
     import jax
 
     other = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.01, params)
-    convert.save_checkpoint(str(root / "other"), model.config, other)
+    weights.save_checkpoint(str(root / "other"), model.config, other)
     assert convert.main(["to-hf", "--checkpoint", first, "--out", str(root / "hf")]) == 0
     return {"first": first, "other": str(root / "other"), "hf": str(root / "hf")}
 
@@ -125,6 +126,7 @@ def half_written(src, dst):
 
 
 def test_to_hf_of_a_broken_checkpoint_leaves_the_hf_folder_as_it_was(ckpts, tmp_path, capsys):
+    from kosmos2_jax import weights
     from kosmos2_jax import convert
 
     good = tmp_path / "hf"
@@ -138,10 +140,11 @@ def test_to_hf_of_a_broken_checkpoint_leaves_the_hf_folder_as_it_was(ckpts, tmp_
     assert rc == 2 and before == snapshot(good)
     assert_one_line(err, "half")
     assert not os.path.exists(f"{good}.partial")
-    convert.load_hf(str(good))  # still loads
+    weights.load_hf(str(good))  # still loads
 
 
 def test_from_hf_overwrite_replaces_the_checkpoint_whole(ckpts, tmp_path, capsys):
+    from kosmos2_jax import weights
     from kosmos2_jax import convert
 
     out = tmp_path / "ckpt"
@@ -158,6 +161,7 @@ def test_from_hf_overwrite_replaces_the_checkpoint_whole(ckpts, tmp_path, capsys
 
 
 def test_convert_names_a_broken_config_file(ckpts, tmp_path, capsys):
+    from kosmos2_jax import weights
     from kosmos2_jax import convert
 
     hf = tmp_path / "hf"
@@ -169,20 +173,21 @@ def test_convert_names_a_broken_config_file(ckpts, tmp_path, capsys):
 
 
 def test_convert_to_hf_killed_mid_write_keeps_the_previous_folder(ckpts, tmp_path):
+    from kosmos2_jax import weights
     from kosmos2_jax import convert
 
     out = tmp_path / "hf"
     shutil.copytree(ckpts["hf"], out)
     before = snapshot(out)
-    kill_at_commit("kosmos2_jax.convert", "to-hf", "--checkpoint", ckpts["other"], "--out", out, "--overwrite")
+    kill_at_commit("kosmos2_jax.weights.hf", "to-hf", "--checkpoint", ckpts["other"], "--out", out, "--overwrite")
     assert snapshot(out) == before and os.path.isdir(f"{out}.partial")
-    convert.load_hf(str(out))
-    again = run_cli("kosmos2_jax.convert", "to-hf", "--checkpoint", ckpts["other"], "--out", out, "--overwrite")
+    weights.load_hf(str(out))
+    again = run_cli("kosmos2_jax.weights.hf", "to-hf", "--checkpoint", ckpts["other"], "--out", out, "--overwrite")
     assert again.returncode == 0, again.stderr[-2000:]
     assert snapshot(out) != before and not os.path.exists(f"{out}.partial")
-    _, params = convert.load_hf(str(out))
-    _, other = convert.load_checkpoint(ckpts["other"])
-    a, b = convert.state_dict_from_params(params), convert.state_dict_from_params(other)
+    _, params = weights.load_hf(str(out))
+    _, other = weights.load_checkpoint(ckpts["other"])
+    a, b = weights.state_dict_from_params(params), weights.state_dict_from_params(other)
     assert all(np.allclose(a[k], b[k]) for k in b)
 
 
@@ -252,7 +257,7 @@ def test_every_numeric_setting_of_train_is_range_checked(shapes_tfds, small_spm)
 
     import ml_collections
 
-    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.utils.cli import UsageError
     from kosmos2_jax.train import config_check
     sys.path.insert(0, HERE)
     import train_tiny_config
@@ -296,7 +301,9 @@ def test_every_numeric_setting_of_train_is_range_checked(shapes_tfds, small_spm)
 
 # --- export ----------------------------------------------------------------------------------------
 def test_export_killed_mid_write_keeps_the_previous_export(run_dir, tmp_path, capsys):
-    from kosmos2_jax import convert, export
+    from kosmos2_jax import export
+    from kosmos2_jax import weights
+    from kosmos2_jax import convert
 
     out = tmp_path / "e"
     assert export.main(["--workdir", str(run_dir), "--step", "8", "--out", str(out)]) == 0
@@ -306,7 +313,7 @@ def test_export_killed_mid_write_keeps_the_previous_export(run_dir, tmp_path, ca
     assert_one_line(err, "--overwrite")
     kill_at_commit("kosmos2_jax.export", "--workdir", run_dir, "--step", 4, "--out", out, "--overwrite")
     assert snapshot(out) == before
-    convert.load_checkpoint(str(out))
+    weights.load_checkpoint(str(out))
     again = run_cli("kosmos2_jax.export", "--workdir", run_dir, "--step", 4, "--out", out, "--overwrite")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "step 4" in again.stdout and snapshot(out) != before and not os.path.exists(f"{out}.partial")
@@ -484,7 +491,8 @@ def _numeric_arguments(parser):
 
 
 def _cli_cases(ckpts, small_spm, shapes_tfds, image, run_dir, tmp_path):
-    from kosmos2_jax import evaluate, export, predict, tokenizer
+    from kosmos2_jax import evaluate, export, predict
+    from kosmos2_jax import tokenizer
     from kosmos2_jax.grit import build as grit_build
 
     src = _grit_input(tmp_path / "grit_in")
@@ -514,7 +522,7 @@ def test_every_numeric_argument_of_every_cli_is_checked_first(ckpts, small_spm, 
                                                               tmp_path, capsys, monkeypatch):
     """Each numeric argument of each CLI, given values out of its range or not numbers: exit code
     2, one line naming the argument, nothing on disk changed (before any model or data is loaded)."""
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     cases = _cli_cases(ckpts, small_spm, shapes_tfds, image, run_dir, tmp_path)
     watched = [tmp_path, run_dir, ckpts["first"]]

@@ -19,7 +19,8 @@ gr_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
 from conftest import REPO  # noqa: E402
-from kosmos2_jax import grounding, predict  # noqa: E402
+from kosmos2_jax import predict
+from kosmos2_jax.format import grounding  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from serve_batching import DECODING, measure, start_server  # noqa: E402
@@ -36,10 +37,10 @@ def memorized_checkpoint(directory, spm_path, steps: int = 150) -> str:
     import jax.numpy as jnp
     import optax
 
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
     from kosmos2_jax.models import Kosmos2, tiny
-    from kosmos2_jax.processor import Kosmos2Processor
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.processor import Kosmos2Processor
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
     tok = Kosmos2Tokenizer.from_file(spm_path)
     model = Kosmos2(tiny(vocab_size=tok.vocab_size))
@@ -72,14 +73,14 @@ def memorized_checkpoint(directory, spm_path, steps: int = 150) -> str:
     for _ in range(steps):
         params, state, value = step(params, state)
     assert float(value) < 0.05, f"the tiny model did not memorize its caption (loss {float(value):.3f})"
-    convert.save_checkpoint(directory, model.config, params)
+    weights.save_checkpoint(directory, model.config, params)
     return str(directory)
 
 
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
     """Shapes captions and the page's prompts: every default prompt encodes."""
-    from kosmos2_jax import tokenizer
+    from kosmos2_jax.format import tokenizer
 
     d = tmp_path_factory.mktemp("serve_spm")
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -309,7 +310,7 @@ def test_the_page_refers_to_a_region_drawn_with_two_clicks(page, images, tmp_pat
 def test_service_answers_a_mixed_batch_row_by_row(checkpoint, spm, images):
     """The library under the page: a bad request in a batch gets its error, the others their answers,
     each equal to its answer alone (rows padded to the batch size 4)."""
-    from kosmos2_jax import serving
+    from kosmos2_jax.serving import service as serving
 
     service = serving.Service.load(checkpoint, spm, batch_sizes=(1, 4))
     opened = [Image.open(p).convert("RGB") for p in images[:3]]
@@ -325,7 +326,7 @@ def test_service_answers_a_mixed_batch_row_by_row(checkpoint, spm, images):
 
 
 def test_example_images_are_the_folder_s_images_sorted(tmp_path):
-    from kosmos2_jax import webapp
+    from kosmos2_jax.serving import webapp
 
     for name in ("b.jpg", "a.PNG", "notes.txt", "c.webp"):
         (tmp_path / name).write_bytes(b"")

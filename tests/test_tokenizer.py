@@ -5,7 +5,7 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kosmos2_jax.tokenizer import TAG_TOKENS, Kosmos2Tokenizer, location_token
+from kosmos2_jax.format.tokenizer import TAG_TOKENS, Kosmos2Tokenizer, location_token
 
 
 # --- official layout ---------------------------------------------------------------------------

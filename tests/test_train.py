@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from conftest import xla_flags, REPO
-from kosmos2_jax.processor import CLIP_MEAN, CLIP_STD
+from kosmos2_jax.format.images import CLIP_MEAN, CLIP_STD
 
 HERE = os.path.dirname(__file__)
 
@@ -24,9 +24,9 @@ def _cmd(workdir, data_root, spm, *extra):
 
 
 def _params(workdir):
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
 
-    return jax.device_get(convert.load_checkpoint(os.path.join(workdir, "export"))[1])
+    return jax.device_get(weights.load_checkpoint(os.path.join(workdir, "export"))[1])
 
 
 def test_sigterm_saves_and_exits(shapes_tfds, small_spm, tmp_path):
@@ -143,8 +143,8 @@ def _trainer(shapes_tfds, small_spm, packed=False, **train):
     from kosmos2_jax.data.examples import ExampleConfig
     from kosmos2_jax.data.pipeline import Pipeline, Source
     from kosmos2_jax.models import Kosmos2
-    from kosmos2_jax.processor import Kosmos2Processor
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.processor import Kosmos2Processor
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
     from kosmos2_jax.train import loop
     from kosmos2_jax.train.trainer import Trainer, model_config
 
@@ -176,8 +176,8 @@ def test_location_loss_weight(small_spm):
     """`train.location_loss_weight` w adds (w - 1) x the location-token nll to the loss; the
     reported nll is unweighted."""
     from kosmos2_jax.models import Kosmos2, tiny
-    from kosmos2_jax.processor import Kosmos2Processor, encode_grounded_caption
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.processor import Kosmos2Processor, encode_grounded_caption
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
     from conftest import loss_and_metrics
 
     tok = Kosmos2Tokenizer.from_file(small_spm)
@@ -207,8 +207,8 @@ def test_packed_step_equals_unpacked_step(shapes_tfds, small_spm):
     """One train step on packed rows updates the params exactly as one on the same examples unpacked."""
     from kosmos2_jax.data.examples import ExampleConfig
     from kosmos2_jax.data.pipeline import Pipeline, Source
-    from kosmos2_jax.processor import Kosmos2Processor
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.processor import Kosmos2Processor
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
     plain_trainer, _ = _trainer(shapes_tfds, small_spm)
     packed_trainer, _ = _trainer(shapes_tfds, small_spm)
@@ -278,11 +278,11 @@ def test_vision_except_last_mask(scan):
     """The trainable mask of `vision_except_last` on both layer layouts (the demo config loops)."""
     from flax import traverse_util
 
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
     from kosmos2_jax.models import Kosmos2, tiny
     from kosmos2_jax.train.optim import trainable_mask
 
-    params = convert.abstract_params(Kosmos2(tiny(vocab_size=97, scan_layers=scan)))
+    params = weights.abstract_params(Kosmos2(tiny(vocab_size=97, scan_layers=scan)))
     mask = traverse_util.flatten_dict(trainable_mask(params, "vision_except_last", scan))
     trained = {path: np.asarray(m).reshape(-1).tolist() for path, m in mask.items() if path[0] == "vision_model"}
     for path, m in trained.items():
@@ -370,17 +370,17 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     with LR 0 the run's export is the checkpoint's weights, bit for bit, and so is `export` of the
     workdir on a machine without the run's attention kernel (cuDNN)."""
     import train_tiny_config
-    from kosmos2_jax import convert
+    from kosmos2_jax import weights
     from kosmos2_jax.models import Kosmos2
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
     from kosmos2_jax.train.loop import model_config, run
     from kosmos2_jax.train.trainer import Trainer
 
     cfg = train_tiny_config.get_config(f"{shapes_tfds},{small_spm}")
     tok = Kosmos2Tokenizer.from_file(small_spm, num_location_tokens=cfg.num_location_tokens)
-    weights = Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id,
+    init_weights = Trainer(Kosmos2(model_config(cfg, tok.vocab_size)), cfg, tok.first_location_id,
                       tok.num_location_tokens).state["params"]
-    convert.save_checkpoint(str(tmp_path / "init"), model_config(cfg, tok.vocab_size), weights)
+    weights.save_checkpoint(str(tmp_path / "init"), model_config(cfg, tok.vocab_size), init_weights)
     cfg.init.checkpoint = str(tmp_path / "init")
     cfg.model.update(scan_layers=False, attention_impl="xla")
     cfg.model.text.dropout = 0.0
@@ -390,8 +390,8 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     with open(tmp_path / "w" / "model_config.json") as f:
         ran = json.load(f)
     assert ran["scan_layers"] is False and ran["attention_impl"] == "xla"
-    exported = convert.state_dict_from_params(_params(tmp_path / "w"))
-    expected = convert.state_dict_from_params(jax.device_get(weights))
+    exported = weights.state_dict_from_params(_params(tmp_path / "w"))
+    expected = weights.state_dict_from_params(jax.device_get(init_weights))
     assert exported.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(exported[key], expected[key], err_msg=key)
@@ -402,7 +402,7 @@ def test_a_run_starts_from_given_weights_with_its_own_settings(shapes_tfds, smal
     with open(tmp_path / "w" / "model_config.json", "w") as f:
         json.dump(ran, f)
     assert export.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "e")]) == 0
-    again = convert.state_dict_from_params(convert.load_checkpoint(str(tmp_path / "e"))[1])
+    again = weights.state_dict_from_params(weights.load_checkpoint(str(tmp_path / "e"))[1])
     assert all(np.array_equal(again[key], expected[key]) for key in expected)
 
 

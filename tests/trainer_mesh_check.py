@@ -15,8 +15,8 @@ import jax  # noqa: E402
 import train_tiny_config  # noqa: E402
 from kosmos2_jax.data.examples import ExampleConfig  # noqa: E402
 from kosmos2_jax.data.pipeline import Pipeline, Source  # noqa: E402
-from kosmos2_jax.processor import Kosmos2Processor  # noqa: E402
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer  # noqa: E402
+from kosmos2_jax.format.processor import Kosmos2Processor  # noqa: E402
+from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer  # noqa: E402
 from kosmos2_jax.train.trainer import model_config  # noqa: E402
 from kosmos2_jax.models import Kosmos2  # noqa: E402
 from kosmos2_jax.train.loop import train_step  # noqa: E402

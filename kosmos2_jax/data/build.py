@@ -43,7 +43,7 @@ def build(folder: str, data_dir: str, config: str | None = None, manual_dir: str
 
 
 def main(argv=None) -> int:
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     parser = cli.ArgumentParser(prog="python -m kosmos2_jax.data.build", description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=cli.existing_dir, help="builder folder, e.g. data/shapes")

@@ -14,11 +14,11 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from kosmos2_jax import images
-from kosmos2_jax.data.boxes import center_crop_offsets, check_boxes, crop_boxes, shorter_side_resize_shape
+from kosmos2_jax.format import images
+from kosmos2_jax.data.crop import center_crop_offsets, check_boxes, crop_boxes, shorter_side_resize_shape
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.spans import select_spans
-from kosmos2_jax.processor import CLIP_MEAN, CLIP_STD, Kosmos2Processor, encode_grounded_caption
+from kosmos2_jax.format.processor import Kosmos2Processor, encode_grounded_caption
 
 PREPROCESS_MODES = ("square", "resize_shorter_center_crop")
 
@@ -46,14 +46,7 @@ class ExampleConfig:
             raise ValueError(f"preprocess {self.preprocess!r} not in {PREPROCESS_MODES}")
 
 
-def normalize_pixels(pixels, xp=np):
-    """uint8 RGB -> CLIP-normalized float32, `(x / 255 - mean) / std` in float32 (`xp` = numpy or
-    jax.numpy); what `Kosmos2Processor` gives for the same resized image."""
-    x = xp.asarray(pixels).astype(xp.float32) / xp.float32(255.0)
-    return (x - xp.asarray(CLIP_MEAN, xp.float32)) / xp.asarray(CLIP_STD, xp.float32)
-
-
-def open_image(data: bytes) -> Image.Image:
+def read_header(data: bytes) -> Image.Image:
     """Reads only the image's header (its size and mode); `load_rgb` decodes the pixels."""
     try:
         return images.open_image(data, decode=False)
@@ -69,7 +62,7 @@ def load_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    return load_rgb(open_image(data))
+    return load_rgb(read_header(data))
 
 
 def preprocess(image: Image.Image, size: int, mode: str, boxes: np.ndarray, min_visible: float):

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from kosmos2_jax.images import ImageError, open_image
+from kosmos2_jax.format.images import ImageError, open_image
 
 
 def grit_records(items, image_dir: str, skipped: collections.Counter):

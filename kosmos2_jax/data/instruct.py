@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from kosmos2_jax import grounding
-from kosmos2_jax.processor import GroundedSequence, Kosmos2Processor
+from kosmos2_jax.format import grounding
+from kosmos2_jax.format.processor import GroundedSequence, Kosmos2Processor
 
 # Table 9: (question with {obj} for `<object>..</object>`, answer prefix); the answer is
 # "{prefix} {expression}.".

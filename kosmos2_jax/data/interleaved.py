@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from kosmos2_jax.data.examples import BadRecord, ExampleConfig, decode_image, resize_pixels
-from kosmos2_jax.processor import Kosmos2Processor
+from kosmos2_jax.format.processor import Kosmos2Processor
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

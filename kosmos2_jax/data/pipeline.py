@@ -40,7 +40,7 @@ from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.instruct import LANGUAGE_INSTRUCTION_KINDS
 from kosmos2_jax.data.interleaved import interleaved_chunks, interleaved_example
 from kosmos2_jax.data.packing import example_length, fits, pack_row
-from kosmos2_jax.processor import Kosmos2Processor
+from kosmos2_jax.format.processor import Kosmos2Processor
 
 SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", "interleaved", *LANGUAGE_INSTRUCTION_KINDS)
 RECORD_KINDS = ("grit", "caption", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`

@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     """`python -m kosmos2_jax.data.synthetic captions --num 4000 --out captions.txt`: training text
     for the demo's sentencepiece model. `... images --split test --num 6 --out DIR`: images of a
     split as PNG files (the web demo's examples: held-out images the demo model never saw)."""
-    from kosmos2_jax import cli, outputs
+    from kosmos2_jax.utils import cli
+    from kosmos2_jax.utils import outputs
 
     parser = cli.ArgumentParser(prog="python -m kosmos2_jax.data.synthetic")
     sub = parser.add_subparsers(dest="command", required=True)

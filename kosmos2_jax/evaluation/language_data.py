@@ -82,7 +82,8 @@ def convert(task: str, ex: dict, index: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from kosmos2_jax import cli, outputs
+    from kosmos2_jax.utils import cli
+    from kosmos2_jax.utils import outputs
 
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.evaluation.language_data", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=cli.output_file, help="JSONL to write")

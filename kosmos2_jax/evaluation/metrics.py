@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kosmos2_jax.boxes import iou  # noqa: F401  (the metrics' IoU is the library's one)
+from kosmos2_jax.format.boxes import iou  # noqa: F401  (the metrics' IoU is the library's one)
 
 
 def first_box_hit(predicted: Sequence[Sequence[float]], target: Sequence[float], threshold: float = 0.5) -> bool:

@@ -52,8 +52,8 @@ def check_stream(jsonl: str, key: dict | None, overwrite: bool = False) -> bool:
     """Whether the stream at `jsonl` can be resumed for `key` (False: there is none, or `overwrite`
     lets a run with another key replace it); a UsageError when it holds another run's predictions.
     Changes nothing."""
-    from kosmos2_jax.cli import UsageError
-    from kosmos2_jax.outputs import key_differences
+    from kosmos2_jax.utils.cli import UsageError
+    from kosmos2_jax.utils.outputs import key_differences
 
     if not os.path.isfile(jsonl) or key is None:
         return os.path.isfile(jsonl)
@@ -115,7 +115,7 @@ def run_shared(items: Sequence[dict], predict_batch: Callable[[list], list], jso
     records, in item order. With one process it is `run_items` on `jsonl`."""
     import jax
 
-    from kosmos2_jax import multihost
+    from kosmos2_jax.utils import multihost
 
     if jax.process_count() == 1:
         return run_items(items, predict_batch, jsonl, batch_size, log, key, overwrite)

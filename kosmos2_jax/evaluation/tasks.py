@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from kosmos2_jax.images import ImageError, open_image, to_rgb
+from kosmos2_jax.format.images import ImageError, open_image, to_rgb
 from kosmos2_jax.evaluation.metrics import first_box_hit, iou, recall_at_k, recall_at_k_merged
 
 # The paper's numbers (v3, reference §3.4), printed beside ours.
@@ -95,7 +95,7 @@ class Context:
         return self._generate(self.processor.interleaved(prompts), max_new_tokens, num_beams, no_repeat_ngram_size)
 
     def _generate(self, inputs, max_new_tokens, num_beams, no_repeat_ngram_size):
-        from kosmos2_jax.generate import generate
+        from kosmos2_jax.inference.generate import generate
 
         tok = self.processor.tokenizer
         out = generate(self.model, self.params, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,

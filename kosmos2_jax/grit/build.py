@@ -22,8 +22,8 @@ import sys
 
 
 def parse_args(argv):
-    from kosmos2_jax import cli
-    from kosmos2_jax.grit.pipeline import GritConfig
+    from kosmos2_jax.utils import cli
+    from kosmos2_jax.grit.stages import GritConfig
 
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.grit.build", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, type=cli.existing_path, help="record file or folder (*.jsonl, *.parquet, *.tar)")
@@ -61,7 +61,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from kosmos2_jax import cli
+    from kosmos2_jax.utils import cli
 
     args, beam_args = parse_args(argv)
     cli.apply_compilation_cache_flags(args)
@@ -72,7 +72,7 @@ def build(args, beam_args) -> int:
     from kosmos2_jax.grit import records
     from kosmos2_jax.grit.abstract import ABSTRACT_LEMMAS, load_lemmas
     from kosmos2_jax.grit.engine import BuildSpec, DetectorSpec, build_folder
-    from kosmos2_jax.grit.pipeline import GritConfig
+    from kosmos2_jax.grit.stages import GritConfig
 
     if args.detector != "kosmos2" and not args.detector_path:
         raise ValueError(f"--detector {args.detector} needs --detector_path")

@@ -164,10 +164,10 @@ class Kosmos2Detector:
     def __init__(self, checkpoint: str, tokenizer: str, batch_size: int = 16, length_bucket: int = 16):
         import jax
 
-        from kosmos2_jax.convert import DECODING, load_model
+        from kosmos2_jax.weights.hf import DECODING, load_model
         from kosmos2_jax.models import Kosmos2
-        from kosmos2_jax.tokenizer import tokenizer_for
-        from kosmos2_jax.processor import Kosmos2Processor
+        from kosmos2_jax.format.tokenizer import tokenizer_for
+        from kosmos2_jax.format.processor import Kosmos2Processor
 
         self.model, self.params = load_model(checkpoint, **DECODING)
         tok = tokenizer_for(tokenizer, self.model)
@@ -183,7 +183,7 @@ class Kosmos2Detector:
             image_embeds=x["image_embeds"])[:, -1].astype("float32"))
 
     def _image_embeds(self, images) -> np.ndarray:
-        from kosmos2_jax.processor import preprocess_image
+        from kosmos2_jax.format.processor import preprocess_image
 
         pixels = np.stack([preprocess_image(im, self.processor.image_size) for im in images])
         out = []
@@ -215,7 +215,7 @@ class Kosmos2Detector:
         return idx, loc[np.arange(len(idx)), idx]
 
     def detect(self, images, phrases, keys) -> Detections:
-        from kosmos2_jax import grounding
+        from kosmos2_jax.format import grounding
 
         if not images:
             return []

@@ -31,7 +31,7 @@ import sys
 import time
 
 from kosmos2_jax.grit import records as records_lib
-from kosmos2_jax.grit.pipeline import COUNTERS, GritConfig, open_image, process_batch
+from kosmos2_jax.grit.stages import COUNTERS, GritConfig, open_checked, process_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +112,7 @@ def settings(spec: BuildSpec, sources: list[str], counts: list[int], shard_size:
 
 
 def _identity(path: str) -> str:
-    from kosmos2_jax.outputs import fingerprint
+    from kosmos2_jax.utils.outputs import fingerprint
 
     return f"{os.path.abspath(path)} ({fingerprint(path)})" if path and os.path.exists(path) else path
 
@@ -177,7 +177,7 @@ def build_shard(spec: BuildSpec, shard: Shard, timings=None) -> dict:
         timings["read"] += clock() - t
         t = clock()
         for item in ahead:
-            item["opened"] = open_image(item["image"], spec.config)
+            item["opened"] = open_checked(item["image"], spec.config)
         timings["decode"] += clock() - t
         return ahead
 
@@ -314,8 +314,8 @@ def build_folder(spec: BuildSpec, input_path: str, shard_size: int, overwrite: b
     """Plan, build (resuming a matching unfinished build) and commit `spec.out` -> its merged stats."""
     from apache_beam.io.filesystems import FileSystems
 
-    from kosmos2_jax import outputs
-    from kosmos2_jax.cli import UsageError
+    from kosmos2_jax.utils import outputs
+    from kosmos2_jax.utils.cli import UsageError
 
     sources = list_sources(input_path)
     shards, counts = plan(sources, shard_size)
@@ -365,7 +365,7 @@ def _manifest(folder: str) -> dict | None:
 
 
 def _refusal(what: str, saved: dict | None, wanted: dict) -> str:
-    from kosmos2_jax.outputs import key_differences
+    from kosmos2_jax.utils.outputs import key_differences
 
     if saved is None:
         return f"{what} is an existing non-empty folder, not a build: pass --overwrite to replace it (nothing has been changed)"

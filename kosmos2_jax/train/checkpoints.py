@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from kosmos2_jax import multihost
+from kosmos2_jax.utils import multihost
 
 
 class DamagedCheckpoint(ValueError):
@@ -68,7 +68,7 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state):
         """The train state of `step` (its data states: `data_states`)."""
-        from kosmos2_jax.cli import fd2_silenced
+        from kosmos2_jax.utils.cli import fd2_silenced
 
         try:
             with fd2_silenced():  # a failed restore's reads keep printing tracebacks from other threads

@@ -132,7 +132,7 @@ def check(cfg, topology: str, train_step=None) -> dict:
     devices, described, hbm_gib = topology_devices(topology)
     vocab = cfg.model.text.vocab_size
     if vocab == -1:
-        from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+        from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
         vocab = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens).vocab_size
     config = model_config(cfg, vocab)

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kosmos2_jax import cli
+from kosmos2_jax.utils import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -36,7 +36,7 @@ def main(argv, run=None, train_step=None):
     """`run(cfg, workdir)`: train/loop.py's, or a fork's (with its `train_step` for --compile_only)."""
     del argv
     logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
-    from kosmos2_jax.cli import USER_ERRORS
+    from kosmos2_jax.utils.cli import USER_ERRORS
 
     cli.use_gpu_xla_flags(FLAGS.xla_gpu_preset)  # before JAX starts its backend
     cli.use_compilation_cache(None if FLAGS.no_compilation_cache else FLAGS.compilation_cache)
@@ -61,7 +61,7 @@ def main(argv, run=None, train_step=None):
     except USER_ERRORS as e:
         if os.environ.get("KOSMOS2_DEBUG"):
             raise
-        from kosmos2_jax.cli import stderr
+        from kosmos2_jax.utils.cli import stderr
 
         print(f"error: {e}", file=stderr(), flush=True)
         sys.stdout.flush()

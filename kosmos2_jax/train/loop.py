@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kosmos2_jax import convert, multihost
-from kosmos2_jax.cli import UsageError
+from kosmos2_jax import weights
+from kosmos2_jax.utils import multihost
+from kosmos2_jax.utils.cli import UsageError
 from kosmos2_jax.train import config_check
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
-from kosmos2_jax.data.examples import normalize_pixels
+from kosmos2_jax.format.images import normalize_pixels
 from kosmos2_jax.train.loss import chunked_lm_head_loss, cross_entropy
 from kosmos2_jax.train.optim import lr_multipliers
 from kosmos2_jax.train.trainer import (StepContext, Trainer, abstract_like, accumulate_gradients, format_eta, freeze,
@@ -106,7 +107,7 @@ def eval_step(ctx: StepContext, params, batch: dict) -> dict:
 # --- state and restore ----------------------------------------------------------------------------
 def write_run_config(workdir: str, cfg, model_cfg) -> None:
     """Lab notes: what ran, and the model `python -m kosmos2_jax.export` rebuilds."""
-    from kosmos2_jax import outputs
+    from kosmos2_jax.utils import outputs
 
     with outputs.atomic_file(os.path.join(workdir, "config.json")) as f:
         f.write(cfg.to_json_best_effort(indent=2))
@@ -120,14 +121,14 @@ def check_resume(workdir: str, cfg, model_cfg, say=print) -> None:
 
     saved_model = os.path.join(workdir, "model_config.json")
     if os.path.isfile(saved_model):
-        saved = Kosmos2Config.from_dict(convert.read_json(saved_model, "the run's model config"))
-        diffs = convert.architecture_differences(saved, model_cfg)
+        saved = Kosmos2Config.from_dict(weights.read_json(saved_model, "the run's model config"))
+        diffs = weights.architecture_differences(saved, model_cfg)
         if diffs:
             raise UsageError(f"--workdir {workdir!r} holds checkpoints of another model (checkpoint vs this config): "
                              f"{'; '.join(diffs)}; use another --workdir, or the run's own settings")
     saved_cfg = os.path.join(workdir, "config.json")
     if os.path.isfile(saved_cfg):
-        changed = config_check.changes(convert.read_json(saved_cfg, "the run config"), json.loads(cfg.to_json_best_effort()))
+        changed = config_check.changes(weights.read_json(saved_cfg, "the run config"), json.loads(cfg.to_json_best_effort()))
         layout = [c for c in changed if c.split(":")[0] in config_check.STATE_LAYOUT_KEYS]
         if layout:
             raise UsageError(f"--workdir {workdir!r}: these settings shape the saved train state and cannot change "
@@ -181,7 +182,7 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
             shard_states = restore_data_states(checkpoints, start, shards)
         init_params = None
         if cfg.init.hf_dir or cfg.init.checkpoint:  # the config's model, with these weights
-            init_params = convert.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
+            init_params = weights.load_params_for(model.config, cfg.init.hf_dir or cfg.init.checkpoint)
         trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params,
                           sources=tuple(s.name for s in mixture(cfg)), train_step=train_step, eval_step=eval_step)
         if start:
@@ -503,8 +504,8 @@ def run(cfg, workdir: str) -> dict:
     """Train `cfg` in `workdir` (resuming from its latest checkpoint) and export the params to
     WORKDIR/export -> {"history": the logged lines, "last": the last one with its evaluations}."""
     from kosmos2_jax.models import Kosmos2
-    from kosmos2_jax.processor import Kosmos2Processor
-    from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.format.processor import Kosmos2Processor
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
     # setup
     config_check.check(cfg)
@@ -588,7 +589,7 @@ def run(cfg, workdir: str) -> dict:
 
     # export: every process writes its own shards of the params; none gathers the model
     if not stopped:
-        convert.save_checkpoint(os.path.join(workdir, "export"), model.config, trainer.state["params"])
+        weights.save_checkpoint(os.path.join(workdir, "export"), model.config, trainer.state["params"])
         say(f"exported params to {os.path.join(workdir, 'export')} ({time.time() - run_start:.0f}s)")
     return {"history": log.history, "last": log.last}
 

@@ -19,8 +19,8 @@ import math
 import re
 from typing import Sequence
 
-from kosmos2_jax.boxes import check_box
-from kosmos2_jax.tokenizer import location_token
+from kosmos2_jax.format.boxes import check_box
+from kosmos2_jax.format.tokenizer import location_token
 
 Box = tuple[float, float, float, float]
 Entity = tuple[str, tuple[int, int], list[Box]]

@@ -97,7 +97,8 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int
     the parameter count."""
     import orbax.checkpoint as ocp
 
-    from kosmos2_jax import multihost, outputs
+    from kosmos2_jax.utils import multihost
+    from kosmos2_jax.utils import outputs
 
     tree = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), nn.unbox(params))
     # one chunk file per layer of a scanned stack, one per array (or per process's shard) else:

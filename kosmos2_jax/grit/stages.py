@@ -15,7 +15,7 @@ import time
 
 from kosmos2_jax.grit import text as text_stage_lib
 from kosmos2_jax.grit.abstract import ABSTRACT_LEMMAS
-from kosmos2_jax.grit.boxes import DEFAULT_NMS_IOU, DEFAULT_SCORE_THRESHOLD, select_boxes
+from kosmos2_jax.grit.box_selection import DEFAULT_NMS_IOU, DEFAULT_SCORE_THRESHOLD, select_boxes
 from kosmos2_jax.grit.records import image_file
 
 # Stage counters, in pipeline order (printed and saved in this order).
@@ -51,9 +51,9 @@ def caption_problem(caption: str, config: GritConfig) -> str | None:
     return None
 
 
-def open_image(data: bytes, config: GritConfig):
+def open_checked(data: bytes, config: GritConfig):
     """(PIL image, None) or (None, skip reason)."""
-    from kosmos2_jax.images import ImageError, open_image as open_bytes
+    from kosmos2_jax.format.images import ImageError, open_image as open_bytes
 
     try:
         image = open_bytes(data)
@@ -65,7 +65,7 @@ def open_image(data: bytes, config: GritConfig):
 
 
 def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritConfig(), timings=None):
-    """items: dicts from `records.read_inputs` (with `opened`, `open_image`'s result, when the image
+    """items: dicts from `records.read_inputs` (with `opened`, `open_checked`'s result, when the image
     was decoded ahead). Returns (records, counters); each record has the
     released GRIT columns plus `image_bytes` / `image_ext` to store. `timings` (a Counter), when
     given, gains the seconds spent in each stage: decode, text, detect, select (boxes and records)."""
@@ -77,7 +77,7 @@ def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritCon
         reason = caption_problem(item["caption"], config)
         image = None
         if reason is None:  # `opened`: decoded ahead (engine.build_shard), else here
-            image, reason = item["opened"] if "opened" in item else open_image(item["image"], config)
+            image, reason = item["opened"] if "opened" in item else open_checked(item["image"], config)
         if reason:
             counters[reason] += 1
             continue

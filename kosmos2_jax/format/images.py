@@ -1,4 +1,6 @@
-"""The one image opener: bytes or a file path -> a PIL image, or `ImageError` with a short reason
+"""The one image opener and the one CLIP normalization.
+
+The opener: bytes or a file path -> a PIL image, or `ImageError` with a short reason
 ("missing image", "undecodable image") that each caller maps to its own handling (the input
 pipeline skips and counts the record, GRIT construction counts a skip reason, evaluation marks
 the item missing, `predict` and the processor stop with the message)."""
@@ -8,7 +10,12 @@ from __future__ import annotations
 import io
 import os
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+# CLIP's pixel mean and std (HF's CLIPImageProcessor, KOSMOS-2's)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
@@ -50,3 +57,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return image if image.mode == "RGB" else image.convert("RGB")
     except _DECODE_ERRORS as e:
         raise ImageError("undecodable image", str(e)) from None
+
+
+def normalize_pixels(pixels, xp=np, dtype=np.float32):
+    """uint8 RGB -> CLIP-normalized `(x / 255 - mean) / std`, computed in `dtype` (`xp`: numpy or
+    jax.numpy). The processor computes in float64 and rounds once, as HF's processor does; the
+    training step in float32, on the device."""
+    x = xp.asarray(pixels).astype(dtype) / xp.asarray(255.0, dtype)
+    return (x - xp.asarray(CLIP_MEAN, dtype)) / xp.asarray(CLIP_STD, dtype)

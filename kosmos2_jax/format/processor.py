@@ -24,18 +24,17 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from kosmos2_jax import grounding
-from kosmos2_jax.tokenizer import Kosmos2Tokenizer
+from kosmos2_jax.format import grounding
+from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from kosmos2_jax.format.images import normalize_pixels
 _PHRASE = re.compile(r"<phrase>.+?</phrase>")
 
 
 # --- images -----------------------------------------------------------------------------------
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB; a missing or undecodable file raises ValueError naming it."""
-    from kosmos2_jax.images import ImageError, open_image, to_rgb
+    from kosmos2_jax.format.images import ImageError, open_image, to_rgb
 
     try:
         return to_rgb(open_image(path))
@@ -58,8 +57,7 @@ def _as_pil(image: Any) -> Image.Image:
 def preprocess_image(image: Any, image_size: int = 224) -> np.ndarray:
     """One image -> [image_size, image_size, 3] float32: square bicubic resize, /255, CLIP mean/std."""
     pil = _as_pil(image).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
-    x = np.asarray(pil, dtype=np.float64) / 255.0
-    return ((x - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).astype(np.float32)
+    return normalize_pixels(np.asarray(pil), np, np.float64).astype(np.float32)
 
 
 # --- boxes in prompts -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import collections
 import math
 from typing import Sequence
 
-from kosmos2_jax import boxes as box_rules
+from kosmos2_jax.format import boxes as box_rules
 
 DEFAULT_NMS_IOU = 0.7
 DEFAULT_SCORE_THRESHOLD = 0.65
@@ -21,7 +21,7 @@ DEFAULT_SCORE_THRESHOLD = 0.65
 
 def box_problem(box: Sequence[float], score: float) -> str | None:
     """Why a detector output is unusable ('nan', 'inverted', 'out_of_range'), or None: the library's
-    box rule (kosmos2_jax/boxes.py) with coordinates up to 0.01 outside [0, 1] allowed (they are
+    box rule (kosmos2_jax/format/boxes.py) with coordinates up to 0.01 outside [0, 1] allowed (they are
     clipped), and a finite score."""
     problem = box_rules.box_problem(box, tolerance=0.01)
     if problem == "not_four" or (problem is None and not math.isfinite(score)):

@@ -8,11 +8,11 @@ import math
 
 import numpy as np
 
-from kosmos2_jax.boxes import check_box
+from kosmos2_jax.format.boxes import check_box
 
 
 def check_boxes(boxes: np.ndarray, where: str) -> None:
-    """Normalized (x1, y1, x2, y2) rows, each valid by `kosmos2_jax.boxes.check_box`; raises ValueError."""
+    """Normalized (x1, y1, x2, y2) rows, each valid by `kosmos2_jax.format.boxes.check_box`; raises ValueError."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     # Fast path in plain Python (a record has a handful of boxes; this runs once per example in
     # the input pipeline's worker threads, where numpy's per-call overhead holds the GIL).

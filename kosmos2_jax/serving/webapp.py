@@ -16,8 +16,8 @@ from typing import Sequence
 import gradio as gr
 from PIL import Image
 
-from kosmos2_jax import serving
-from kosmos2_jax.visualize import entity_colours
+from kosmos2_jax.serving import service as serving
+from kosmos2_jax.format.visualize import entity_colours
 
 DISPLAY_SIDE = 1024  # images are shown at most this large (boxes scaled with them)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")

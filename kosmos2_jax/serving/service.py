@@ -27,13 +27,13 @@ import jax
 import numpy as np
 from PIL import Image
 
-from kosmos2_jax import boxes as box_rules
-from kosmos2_jax import convert
-from kosmos2_jax.generate import bucket_length, generate, prepare
-from kosmos2_jax.grounding import entity_records
+from kosmos2_jax.format import boxes as box_rules
+from kosmos2_jax import weights
+from kosmos2_jax.inference.generate import bucket_length, generate, prepare
+from kosmos2_jax.format.grounding import entity_records
 from kosmos2_jax.models import Kosmos2
-from kosmos2_jax.processor import Kosmos2Processor
-from kosmos2_jax.tokenizer import tokenizer_for
+from kosmos2_jax.format.processor import Kosmos2Processor
+from kosmos2_jax.format.tokenizer import tokenizer_for
 
 DESCRIBE_PROMPTS = {"brief": "<grounding>An image of", "detailed": "<grounding>Describe this image in detail:"}
 GROUND_PROMPT = "<grounding><phrase>{phrase}</phrase>"
@@ -207,7 +207,7 @@ class Service:
 
     @classmethod
     def load(cls, checkpoint: str, tokenizer: str, batch_sizes: Sequence[int] = (1, 8)) -> "Service":
-        model, params = convert.load_model(checkpoint, **convert.DECODING)
+        model, params = weights.load_model(checkpoint, **weights.DECODING)
         tok = tokenizer_for(tokenizer, model)
         processor = Kosmos2Processor(tok, image_size=model.config.vision.image_size,
                                      num_image_tokens=model.config.latent_query_num)

@@ -1,0 +1,1 @@
+"""Generation: prefill, cached decoding, sampling."""

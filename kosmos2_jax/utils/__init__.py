@@ -1,0 +1,1 @@
+"""What every area shares: command-line helpers and errors, processes, safe outputs."""
