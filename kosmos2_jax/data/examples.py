@@ -134,7 +134,7 @@ def _grit_text(record: dict, processor: Kosmos2Processor, config: ExampleConfig,
     if config.seq_len <= min_image_slots:
         raise ValueError(f"seq_len {config.seq_len} leaves no room for text after {min_image_slots} image tokens")
     spans = _record_spans(record, caption, config)
-    image = open_image(record["image"])
+    image = read_header(record["image"])
     flat = np.asarray([b for _, _, boxes in spans for b in boxes], np.float32).reshape(-1, 4)
     flat, keep = remap_boxes(flat, image.size, processor.image_size, config.preprocess, config.min_visible)
     remapped, i, flat, keep = [], 0, flat.tolist(), keep.tolist()

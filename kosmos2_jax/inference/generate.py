@@ -437,7 +437,7 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
 def _code_fingerprint() -> str:
     """The model and generation code an executable was traced from."""
     digest = hashlib.sha256()
-    models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+    models = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
     for path in sorted(os.path.join(models, n) for n in os.listdir(models) if n.endswith(".py")) + [__file__]:
         with open(path, "rb") as f:
             digest.update(f.read())

@@ -2,7 +2,8 @@
 resumed run against the config it was started with.
 
 `check(cfg)` raises a `UsageError` naming the first bad key, its value and the allowed range.
-Keys a config does not have are skipped (older configs, or configs without an optional part).
+Every key of `presets.base()` must be in the config (a config is a diff on it: the one place
+defaults live), so library code reads `cfg.train.x`, never `cfg.get("x", default)`.
 """
 
 from __future__ import annotations
@@ -68,8 +69,6 @@ RANGES = {
 # Settings that change the train state's tree (so a checkpoint could not restore into it).
 STATE_LAYOUT_KEYS = ("model.scan_layers", "model.param_dtype", "train.freeze", "num_location_tokens",
                      "optim.optimizer")
-# what a run saved before the key existed ran with
-SAVED_DEFAULTS = {"optim.optimizer": "adamw"}
 
 
 def _get(cfg, key: str):
@@ -90,8 +89,27 @@ def _range(kind, lo, hi, lo_open) -> str:
     return f"{kind} " + " and ".join(x for x in (low, high) if x)
 
 
+def missing_keys(cfg) -> list[str]:
+    """The keys of `presets.base()` the config lacks (the entries of `data.sources` and `evals` are
+    the config's own; each entry's keys are checked against `presets.source` / `presets.evaluation`)."""
+    from kosmos2_jax.train import presets
+
+    have = set(flat(cfg))
+    wanted = {k for k in flat(presets.base()) if not k.startswith(("data.sources.", "evals."))}
+    for group, make in (("data.sources", presets.source("grit", 1.0)), ("evals", presets.evaluation("shapes"))):
+        entries = _get(cfg, group)
+        for name in ([] if entries is _MISSING else entries.keys()):
+            wanted |= {f"{group}.{name}.{k}" for k in make.keys()}
+    return sorted(wanted - have)
+
+
 def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
-    """UsageError on the first setting out of its range (or of the wrong type)."""
+    """UsageError on a config that lacks keys of `presets.base()`, then on the first setting out of
+    its range (or of the wrong type)."""
+    missing = missing_keys(cfg)
+    if missing:
+        raise UsageError(f"the config lacks {len(missing)} key(s) of presets.base(): {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}; build it on kosmos2_jax.train.presets.base()")
     for key, (kind, lo, hi, lo_open) in RANGES.items():
         value = _get(cfg, key)
         if value is _MISSING:
@@ -248,6 +266,5 @@ def changes(saved: dict, cfg) -> list[str]:
     """`key: saved -> now` for each setting a resumed run changes (from the saved config.json)."""
     before = flat(saved)
     now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat(cfg).items()}
-    before.update({k: v for k, v in SAVED_DEFAULTS.items() if k not in before and k in now})
     return [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
             for k in sorted(set(before) | set(now)) if before.get(k, "(absent)") != now.get(k, "(absent)")]

@@ -238,10 +238,10 @@ class Trainer:
             for batch in batches:
                 m = jax.device_get(self._eval_fn(self.state["params"], self._put(batch)))
                 for k, v in m.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-        tokens = max(totals.get("tokens", 0.0), 1.0)
-        return {"loss": totals.get("nll_sum", 0.0) / tokens,
-                "loc_accuracy": totals.get("loc_correct", 0.0) / max(totals.get("loc_tokens", 0.0), 1.0)}
+                    totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+        tokens = max(float(totals.get("tokens", 0.0)), 1.0)
+        return {"loss": float(totals.get("nll_sum", 0.0)) / tokens,
+                "loc_accuracy": float(totals.get("loc_correct", 0.0)) / max(float(totals.get("loc_tokens", 0.0)), 1.0)}
 
 
 def micro_batches(x, accum: int, shards: int):
