@@ -6,7 +6,7 @@ CORE_STAMP := $(VENV)/.installed-core
 # quiet installs: no setuptools notes on editable installs in a newcomer's first console
 PIP = PYTHONWARNINGS=ignore $(PY) -m pip
 
-.PHONY: test test-slow install clean demo demo-data serve
+.PHONY: test test-unit test-slow install clean demo demo-data serve
 
 # (Re)install when setup.py changes; `make test` on a fresh clone builds everything itself.
 $(STAMP): setup.py
@@ -30,6 +30,10 @@ install: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
+
+# the fast tier (about 3 minutes on 2 cores): format, tiny-config parity, loss, step, sharding, layout
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "unit and not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -85,7 +85,7 @@ def evaluate(args) -> int:
 
     from kosmos2_jax.utils import multihost
     from kosmos2_jax.utils import outputs
-    from kosmos2_jax.utils.cli import UsageError
+    from kosmos2_jax.utils.errors import UsageError
     from kosmos2_jax.evaluation.runner import check_stream, run_shared
     from kosmos2_jax.evaluation.tasks import PAPER, TASKS, Context
     from kosmos2_jax.weights.hf import DECODING, load_model
@@ -97,7 +97,7 @@ def evaluate(args) -> int:
         multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.shots:
         if not hasattr(task, "with_shots"):
-            raise ValueError(f"--shots applies to refcocog_reg, not {args.task}")
+            raise UsageError(f"--shots applies to refcocog_reg, not {args.task}")
         task = task.with_shots(args.shots, args.shots_split)
     name = getattr(task, "name", args.task)
     key = run_key(args, name)
@@ -118,7 +118,7 @@ def evaluate(args) -> int:
     if args.max_examples:
         items = items[:args.max_examples]
     if not items:
-        raise ValueError(f"no {args.task} items in split {args.split!r} of {args.data_dir}")
+        raise UsageError(f"no {args.task} items in split {args.split!r} of {args.data_dir}")
     image_dir = args.image_dir or os.path.join(args.data_dir, "images")
     if any("image" in it for it in items) and not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir} (pass --image_dir)")

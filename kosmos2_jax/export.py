@@ -46,7 +46,7 @@ def export(workdir: str, out: str, step: int | None = None, hf_out: str = "", ov
     # The run's mesh may need more devices than this machine has: restore onto all of the local
     # ones instead (Orbax reshards), with nothing allocated but the checkpoint itself.
     cfg.unlock()
-    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=cfg.mesh.rules))
     trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, abstract=True)
     state = checkpoints.restore(step, trainer.state)  # names the step when it is damaged
     checkpoints.close()

@@ -29,6 +29,7 @@ from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.format.processor import Kosmos2Processor, load_image
 from kosmos2_jax.format.tokenizer import tokenizer_for
 from kosmos2_jax.format.visualize import draw_entities
+from kosmos2_jax.utils.errors import UsageError
 
 
 def parse_box(spec: str, image_size: tuple[int, int] | None = None, units: str = "normalized"
@@ -37,24 +38,24 @@ def parse_box(spec: str, image_size: tuple[int, int] | None = None, units: str =
     an image of `image_size` (w, h)."""
     phrase, sep, coords = spec.rpartition("=")
     if not sep or not phrase.strip():
-        raise ValueError(f"--box {spec!r}: expected PHRASE=x1,y1,x2,y2")
+        raise UsageError(f"--box {spec!r}: expected PHRASE=x1,y1,x2,y2")
     try:
         values = [float(c) for c in coords.split(",")]
     except ValueError:
-        raise ValueError(f"--box {spec!r}: coordinates must be 4 numbers") from None
+        raise UsageError(f"--box {spec!r}: coordinates must be 4 numbers") from None
     if len(values) != 4:
-        raise ValueError(f"--box {spec!r}: expected 4 coordinates, got {len(values)}")
+        raise UsageError(f"--box {spec!r}: expected 4 coordinates, got {len(values)}")
     if units == "px":
         w, h = image_size
         values = [values[0] / w, values[1] / h, values[2] / w, values[3] / h]
     elif any(not 0 <= v <= 1 for v in values):
-        raise ValueError(f"--box {spec!r}: normalized coordinates must be in [0, 1] "
+        raise UsageError(f"--box {spec!r}: normalized coordinates must be in [0, 1] "
                          f"(pixels need --box_units px)")
     box = tuple(values)
     try:
         grounding.box_to_patch_pair(box)
     except ValueError as e:
-        raise ValueError(f"--box {spec!r}" + (f" on a {image_size[0]}x{image_size[1]} image" if units == "px" else "")
+        raise UsageError(f"--box {spec!r}" + (f" on a {image_size[0]}x{image_size[1]} image" if units == "px" else "")
                          + f": {e}") from None
     return phrase.strip(), box
 
@@ -64,7 +65,7 @@ def prompt_with_boxes(prompt: str, boxes: list[tuple[str, tuple]]) -> tuple[str,
     for phrase, _ in boxes:
         if f"<phrase>{phrase}</phrase>" not in prompt:
             if phrase not in prompt:
-                raise ValueError(f"--box phrase {phrase!r} does not occur in the prompt {prompt!r}")
+                raise UsageError(f"--box phrase {phrase!r} does not occur in the prompt {prompt!r}")
             prompt = prompt.replace(phrase, f"<phrase>{phrase}</phrase>", 1)
     if not boxes:
         return prompt, None
@@ -127,7 +128,7 @@ def predict(args) -> int:
     tokenizer = tokenizer_for(args.tokenizer, model)
     unknown = tokenizer.unknown_characters(prompt)
     if unknown:
-        raise ValueError(f"--prompt {args.prompt!r}: the tokenizer {args.tokenizer} cannot encode "
+        raise UsageError(f"--prompt {args.prompt!r}: the tokenizer {args.tokenizer} cannot encode "
                          f"{' '.join(repr(c) for c in unknown)} (they would be dropped)")
     processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
                                  num_image_tokens=model.config.latent_query_num)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import sys
 
+from kosmos2_jax.utils.errors import UsageError
+
 # the released demo's images, beside the repository (never copied into it)
 DEFAULT_EXAMPLES = os.path.join(os.environ.get("KOSMOS2_SHARED_DIR") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "kosmos2"), "images")
@@ -61,7 +63,7 @@ def serve(args, block: bool = True):
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise ValueError('the web demo needs gradio: pip install -e ".[serve]"') from None
+        raise UsageError('the web demo needs gradio: pip install -e ".[serve]"') from None
     from kosmos2_jax.serving import service as serving
     from kosmos2_jax.serving import webapp
 

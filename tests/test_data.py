@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from kosmos2_jax.data import boxes as box_ops
+from kosmos2_jax.data import crop
 from kosmos2_jax.data.build import build
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.examples import BadRecord, ExampleConfig, grit_example
@@ -90,17 +90,17 @@ def test_grit_builder_skips_and_counts_bad_images(tfds_dir):
 # --- boxes and spans ----------------------------------------------------------------------------
 def test_crop_remap_hand_cases():
     # 200x100 image -> shorter side 50 -> 100x50 -> crop 50x50 at left=25
-    assert box_ops.shorter_side_resize_shape(200, 100, 50) == (100, 50)
-    assert box_ops.center_crop_offsets(100, 50, 50) == (25, 0)
+    assert crop.shorter_side_resize_shape(200, 100, 50) == (100, 50)
+    assert crop.center_crop_offsets(100, 50, 50) == (25, 0)
     boxes = np.array([[0.25, 0.0, 0.75, 1.0],    # exactly the crop -> the whole image
                       [0.0, 0.0, 0.5, 0.5],      # half visible (x 0..50 -> 25..50 after crop): 50% kept
                       [0.0, 0.0, 0.2, 1.0],      # x 0..20 of 100, crop starts at 25: invisible
                       [0.2, 0.0, 0.3, 1.0]])     # x 20..30 -> 5 of 10 px visible: 50%
-    new, keep = box_ops.crop_boxes(boxes, 200, 100, 50)
+    new, keep = crop.crop_boxes(boxes, 200, 100, 50)
     np.testing.assert_allclose(new[0], [0, 0, 1, 1])
     np.testing.assert_allclose(new[1], [0, 0, 0.5, 0.5])
     assert keep.tolist() == [True, True, False, True]
-    _, keep = box_ops.crop_boxes(np.array([[0.2, 0.0, 0.26, 1.0], [0.2, 0.0, 0.2625, 1.0]]), 200, 100, 50)
+    _, keep = crop.crop_boxes(np.array([[0.2, 0.0, 0.26, 1.0], [0.2, 0.0, 0.2625, 1.0]]), 200, 100, 50)
     assert keep.tolist() == [False, True]  # 1/6 visible is dropped; exactly 20% survives
 
 

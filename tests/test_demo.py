@@ -39,7 +39,9 @@ def test_make_demo_trains_and_evaluates(tmp_path):
     config = json.loads((run / "model_config.json").read_text())
     assert config["text"]["embed_dim"] == 192 and config["vision"]["image_size"] == 48
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert results["task"] == "shapes" and results["scored"] > 0 and 0 <= results["accuracy"] <= 100
+    assert results["task"] == "shapes" and results["scored"] > 0
+    hits = [p["hit"] for p in results["predictions"]]
+    assert len(hits) == results["scored"] and results["accuracy"] == pytest.approx(100 * sum(hits) / len(hits))
     assert "| shapes | test |" in out.stdout and f"{results['accuracy']:.1f}" in out.stdout, out.stdout
     pictures = sorted((run / "eval").glob("example_*.png"))
     assert pictures and f"annotated examples to {run / 'eval'}" in out.stdout, out.stdout

@@ -39,8 +39,11 @@ def test_shapes_task_end_to_end(shapes_tfds, small_spm, tmp_path):
                         "--max_examples", "5", "--batch_size", "4", "--out", str(out), "--draw", "2"])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["count"] == 5 and 0.0 <= result["accuracy"] <= 100.0
+    assert result["count"] == 5
     assert all({"expression", "target", "predicted", "iou", "hit", "text"} <= set(p) for p in result["predictions"])
+    hits = [p["hit"] for p in result["predictions"]]  # the accuracy is the share of hits, each IoU >= 0.5
+    assert result["accuracy"] == pytest.approx(100 * sum(hits) / len(hits))
+    assert all(p["hit"] == (p["iou"] >= 0.5) for p in result["predictions"])
     assert (tmp_path / "eval" / "example_1.png").is_file()
 
 

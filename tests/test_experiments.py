@@ -32,8 +32,8 @@ def demo_root(tmp_path_factory, shapes_tfds, small_spm):
     return root
 
 
-def test_the_configs_are_four_and_all_build_on_the_presets():
-    assert CONFIGS == ["finetune_refcoco", "kosmos2_instruct", "kosmos2_pretrain", "shapes_tiny"]
+def test_every_config_builds_on_the_presets():
+    assert "shapes_tiny" in CONFIGS  # the glob finds the configs (a researcher's new ones too)
     keys = None
     for name in CONFIGS:
         text = (REPO / "experiments" / f"{name}.py").read_text()
@@ -94,7 +94,7 @@ def _instruction_files(tmp_path, cfg):
 
 
 def test_the_mixture_is_checked_before_any_work(demo_root, tmp_path):
-    from kosmos2_jax.utils.cli import UsageError
+    from kosmos2_jax.utils.errors import UsageError
     from kosmos2_jax.train import config_check
 
     def error(pack=True, **changes):

@@ -23,7 +23,7 @@ def test_warmup_then_decay_to_zero(decay):
 
 
 def test_unknown_decay_is_a_config_error():
-    from kosmos2_jax.utils.cli import UsageError
+    from kosmos2_jax.utils.errors import UsageError
     from kosmos2_jax.train import config_check, presets
 
     cfg = presets.base()

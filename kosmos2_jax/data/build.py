@@ -14,6 +14,8 @@ import sys
 
 import tensorflow_datasets as tfds
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 def load_builder_class(folder: str):
     """Import `<folder>/<name>_dataset_builder.py` as `<package>.<name>.<name>_dataset_builder` (tfds
@@ -21,7 +23,7 @@ def load_builder_class(folder: str):
     folder = os.path.abspath(folder)
     name = os.path.basename(folder.rstrip("/"))
     if not os.path.isfile(os.path.join(folder, f"{name}_dataset_builder.py")):
-        raise ValueError(f"no dataset builder {name}_dataset_builder.py in {folder!r}")
+        raise UsageError(f"no dataset builder {name}_dataset_builder.py in {folder!r}")
     package_dir = os.path.dirname(folder)
     root, package = os.path.dirname(package_dir), os.path.basename(package_dir)
     if root not in sys.path:
@@ -33,9 +35,9 @@ def build(folder: str, data_dir: str, config: str | None = None, manual_dir: str
     builder_cls = load_builder_class(folder)
     if getattr(builder_cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not manual_dir:
         first = builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]
-        raise ValueError(f"{folder} reads local files: give them with --manual_dir ({first})")
+        raise UsageError(f"{folder} reads local files: give them with --manual_dir ({first})")
     if config and config not in [c.name for c in builder_cls.BUILDER_CONFIGS]:
-        raise ValueError(f"--config {config!r}: {folder} has configs {[c.name for c in builder_cls.BUILDER_CONFIGS]}")
+        raise UsageError(f"--config {config!r}: {folder} has configs {[c.name for c in builder_cls.BUILDER_CONFIGS]}")
     builder = builder_cls(data_dir=data_dir, config=config) if config else builder_cls(data_dir=data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     builder.download_and_prepare(download_config=download_config)

@@ -19,6 +19,7 @@ from kosmos2_jax.data.crop import center_crop_offsets, check_boxes, crop_boxes, 
 from kosmos2_jax.data.example_random import ExampleRandom
 from kosmos2_jax.data.spans import select_spans
 from kosmos2_jax.format.processor import Kosmos2Processor, encode_grounded_caption
+from kosmos2_jax.utils.errors import UsageError
 
 PREPROCESS_MODES = ("square", "resize_shorter_center_crop")
 
@@ -43,7 +44,7 @@ class ExampleConfig:
 
     def __post_init__(self):
         if self.preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess {self.preprocess!r} not in {PREPROCESS_MODES}")
+            raise UsageError(f"preprocess {self.preprocess!r} not in {PREPROCESS_MODES}")
 
 
 def read_header(data: bytes) -> Image.Image:
@@ -132,7 +133,7 @@ def _grit_text(record: dict, processor: Kosmos2Processor, config: ExampleConfig,
         raise BadRecord("empty caption")
     min_image_slots = processor.num_image_tokens + 3
     if config.seq_len <= min_image_slots:
-        raise ValueError(f"seq_len {config.seq_len} leaves no room for text after {min_image_slots} image tokens")
+        raise UsageError(f"seq_len {config.seq_len} leaves no room for text after {min_image_slots} image tokens")
     spans = _record_spans(record, caption, config)
     image = read_header(record["image"])
     flat = np.asarray([b for _, _, boxes in spans for b in boxes], np.float32).reshape(-1, 4)

@@ -24,6 +24,7 @@ import numpy as np
 
 from kosmos2_jax.format import grounding
 from kosmos2_jax.format.processor import GroundedSequence, Kosmos2Processor
+from kosmos2_jax.utils.errors import UsageError
 
 # Table 9: (question with {obj} for `<object>..</object>`, answer prefix); the answer is
 # "{prefix} {expression}.".
@@ -85,7 +86,7 @@ def load_llava(path: str) -> list[dict]:
     with open(path) as f:
         records = json.load(f)
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations")
+        raise UsageError(f"{path}: expected a JSON list of conversations")
     return records
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from kosmos2_jax.data.examples import BadRecord, ExampleConfig, decode_image, resize_pixels
 from kosmos2_jax.format.processor import Kosmos2Processor
+from kosmos2_jax.utils.errors import UsageError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -77,7 +78,7 @@ def split_document(parts: list[tuple[str, str]], processor: Kosmos2Processor, se
     block = processor.num_image_tokens + 2
     room = seq_len - 2  # <s> and </s>
     if room < block + 1:
-        raise ValueError(f"seq_len {seq_len} leaves no room for text after one image ({block} tokens)")
+        raise UsageError(f"seq_len {seq_len} leaves no room for text after one image ({block} tokens)")
     chunks, current, used, images = [], [], 0, 0
 
     def close():
@@ -133,7 +134,7 @@ def interleaved_example(chunk: dict, image_dir: str, processor: Kosmos2Processor
     if chunk["last"]:
         ids, loss, slots = ids + [tok.eos_id], loss + [1], slots + [0]
     if len(ids) > config.seq_len:
-        raise ValueError(f"a chunk of {len(ids)} tokens for rows of {config.seq_len}: split with the same seq_len")
+        raise UsageError(f"a chunk of {len(ids)} tokens for rows of {config.seq_len}: split with the same seq_len")
     n, size = len(ids), processor.image_size
     rows = np.zeros((4, config.seq_len), np.int32)
     rows[0] = tok.pad_id
@@ -186,6 +187,6 @@ def interleaved_chunks(path: str, processor: Kosmos2Processor, seq_len: int, max
                             yield chunk
                         produced += 1
         if not any_mine:
-            raise ValueError(f"no interleaved documents for host {process_index} of {process_count} in {path!r}")
+            raise UsageError(f"no interleaved documents for host {process_index} of {process_count} in {path!r}")
         if not repeat:
             return

@@ -41,6 +41,7 @@ from kosmos2_jax.data.instruct import LANGUAGE_INSTRUCTION_KINDS
 from kosmos2_jax.data.interleaved import interleaved_chunks, interleaved_example
 from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.format.processor import Kosmos2Processor
+from kosmos2_jax.utils.errors import UsageError
 
 SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", "interleaved", *LANGUAGE_INSTRUCTION_KINDS)
 RECORD_KINDS = ("grit", "caption", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`
@@ -67,7 +68,7 @@ class Source:
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"source {self.name!r}: kind {self.kind!r} not in {SOURCE_KINDS}")
+            raise UsageError(f"source {self.name!r}: kind {self.kind!r} not in {SOURCE_KINDS}")
 
 
 def split_size(data_dir: str, split: str) -> int | None:
@@ -96,7 +97,7 @@ def _tfds_records(source: Source, seed: int, process_index: int, process_count: 
         raise FileNotFoundError(f"source {source.name!r}: no prepared tfds dataset at {path!r} "
                                 f"(build it with python -m kosmos2_jax.data.build): {e}") from None
     if source.split not in builder.info.splits:
-        raise ValueError(f"source {source.name!r}: split {source.split!r} not in {list(builder.info.splits)}")
+        raise UsageError(f"source {source.name!r}: split {source.split!r} not in {list(builder.info.splits)}")
     split = tfds.split_for_jax_process(source.split, process_index=process_index, process_count=process_count)
     options = tf.data.Options()
     options.deterministic = True
@@ -230,7 +231,7 @@ def _text_records(source: Source, process_index: int, process_count: int, skip: 
             lines = [line.rstrip("\n") for line in f]
     lines = lines[process_index::process_count]
     if not lines:
-        raise ValueError(f"source {source.name!r}: no lines for host {process_index} of {process_count}")
+        raise UsageError(f"source {source.name!r}: no lines for host {process_index} of {process_count}")
 
     def gen():
         i = skip
@@ -249,9 +250,9 @@ class Pipeline:
                  max_bad_fraction: float = 0.05, min_records_for_bad_check: int = 200, num_workers: int = 4,
                  pack: bool = False, pack_max_images: int = 4, examples_per_task: int = 8):
         if not sources:
-            raise ValueError("a pipeline needs at least one source")
+            raise UsageError("a pipeline needs at least one source")
         if pack and pack_max_images < 1:
-            raise ValueError(f"packing needs pack_max_images >= 1, got {pack_max_images}")
+            raise UsageError(f"packing needs pack_max_images >= 1, got {pack_max_images}")
         self.sources = list(sources)
         self.processor, self.config = processor, config
         self._caption_config = dataclasses.replace(config, grounded_prob=0.0)  # `caption`: never grounded
@@ -260,7 +261,7 @@ class Pipeline:
         self.max_bad_fraction, self.min_records = max_bad_fraction, min_records_for_bad_check
         weights = np.asarray([s.weight for s in self.sources], np.float64)
         if np.any(weights < 0) or weights.sum() <= 0:
-            raise ValueError(f"source weights must be >= 0 with a positive sum, got {weights.tolist()}")
+            raise UsageError(f"source weights must be >= 0 with a positive sum, got {weights.tolist()}")
         self._cumulative = np.cumsum(weights / weights.sum())
         self._source_number = {src.name: i + 1 for i, src in enumerate(self.sources)}  # `source_ids`; 0: padding
         state = state or {}
@@ -273,7 +274,7 @@ class Pipeline:
             skip = self._positions[s.name]
             if s.kind == "interleaved":
                 if not pack:
-                    raise ValueError(f"source {s.name!r}: interleaved documents need packed rows (pack=True; "
+                    raise UsageError(f"source {s.name!r}: interleaved documents need packed rows (pack=True; "
                                      f"data.pack in a config): a row holds several of their images")
                 self._records[s.name] = _Reader(interleaved_chunks(
                     s.path, processor, config.seq_len, pack_max_images, process_index, process_count, skip, repeat))
@@ -448,9 +449,9 @@ class HostShards:
         index = jax.process_index() if process_index is None else process_index
         count = jax.process_count() if process_count is None else process_count
         if shards % count:
-            raise ValueError(f"{shards} data shards do not divide among {count} processes")
+            raise UsageError(f"{shards} data shards do not divide among {count} processes")
         if states is not None and len(states) != shards:
-            raise ValueError(f"{len(states)} saved data states for {shards} data shards")
+            raise UsageError(f"{len(states)} saved data states for {shards} data shards")
         per = shards // count
         self.shards = list(range(index * per, (index + 1) * per))
         self.pipelines = [make(k, None if states is None else states[k]) for k in self.shards]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kosmos2_jax.utils.errors import UsageError
+
 SPAN_MODES = ("expression", "noun_chunk")
 
 
@@ -17,7 +19,7 @@ def select_spans(caption: str, noun_chunks: np.ndarray, ref_exps: np.ndarray, mo
     partially overlapping spans the earlier one is kept.
     """
     if mode not in SPAN_MODES:
-        raise ValueError(f"unknown span mode {mode!r}; expected one of {SPAN_MODES}")
+        raise UsageError(f"unknown span mode {mode!r}; expected one of {SPAN_MODES}")
     rows = np.asarray(ref_exps if mode == "expression" else noun_chunks, np.float64).reshape(-1, 7)
     grouped: dict[tuple[int, int], list[tuple[float, ...]]] = {}
     for row in rows.tolist():
@@ -25,7 +27,7 @@ def select_spans(caption: str, noun_chunks: np.ndarray, ref_exps: np.ndarray, mo
             continue
         start, end = int(row[0]), int(row[1])
         if not 0 <= start < end <= len(caption):
-            raise ValueError(f"span ({start}, {end}) outside the {len(caption)}-character caption")
+            raise UsageError(f"span ({start}, {end}) outside the {len(caption)}-character caption")
         grouped.setdefault((start, end), []).append(tuple(row[2:6]))
     spans = sorted(grouped)
     if mode == "expression":

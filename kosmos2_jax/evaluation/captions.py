@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 def caption_scores(predictions: Mapping, references: Mapping[object, Sequence[str]], meteor: bool = True) -> dict:
     """predictions {id: caption}, references {id: [captions]} -> {Bleu_1..4, METEOR, CIDEr}.
@@ -17,7 +19,7 @@ def caption_scores(predictions: Mapping, references: Mapping[object, Sequence[st
 
     missing = [k for k in predictions if k not in references]
     if missing:
-        raise ValueError(f"{len(missing)} predictions have no references (e.g. {missing[:3]})")
+        raise UsageError(f"{len(missing)} predictions have no references (e.g. {missing[:3]})")
     if shutil.which("java") is None:
         raise RuntimeError("pycocoevalcap's PTB tokenizer needs Java (`java` on PATH)")
     ids = list(predictions)

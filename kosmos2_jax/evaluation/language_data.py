@@ -23,6 +23,9 @@ import json
 import re
 import sys
 
+from kosmos2_jax.utils.errors import UsageError
+
+
 TFDS = {  # task -> (tfds name, split)
     "StoryCloze": ("story_cloze", "validation"), "HellaSwag": ("hellaswag", "validation"),
     "Winograd": ("wsc273", "test"), "Winogrande": ("winogrande", "validation"), "PIQA": ("piqa", "validation"),
@@ -77,7 +80,7 @@ def convert(task: str, ex: dict, index: int) -> dict:
         rest = " " + text[end:].strip()
         item.update(contexts=[text[:start] + _s(ex["option1"]), text[:start] + _s(ex["option2"])], candidates=[rest, rest])
     else:
-        raise ValueError(f"unknown task {task!r}; one of {sorted(TFDS)}")
+        raise UsageError(f"unknown task {task!r}; one of {sorted(TFDS)}")
     return item
 
 

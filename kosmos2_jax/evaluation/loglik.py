@@ -10,6 +10,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 def candidate_logprobs(model, params, tokenizer, context: str, candidates: Sequence[str]) -> list[dict]:
     """Every candidate continuing one context; see `pair_logprobs`."""
@@ -27,7 +29,7 @@ def pair_logprobs(model, params, tokenizer, pairs: Sequence[tuple[str, str]]) ->
         full = [tokenizer.bos_id] + tokenizer.encode(context + cand)
         start = len(ctx) if full[:len(ctx)] == ctx else _common_prefix(full, ctx)
         if start >= len(full):
-            raise ValueError(f"candidate {cand!r} adds no tokens to the context")
+            raise UsageError(f"candidate {cand!r} adds no tokens to the context")
         rows.append(full)
         starts.append(start)
     length = max(map(len, rows))

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 def load_done(path: str) -> dict:
     """{id: record} of a predictions JSONL (a torn last line from a kill is ignored)."""
@@ -52,7 +54,6 @@ def check_stream(jsonl: str, key: dict | None, overwrite: bool = False) -> bool:
     """Whether the stream at `jsonl` can be resumed for `key` (False: there is none, or `overwrite`
     lets a run with another key replace it); a UsageError when it holds another run's predictions.
     Changes nothing."""
-    from kosmos2_jax.utils.cli import UsageError
     from kosmos2_jax.utils.outputs import key_differences
 
     if not os.path.isfile(jsonl) or key is None:

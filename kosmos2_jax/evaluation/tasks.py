@@ -34,6 +34,7 @@ import numpy as np
 
 from kosmos2_jax.format.images import ImageError, open_image, to_rgb
 from kosmos2_jax.evaluation.metrics import first_box_hit, iou, recall_at_k, recall_at_k_merged
+from kosmos2_jax.utils.errors import UsageError
 
 # The paper's numbers (v3, reference §3.4), printed beside ours.
 PAPER = {
@@ -273,7 +274,7 @@ class RegTask:
 
     def __init__(self, shots: int = 0, shots_split: str = "train"):
         if shots < 0:
-            raise ValueError(f"shots must be >= 0, got {shots}")
+            raise UsageError(f"shots must be >= 0, got {shots}")
         self.shots, self.shots_split = shots, shots_split
         self.name = "refcocog_reg" if shots == 0 else f"refcocog_reg_{shots}shot"
 
@@ -294,7 +295,7 @@ class RegTask:
         if self.shots:
             pool = self._objects(data_dir, self.shots_split)
             if len(pool) < self.shots:
-                raise ValueError(f"{self.shots}-shot REG needs {self.shots} demonstration objects; split "
+                raise UsageError(f"{self.shots}-shot REG needs {self.shots} demonstration objects; split "
                                  f"{self.shots_split!r} of {data_dir} has {len(pool)}")
             for it in items:
                 rng = np.random.default_rng(zlib.crc32(f"{self.name}/{it['id']}".encode()))
@@ -379,7 +380,7 @@ class LanguageTask:
             if "context" not in r and "contexts" not in r:
                 missing.add("context")
             if missing:
-                raise ValueError(f"{path}: line {n + 1} lacks {sorted(missing)}")
+                raise UsageError(f"{path}: line {n + 1} lacks {sorted(missing)}")
         return [dict(r, id=str(r["id"])) for r in rows]
 
     def predict(self, ctx, batch):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from kosmos2_jax.utils.errors import UsageError
+
 PROBLEMS = {
     "not_four": "a box is 4 numbers (x1, y1, x2, y2)",
     "nan": "NaN or infinite coordinates",
@@ -41,7 +43,7 @@ def check_box(box: Sequence[float], where: str = "") -> tuple[float, float, floa
     """The box as 4 floats, or a ValueError naming it (and `where` it came from) and its problem."""
     problem = box_problem(box)
     if problem:
-        raise ValueError(f"{where + ': ' if where else ''}box {tuple(box) if problem != 'not_four' else box!r} "
+        raise UsageError(f"{where + ': ' if where else ''}box {tuple(box) if problem != 'not_four' else box!r} "
                          f"is invalid: {PROBLEMS[problem]}")
     x1, y1, x2, y2 = (float(c) for c in box)
     return x1, y1, x2, y2

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from kosmos2_jax.format.boxes import check_box
 from kosmos2_jax.format.tokenizer import location_token
+from kosmos2_jax.utils.errors import UsageError
 
 Box = tuple[float, float, float, float]
 Entity = tuple[str, tuple[int, int], list[Box]]
@@ -42,7 +43,7 @@ def box_to_patch_pair(box: Sequence[float], num_bins: int = 32, formula: str = "
         lr_y = math.floor(min(y2, _TRAIN_UPPER) * num_bins)
         # x1 = 1.0 cannot happen (x1 < x2 <= 1), so ul stays on the grid.
     else:
-        raise ValueError(f"unknown box formula {formula!r}; expected one of {BOX_FORMULAS}")
+        raise UsageError(f"unknown box formula {formula!r}; expected one of {BOX_FORMULAS}")
     return ul_y * num_bins + ul_x, lr_y * num_bins + lr_x
 
 
@@ -62,7 +63,7 @@ def patch_pair_to_box(ul: int, lr: int, num_bins: int = 32) -> Box:
     """(upper-left, lower-right) cell indices -> normalized box, as HF and the original demo decode."""
     for idx in (ul, lr):
         if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < num_bins * num_bins:
-            raise ValueError(f"location index {idx!r} outside [0, {num_bins * num_bins - 1}]")
+            raise UsageError(f"location index {idx!r} outside [0, {num_bins * num_bins - 1}]")
     return _pair_to_box(ul, lr, num_bins)
 
 
@@ -94,16 +95,16 @@ def grounded_pieces(caption: str, spans: Sequence[tuple[int, int, Sequence[Seque
     for span in spans:
         start, end, boxes = span
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(caption)):
-            raise ValueError(f"span ({start!r}, {end!r}) is not a non-empty character range of a "
+            raise UsageError(f"span ({start!r}, {end!r}) is not a non-empty character range of a "
                              f"{len(caption)}-character caption {caption!r}")
         if not boxes:
-            raise ValueError(f"span ({start}, {end}) {caption[start:end]!r} has no box")
+            raise UsageError(f"span ({start}, {end}) {caption[start:end]!r} has no box")
         pairs = grouped.setdefault((start, end), [])
         pairs.extend(box_to_patch_pair(b, num_bins, formula) for b in boxes)
     ordered = sorted(grouped)
     for (s0, e0), (s1, e1) in zip(ordered, ordered[1:]):
         if s1 < e0:
-            raise ValueError(f"spans ({s0}, {e0}) {caption[s0:e0]!r} and ({s1}, {e1}) {caption[s1:e1]!r} overlap")
+            raise UsageError(f"spans ({s0}, {e0}) {caption[s0:e0]!r} and ({s1}, {e1}) {caption[s1:e1]!r} overlap")
     out, pos = ["<grounding>"] if grounding_token else [], 0
     for start, end in ordered:
         out += (caption[pos:start], "<phrase>", caption[start:end], "</phrase>", "<object>")

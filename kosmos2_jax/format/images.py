@@ -13,6 +13,8 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from kosmos2_jax.utils.errors import UsageError
+
 # CLIP's pixel mean and std (HF's CLIPImageProcessor, KOSMOS-2's)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -20,7 +22,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
-class ImageError(ValueError):
+class ImageError(UsageError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail

@@ -28,6 +28,7 @@ from kosmos2_jax.format import grounding
 from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
 from kosmos2_jax.format.images import normalize_pixels
+from kosmos2_jax.utils.errors import UsageError
 _PHRASE = re.compile(r"<phrase>.+?</phrase>")
 
 
@@ -39,7 +40,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         return to_rgb(open_image(path))
     except ImageError as e:
-        raise ValueError(e.detail) from None
+        raise UsageError(e.detail) from None
 
 
 def _as_pil(image: Any) -> Image.Image:
@@ -49,9 +50,9 @@ def _as_pil(image: Any) -> Image.Image:
         return load_image(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
-            raise ValueError(f"an image array must be uint8 HxW or HxWxC (C in 1, 3, 4); got {image.dtype} {image.shape}")
+            raise UsageError(f"an image array must be uint8 HxW or HxWxC (C in 1, 3, 4); got {image.dtype} {image.shape}")
         return Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image).convert("RGB")
-    raise ValueError(f"unsupported image {type(image).__name__}: pass a PIL image, a uint8 array or a file path")
+    raise UsageError(f"unsupported image {type(image).__name__}: pass a PIL image, a uint8 array or a file path")
 
 
 def preprocess_image(image: Any, image_size: int = 224) -> np.ndarray:
@@ -76,7 +77,7 @@ def _boxes_of_phrase(entry: Any) -> list:
     boxes = entry if isinstance(entry, list) else [entry]
     for box in boxes:
         if not (_is_index_pair(box) or _is_coordinates(box)):
-            raise ValueError(
+            raise UsageError(
                 f"bad box {box!r}: each box is a tuple of 2 ints (cell indices) or 4 floats "
                 "(normalized x1, y1, x2, y2); a phrase takes None, one box or a list of boxes")
     return boxes
@@ -93,7 +94,7 @@ class Kosmos2Processor:
         self.box_formula = box_formula
         self.num_bins = math.isqrt(tokenizer.num_location_tokens)
         if self.num_bins ** 2 != tokenizer.num_location_tokens:
-            raise ValueError(f"{tokenizer.num_location_tokens} location tokens do not form a square grid")
+            raise UsageError(f"{tokenizer.num_location_tokens} location tokens do not form a square grid")
         # The slots' ids are arbitrary (their embeddings are overwritten by the image); HF and the
         # original code use the ids right after <unk>.
         self.image_slot_ids = list(range(tokenizer.unk_id + 1, tokenizer.unk_id + 1 + num_image_tokens))
@@ -103,7 +104,7 @@ class Kosmos2Processor:
         pair = box if _is_index_pair(box) else grounding.box_to_patch_pair(box, self.num_bins, self.box_formula)
         for idx in pair:
             if not 0 <= idx < self.tokenizer.num_location_tokens:
-                raise ValueError(f"location index {idx} in box {box!r} outside [0, {self.tokenizer.num_location_tokens - 1}]")
+                raise UsageError(f"location index {idx} in box {box!r} outside [0, {self.tokenizer.num_location_tokens - 1}]")
         return grounding.location_pair_string(pair)
 
     def insert_boxes(self, text: str, bboxes: Sequence[Any] | None) -> str:
@@ -111,10 +112,10 @@ class Kosmos2Processor:
         if bboxes is None or len(bboxes) == 0:
             return text
         if not isinstance(bboxes, list):
-            raise ValueError(f"bboxes for one text must be None or a list (one entry per phrase), got {bboxes!r}")
+            raise UsageError(f"bboxes for one text must be None or a list (one entry per phrase), got {bboxes!r}")
         phrases = list(_PHRASE.finditer(text))
         if len(phrases) != len(bboxes):
-            raise ValueError(f"{len(bboxes)} box entries for {len(phrases)} <phrase>...</phrase> pairs in {text!r}: "
+            raise UsageError(f"{len(bboxes)} box entries for {len(phrases)} <phrase>...</phrase> pairs in {text!r}: "
                              "give one entry (None, a box or a list of boxes) per phrase")
         out, pos = [], 0
         for match, entry in zip(phrases, bboxes):
@@ -169,7 +170,7 @@ class Kosmos2Processor:
             elif isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], str):
                 text, boxes = part
             else:
-                raise ValueError(f"bad interleaved part {type(part).__name__}: give a PIL image or uint8 array, "
+                raise UsageError(f"bad interleaved part {type(part).__name__}: give a PIL image or uint8 array, "
                                  "a string, or a (string, bboxes) pair")
             piece = tok.encode(self.insert_boxes(text.strip(), boxes))
             ids += piece
@@ -182,7 +183,7 @@ class Kosmos2Processor:
         rows = [self.encode_interleaved(p) for p in prompts]
         counts = {len(images) for _, _, images in rows}
         if len(counts) != 1 or 0 in counts:
-            raise ValueError(f"every interleaved prompt of a batch needs the same number (>= 1) of images, got {sorted(counts)}")
+            raise UsageError(f"every interleaved prompt of a batch needs the same number (>= 1) of images, got {sorted(counts)}")
         out = self._pad_rows([(ids, mask) for ids, mask, _ in rows], padding_side)
         out["pixel_values"] = np.stack([np.stack([preprocess_image(im, self.image_size) for im in images])
                                         for _, _, images in rows])
@@ -190,7 +191,7 @@ class Kosmos2Processor:
 
     def _pad_rows(self, rows: Sequence[tuple[list[int], list[int]]], padding_side: str) -> dict[str, np.ndarray]:
         if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+            raise UsageError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         length = max(len(ids) for ids, _ in rows)
         out = {k: np.zeros((len(rows), length), np.int32) for k in ("input_ids", "attention_mask", "image_embeds_position_mask")}
         out["input_ids"][:] = self.tokenizer.pad_id
@@ -211,16 +212,16 @@ class Kosmos2Processor:
         batched = not isinstance(text, str)
         texts = list(text) if batched else [text]
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r}")
+            raise UsageError(f"text must be a string or a non-empty list of strings, got {text!r}")
         if images is not None:
             image_list = list(images) if isinstance(images, (list, tuple)) else [images]
             if len(image_list) != len(texts):
-                raise ValueError(f"{len(texts)} texts but {len(image_list)} images: give one image per text")
+                raise UsageError(f"{len(texts)} texts but {len(image_list)} images: give one image per text")
         if bboxes is None:
             box_list = [None] * len(texts)
         elif batched:
             if not isinstance(bboxes, list) or len(bboxes) != len(texts):
-                raise ValueError(f"for a batch of {len(texts)} texts, bboxes must be a list with one entry per text")
+                raise UsageError(f"for a batch of {len(texts)} texts, bboxes must be a list with one entry per text")
             box_list = bboxes
         else:
             box_list = [bboxes]

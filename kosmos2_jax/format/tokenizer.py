@@ -32,6 +32,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from kosmos2_jax.utils.errors import UsageError
+
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 TAG_TOKENS = (
     "</doc>",
@@ -79,12 +81,12 @@ class Kosmos2Tokenizer:
     def from_file(cls, path: str | os.PathLike, num_location_tokens: int = NUM_LOCATION_TOKENS) -> "Kosmos2Tokenizer":
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise ValueError(f"sentencepiece model file not found: {path!r}")
+            raise UsageError(f"sentencepiece model file not found: {path!r}")
         sp = spm.SentencePieceProcessor()
         try:
             sp.load(path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"cannot load sentencepiece model {path!r}: {e}") from e
+            raise UsageError(f"cannot load sentencepiece model {path!r}: {e}") from e
         return cls(sp, num_location_tokens, name=path)
 
     # --- ids of the special, tag and location tokens -------------------------------------
@@ -120,13 +122,13 @@ class Kosmos2Tokenizer:
     def location_id(self, index: int) -> int:
         """Id of `<patch_index_{index:04d}>`."""
         if not 0 <= index < self.num_location_tokens:
-            raise ValueError(f"location index {index} outside [0, {self.num_location_tokens - 1}]")
+            raise UsageError(f"location index {index} outside [0, {self.num_location_tokens - 1}]")
         return self.first_location_id + int(index)
 
     def location_index(self, token_id: int) -> int:
         """Inverse of `location_id`; raises for a non-location id."""
         if not self.is_location_id(token_id):
-            raise ValueError(f"token id {token_id} is not a location token")
+            raise UsageError(f"token id {token_id} is not a location token")
         return token_id - self.first_location_id
 
     def is_location_id(self, token_id: int) -> bool:
@@ -145,7 +147,7 @@ class Kosmos2Tokenizer:
             return self._id_to_added[token_id]
         if 4 <= token_id <= self._num_pieces:
             return self.sp.id_to_piece(token_id - 1)
-        raise ValueError(f"token id {token_id} outside the vocabulary [0, {self.vocab_size - 1}]")
+        raise UsageError(f"token id {token_id} outside the vocabulary [0, {self.vocab_size - 1}]")
 
     # --- text <-> ids ----------------------------------------------------------------------
     def split_added_tokens(self, text: str) -> list[str]:
@@ -170,7 +172,7 @@ class Kosmos2Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Ids of `text` (tags written in the text become their ids); no `<s>`/`</s>` unless asked."""
         if not isinstance(text, str):
-            raise ValueError(f"encode expects a str, got {type(text).__name__}: {text!r}")
+            raise UsageError(f"encode expects a str, got {type(text).__name__}: {text!r}")
         ids = [self.bos_id] if add_bos else []
         for part in self.split_added_tokens(text):
             if part in self._added_to_id:
@@ -191,7 +193,7 @@ class Kosmos2Tokenizer:
             token_id = self._added_to_id.get(piece)
             if token_id is None:
                 if "<" in piece:
-                    raise ValueError(f"text piece {piece!r} contains '<': encode the joined text instead")
+                    raise UsageError(f"text piece {piece!r} contains '<': encode the joined text instead")
                 text.append(piece)
                 continue
             before = "".join(text)
@@ -240,7 +242,7 @@ def tokenizer_for(spm_path: str, model) -> Kosmos2Tokenizer:
     locations = model.config.text.vocab_size - (tok.vocab_size - tok.num_location_tokens)
     if locations != tok.num_location_tokens:
         if locations <= 0 or int(locations ** 0.5) ** 2 != locations:
-            raise ValueError(f"tokenizer {spm_path!r} ({tok.vocab_size - tok.num_location_tokens} tokens before the "
+            raise UsageError(f"tokenizer {spm_path!r} ({tok.vocab_size - tok.num_location_tokens} tokens before the "
                              f"location tokens) does not fit the model's vocabulary of {model.config.text.vocab_size}")
         tok = Kosmos2Tokenizer.from_file(spm_path, num_location_tokens=locations)
     return tok
@@ -250,7 +252,7 @@ def _check_piece_layout(sp: spm.SentencePieceProcessor, name: str) -> None:
     # The fairseq layout maps sentencepiece ids 0, 1, 2 onto <unk>, <s>, </s>; a model trained
     # with another layout would silently collide with those ids.
     if sp.get_piece_size() < 4 or sp.unk_id() != 0 or sp.bos_id() != 1 or sp.eos_id() != 2:
-        raise ValueError(
+        raise UsageError(
             f"sentencepiece model {name} must have unk_id=0, bos_id=1, eos_id=2 (got unk={sp.unk_id()}, "
             f"bos={sp.bos_id()}, eos={sp.eos_id()}); train it with `python -m kosmos2_jax.tokenizer train`")
 
@@ -259,9 +261,9 @@ def train_sentencepiece(input_path: str, vocab_size: int, out_prefix: str, model
                         character_coverage: float = 0.9995) -> str:
     """Train a sentencepiece model with the KOSMOS-2 piece layout; returns the `.model` path."""
     if not os.path.isfile(input_path):
-        raise ValueError(f"training text not found: {input_path!r}")
+        raise UsageError(f"training text not found: {input_path!r}")
     if vocab_size < 8:
-        raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
+        raise UsageError(f"vocab_size must be at least 8, got {vocab_size}")
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tmp = f"{out_prefix}.partial-{os.getpid()}"  # both files appear only when training succeeded
@@ -274,7 +276,7 @@ def train_sentencepiece(input_path: str, vocab_size: int, out_prefix: str, model
         for ext in (".model", ".vocab"):
             if os.path.exists(tmp + ext):
                 os.remove(tmp + ext)
-        raise ValueError(f"sentencepiece training on {input_path!r} failed: {str(e).strip().splitlines()[-1]}") from None
+        raise UsageError(f"sentencepiece training on {input_path!r} failed: {str(e).strip().splitlines()[-1]}") from None
     for ext in (".vocab", ".model"):
         os.replace(tmp + ext, out_prefix + ext)
     return out_prefix + ".model"

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import sys
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 def parse_args(argv):
     from kosmos2_jax.utils import cli
@@ -75,9 +77,9 @@ def build(args, beam_args) -> int:
     from kosmos2_jax.grit.stages import GritConfig
 
     if args.detector != "kosmos2" and not args.detector_path:
-        raise ValueError(f"--detector {args.detector} needs --detector_path")
+        raise UsageError(f"--detector {args.detector} needs --detector_path")
     if args.runner in ("local", "dask") and beam_args:
-        raise ValueError(f"unknown arguments {beam_args} (Beam options need a Beam --runner)")
+        raise UsageError(f"unknown arguments {beam_args} (Beam options need a Beam --runner)")
     config = GritConfig(nms_iou=args.nms_iou, score_threshold=args.score_threshold,
                         keep_contained=args.keep_contained,
                         abstract_lemmas=load_lemmas(args.abstract_lemmas) if args.abstract_lemmas else ABSTRACT_LEMMAS)

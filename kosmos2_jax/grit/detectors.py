@@ -19,6 +19,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from kosmos2_jax.utils.errors import UsageError
+
 Detections = list  # [image][phrase] -> [(box, score)]
 
 
@@ -39,7 +41,7 @@ class PrecomputedDetector:
                     row = json.loads(line)
                     self.table[str(row["key"])] = row["detections"]
                 except (ValueError, KeyError) as e:
-                    raise ValueError(f"{path}:{n}: expected {{\"key\": ..., \"detections\": {{phrase: [[x1, y1, x2, y2, "
+                    raise UsageError(f"{path}:{n}: expected {{\"key\": ..., \"detections\": {{phrase: [[x1, y1, x2, y2, "
                                      f"score], ...]}}}}: {e}") from None
 
     def detect(self, images, phrases, keys) -> Detections:
@@ -66,7 +68,7 @@ class HFDetector:
         self.torch, self.device, self.min_score, self.batch_size = torch, device, min_score, batch_size
         self.kind = AutoConfig.from_pretrained(path).model_type
         if self.kind not in ("owlvit", "owlv2", "grounding-dino"):
-            raise ValueError(f"{path}: model type {self.kind!r} is not a supported zero-shot detector "
+            raise UsageError(f"{path}: model type {self.kind!r} is not a supported zero-shot detector "
                              "(owlvit, owlv2, grounding-dino)")
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path).to(device).eval()
@@ -248,6 +250,6 @@ def make_detector(kind: str, path: str = "", tokenizer: str = "", device: str = 
         return HFDetector(path, device=device, min_score=min_score, batch_size=batch_size)
     if kind == "kosmos2":
         if not tokenizer:
-            raise ValueError("the kosmos2 detector needs --tokenizer (the sentencepiece model)")
+            raise UsageError("the kosmos2 detector needs --tokenizer (the sentencepiece model)")
         return Kosmos2Detector(path, tokenizer, batch_size=batch_size)
-    raise ValueError(f"unknown detector {kind!r} (precomputed, hf, kosmos2)")
+    raise UsageError(f"unknown detector {kind!r} (precomputed, hf, kosmos2)")

@@ -315,7 +315,7 @@ def build_folder(spec: BuildSpec, input_path: str, shard_size: int, overwrite: b
     from apache_beam.io.filesystems import FileSystems
 
     from kosmos2_jax.utils import outputs
-    from kosmos2_jax.utils.cli import UsageError
+    from kosmos2_jax.utils.errors import UsageError
 
     sources = list_sources(input_path)
     shards, counts = plan(sources, shard_size)

@@ -30,6 +30,8 @@ import os
 import tarfile
 from typing import Iterator
 
+from kosmos2_jax.utils.errors import UsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".webp")
 # an input field -> the column names it is read from, first found wins (lower-cased)
 COLUMNS = {"key": ("key", "id", "sample_id", "hash"), "caption": ("caption", "text"), "url": ("url",),
@@ -54,9 +56,9 @@ def iter_record_files(root: str) -> Iterator[dict]:
                         try:
                             record = json.loads(line)
                         except ValueError as e:
-                            raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+                            raise UsageError(f"{path}:{n}: not a JSON object ({e})") from None
                         if not isinstance(record, dict):
-                            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+                            raise UsageError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
                         yield record
 
 

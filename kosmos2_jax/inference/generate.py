@@ -37,6 +37,7 @@ from kosmos2_jax.models.decoder import (attention_bias, block_step, embed_step, 
                                         position_ids_from_input_ids)
 from kosmos2_jax.models.kosmos2 import resample
 from kosmos2_jax.models.vision import embed_images, vision_block_step, vision_output
+from kosmos2_jax.utils.errors import UsageError
 
 NEG_INF = -jnp.inf
 
@@ -461,22 +462,22 @@ def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temper
              eos_token_id, pad_token_id, length_penalty, rng, bucket):
     """Checks the request; returns (compiled program, its arguments but the params, settings, extra pads)."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_beams < 1 or (num_beams > 1 and do_sample):
-        raise ValueError(f"num_beams={num_beams} with do_sample={do_sample} is not supported")
+        raise UsageError(f"num_beams={num_beams} with do_sample={do_sample} is not supported")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        raise UsageError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     if do_sample and rng is None:
-        raise ValueError("do_sample=True needs an rng (jax.random.PRNGKey)")
+        raise UsageError("do_sample=True needs an rng (jax.random.PRNGKey)")
     ids = np.asarray(inputs["input_ids"], np.int32)
     mask = np.asarray(inputs.get("attention_mask", (ids != pad_token_id).astype(np.int32)), np.int32)
     batch, length = ids.shape
     if np.any(mask[:, -1] == 0) and batch > 1:
-        raise ValueError("prompts must be left-padded for generation (processor(..., padding_side='left'))")
+        raise UsageError("prompts must be left-padded for generation (processor(..., padding_side='left'))")
     longest = int(np.max(np.sum(ids != pad_token_id, axis=1)))
     limit = model.config.text.max_position_embeddings
     if longest + max_new_tokens > limit:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+        raise UsageError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"{limit} positions")
     with_image = inputs.get("pixel_values") is not None
     padded = bucket_length(length, bucket)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from kosmos2_jax.utils.errors import UsageError
+
 # the common remat policies (layers.remat_policy takes any jax.checkpoint_policies name and
 # name-based ones too: "minimal", "minimal_with_context", "save:query_proj+context")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal", "minimal_with_context")
@@ -81,20 +83,20 @@ class Kosmos2Config:
 
             remat_policy(self.remat_policy)  # raises on an unknown name
         if not 0 <= self.frozen_vision_layers <= self.vision.num_hidden_layers:
-            raise ValueError(f"frozen_vision_layers={self.frozen_vision_layers} not in [0, "
+            raise UsageError(f"frozen_vision_layers={self.frozen_vision_layers} not in [0, "
                              f"{self.vision.num_hidden_layers}] (the vision layers)")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+            raise UsageError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"attention_impl='cudnn' computes in bfloat16 or float16, not dtype={self.dtype!r}")
+            raise UsageError(f"attention_impl='cudnn' computes in bfloat16 or float16, not dtype={self.dtype!r}")
         for name, width, heads in (("vision", self.vision.hidden_size, self.vision.num_attention_heads),
                                    ("text", self.text.embed_dim, self.text.attention_heads)):
             if width % heads:
-                raise ValueError(f"{name} width {width} is not divisible by its {heads} attention heads")
+                raise UsageError(f"{name} width {width} is not divisible by its {heads} attention heads")
         if self.vision.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"unsupported vision activation {self.vision.hidden_act!r}")
+            raise UsageError(f"unsupported vision activation {self.vision.hidden_act!r}")
         if self.text.activation_function not in ("gelu", "gelu_new", "relu"):
-            raise ValueError(f"unsupported text activation {self.text.activation_function!r}")
+            raise UsageError(f"unsupported text activation {self.text.activation_function!r}")
 
     @property
     def text_layers_scanned(self) -> bool:

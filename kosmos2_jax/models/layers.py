@@ -16,6 +16,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from kosmos2_jax.models.partitioning import spec_for
+from kosmos2_jax.utils.errors import UsageError
 
 Dtype = Any
 _INIT = nn.initializers.normal(0.02)
@@ -34,7 +35,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         return lambda x: jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu
-    raise ValueError(f"unknown activation {name!r}")
+    raise UsageError(f"unknown activation {name!r}")
 
 
 class Dense(nn.Module):
@@ -113,7 +114,7 @@ def splash_attention(q, k, v, causal: bool, segment_ids=None, interpret: bool | 
 
     b, length, heads, _ = q.shape
     if k.shape[1] != length:
-        raise ValueError(f"attention_impl='splash' is for self-attention, got {length} queries and {k.shape[1]} keys")
+        raise UsageError(f"attention_impl='splash' is for self-attention, got {length} queries and {k.shape[1]} keys")
     block = min(SPLASH_BLOCK, -(-length // 128) * 128)
     padded = -(-length // block) * block
     segments = jnp.ones((b, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -204,7 +205,7 @@ class Attention(nn.Module):
             out = self._einsum_attention(q, k, v, bias, deterministic)
         else:
             if self.dropout > 0.0 and not deterministic:
-                raise ValueError(f"attention_impl={self.impl!r} has no attention dropout "
+                raise UsageError(f"attention_impl={self.impl!r} has no attention dropout "
                                  f"(jax.nn.dot_product_attention); set the towers' attention_dropout to 0.0 "
                                  f"or use attention_impl='einsum'")
             out = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), causal, segment_ids, lengths, self.impl)
@@ -267,9 +268,9 @@ def remat_policy(name: str):
         names = NAMED_POLICIES.get(name) or tuple(n for n in name[len("save:"):].split("+") if n)
         bad = [n for n in names if n not in CHECKPOINT_NAMES]
         if bad or not names:
-            raise ValueError(f"remat_policy {name!r}: names must be some of {', '.join(CHECKPOINT_NAMES)}")
+            raise UsageError(f"remat_policy {name!r}: names must be some of {', '.join(CHECKPOINT_NAMES)}")
         return jax.checkpoint_policies.save_only_these_names(*names)
-    raise ValueError(f"remat_policy {name!r} not in none, {', '.join(_ALIASES)}, {', '.join(_JAX_POLICIES)}, "
+    raise UsageError(f"remat_policy {name!r} not in none, {', '.join(_ALIASES)}, {', '.join(_JAX_POLICIES)}, "
                      f"{', '.join(NAMED_POLICIES)} or save:NAME+NAME (names: {', '.join(CHECKPOINT_NAMES)})")
 
 

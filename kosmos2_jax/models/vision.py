@@ -11,6 +11,7 @@ import numpy as np
 
 from kosmos2_jax.models.config import Kosmos2Config
 from kosmos2_jax.models.layers import Attention, Dense, activation, constrain, layer_norm, stack_layers
+from kosmos2_jax.utils.errors import UsageError
 
 
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -66,7 +67,7 @@ class VisionEncoder(nn.Module):
         c, dt, pdt = self.config.vision, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
         b, height, width, _ = pixel_values.shape
         if not interpolate_pos_encoding and (height != c.image_size or width != c.image_size):
-            raise ValueError(f"input image size ({height}x{width}) doesn't match the model ({c.image_size}x"
+            raise UsageError(f"input image size ({height}x{width}) doesn't match the model ({c.image_size}x"
                              f"{c.image_size}); pass interpolate_pos_encoding=True to interpolate positions")
         patches = patch_embedding(self.config, name="patch_embedding")(pixel_values.astype(dt))
         grid_h, grid_w = patches.shape[1:3]

@@ -34,6 +34,7 @@ from kosmos2_jax.format.grounding import entity_records
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.format.processor import Kosmos2Processor
 from kosmos2_jax.format.tokenizer import tokenizer_for
+from kosmos2_jax.utils.errors import UsageError
 
 DESCRIBE_PROMPTS = {"brief": "<grounding>An image of", "detailed": "<grounding>Describe this image in detail:"}
 GROUND_PROMPT = "<grounding><phrase>{phrase}</phrase>"
@@ -45,7 +46,7 @@ STRATEGIES = ("greedy", "beam", "sample")
 MAX_PIXELS = 40_000_000
 
 
-class RequestError(ValueError):
+class RequestError(UsageError):
     """A request the service cannot answer; the message says why, for the page."""
 
 
@@ -200,7 +201,7 @@ class Service:
                  batch_sizes: Sequence[int] = (1, 8)):
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 1:
-            raise ValueError(f"batch sizes must be integers >= 1, got {list(batch_sizes)}")
+            raise UsageError(f"batch sizes must be integers >= 1, got {list(batch_sizes)}")
         self.model, self.params, self.processor, self.name = model, params, processor, name
         self.batch_sizes = tuple(sizes)
         self._lock = threading.Lock()  # one generate call at a time (the device is shared)

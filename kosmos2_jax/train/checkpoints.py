@@ -13,9 +13,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from kosmos2_jax.utils import multihost
+from kosmos2_jax.utils.errors import UsageError
 
 
-class DamagedCheckpoint(ValueError):
+class DamagedCheckpoint(UsageError):
     """A checkpoint step that cannot be read (a kill mid-write of a non-atomic store, a lost file)."""
 
 
@@ -35,7 +36,7 @@ class Checkpoints:
                 open(probe, "w").close()
                 os.remove(probe)
         except OSError as e:
-            raise ValueError(f"workdir {workdir!r} is not writable: {e}") from None
+            raise UsageError(f"workdir {workdir!r} is not writable: {e}") from None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(path, options=options)

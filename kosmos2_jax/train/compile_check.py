@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from kosmos2_jax.train import sharding
 from kosmos2_jax.train.flops import train_flops
+from kosmos2_jax.utils.errors import UsageError
 
 # HBM per chip, GiB (Cloud TPU system architecture pages)
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -42,14 +43,14 @@ def _describe(generation: str, shape: str):
     from jax.experimental import topologies
 
     if importlib.util.find_spec("libtpu") is None:
-        raise ValueError("the compile-only check needs libtpu to describe TPU slices: pip install libtpu==0.0.42.1 "
+        raise UsageError("the compile-only check needs libtpu to describe TPU slices: pip install libtpu==0.0.42.1 "
                          "(the version for jax 0.10.2; no TPU needed)")
     # Describing a slice needs no TPU: don't contend for libtpu's lock with a job that uses the chips.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shape}").devices
     except Exception as e:  # a shape libtpu does not know
-        raise ValueError(f"libtpu cannot describe TPU topology {generation}:{shape}: "
+        raise UsageError(f"libtpu cannot describe TPU topology {generation}:{shape}: "
                          f"{(str(e).splitlines() or [''])[0][:200]}") from None
 
 
@@ -58,7 +59,7 @@ def topology_devices(name: str) -> tuple[list, str, float]:
     libtpu's name, HBM GiB per device). v4's description has two devices (cores) per chip."""
     m = re.fullmatch(r"(v4|v5e|v5p|v6e)([:-])([0-9x]+)", name)
     if not m:
-        raise ValueError(f"--topology {name!r}: expected e.g. v5p-128 or v5p:4x4x8 (generations {sorted(HBM_GIB)})")
+        raise UsageError(f"--topology {name!r}: expected e.g. v5p-128 or v5p:4x4x8 (generations {sorted(HBM_GIB)})")
     generation, sep, rest = m.groups()
     if sep == ":":
         shape = rest
@@ -74,7 +75,7 @@ def topology_devices(name: str) -> tuple[list, str, float]:
                 devices = found
                 break
         if devices is None:
-            raise ValueError(f"--topology {name!r}: no {generation} slice of {wanted} devices among "
+            raise UsageError(f"--topology {name!r}: no {generation} slice of {wanted} devices among "
                              f"{_SHAPES[2 if generation in ('v5e', 'v6e') else 3]}; give libtpu's name, e.g. {generation}:4x4x8")
     chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], "coords") else len(devices)
     return list(devices), f"{generation}:{shape}", HBM_GIB[generation] * chips / len(devices)
@@ -137,13 +138,13 @@ def check(cfg, topology: str, train_step=None) -> dict:
         vocab = Kosmos2Tokenizer.from_file(cfg.tokenizer, num_location_tokens=cfg.num_location_tokens).vocab_size
     config = model_config(cfg, vocab)
     if config.attention_impl == "cudnn":
-        raise ValueError("model.attention_impl=cudnn is GPU-only: compile for a TPU with einsum or xla")
+        raise UsageError("model.attention_impl=cudnn is GPU-only: compile for a TPU with einsum or xla")
     model = Kosmos2(config)
     trainer = Trainer(model, cfg, vocab - cfg.num_location_tokens, cfg.num_location_tokens, abstract=True,
                       devices=devices, train_step=train_step)
     batch_devices = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     if cfg.train.batch_size % (batch_devices * cfg.train.grad_accum_steps):
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by data x fsdp = {batch_devices} "
+        raise UsageError(f"train.batch_size={cfg.train.batch_size} is not divisible by data x fsdp = {batch_devices} "
                          f"devices x grad_accum_steps={cfg.train.grad_accum_steps}: try "
                          f"--config.train.batch_size={2 * batch_devices * cfg.train.grad_accum_steps}")
     batch = abstract_batch(cfg, config, trainer.batch_sharding)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 
-from kosmos2_jax.utils.cli import UsageError
+from kosmos2_jax.utils.errors import UsageError
+
 
 _INT, _NUM = "an integer", "a number"
 # key: (kind, low, high, low is open)  (None: unbounded)

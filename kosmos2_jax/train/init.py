@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 FREQUENCIES = ("log", "linear")
 
@@ -25,9 +27,9 @@ def sincos_2d(side: int, dim: int, temperature: float = 10000.0, frequencies: st
     from low up to pi per cell (the grid's Nyquist frequency): the table can then express a peak one
     cell wide, which is what a location token has to single out."""
     if dim % 4:
-        raise ValueError(f"sin-cos 2-D embeddings need a width divisible by 4, got {dim}")
+        raise UsageError(f"sin-cos 2-D embeddings need a width divisible by 4, got {dim}")
     if frequencies not in FREQUENCIES:
-        raise ValueError(f"sin-cos frequencies {frequencies!r} not in {FREQUENCIES}")
+        raise UsageError(f"sin-cos frequencies {frequencies!r} not in {FREQUENCIES}")
     y, x = np.meshgrid(np.arange(side, dtype=np.float64), np.arange(side, dtype=np.float64), indexing="ij")
     k = np.arange(dim // 4, dtype=np.float64)
     omega = 1.0 / temperature ** (k / (dim // 4)) if frequencies == "log" else np.pi * (k + 1) / (dim // 4)
@@ -66,7 +68,7 @@ def structured_init(params, model_config, first_location_id: int, num_location_t
     if locations:
         side = int(round(num_location_tokens ** 0.5))
         if side * side != num_location_tokens:
-            raise ValueError(f"num_location_tokens={num_location_tokens} is not a square grid")
+            raise UsageError(f"num_location_tokens={num_location_tokens} is not a square grid")
         text = dict(params["text_model"])
         embed = dict(text["embed_tokens"])
         table = embed["embedding"]

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kosmos2_jax.utils import cli
+from kosmos2_jax.utils.errors import UsageError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -46,7 +47,7 @@ def main(argv, run=None, train_step=None):
             return
         if FLAGS.compile_only:
             if not FLAGS.topology:
-                raise ValueError("--compile_only needs --topology (e.g. v5p-128 or v5p:4x4x8)")
+                raise UsageError("--compile_only needs --topology (e.g. v5p-128 or v5p:4x4x8)")
             from kosmos2_jax.train import config_check
             from kosmos2_jax.train.compile_check import check
 
@@ -54,7 +55,7 @@ def main(argv, run=None, train_step=None):
             check(FLAGS.config, FLAGS.topology, train_step)
             return
         if not FLAGS.workdir:
-            raise ValueError("--workdir is required (where checkpoints, logs and the export go)")
+            raise UsageError("--workdir is required (where checkpoints, logs and the export go)")
         if run is None:
             from kosmos2_jax.train.loop import run
         run(FLAGS.config, FLAGS.workdir)
@@ -87,7 +88,6 @@ def parse_flags(argv):
     print(f"error: bad flag: {' '.join(message.split())} (list the config's keys with --config FILE --print_config)",
           file=sys.stderr)
     sys.exit(2)
-
 
 
 def launch(run=None, train_step=None):

@@ -28,7 +28,6 @@ import optax
 
 from kosmos2_jax import weights
 from kosmos2_jax.utils import multihost
-from kosmos2_jax.utils.cli import UsageError
 from kosmos2_jax.train import config_check
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
 from kosmos2_jax.format.images import normalize_pixels
@@ -36,6 +35,7 @@ from kosmos2_jax.train.loss import chunked_lm_head_loss, cross_entropy
 from kosmos2_jax.train.optim import lr_multipliers
 from kosmos2_jax.train.trainer import (StepContext, Trainer, abstract_like, accumulate_gradients, format_eta, freeze,
                                        input_counts, model_config, model_init, source_examples)
+from kosmos2_jax.utils.errors import UsageError
 
 TIMED_STEPS = 10  # steps that compile nothing, which the time estimate is measured over
 
@@ -156,7 +156,7 @@ def restore_data_states(checkpoints: Checkpoints, step: int, shards: int) -> lis
     """The checkpoint's per-shard pipeline positions, or a clear error when it was read as other shards."""
     states = checkpoints.data_states(step)
     if len(states) != shards:
-        raise ValueError(f"the checkpoint of step {step} was written reading the data as {len(states)} host "
+        raise UsageError(f"the checkpoint of step {step} was written reading the data as {len(states)} host "
                          f"shard(s) (one per process by default); this run has {jax.process_count()} "
                          f"process(es) reading {shards}: resume with a process count that divides {len(states)} "
                          f"and --config.data.shards={len(states)}")
@@ -167,7 +167,7 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
     """(trainer, checkpoints, first step, the data shards' saved states or None). A resume is checked
     (model, state layout, step count, data shards) and restored before anything is written."""
     if cfg.init.hf_dir and cfg.init.checkpoint:
-        raise ValueError("set one of init.hf_dir and init.checkpoint, not both")
+        raise UsageError("set one of init.hf_dir and init.checkpoint, not both")
     if cfg.optim.lr_multipliers:  # a pattern matching no parameter: refused before anything is written
         lr_multipliers(nn.unbox(jax.eval_shape(model_init(model), jax.random.PRNGKey(0))), cfg.optim.lr_multipliers)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
@@ -202,9 +202,9 @@ def data_shards(cfg) -> int:
     replay a pod's exact data order, and a checkpoint resumes on any process count dividing it."""
     shards = cfg.data.shards or jax.process_count()
     if shards % jax.process_count():
-        raise ValueError(f"data.shards={shards} is not a multiple of the {jax.process_count()} processes")
+        raise UsageError(f"data.shards={shards} is not a multiple of the {jax.process_count()} processes")
     if cfg.train.batch_size % shards:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {shards} data shards "
+        raise UsageError(f"train.batch_size={cfg.train.batch_size} is not divisible by {shards} data shards "
                          f"(data.shards, default: one per process)")
     return shards
 
@@ -268,7 +268,7 @@ class Evaluation:
         self.task = TASKS[spec.task]
         items = self.task.load(spec.data_dir, spec.split)[:spec.max_items]
         if not items:
-            raise ValueError(f"config.evals.{name}: no {spec.task} items in split {spec.split!r} of {spec.data_dir}")
+            raise UsageError(f"config.evals.{name}: no {spec.task} items in split {spec.split!r} of {spec.data_dir}")
         self.count, self.image_dir = len(items), spec.image_dir or os.path.join(spec.data_dir, "images")
         self.mine = [items[i] for i in multihost.batch_share(len(items), spec.batch_size)]
 

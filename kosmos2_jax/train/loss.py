@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 def location_kernel(side: int, sigma: float) -> np.ndarray:
     """[side*side, side*side] float32: row i is the soft target for location cell i (row-major over
     the grid, as the location tokens are), exp(-d^2 / (2 sigma^2)) over the cells' grid distance d,
     normalized to sum 1. `sigma` is in cells; as it goes to 0 the rows become one-hot."""
     if side < 1 or sigma <= 0:
-        raise ValueError(f"location kernel needs side >= 1 and sigma > 0, got side={side}, sigma={sigma}")
+        raise UsageError(f"location kernel needs side >= 1 and sigma > 0, got side={side}, sigma={sigma}")
     y, x = np.divmod(np.arange(side * side), side)
     d2 = (y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2
     k = np.exp(-(d2 - d2.min(axis=1, keepdims=True)) / (2.0 * float(sigma) ** 2))

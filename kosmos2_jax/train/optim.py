@@ -14,6 +14,8 @@ import optax
 import flax.linen as nn
 from flax import traverse_util
 
+from kosmos2_jax.utils.errors import UsageError
+
 FREEZE_MODES = ("none", "vision_except_last", "all_but_resampler")
 
 
@@ -24,7 +26,7 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, end
                            decay: str = "linear"):
     """Linear warm-up to `peak`, then `decay` ("linear" or "cosine") to `end` at `total_steps`."""
     if decay not in DECAYS:
-        raise ValueError(f"optim.decay={decay!r} not in {DECAYS}")
+        raise UsageError(f"optim.decay={decay!r} not in {DECAYS}")
     warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
     steps = max(total_steps - warmup_steps, 1)
     after = (optax.linear_schedule(peak, end, steps) if decay == "linear" else
@@ -39,7 +41,7 @@ def trainable_mask(params, mode: str, scan_layers: bool = True):
     LayerNorm (the paper's setting); `all_but_resampler`: only the image-to-text projection trains.
     """
     if mode not in FREEZE_MODES:
-        raise ValueError(f"freeze mode {mode!r} not in {FREEZE_MODES}")
+        raise UsageError(f"freeze mode {mode!r} not in {FREEZE_MODES}")
     flat = traverse_util.flatten_dict(params)
     vision_layers = [int(m.group(1)) for p in flat if p[:2] == ("vision_model", "encoder")
                      for m in [re.fullmatch(r"layer_(\d+)", p[2])] if m]  # unscanned layers only
@@ -116,7 +118,7 @@ def weight_decay_mask(name: str):
     (fairseq's Adam with --weight-decay) does; "matrices" only kernels and embeddings (no biases,
     LayerNorms, class embedding or position tables)."""
     if name not in WEIGHT_DECAY_MASKS:
-        raise ValueError(f"optim.weight_decay_mask {name!r} not in {WEIGHT_DECAY_MASKS}")
+        raise UsageError(f"optim.weight_decay_mask {name!r} not in {WEIGHT_DECAY_MASKS}")
     if name == "all":
         return None
 
@@ -141,7 +143,7 @@ def parse_lr_multipliers(spec: str) -> list[tuple[re.Pattern, float]]:
             if not sep or not pattern or rules[-1][1] < 0:
                 raise ValueError
         except (re.error, ValueError):
-            raise ValueError(f"optim.lr_multipliers: {item!r} is not REGEX=FACTOR (a factor >= 0)") from None
+            raise UsageError(f"optim.lr_multipliers: {item!r} is not REGEX=FACTOR (a factor >= 0)") from None
     return rules
 
 
@@ -152,7 +154,7 @@ def lr_multipliers(params, spec: str) -> dict[str, float]:
     paths = [_param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     for pattern, _ in rules:
         if not any(pattern.search(p) for p in paths):
-            raise ValueError(f"optim.lr_multipliers: {pattern.pattern!r} matches no parameter")
+            raise UsageError(f"optim.lr_multipliers: {pattern.pattern!r} matches no parameter")
     return {p: f for p in paths for f in [next((f for pat, f in rules if pat.search(p)), 1.0)] if f != 1.0}
 
 
@@ -193,7 +195,7 @@ def muon(schedule, cfg) -> optax.GradientTransformation:
     b1, b2, eps on the rest (optax.contrib.muon's: with Nesterov momentum there too). Both decay
     every parameter they update by `weight_decay` (weight_decay_mask "all" only)."""
     if cfg.weight_decay_mask != "all":
-        raise ValueError("optim.optimizer='muon' decays every parameter: it needs optim.weight_decay_mask='all'")
+        raise UsageError("optim.optimizer='muon' decays every parameter: it needs optim.weight_decay_mask='all'")
     from optax.contrib import muon as optax_muon
 
     return optax_muon(schedule, ns_steps=cfg.muon_ns_steps, beta=0.95, weight_decay=cfg.weight_decay,
@@ -210,7 +212,7 @@ def make_optimizer(cfg, mask=None) -> tuple[optax.GradientTransformation, optax.
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     optimizer = cfg.optimizer
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optim.optimizer={optimizer!r} not in {OPTIMIZERS}")
+        raise UsageError(f"optim.optimizer={optimizer!r} not in {OPTIMIZERS}")
     if optimizer == "muon":
         parts.append(muon(schedule, cfg))
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from kosmos2_jax.utils.errors import UsageError
+
 # Table 7 / train.sh, one place: the pretraining config takes them as they are and a test reads them.
 PAPER_PRETRAIN = dict(
     lr=2e-4, warmup_steps=375, steps=60000, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=2.0,
@@ -30,19 +32,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         key, eq, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"config argument {item!r}: unknown key {key!r}; known: {', '.join(sorted(defaults))}")
+            raise UsageError(f"config argument {item!r}: unknown key {key!r}; known: {', '.join(sorted(defaults))}")
         kind = type(defaults[key])
         if kind is bool:
             if eq and value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {item!r}: {key} is true or false")
+                raise UsageError(f"config argument {item!r}: {key} is true or false")
             out[key] = (not eq) or value.lower() in ("true", "1")
         else:
             if not eq:
-                raise ValueError(f"config argument {item!r}: give {key}=VALUE")
+                raise UsageError(f"config argument {item!r}: give {key}=VALUE")
             try:
                 out[key] = kind(value)
             except ValueError:
-                raise ValueError(f"config argument {item!r}: {key} takes a {kind.__name__}") from None
+                raise UsageError(f"config argument {item!r}: {key} takes a {kind.__name__}") from None
     return out
 
 

@@ -18,6 +18,7 @@ import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kosmos2_jax.models import partitioning
+from kosmos2_jax.utils.errors import UsageError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -49,14 +50,14 @@ def rules_from_text(text: str, base: Sequence[tuple[str, Any]] = DEFAULT_RULES) 
     for item in filter(None, (p.strip() for p in (text or "").split(","))):
         logical, eq, axes = (x.strip() for x in item.partition("="))
         if not eq or logical not in table:
-            raise ValueError(f"{item!r}: give LOGICAL=MESH_AXIS with LOGICAL one of {', '.join(sorted(table))}")
+            raise UsageError(f"{item!r}: give LOGICAL=MESH_AXIS with LOGICAL one of {', '.join(sorted(table))}")
         names = tuple(a.strip() for a in axes.split("+"))
         if names == ("none",):
             table[logical] = None
             continue
         bad = [a for a in names if a not in MESH_AXES]
         if bad:
-            raise ValueError(f"{item!r}: {bad[0]!r} is not a mesh axis ({', '.join(MESH_AXES)}, or none)")
+            raise UsageError(f"{item!r}: {bad[0]!r} is not a mesh axis ({', '.join(MESH_AXES)}, or none)")
         table[logical] = names[0] if len(names) == 1 else names
     return tuple(table.items())
 
@@ -66,11 +67,11 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any]
     devices = list(jax.devices() if devices is None else devices)
     sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
     if len(sizes) != len(MESH_AXES) or sizes.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape} must give {MESH_AXES} with at most one -1")
+        raise UsageError(f"mesh shape {shape} must give {MESH_AXES} with at most one -1")
     known = math.prod(s for s in sizes if s != -1)
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+        raise UsageError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

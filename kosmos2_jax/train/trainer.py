@@ -27,6 +27,7 @@ from kosmos2_jax.train import image_slots, sharding
 from kosmos2_jax.train.init import structured_init
 from kosmos2_jax.train.loss import location_kernel
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
+from kosmos2_jax.utils.errors import UsageError
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "image_embeds_position_mask", "pixel_values",
               "segment_ids", "source_ids")  # segment_ids: packed rows only; `_put` may add image_index
@@ -41,7 +42,7 @@ def model_config(cfg, vocab_size: int):
     if text["vocab_size"] == -1:
         text["vocab_size"] = vocab_size
     elif text["vocab_size"] != vocab_size:
-        raise ValueError(f"config model.text.vocab_size={text['vocab_size']} but the tokenizer has {vocab_size}")
+        raise UsageError(f"config model.text.vocab_size={text['vocab_size']} but the tokenizer has {vocab_size}")
     vision = VisionConfig(**dict(cfg.model.vision))
     freeze = cfg.train.freeze
     frozen = {"vision_except_last": vision.num_hidden_layers - 1, "all_but_resampler": vision.num_hidden_layers}
@@ -111,7 +112,7 @@ class Trainer:
         self.batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         accum = config.train.grad_accum_steps
         if accum > 1 and config.train.batch_size % (self.batch_shards * accum):
-            raise ValueError(f"config.train.grad_accum_steps={accum}: each of the {self.batch_shards} batch shards "
+            raise UsageError(f"config.train.grad_accum_steps={accum}: each of the {self.batch_shards} batch shards "
                              f"holds {config.train.batch_size / self.batch_shards:g} of train.batch_size="
                              f"{config.train.batch_size} rows, which do not split into {accum} micro-batches")
         # compacted images: one block per micro-batch of each batch shard (`micro_batches`)

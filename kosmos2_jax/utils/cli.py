@@ -2,8 +2,9 @@
 errors are one line (exit code 2) and whose `--help` shows the defaults, and `run`, which turns
 the project's user errors into one line instead of a traceback.
 
-A user error is a `UsageError` (or a `ValueError` / `FileNotFoundError` raised on bad input, as
-the library raises them); anything else is a bug and keeps its traceback. `KOSMOS2_DEBUG=1` shows
+A user error is a `UsageError` (`utils/errors.py`, what the library raises on bad input) or a
+missing or misplaced file (`FileNotFoundError`, ...); anything else, a plain `ValueError` from
+JAX included, is a bug and keeps its traceback. `KOSMOS2_DEBUG=1` shows
 the traceback of user errors too.
 """
 
@@ -16,14 +17,12 @@ import os
 import sys
 from typing import Callable
 
+from kosmos2_jax.utils.errors import UsageError
+
 _REAL_STDERR = None  # a copy of the real stderr once `fd2_silenced` left fd 2 silenced
 
 
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

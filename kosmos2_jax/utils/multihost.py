@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from kosmos2_jax.utils.errors import UsageError
+
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
     """`jax.distributed.initialize`: automatic on TPU / Slurm / Open MPI when the arguments are
@@ -19,7 +21,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     cross-process collectives run over gloo). It also starts JAX's preemption sync manager, which
     `train.trainer.Preemption` uses to stop all processes at the same step."""
     if coordinator_address and (num_processes < 1 or not 0 <= process_id < num_processes):
-        raise ValueError(f"coordinator_address {coordinator_address!r} needs num_processes >= 1 and "
+        raise UsageError(f"coordinator_address {coordinator_address!r} needs num_processes >= 1 and "
                          f"0 <= process_id < num_processes, got num_processes={num_processes}, process_id={process_id}")
     try:  # CPU devices need a collectives backend across processes; GPU / TPU ignore this flag
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -19,7 +19,8 @@ import os
 import shutil
 import time
 
-from kosmos2_jax.utils.cli import UsageError
+from kosmos2_jax.utils.errors import UsageError
+
 
 # Tests set this to pause (in seconds) before an output is committed, to kill a command mid-write.
 _PAUSE_ENV = "KOSMOS2_TEST_PAUSE_BEFORE_COMMIT"

@@ -32,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from kosmos2_jax.models import Kosmos2, Kosmos2Config
+from kosmos2_jax.utils.errors import UsageError
 
 _ALIGN = 64  # XLA:CPU uses a host buffer in place when it is aligned to this
 _READERS = 4  # chunk reads in flight; reads release the GIL
@@ -67,7 +68,7 @@ def read_json(path: str, what: str):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path!r} is not valid JSON ({e})") from None
+        raise UsageError(f"{what} {path!r} is not valid JSON ({e})") from None
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class ZarrArray:
         """Where chunk `path`'s bytes start in the open file `f` (None: an empty chunk)."""
         size = os.fstat(f.fileno()).st_size
         if listed is not None and size != listed:
-            raise ValueError(f"{path}: chunk file is truncated ({size} of {listed} bytes)")
+            raise UsageError(f"{path}: chunk file is truncated ({size} of {listed} bytes)")
         offset = 0
         if self.index_at is not None:
             f.seek(0 if self.index_at == "start" else size - 20)
@@ -221,9 +222,9 @@ class ZarrArray:
             if offset == _NO_CHUNK:
                 return None
             if nbytes != self.chunk_bytes:
-                raise ValueError(f"{path}: damaged chunk ({nbytes} bytes at {offset}, file of {size})")
+                raise UsageError(f"{path}: damaged chunk ({nbytes} bytes at {offset}, file of {size})")
         if offset + self.chunk_bytes > size:
-            raise ValueError(f"{path}: chunk is truncated")
+            raise UsageError(f"{path}: chunk is truncated")
         return offset
 
     def _listed(self, path: str):
@@ -263,7 +264,7 @@ class ZarrArray:
             f = open(path, "rb")
         except FileNotFoundError:  # zarr leaves out chunks that are all fill value
             if listed is not None:
-                raise ValueError(f"{path}: chunk file is missing (damaged checkpoint)") from None
+                raise UsageError(f"{path}: chunk file is missing (damaged checkpoint)") from None
             dest[...] = self.fill
             return
         with f:
@@ -276,7 +277,7 @@ class ZarrArray:
             target = dest if whole and dest.flags.c_contiguous and dest.dtype == self.dtype else \
                 np.empty(self.chunk, self.dtype)
             if f.readinto(memoryview(target.reshape(-1)).cast("B")) != self.chunk_bytes:
-                raise ValueError(f"{path}: chunk is truncated")
+                raise UsageError(f"{path}: chunk is truncated")
         if target is not dest:
             dest[...] = target[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))]
 
@@ -285,11 +286,11 @@ class ZarrArray:
 def read_model_config(ckpt_dir: str) -> Kosmos2Config:
     cfg_path = os.path.join(ckpt_dir, "model_config.json")
     if not os.path.isfile(cfg_path) or not os.path.isdir(os.path.join(ckpt_dir, "params")):
-        raise ValueError(f"{ckpt_dir!r} is not a kosmos2_jax checkpoint (needs model_config.json and params/)")
+        raise UsageError(f"{ckpt_dir!r} is not a kosmos2_jax checkpoint (needs model_config.json and params/)")
     try:
         return Kosmos2Config.from_dict(read_json(cfg_path, "the model config"))
     except (TypeError, KeyError) as e:
-        raise ValueError(f"the model config {cfg_path!r} does not describe a Kosmos2Config ({e})") from None
+        raise UsageError(f"the model config {cfg_path!r} does not describe a Kosmos2Config ({e})") from None
 
 
 def _name(path: tuple[str, ...]) -> str:
@@ -340,13 +341,13 @@ def _layout(shapes: dict, saved: Kosmos2Config, wanted: Kosmos2Config) -> dict:
 def _check_layout(ckpt_dir: str, found: dict, expected: dict) -> None:
     for path, spec in expected.items():
         if path not in found:
-            raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
+            raise UsageError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
         if tuple(found[path][2]) != tuple(spec.shape):
-            raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} has shape {tuple(found[path][2])}, "
+            raise UsageError(f"{ckpt_dir!r}: parameter {'/'.join(path)} has shape {tuple(found[path][2])}, "
                              f"model_config.json says {tuple(spec.shape)}")
     extra = sorted(set(found) - set(expected))
     if extra:
-        raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(extra[0])} is not in the model of model_config.json")
+        raise UsageError(f"{ckpt_dir!r}: parameter {'/'.join(extra[0])} is not in the model of model_config.json")
 
 
 def _index_region(index, shape) -> tuple[tuple[int, int], ...]:
@@ -405,7 +406,7 @@ def _saved_shapes(ckpt_dir: str, config: Kosmos2Config) -> dict:
         try:
             tree = ckptr.metadata(os.path.join(ckpt_dir, "params")).item_metadata.tree
         except Exception as e:  # Orbax raises many types for damaged files
-            raise ValueError(f"cannot read the params metadata of {ckpt_dir!r}: {e}") from e
+            raise UsageError(f"cannot read the params metadata of {ckpt_dir!r}: {e}") from e
     return {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(tree).items()}
 
 
@@ -423,16 +424,16 @@ def _read_through_orbax(ckpt_dir: str, saved: dict, found: dict) -> dict:
             try:
                 stored = traverse_util.flatten_dict(ckptr.restore(os.path.join(ckpt_dir, "params"), target))
             except Exception as e:  # Orbax raises many types for damaged files
-                raise ValueError(f"cannot restore the params of {ckpt_dir!r}: {e}") from e
+                raise UsageError(f"cannot restore the params of {ckpt_dir!r}: {e}") from e
         else:
             for path, shape in saved.items():
                 where = os.path.join(ckpt_dir, "params", _name(path))
                 if not os.path.isdir(where):
-                    raise ValueError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
+                    raise UsageError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
                 try:
                     stored[path] = ckptr.restore(where, {"value": jax.ShapeDtypeStruct(shape, np.float32)})["value"]
                 except Exception as e:  # Orbax raises many types for damaged files
-                    raise ValueError(f"cannot restore {'/'.join(path)} from {ckpt_dir!r}: {e}") from e
+                    raise UsageError(f"cannot restore {'/'.join(path)} from {ckpt_dir!r}: {e}") from e
     return {path: np.asarray(stored[src])[layer] if layer is not None else np.asarray(stored[src])
             for path, (src, layer, _) in found.items()}
 
@@ -450,7 +451,7 @@ def _read(ckpt_dir: str, saved: Kosmos2Config, wanted: Kosmos2Config, expected, 
     if arrays is None or (shardings is not None and set(found) != set(shardings)):
         _check_layout(ckpt_dir, found, expected.result())  # before reading; names what differs
     if shardings is not None and set(found) != set(shardings):
-        raise ValueError(f"{ckpt_dir!r}: the target shardings do not match the model's params")
+        raise UsageError(f"{ckpt_dir!r}: the target shardings do not match the model's params")
     if arrays is not None:
         flat = _read_direct(arrays, found, shardings)
         _check_layout(ckpt_dir, found, expected.result())

@@ -32,6 +32,7 @@ from flax import traverse_util
 from kosmos2_jax.weights.checkpoint import (abstract_params, aligned_empty, iter_checkpoint_leaves, load_checkpoint,
                                     read_json, save_checkpoint)
 from kosmos2_jax.models import Kosmos2, Kosmos2Config, TextConfig, VisionConfig
+from kosmos2_jax.utils.errors import UsageError
 
 # Keys HF checkpoints may carry that hold no parameters of ours.
 _IGNORED = re.compile(r".*(position_ids|embed_positions\.weights|self_attn_sope\.scale)$")
@@ -45,7 +46,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Kosmos2Config:
     text_fields = {f.name for f in TextConfig.__dataclass_fields__.values()}
     vision_fields = {f.name for f in VisionConfig.__dataclass_fields__.values()}
     if t.get("add_cross_attention"):
-        raise ValueError("text_config.add_cross_attention=True is not supported (the released model has none)")
+        raise UsageError("text_config.add_cross_attention=True is not supported (the released model has none)")
     text = TextConfig(**{k: t[k] for k in text_fields if k in t})
     vision = VisionConfig(**{k: v[k] for k in vision_fields if k in v})
     return Kosmos2Config(vision=vision, text=text, latent_query_num=hf.get("latent_query_num", 64), **overrides)
@@ -88,7 +89,7 @@ def hf_key(path: tuple[str, ...], layer: int | None = None) -> str:
         return "vision_model.model." + ".".join([*rest[:-1], _leaf_to_hf(rest[-1])])
     if top == "image_to_text_projection":
         return "image_to_text_projection." + ".".join([*rest[:-1], _leaf_to_hf(rest[-1])])
-    raise ValueError(f"no HF key for param path {'/'.join(path)}")
+    raise UsageError(f"no HF key for param path {'/'.join(path)}")
 
 
 def _layer_of(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None, bool]:
@@ -141,7 +142,7 @@ class TensorSource:
         if os.path.isdir(path) and not files:
             files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
         if not files or not all(os.path.isfile(f) for f in files):
-            raise ValueError(f"no weights in {path!r}: expected *.safetensors or pytorch_model*.bin")
+            raise UsageError(f"no weights in {path!r}: expected *.safetensors or pytorch_model*.bin")
         for f in files:
             for key, opener in self._index(f):
                 self._files[key] = opener
@@ -158,7 +159,7 @@ class TensorSource:
             try:
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:
-                raise ValueError(f"cannot read PyTorch checkpoint {path!r}: {e}") from e
+                raise UsageError(f"cannot read PyTorch checkpoint {path!r}: {e}") from e
             for key, tensor in state.items():
                 yield key, (lambda t=tensor: t)
 
@@ -184,15 +185,15 @@ class SafetensorsReader:
             with open(path, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
                 if size > os.path.getsize(path) - 8:
-                    raise ValueError(f"header of {size} bytes is longer than the file")
+                    raise UsageError(f"header of {size} bytes is longer than the file")
                 self._header = json.loads(f.read(size))
             self._base = 8 + size
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read safetensors file {path!r}: {e}") from e
+            raise UsageError(f"cannot read safetensors file {path!r}: {e}") from e
         self._header.pop("__metadata__", None)
         end = max((v["data_offsets"][1] for v in self._header.values()), default=0)
         if self._base + end > os.path.getsize(path):
-            raise ValueError(f"safetensors file {path!r} is truncated: data ends at {self._base + end} bytes, "
+            raise UsageError(f"safetensors file {path!r} is truncated: data ends at {self._base + end} bytes, "
                              f"file has {os.path.getsize(path)}")
 
     def keys(self) -> list[str]:
@@ -201,13 +202,13 @@ class SafetensorsReader:
     def get(self, key: str) -> np.ndarray:
         info = self._header[key]
         if info["dtype"] not in self._DTYPES:
-            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            raise UsageError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         out = np.empty(info["shape"], self._DTYPES[info["dtype"]])
         with open(self.path, "rb") as f:
             f.seek(self._base + start)
             if f.readinto(memoryview(out.reshape(-1)).cast("B")) != end - start:
-                raise ValueError(f"{self.path}: tensor {key!r} is truncated")
+                raise UsageError(f"{self.path}: tensor {key!r} is truncated")
         if info["dtype"] == "BF16":
             return (out.astype(np.uint32) << 16).view(np.float32)
         return out.astype(np.float32, copy=False)
@@ -223,17 +224,17 @@ def iter_params_from_hf(state: Any, config: Kosmos2Config) -> Iterator[tuple[tup
     known = {key for path, spec in expected.items() for key in hf_keys(path, spec.shape)}
     unexpected = sorted(k for k in available - known if k != _LM_HEAD and not _IGNORED.match(k))
     if unexpected:
-        raise ValueError(f"{source.name}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise UsageError(f"{source.name}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for path, spec in expected.items():
         stacked = _layer_of(path)[2]
         out = aligned_empty(spec.shape, np.float32)  # aligned: XLA:CPU then uses it in place
         for i, key in enumerate(hf_keys(path, spec.shape)):
             if key not in available:
-                raise ValueError(f"{source.name}: missing tensor {key!r} (needed for {'/'.join(path)})")
+                raise UsageError(f"{source.name}: missing tensor {key!r} (needed for {'/'.join(path)})")
             value = _from_hf_array(path, source.get(key))
             want = spec.shape[1:] if stacked else spec.shape
             if value.shape != tuple(want):
-                raise ValueError(f"{source.name}: tensor {key!r} has shape {tuple(_to_hf_shape(path, value.shape))} "
+                raise UsageError(f"{source.name}: tensor {key!r} has shape {tuple(_to_hf_shape(path, value.shape))} "
                                  f"but the model config needs {tuple(_to_hf_shape(path, want))}")
             if stacked:
                 out[i] = value
@@ -242,7 +243,7 @@ def iter_params_from_hf(state: Any, config: Kosmos2Config) -> Iterator[tuple[tup
         if path == ("text_model", "embed_tokens", "embedding") and _LM_HEAD in available:
             head = source.get(_LM_HEAD)
             if head.shape != out.shape or not np.array_equal(head, out):
-                raise ValueError(f"{source.name}: {_LM_HEAD} differs from the token embeddings; only tied heads "
+                raise UsageError(f"{source.name}: {_LM_HEAD} differs from the token embeddings; only tied heads "
                                  "are supported")
             del head
         yield path, out.astype(spec.dtype, copy=False)
@@ -295,7 +296,7 @@ def to_device(params: Mapping) -> dict:
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"no config.json in {hf_dir!r}: expected a Hugging Face model folder")
+        raise UsageError(f"no config.json in {hf_dir!r}: expected a Hugging Face model folder")
     return read_json(path, "the Hugging Face config")
 
 
@@ -374,7 +375,7 @@ def load_params_for(config: Kosmos2Config, source: str) -> dict:
         weights = config_from_hf(read_hf_config(source))
     diffs = architecture_differences(weights, config)
     if diffs:
-        raise ValueError(f"{source}: the weights' architecture differs from the config's model "
+        raise UsageError(f"{source}: the weights' architecture differs from the config's model "
                          f"(weights vs config): {'; '.join(diffs)}")
     return params_from_hf(dict(leaves_to_hf(leaves)) if ours else TensorSource(source), config)
 
@@ -400,7 +401,7 @@ def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]], shap
             while order and order[0] in pending:
                 f.write(np.ascontiguousarray(pending.pop(order.pop(0)), dtype=np.float32).tobytes())
     if order:
-        raise ValueError(f"tensors missing when writing {path!r}: {order[:5]}")
+        raise UsageError(f"tensors missing when writing {path!r}: {order[:5]}")
 
 
 def export_hf(out_dir: str, config: Kosmos2Config, params: Mapping | None = None, leaves=None) -> None:
