@@ -179,22 +179,18 @@ print("OK", split)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
-def test_other_orbax_layouts_and_old_folders_load(saved, tmp_path):
-    """A default Orbax save (OCDBT, compressed) restores through Orbax; the one-item-per-parameter
-    folders that earlier versions of `from-hf` wrote still load."""
+def test_other_orbax_layouts_load(saved, tmp_path):
+    """A default Orbax save (OCDBT, compressed) restores through Orbax."""
     import orbax.checkpoint as ocp
 
     folder, model, params = saved
     config = json.loads((folder / "model_config.json").read_text())
-    for name in ("ocdbt", "per_parameter"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model_config.json").write_text(json.dumps(config))
+    (tmp_path / "ocdbt").mkdir()
+    (tmp_path / "ocdbt" / "model_config.json").write_text(json.dumps(config))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(str(tmp_path / "ocdbt" / "params"), params)
-        for path, value in traverse_util.flatten_dict(params).items():
-            ckptr.save(str(tmp_path / "per_parameter" / "params" / ".".join(path)), {"value": value})
     assert (tmp_path / "ocdbt" / "params" / "manifest.ocdbt").exists()
-    for name in ("ocdbt", "per_parameter"):
+    for name in ("ocdbt",):
         _, loaded = checkpoint.load_checkpoint(str(tmp_path / name))
         _equal(loaded, params)
         _, split = checkpoint.load_checkpoint(str(tmp_path / name), scan_text_layers=False)

@@ -11,7 +11,7 @@ pages as they are) and reads the others chunk by chunk into aligned buffers, eac
 shards its devices hold. It can also split scanned (stacked) layers into per-layer arrays on the
 way in (`scan_layers=False` / `scan_text_layers=False`, what decoding wants). A mapped checkpoint
 must not be truncated in place while in use (replacing it, as our commands do, is safe). Other Orbax layouts (OCDBT, compressed)
-restore through Orbax; the one-item-per-parameter folders of earlier versions still load.
+restore through Orbax.
 """
 
 from __future__ import annotations
@@ -293,12 +293,8 @@ def read_model_config(ckpt_dir: str) -> Kosmos2Config:
         raise UsageError(f"the model config {cfg_path!r} does not describe a Kosmos2Config ({e})") from None
 
 
-def _name(path: tuple[str, ...]) -> str:
-    return ".".join(path)  # Orbax's name for a param's folder
-
-
 def is_tree_checkpoint(ckpt_dir: str) -> bool:
-    """`params/` as one Orbax PyTree checkpoint, not one item per parameter (earlier versions)."""
+    """`params/` holds an Orbax PyTree checkpoint (its metadata file)."""
     return os.path.isfile(os.path.join(ckpt_dir, "params", "_METADATA"))
 
 
@@ -396,12 +392,11 @@ def _assemble(buffers: dict, sharding, shape) -> jax.Array:
 
 
 def _saved_shapes(ckpt_dir: str, config: Kosmos2Config) -> dict:
-    """path -> shape of what the folder holds: Orbax's metadata for a tree, else the saved config's
-    layout (the per-parameter folders of earlier versions)."""
+    """path -> shape of what the folder holds, from Orbax's metadata."""
     import orbax.checkpoint as ocp
 
     if not is_tree_checkpoint(ckpt_dir):
-        return {p: s.shape for p, s in traverse_util.flatten_dict(abstract_params(Kosmos2(config))).items()}
+        raise UsageError(f"{ckpt_dir!r}: params/ holds no Orbax PyTree checkpoint (no params/_METADATA)")
     with ocp.StandardCheckpointer() as ckptr:
         try:
             tree = ckptr.metadata(os.path.join(ckpt_dir, "params")).item_metadata.tree
@@ -412,28 +407,17 @@ def _saved_shapes(ckpt_dir: str, config: Kosmos2Config) -> dict:
 
 def _read_through_orbax(ckpt_dir: str, saved: dict, found: dict) -> dict:
     """numpy leaves of `found` (see `_layout`) from the arrays `saved` (path -> shape) of any
-    Orbax PyTree layout (through Orbax) or of the one-item-per-parameter folders of earlier versions."""
+    Orbax PyTree layout (OCDBT, compressed, ...), through Orbax."""
     import orbax.checkpoint as ocp
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    stored = {}
     with ocp.StandardCheckpointer() as ckptr:
-        if is_tree_checkpoint(ckpt_dir):
-            target = traverse_util.unflatten_dict(
-                {p: jax.ShapeDtypeStruct(s, np.float32, sharding=device) for p, s in saved.items()})
-            try:
-                stored = traverse_util.flatten_dict(ckptr.restore(os.path.join(ckpt_dir, "params"), target))
-            except Exception as e:  # Orbax raises many types for damaged files
-                raise UsageError(f"cannot restore the params of {ckpt_dir!r}: {e}") from e
-        else:
-            for path, shape in saved.items():
-                where = os.path.join(ckpt_dir, "params", _name(path))
-                if not os.path.isdir(where):
-                    raise UsageError(f"{ckpt_dir!r}: parameter {'/'.join(path)} is missing (truncated checkpoint?)")
-                try:
-                    stored[path] = ckptr.restore(where, {"value": jax.ShapeDtypeStruct(shape, np.float32)})["value"]
-                except Exception as e:  # Orbax raises many types for damaged files
-                    raise UsageError(f"cannot restore {'/'.join(path)} from {ckpt_dir!r}: {e}") from e
+        target = traverse_util.unflatten_dict(
+            {p: jax.ShapeDtypeStruct(s, np.float32, sharding=device) for p, s in saved.items()})
+        try:
+            stored = traverse_util.flatten_dict(ckptr.restore(os.path.join(ckpt_dir, "params"), target))
+        except Exception as e:  # Orbax raises many types for damaged files
+            raise UsageError(f"cannot restore the params of {ckpt_dir!r}: {e}") from e
     return {path: np.asarray(stored[src])[layer] if layer is not None else np.asarray(stored[src])
             for path, (src, layer, _) in found.items()}
 
