@@ -52,14 +52,14 @@ def memorized_checkpoint(directory, spm_path, steps: int = 150) -> str:
     params = model.init(jax.random.PRNGKey(0), inputs["pixel_values"][:1], inputs["input_ids"][:1],
                         inputs["attention_mask"][:1], inputs["image_embeds_position_mask"][:1])["params"]
     ids = inputs["input_ids"]
-    weights = inputs["attention_mask"][:, 1:] * (1 - inputs["image_embeds_position_mask"][:, 1:])
+    targets = inputs["attention_mask"][:, 1:] * (1 - inputs["image_embeds_position_mask"][:, 1:])
 
     def loss(p):
         logits = model.apply({"params": p}, inputs["pixel_values"], ids, inputs["attention_mask"],
                              inputs["image_embeds_position_mask"])
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
         nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
-        return jnp.sum(nll * weights) / jnp.sum(weights)
+        return jnp.sum(nll * targets) / jnp.sum(targets)
 
     opt = optax.adam(3e-3)
 
