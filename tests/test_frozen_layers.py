@@ -77,7 +77,6 @@ def test_no_backward_through_the_frozen_layers():
 
 
 def test_weight_decay_masks_and_trained_only_updates():
-    import ml_collections
     import optax
 
     from kosmos2_jax.train.optim import make_optimizer, weight_decay_mask
@@ -87,8 +86,8 @@ def test_weight_decay_masks_and_trained_only_updates():
             "stack": {"kernel": jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(4, 1)}}
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
     for decay, bias_moves in (("all", True), ("matrices", False)):
-        cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.99, eps=1e-8,
-                                             weight_decay=0.5, clip_norm=1.0, weight_decay_mask=decay))
+        cfg = _optim_config(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.99, eps=1e-8,
+                            weight_decay=0.5, clip_norm=1.0, weight_decay_mask=decay)
         tx, _ = make_optimizer(cfg)  # zero gradients: only the weight decay moves a parameter
         updates, _ = tx.update(zero_grads, tx.init(params), params)
         assert bool(jnp.any(updates["dense"]["bias"] != 0)) == bias_moves and jnp.all(updates["dense"]["kernel"] < 0)
@@ -106,7 +105,6 @@ def test_weight_decay_masks_and_trained_only_updates():
 def test_lr_multipliers_scale_the_matching_updates():
     """`optim.lr_multipliers`: the first matching pattern's factor scales a parameter's whole AdamW
     update (its learning rate), also on the trained layers of a partly frozen stack."""
-    import ml_collections
     import pytest
 
     from kosmos2_jax.train.optim import lr_multipliers, make_optimizer, parse_lr_multipliers
@@ -118,8 +116,8 @@ def test_lr_multipliers_scale_the_matching_updates():
             "stack": {"kernel": jnp.array([0.0, 0.0, 1.0, 1.0]).reshape(4, 1)}}
 
     def updates(spec, mask=None):
-        cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.99, eps=1e-8,
-                                             weight_decay=0.0, clip_norm=0.0, lr_multipliers=spec))
+        cfg = _optim_config(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.99, eps=1e-8,
+                            weight_decay=0.0, clip_norm=0.0, lr_multipliers=spec)
         tx, _ = make_optimizer(cfg, mask)
         return tx.update(grads, tx.init(params), params)[0]
 
@@ -138,11 +136,19 @@ def test_lr_multipliers_scale_the_matching_updates():
             parse_lr_multipliers(bad)
 
 
-def _muon_config(**extra):
-    import ml_collections
+def _optim_config(**settings):
+    """presets.base()'s `optim` (every key with its default) with `settings`."""
+    from kosmos2_jax.train import presets
 
-    return ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98, eps=1e-8,
-                                          weight_decay=0.0, clip_norm=0.0, optimizer="muon", **extra))
+    cfg = presets.base().optim
+    cfg.unlock()
+    cfg.update(settings)
+    return cfg
+
+
+def _muon_config(**extra):
+    return _optim_config(lr=0.1, warmup_steps=0, total_steps=10, b1=0.9, b2=0.98, eps=1e-8,
+                         weight_decay=0.0, clip_norm=0.0, optimizer="muon", **extra)
 
 
 def _singular_spread(matrix) -> float:
