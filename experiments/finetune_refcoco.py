@@ -24,6 +24,7 @@ def get_config(arg=None):
     c.data.update(preprocess="square", grounded_prob=1.0, seq_len=256, pack=False)
     c.data.sources.text.weight = c.data.sources.caption.weight = 0.0  # the referring expressions only
     c.optim.update(lr=1e-5, warmup_steps=100)
-    c.train.update(steps=5000, batch_size=256, freeze="vision_except_last")
+    # chunked LM head: 256-token rows, ~20 targets each (docs/training.md, the compile-only memory table)
+    c.train.update(steps=5000, batch_size=256, freeze="vision_except_last", loss_impl="chunked")
     c.evals.grounding.update(task="refcoco", split="val")
     return presets.runlocal(c, args.data) if args.runlocal else c

@@ -26,7 +26,9 @@ def get_config(arg=None):
     args = presets.parse_arg(arg, runlocal=False, data=presets.DEMO_DATA)
     c = presets.base()
     c.optim.update(lr=1e-5, warmup_steps=375)
-    c.train.update(steps=10000, batch_size=112)
+    # the LM head in chunks where there are targets: the plain loss's logits (rows x 2048 x 65,037,
+    # float32) cost GiBs per device (docs/training.md, the compile-only memory table)
+    c.train.update(steps=10000, batch_size=112, loss_impl="chunked")
     # Table 8, sequences per step
     for name, weight in dict(train=702, grounded_instruct=702, llava=351, flan=58.5, unnatural_instructions=58.5,
                              text=30, interleaved=15, caption=0).items():

@@ -1,4 +1,4 @@
-"""KOSMOS-2 pretraining on GRIT (paper Table 7; the released train.sh): `presets.base()` as it is.
+"""KOSMOS-2 pretraining on GRIT (paper Table 7; the released train.sh): `presets.base()` with the chunked LM-head loss.
 
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --workdir gs://BUCKET/kosmos2_pretrain \\
         --config.data.sources.train.data_dir=DIR/grit/1.0.0 --config.data.sources.caption.data_dir=DIR/laion/1.0.0 \\
@@ -29,4 +29,7 @@ from kosmos2_jax.train import presets
 def get_config(arg=None):
     args = presets.parse_arg(arg, runlocal=False, data=presets.DEMO_DATA)
     c = presets.base()
+    # the LM head in chunks where there are targets (train/loss.py): the plain loss's logits
+    # (rows x 2048 x 65,037, float32) cost GiBs per device (docs/training.md, compile-only table)
+    c.train.loss_impl = "chunked"
     return presets.runlocal(c, args.data) if args.runlocal else c
