@@ -15,6 +15,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kosmos2_jax.utils.errors import UsageError
+
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
     "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         outputs.refuse_existing(args.out, args.overwrite)
-    except cli.UsageError as e:
+    except UsageError as e:
         return cli.error(str(e))
     if args.command == "images":
         with outputs.atomic_dir(args.out) as tmp:

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         outputs.refuse_existing(args.out, args.overwrite)
-    except cli.UsageError as e:
+    except UsageError as e:
         return cli.error(str(e))
     import tensorflow_datasets as tfds
 

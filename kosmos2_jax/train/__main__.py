@@ -12,7 +12,7 @@ This module only starts `train/launch.py` (the flags); the run, with its loss an
 from the latest checkpoint in the workdir (train state and data position), after checking that the config builds the checkpoint's model (changed settings are listed); a
 step that does not restore is named, and `--config.train.resume_step=N` resumes from an earlier
 one. SIGTERM saves a checkpoint and exits; at the end the params are exported to WORKDIR/export
-(a `convert.load_checkpoint` folder, replaced whole). TensorBoard logs go to WORKDIR/tb. Every
+(a `weights.load_checkpoint` folder, replaced whole). TensorBoard logs go to WORKDIR/tb. Every
 setting is range-checked before any work; an error is one line and exit code 2.
 """
 
