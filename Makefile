@@ -31,7 +31,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 
-# the fast tier (about 3 minutes on 2 cores): format, tiny-config parity, loss, step, sharding, layout
+# the fast tier (3.5 minutes on 2 cores): format, tiny-config parity, loss, step, sharding, layout
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "unit and not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 
