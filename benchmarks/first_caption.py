@@ -37,8 +37,8 @@ _MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); r 
 
 
 # `checkpoint.restore_params` alone, as `predict` calls it (decoder one array per layer).
-_RESTORE = ("import sys, time; import jax; from kosmos2_jax import checkpoint, convert; t = time.perf_counter(); "
-            "_, p = checkpoint.restore_params(sys.argv[1], **convert.DECODING); jax.block_until_ready(p); "
+_RESTORE = ("import sys, time; import jax; from kosmos2_jax import weights; t = time.perf_counter(); "
+            "_, p = weights.restore_params(sys.argv[1], **weights.DECODING); jax.block_until_ready(p); "
             "t = time.perf_counter() - t; n = sum(x.nbytes for x in jax.tree_util.tree_leaves(p)); "
             "print(f'restore_params: {n / 2**30:.2f} GiB in {t:.2f} s ({n / t / 1e9:.2f} GB/s)')")
 
