@@ -68,13 +68,15 @@ $(DEMO_TFDS): | $(CORE_STAMP)
 # the demo's tokenizer and datasets (benchmarks/demo_robustness.py reads them too)
 demo-data: $(DEMO_DATA)/spm/shapes.model $(DEMO_TFDS)
 
-# DEMO_FLAGS: more train flags (tests/test_demo.py: a few steps of the same recipe)
+# DEMO_FLAGS: more train flags (tests/test_demo.py: a few steps of the same recipe). A rerun trains
+# nothing and re-scores the same export; after more steps (--config.train.steps=3000) the new
+# export's results replace the old ones (--overwrite replaces only another checkpoint's results).
 DEMO_FLAGS ?=
 demo: demo-data
 	$(CPU_ENV) $(PY) -m kosmos2_jax.train --config experiments/shapes_tiny.py:data=$(DEMO_DATA) --workdir $(DEMO_RUN) $(DEMO_FLAGS)
 	$(CPU_ENV) $(PY) -m kosmos2_jax.evaluate --task shapes --checkpoint $(DEMO_RUN)/export \
 		--tokenizer $(DEMO_DATA)/spm/shapes.model --data_dir $(DEMO_DATA)/tfds/shapes/refexp/1.0.0 \
-		--split test --out $(DEMO_RUN)/eval/results.json --draw 6
+		--split test --out $(DEMO_RUN)/eval/results.json --draw 6 --overwrite
 
 # --- the web demo on the demo's model: `make demo`, then `make serve` --------------------------
 SERVE_STAMP := $(VENV)/.installed-serve

@@ -32,7 +32,7 @@ def run_key(args, task_name: str) -> dict:
     """What a resumed evaluation must share with the one it resumes (`evaluation/runner.py`)."""
     from kosmos2_jax.utils.outputs import fingerprint
 
-    return {"task": task_name, "split": args.split, "checkpoint": os.path.abspath(args.checkpoint),
+    return {"task": task_name, "split": args.split,  # the checkpoint by content: a moved folder is the same
             "checkpoint_fingerprint": fingerprint(args.checkpoint), "tokenizer_fingerprint": fingerprint(args.tokenizer),
             "data_dir": os.path.abspath(args.data_dir), "image_dir": os.path.abspath(args.image_dir) if args.image_dir else "",
             "max_examples": args.max_examples, "shots": args.shots, "shots_split": args.shots_split if args.shots else ""}

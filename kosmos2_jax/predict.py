@@ -60,19 +60,37 @@ def parse_box(spec: str, image_size: tuple[int, int] | None = None, units: str =
     return phrase.strip(), box
 
 
+_MARKUP = re.compile(r"<phrase>.*?</phrase>|<[^<>]*>")
+
+
+def _tag_phrase(prompt: str, phrase: str) -> str:
+    """`prompt` with `phrase` tagged: an already-tagged `<phrase> PHRASE</phrase>` (any spaces
+    inside) is kept; else its first whole-word occurrence in the text, outside any markup, is
+    tagged, with the space before it inside the tags (the model's format: `of<phrase> a dog</phrase>`)."""
+    tagged = re.compile(r"<phrase>\s*" + re.escape(phrase) + r"\s*</phrase>")
+    if tagged.search(prompt):
+        return prompt
+    masked = _MARKUP.sub(lambda m: "\0" * len(m.group()), prompt)  # markup never matches a phrase
+    match = re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", masked)
+    if match is None:
+        raise UsageError(f"--box phrase {phrase!r} does not occur as whole words in the text of the prompt {prompt!r}")
+    start, end = match.span()
+    if start and prompt[start - 1] == " ":
+        start -= 1
+    return f"{prompt[:start]}<phrase>{prompt[start:end]}</phrase>{prompt[end:]}"
+
+
 def prompt_with_boxes(prompt: str, boxes: list[tuple[str, tuple]]) -> tuple[str, list | None]:
-    """Tag each boxed phrase in the prompt and build the processor's `bboxes` list."""
+    """Tag each boxed phrase in the prompt and build the processor's `bboxes` list (one entry per
+    `<phrase>` of the prompt: the boxes given for it, or None)."""
     for phrase, _ in boxes:
-        if f"<phrase>{phrase}</phrase>" not in prompt:
-            if phrase not in prompt:
-                raise UsageError(f"--box phrase {phrase!r} does not occur in the prompt {prompt!r}")
-            prompt = prompt.replace(phrase, f"<phrase>{phrase}</phrase>", 1)
+        prompt = _tag_phrase(prompt, phrase)
     if not boxes:
         return prompt, None
     by_phrase = {}
     for phrase, box in boxes:
         by_phrase.setdefault(phrase, []).append(box)
-    bboxes = [by_phrase.get(m.group(1)) for m in re.finditer(r"<phrase>(.+?)</phrase>", prompt)]
+    bboxes = [by_phrase.get(m.group(1).strip()) for m in re.finditer(r"<phrase>(.+?)</phrase>", prompt)]
     return prompt, bboxes
 
 
@@ -163,7 +181,8 @@ def predict(args) -> int:
         clean, entities = processor.post_process_generation(raw)
         w, h = image.size
         print(f"[{path}] {clean}")
-        record = {"image": path, "prompt": prompt, "text": processor.post_process_generation(raw, False),
+        fed = processor.insert_boxes(prompt, per_image[i][1]) if args.box else prompt
+        record = {"image": path, "prompt": fed, "text": processor.post_process_generation(raw, False),
                   "clean_text": clean, "entities": grounding.entity_records(entities, w, h)}
         for entity in record["entities"]:
             print(f"  {entity['phrase']!r} chars {entity['span'][0]}-{entity['span'][1]}: "

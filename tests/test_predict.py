@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -153,3 +154,43 @@ def test_a_program_from_xla_s_cache_is_not_stored_again(tiny_ckpt, image_path, t
         run = subprocess.run(cmd, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.splitlines()[0] == first.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("prompt,box,tagged", [
+    # the paper's format (a space inside the tags): kept as it is, the box after it
+    ("<grounding><phrase> it</phrase> is", "it", "<grounding><phrase> it</phrase> is"),
+    # a whole word of the text, never a piece of markup or of another word
+    ("<grounding>a circle in a square", "in", "<grounding>a circle<phrase> in</phrase> a square"),
+    ("<grounding>a circle in a square", "a square", "<grounding>a circle in<phrase> a square</phrase>"),
+    ("<grounding>a red circle", "a red circle", "<grounding><phrase>a red circle</phrase>"),
+    # a phrase inside an already-tagged one is not tagged again
+    ("<grounding><phrase> a big dog</phrase> and a dog", "dog", "<grounding><phrase> a big dog</phrase> and a<phrase> dog</phrase>"),
+])
+def test_box_phrases_tag_whole_words_of_the_text(prompt, box, tagged):
+    from kosmos2_jax.predict import prompt_with_boxes
+
+    text, bboxes = prompt_with_boxes(prompt, [(box, (0.1, 0.1, 0.5, 0.5))])
+    assert text == tagged
+    phrases = re.findall(r"<phrase>(.+?)</phrase>", text)
+    assert [b for b, p in zip(bboxes, phrases) if p.strip() == box] == [[(0.1, 0.1, 0.5, 0.5)]]
+
+
+def test_box_phrase_only_in_markup_is_refused():
+    from kosmos2_jax.predict import prompt_with_boxes
+    from kosmos2_jax.utils.errors import UsageError
+
+    with pytest.raises(UsageError, match="'ground' does not occur as whole words"):
+        prompt_with_boxes("<grounding>a circle", [("ground", (0.1, 0.1, 0.5, 0.5))])
+
+
+def test_predict_box_in_the_papers_format_through_the_cli(tiny_ckpt, image_path, tmp_path, capsys):
+    ckpt, spm = tiny_ckpt
+    out = tmp_path / "r.json"
+    rc = predict.main(["--checkpoint", ckpt, "--tokenizer", spm, "--image", image_path, "--prompt",
+               "<grounding><phrase> a</phrase> is", "--box", "a=0.1,0.1,0.5,0.5", "--max_new_tokens", "4",
+               "--json", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())[0]
+    # the prompt that was fed, its box included
+    assert re.fullmatch(r"<grounding><phrase> a</phrase><object><patch_index_\d{4}><patch_index_\d{4}></object> is",
+                        record["prompt"]), record["prompt"]

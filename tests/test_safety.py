@@ -347,7 +347,12 @@ def test_evaluate_never_relabels_another_checkpoints_results(ckpts, small_spm, s
     assert_one_line(err, "predictions of another run", "checkpoint")
     assert evaluate.main(_eval_args(ckpts["other"], small_spm, shapes_tfds, out, "--overwrite")) == 0
     assert "resuming" not in capsys.readouterr().err
-    assert json.loads(out.read_text())["run_key"]["checkpoint"] == os.path.abspath(ckpts["other"])
+    assert json.loads(out.read_text())["run_key"]["checkpoint_fingerprint"] != first["run_key"]["checkpoint_fingerprint"]
+    # the same params in another folder (a moved workdir): the same run, resumed, not refused
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpts["other"], moved)
+    assert evaluate.main(_eval_args(str(moved), small_spm, shapes_tfds, out)) == 0
+    assert "resuming" in capsys.readouterr().err
     rc, err = call(evaluate.main, _eval_args(ckpts["other"], small_spm, shapes_tfds, out.parent), capsys)
     assert rc == 2
     assert_one_line(err, "argument --out", "is a folder")
@@ -584,3 +589,24 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(capsys):
     with pytest.raises(ValueError, match="cannot reshape"):
         cli.run(bug)
     assert capsys.readouterr().err == ""
+
+
+def test_data_build_refuses_another_manual_dir_and_rebuilds_with_overwrite(tmp_path):
+    src = tmp_path / "records"
+    shutil.copytree(REPO / "data" / "grit" / "dummy_data", src)
+    tfds_dir = tmp_path / "tfds"
+    first = run_cli("kosmos2_jax.data.build", "data/grit", "--data_dir", tfds_dir, "--manual_dir", src)
+    assert first.returncode == 0, first.stderr[-2000:]
+    count = int(first.stdout.split("train: ")[1].split()[0])
+    lines = (src / "records.jsonl").read_text().splitlines(keepends=True)
+    (src / "records.jsonl").write_text("".join(lines[:4]))  # other local files: fewer records
+    before = snapshot(tfds_dir)
+    again = run_cli("kosmos2_jax.data.build", "data/grit", "--data_dir", tfds_dir, "--manual_dir", src)
+    assert again.returncode == 2 and snapshot(tfds_dir) == before
+    assert_one_line(again.stderr, "built from other input", "manual_dir", "--overwrite")
+    rebuilt = run_cli("kosmos2_jax.data.build", "data/grit", "--data_dir", tfds_dir, "--manual_dir", src, "--overwrite")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert int(rebuilt.stdout.split("train: ")[1].split()[0]) < count
+    same = run_cli("kosmos2_jax.data.build", "data/grit", "--data_dir", tfds_dir, "--manual_dir", src)
+    assert same.returncode == 0 and "Downloading and preparing" not in same.stdout  # the same input: kept
+    assert same.stdout.split("train: ")[1] == rebuilt.stdout.split("train: ")[1]

@@ -108,18 +108,26 @@ class Checkpoints:
 
 
 class Preemption:
-    """SIGTERM -> the run saves and exits cleanly. With one process, a flag the loop checks; with
-    several, JAX's preemption sync manager (started by `jax.distributed.initialize`): a SIGTERM to
-    any process makes `stop(step)` true on every process at the same step."""
+    """SIGTERM or Ctrl-C (SIGINT) -> the run saves and exits cleanly; a second Ctrl-C stops at once.
+    With one process, a flag the loop checks; with several, JAX's preemption sync manager (started
+    by `jax.distributed.initialize`): a SIGTERM to any process makes `stop(step)` true on every
+    process at the same step (Ctrl-C keeps its default there)."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.why = False, "SIGTERM"
         self._synced = jax.process_count() > 1
-        self._old = None
+        self._old = {}
         if not self._synced:  # a Python handler would replace the sync manager's own
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("Ctrl-C: saving the next step's checkpoint, then exiting (Ctrl-C again: stop now, unsaved)",
+                  flush=True)
+            self.why = "Ctrl-C"
         self.requested = True
 
     def stop(self, step: int) -> bool:
@@ -129,5 +137,5 @@ class Preemption:
         return self.requested
 
     def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -531,13 +531,23 @@ def run(cfg, workdir: str) -> dict:
         checkpoints.close()
         raise
     say(banner(trainer, start))
+    export_dir = os.path.join(workdir, "export")
+    if start >= cfg.train.steps:  # a rerun of a finished run changes nothing
+        checkpoints.close()
+        exported = weights.exported_step(export_dir) == start
+        say(f"nothing to train: {workdir} holds step {start} of train.steps={cfg.train.steps}"
+            + (f" and {export_dir} holds its params" if exported else "")
+            + " (raise --config.train.steps to train further)")
+        if not exported:
+            export(export_dir, model, trainer, start, say)
+        return {"history": [], "last": {}}
     say(plan(cfg, start, evals))
     train, validation = data_pipelines(cfg, processor, shard_states)
     val_batches = validation()
 
     # the loop
     log, preemption = Log(workdir, primary), Preemption()
-    total, stopped, run_start = cfg.train.steps, False, time.time()
+    total, stopped = cfg.train.steps, False
     timer = StepTimer()
     profile = Profile(cfg.train.profile_start, cfg.train.profile_steps, workdir, start, total)
     try:
@@ -576,8 +586,8 @@ def run(cfg, workdir: str) -> dict:
                 stopped = True
                 checkpoints.wait()  # "saved" only once the step is committed on disk
                 if not (saved and checkpoints.committed(done)):
-                    raise RuntimeError(f"SIGTERM: the checkpoint of step {done} was not saved")
-                say(f"SIGTERM: saved step {done}, exiting")
+                    raise RuntimeError(f"stopping: the checkpoint of step {done} was not saved")
+                say(f"{preemption.why}: saved step {done}, exiting (the same command resumes from it)")
                 break
     finally:
         profile.close()
@@ -587,11 +597,16 @@ def run(cfg, workdir: str) -> dict:
         train.close()
         log.close()
 
-    # export: every process writes its own shards of the params; none gathers the model
     if not stopped:
-        weights.save_checkpoint(os.path.join(workdir, "export"), model.config, trainer.state["params"])
-        say(f"exported params to {os.path.join(workdir, 'export')} ({time.time() - run_start:.0f}s)")
+        export(export_dir, model, trainer, total, say)
     return {"history": log.history, "last": log.last}
+
+
+def export(export_dir: str, model, trainer: Trainer, step: int, say) -> None:
+    """Every process writes its own shards of the params; none gathers the model."""
+    start = time.time()
+    weights.save_checkpoint(export_dir, model.config, trainer.state["params"], step=step)
+    say(f"exported the params of step {step} to {export_dir} in {time.time() - start:.0f}s")
 
 
 if __name__ == "__main__":  # a forked copy of this file runs as `python -m yourpkg.yourfile --config ...`

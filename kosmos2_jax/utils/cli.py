@@ -81,6 +81,12 @@ def run(main: Callable[[], int | None]) -> int:
         if os.environ.get("KOSMOS2_DEBUG"):
             raise
         return error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        if os.environ.get("KOSMOS2_DEBUG"):
+            raise
+        print("interrupted (Ctrl-C): finished outputs are kept, unfinished ones discarded; "
+              "the same command resumes where it can", file=sys.stderr, flush=True)
+        return 130
 
 
 def _range_text(lo, hi) -> str:

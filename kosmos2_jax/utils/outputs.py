@@ -7,7 +7,8 @@
 - `refuse_existing(path, overwrite, flag)`: a non-empty output that the command would not resume
   is refused unless `--overwrite` is given (then it is replaced whole, never merged).
 - `fingerprint(path)`: a cheap content identity of a checkpoint / tokenizer / data file for keyed
-  resumes; `key_differences(a, b)` names what differs between two keys.
+  resumes; `listing_fingerprint(folder)`: by file names and sizes only; `key_differences(a, b)`
+  names what differs between two keys.
 """
 
 from __future__ import annotations
@@ -116,16 +117,20 @@ def write_json(path: str, obj, **kwargs) -> None:
 
 # --- keyed resumes ---------------------------------------------------------------------------------
 _EDGE = 1 << 16
+# Orbax's bookkeeping: a save time and an absolute path, not content (the same params written
+# twice, or a moved folder, must keep their fingerprint)
+BOOKKEEPING = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt"})
 
 
 def fingerprint(path: str) -> str:
     """A content identity of a file or folder: every file's relative path and size, its first and
-    last 64 KiB, hashed (16 hex digits). Cheap on a 6 GB checkpoint, and two checkpoints of one run
-    at different steps differ (their tensors' bytes differ)."""
+    last 64 KiB, hashed (16 hex digits); Orbax's bookkeeping files are left out. Cheap on a 6 GB
+    checkpoint, and two checkpoints of one run at different steps differ (their tensors' bytes
+    differ)."""
     h = hashlib.sha256()
     path = os.path.abspath(path)
     files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names if name not in BOOKKEEPING)
     for name in files:
         size = os.path.getsize(name)
         h.update(f"{os.path.relpath(name, path)}\0{size}\0".encode())
@@ -137,6 +142,20 @@ def fingerprint(path: str) -> str:
             elif size > _EDGE:
                 h.update(f.read())
     return h.hexdigest()[:16]
+
+
+def listing_fingerprint(path: str) -> str:
+    """A cheap identity of a folder's files by name and size only: "N files, B bytes, HASH"."""
+    h, count, total = hashlib.sha256(), 0, 0
+    path = os.path.abspath(path)
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            size = os.path.getsize(full)
+            count, total = count + 1, total + size
+            h.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+    return f"{count} files, {total} bytes, {h.hexdigest()[:16]}"
 
 
 def key_differences(saved: dict, wanted: dict) -> list[str]:

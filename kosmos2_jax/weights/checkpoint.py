@@ -89,8 +89,9 @@ def _quiet_merge():
         absl.removeFilter(note)
 
 
-def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int:
-    """Write `model_config.json` + `params/` (see the module docstring). `params` may be numpy or
+def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping, step: int | None = None) -> int:
+    """Write `model_config.json` + `params/` (see the module docstring), and `step.json` with the
+    training step the params are from when `step` is given. `params` may be numpy or
     global jax arrays sharded over several processes: collective then, every process writes its own
     shards and none gathers the model. Its config has the default `attention_impl`, layer layout
     and no frozen layers: how a run computed is not a property of the weights. The folder is written beside
@@ -118,6 +119,9 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int
             with open(os.path.join(tmp, "model_config.json"), "w") as f:
                 plain = config.replace(attention_impl="einsum", scan_text_layers=None, frozen_vision_layers=0)
                 json.dump(plain.to_dict(), f, indent=2)
+            if step is not None:
+                with open(os.path.join(tmp, STEP_FILE), "w") as f:
+                    json.dump({"step": int(step)}, f)
         with _quiet_merge(), ocp.Checkpointer(handler) as ckptr:
             ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(tree, save_args=save_args), force=True)
         multihost.sync("save_checkpoint:written")
@@ -128,6 +132,16 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping) -> int
 
 
 CHUNK_LIST = "chunks.json"
+STEP_FILE = "step.json"
+
+
+def exported_step(path: str) -> int | None:
+    """The training step a checkpoint's params are from (`step.json`), None when not recorded."""
+    try:
+        with open(os.path.join(path, STEP_FILE)) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_chunk_list(ckpt_dir: str) -> None:
