@@ -58,6 +58,19 @@ def main(argv=None) -> int:
     return cli.run(lambda: serve(args))
 
 
+def check_port(host: str, port: int) -> None:
+    """A UsageError when `host:port` cannot be listened on (in use, or not this machine's address)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+            s.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}): "
+                         "another server has it? pick another --port") from None
+
+
 def serve(args, block: bool = True):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version checks
     try:
@@ -67,6 +80,7 @@ def serve(args, block: bool = True):
     from kosmos2_jax.serving import service as serving
     from kosmos2_jax.serving import webapp
 
+    check_port(args.host, args.port)  # before minutes of loading and compiling
     prompts = args.prompts or list(serving.DESCRIBE_PROMPTS.values())
     service = serving.Service.load(args.checkpoint, args.tokenizer, args.batch_sizes)
     print(f"loaded {service.name}: {service.grid}x{service.grid} location grid, batches of "

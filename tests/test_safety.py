@@ -214,7 +214,10 @@ def test_train_user_errors_are_one_line(run_dir, shapes_tfds, small_spm, tmp_pat
              (tmp_path / "new", ["--config.train.stepz=3"], "--config.train.stepz"),
              (run_dir, ["--config.train.steps=4"], "is at step 8"),
              (run_dir, ["--config.train.freeze=vision"], "train.freeze"),
-             (run_dir, ["--config.optim.optimizer=muon"], "optim.optimizer: 'adamw' -> 'muon'")]
+             (run_dir, ["--config.optim.optimizer=muon"], "optim.optimizer: 'adamw' -> 'muon'"),
+             (tmp_path / "new", ["--config.train.freeze=vision"], "config.train.freeze='vision': must be one of"),
+             (tmp_path / "new", ["--config=experiments/nope.py"], "no such file 'experiments/nope.py'"),
+             (tmp_path / "new", ["--config=experiments/shapes_tiny.py:runlokal"], "unknown key 'runlokal'")]
     before = snapshot(run_dir)
     for workdir, extra, name in cases:
         bad = subprocess.run(train_cmd(workdir, shapes_tfds, small_spm, *extra), capture_output=True, text=True,
@@ -610,3 +613,30 @@ def test_data_build_refuses_another_manual_dir_and_rebuilds_with_overwrite(tmp_p
     same = run_cli("kosmos2_jax.data.build", "data/grit", "--data_dir", tfds_dir, "--manual_dir", src)
     assert same.returncode == 0 and "Downloading and preparing" not in same.stdout  # the same input: kept
     assert same.stdout.split("train: ")[1] == rebuilt.stdout.split("train: ")[1]
+
+
+def test_a_training_workdir_given_as_a_model_names_its_export(run_dir, small_spm, shapes_tfds, tmp_path, capsys):
+    from kosmos2_jax import evaluate, predict
+
+    image = tmp_path / "i.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+    rc, err = call(predict.main, ["--checkpoint", str(run_dir), "--tokenizer", small_spm, "--image", str(image)], capsys)
+    assert rc == 2
+    assert_one_line(err, "is a training workdir", str(run_dir / "export"))
+    rc, err = call(evaluate.main, _eval_args(str(run_dir), small_spm, shapes_tfds, tmp_path / "r.json"), capsys)
+    assert rc == 2
+    assert_one_line(err, "is a training workdir")
+
+
+def test_evaluate_on_the_grounded_dataset_names_refexp(ckpts, small_spm, shapes_tfds, tmp_path, capsys):
+    from kosmos2_jax import evaluate
+
+    args = _eval_args(ckpts["first"], small_spm, shapes_tfds, tmp_path / "r.json")
+    args[args.index("--data_dir") + 1] = str(shapes_tfds / "shapes" / "grounded" / "1.0.0")
+    rc, err = call(evaluate.main, args, capsys)
+    assert rc == 2 and not (tmp_path / "r.json").exists()
+    assert_one_line(err, "'grounded'", "refexp")
+    args = _eval_args(ckpts["first"], small_spm, shapes_tfds, tmp_path / "r.json", "--split", "tset")
+    rc, err = call(evaluate.main, args, capsys)
+    assert rc == 2
+    assert_one_line(err, "--split 'tset'", "test")

@@ -348,3 +348,15 @@ def test_concurrent_requests_of_different_tabs(client, images):
             ("describe", images[4], "<grounding>An image of"), ("ground", images[4], "a red circle"),
             ("refer", images[4], "1, 1, 30, 30")]))
     assert all("s for a batch of" in a[-1] for a in answers)
+
+
+def test_serve_on_a_busy_port_is_one_line_before_loading(server, checkpoint, spm, capsys):
+    from kosmos2_jax import serve
+
+    port = int(server[1].rstrip("/").rsplit(":", 1)[1])
+    capsys.readouterr()
+    assert serve.main(["--checkpoint", checkpoint, "--tokenizer", spm, "--port", str(port), "--examples", ""]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and f"--port {port}: cannot listen on 127.0.0.1:{port}" in err, err
+    assert "loaded" not in captured.out  # refused before the model was read

@@ -174,6 +174,11 @@ class ShapesTask(RefExpTask):
             builder = tfds.builder_from_directory(data_dir)
         except Exception as e:
             raise FileNotFoundError(f"no prepared shapes refexp dataset at {data_dir!r}: {e}") from None
+        if not {"expression", "box"} <= set(builder.info.features):
+            raise UsageError(f"--data_dir {data_dir!r} is the shapes {builder.builder_config.name!r} dataset, not "
+                             f"'refexp' (no expression and box per example): give .../shapes/refexp/VERSION")
+        if split not in builder.info.splits:
+            raise UsageError(f"--split {split!r}: {data_dir!r} has the splits {', '.join(builder.info.splits)}")
         items = []
         for i, ex in enumerate(builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator()):
             items.append({"id": str(i), "image_bytes": ex["image"], "phrase": ex["expression"].decode(),

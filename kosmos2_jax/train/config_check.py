@@ -136,6 +136,12 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
 
         if decay_mask not in WEIGHT_DECAY_MASKS:
             raise UsageError(f"config.optim.weight_decay_mask={decay_mask!r}: must be one of {', '.join(WEIGHT_DECAY_MASKS)}")
+    freeze = _get(cfg, "train.freeze")
+    if freeze is not _MISSING:
+        from kosmos2_jax.train.optim import FREEZE_MODES
+
+        if freeze not in FREEZE_MODES:
+            raise UsageError(f"config.train.freeze={freeze!r}: must be one of {', '.join(FREEZE_MODES)}")
     optimizer = _get(cfg, "optim.optimizer")
     if optimizer is not _MISSING:
         from kosmos2_jax.train.optim import OPTIMIZERS

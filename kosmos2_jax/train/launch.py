@@ -74,10 +74,18 @@ def main(argv, run=None, train_step=None):
 def parse_flags(argv):
     """absl's flag parsing, with a bad `--config.KEY=VALUE` (an unknown key, a value of the wrong
     type) as one line instead of a traceback."""
+    missing = [value for value in _config_values(argv) if not os.path.isfile(value.split(":")[0])]
+    if missing:
+        print(f"error: --config {missing[0]}: no such file {missing[0].split(':')[0]!r} (the configs: "
+              "experiments/*.py, or your own file defining get_config)", file=sys.stderr)
+        sys.exit(2)
     try:
         return FLAGS(argv)
     except flags.Error as e:
         message = str(e)
+        if "Traceback (most recent call last)" in message:  # an error inside get_config: its last line
+            last = message.strip().splitlines()[-1]
+            message = f"{message.split(': Error whilst')[0]}: {last.split(': ', 1)[-1] if 'Error: ' in last else last}"
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         message = str(e.args[0] if e.args else e)
         if message.startswith(("'", '"')):  # ml_collections wraps a KeyError's repr
@@ -88,6 +96,15 @@ def parse_flags(argv):
     print(f"error: bad flag: {' '.join(message.split())} (list the config's keys with --config FILE --print_config)",
           file=sys.stderr)
     sys.exit(2)
+
+
+def _config_values(argv):
+    """The file arguments of `--config FILE[:ARG]` / `--config=FILE[:ARG]` in `argv`."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--config" and i + 1 < len(argv):
+            yield argv[i + 1]
+        elif arg.startswith("--config="):
+            yield arg.split("=", 1)[1]
 
 
 def launch(run=None, train_step=None):

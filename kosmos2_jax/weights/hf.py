@@ -318,10 +318,21 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def refuse_training_workdir(path: str) -> None:
+    """A train --workdir (its run config.json, model_config.json and checkpoints/) is not a model
+    folder: name the export beside it instead of misreading it as a Hugging Face folder."""
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(os.path.join(path, "model_config.json")):
+        export = os.path.join(path, "export")
+        raise UsageError(f"{path!r} is a training workdir, not a model folder: use its export/ ({export!r}"
+                         + (")" if os.path.isdir(export) else ", written when the run finishes; "
+                            "`python -m kosmos2_jax.export --workdir` writes one from its latest checkpoint)"))
+
+
 def model_config_of(path: str, **layout: Any) -> Kosmos2Config:
     """The config of the model `load_model(path, **layout)` returns, without reading weights."""
     from kosmos2_jax.weights.checkpoint import read_model_config
 
+    refuse_training_workdir(path)
     if is_hf_folder(path):
         return config_from_hf(read_hf_config(path), **layout)
     return read_model_config(os.path.abspath(path)).replace(**layout)
@@ -331,6 +342,7 @@ def load_model(path: str, abstract: Any = None, **layout: Any) -> tuple[Kosmos2,
     """An HF model folder (config.json) or a params checkpoint -> (Kosmos2 model, params on the
     first local device). `layout`: compute settings such as `scan_text_layers=False`; `abstract`:
     the params' shapes (`abstract_params_of`), so that a checkpoint's are not traced again."""
+    refuse_training_workdir(path)
     if is_hf_folder(path):
         return load_hf(path, **layout)
     return load_checkpoint(path, abstract=abstract, **layout)
