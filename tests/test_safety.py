@@ -640,3 +640,21 @@ def test_evaluate_on_the_grounded_dataset_names_refexp(ckpts, small_spm, shapes_
     rc, err = call(evaluate.main, args, capsys)
     assert rc == 2
     assert_one_line(err, "--split 'tset'", "test")
+
+
+def test_ctrl_c_in_evaluate_is_one_line_and_keeps_the_predictions(ckpts, small_spm, shapes_tfds, tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "kosmos2_jax.evaluate",
+                             *_eval_args(ckpts["first"], small_spm, shapes_tfds, out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=dict(ENV, KOSMOS2_TEST_PAUSE_BEFORE_COMMIT="60"))
+    for line in proc.stdout:
+        if line.startswith("about to commit"):  # the predictions are streamed, the results not yet written
+            proc.send_signal(signal.SIGINT)
+            break
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read()
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)"), err
+    assert not out.exists() and len(out.with_suffix(".predictions.jsonl").read_text().splitlines()) == 4
+    again = run_cli("kosmos2_jax.evaluate", *_eval_args(ckpts["first"], small_spm, shapes_tfds, out))
+    assert again.returncode == 0 and "resuming: 3 of 3" in again.stderr, again.stderr[-2000:]

@@ -29,16 +29,21 @@ def _params(workdir):
     return jax.device_get(weights.load_checkpoint(os.path.join(workdir, "export"))[1])
 
 
-def test_sigterm_saves_and_exits(shapes_tfds, small_spm, tmp_path):
+@pytest.mark.parametrize("sig,name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_saves_and_exits(shapes_tfds, small_spm, tmp_path, sig, name):
     proc = subprocess.Popen(_cmd(tmp_path / "c", shapes_tfds, small_spm, "--config.train.steps=400"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    seen = []
     for line in proc.stdout:
+        seen.append(line)
         if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGTERM)
-        if "SIGTERM: saved step" in line:
+            proc.send_signal(sig)
+        if f"{name}: saved step" in line:
             step = int(line.split("saved step")[1].split(",")[0])
             break
-    assert proc.wait(timeout=120) == 0
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, "".join(seen) + rest
+    assert "Traceback" not in "".join(seen) + rest
     assert os.path.isdir(tmp_path / "c" / "checkpoints" / str(step))
 
 
