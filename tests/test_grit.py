@@ -408,3 +408,35 @@ def test_hf_detector_plumbing_on_random_grounding_dino(tmp_path):
         for box, score in pairs:
             assert all(isinstance(v, float) and math.isfinite(v) for v in box) and 0.0 <= score <= 1.0
     json.dumps(per)  # plain floats: records can be written as they are
+
+
+def test_precomputed_boxes_without_a_score_name_the_line(nlp, tmp_path, capsys):
+    from kosmos2_jax.grit.build import main
+
+    src = tmp_path / "in"
+    _make_input(src)
+    lines = (src / "detections.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["detections"]["a wire hanger"] = [[0.02, 0.03, 0.96, 0.97]]  # x1, y1, x2, y2: a common format
+    lines[1] = json.dumps(row)
+    (src / "detections.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    rc = main(["--input", str(src / "captions.jsonl"), "--out", str(tmp_path / "o"), "--detector", "precomputed",
+               "--detector_path", str(src / "detections.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and not (tmp_path / "o").exists(), err
+    assert f"detections.jsonl:2: 'a wire hanger': [0.02, 0.03, 0.96, 0.97] is not [x1, y1, x2, y2, score]" in err
+
+
+def test_list_phrases_names_the_keys_of_a_detections_file(nlp, tmp_path, capsys):
+    from kosmos2_jax.grit.build import main
+
+    src = tmp_path / "in"
+    _make_input(src)
+    out = tmp_path / "phrases.jsonl"
+    assert main(["--input", str(src / "captions.jsonl"), "--list_phrases", str(out)]) == 0
+    listed = {r["key"]: r["phrases"] for r in map(json.loads, out.read_text().splitlines())}
+    detections = {r["key"]: r["detections"] for r in map(json.loads, (src / "detections.jsonl").read_text().splitlines())}
+    assert listed["dog"] == list(detections["dog"])  # the detections file was keyed by these phrases
+    assert set(detections) <= set(listed)
+    assert main(["--input", str(src / "captions.jsonl"), "--list_phrases", str(out)]) == 2  # never overwritten

@@ -30,10 +30,13 @@ def parse_args(argv):
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.grit.build", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, type=cli.existing_path, help="record file or folder (*.jsonl, *.parquet, *.tar)")
     p.add_argument("--images", default="", help="image folder ({key}.jpg); default: INPUT/images")
-    p.add_argument("--out", required=True, type=cli.output_dir, help="output folder (or a Beam URL, gs://...)")
+    p.add_argument("--out", type=cli.output_dir, help="output folder (or a Beam URL, gs://...); required unless --list_phrases")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh over an existing --out or OUT.partial (the old OUT is replaced when done)")
-    p.add_argument("--detector", required=True, choices=("precomputed", "hf", "kosmos2"))
+    p.add_argument("--detector", choices=("precomputed", "hf", "kosmos2"), help="required unless --list_phrases")
+    p.add_argument("--list_phrases", default="", type=cli.output_file,
+                   help="write the phrases of each caption (JSONL: key, caption, phrases) and exit: the keys "
+                        "of a --detector precomputed file")
     p.add_argument("--detector_path", default="", help="JSONL (precomputed), model folder (hf), checkpoint (kosmos2)")
     p.add_argument("--tokenizer", default="", help="sentencepiece model, for the kosmos2 detector")
     p.add_argument("--device", default="cpu", help="torch device for the hf detector")
@@ -55,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--abstract_lemmas", default="", help="file of head lemmas to filter (replaces the default list)")
     cli.add_compilation_cache_flags(p)
     args, beam_args = p.parse_known_args(argv)
+    for name in ("out", "detector"):
+        if not getattr(args, name) and not args.list_phrases:
+            p.error(f"the following arguments are required: --{name} (or --list_phrases FILE)")
     if args.images and not os.path.isdir(args.images):
         p.error(f"argument --images: {args.images!r} is not a folder")
     if args.abstract_lemmas and not os.path.isfile(args.abstract_lemmas):
@@ -76,8 +82,14 @@ def build(args, beam_args) -> int:
     from kosmos2_jax.grit.engine import BuildSpec, DetectorSpec, build_folder
     from kosmos2_jax.grit.stages import GritConfig
 
+    if args.list_phrases:
+        return list_phrases(args)
     if args.detector != "kosmos2" and not args.detector_path:
         raise UsageError(f"--detector {args.detector} needs --detector_path")
+    if args.detector == "precomputed":  # read and checked before any shard starts
+        from kosmos2_jax.grit.detectors import PrecomputedDetector
+
+        PrecomputedDetector(args.detector_path)
     if args.runner in ("local", "dask") and beam_args:
         raise UsageError(f"unknown arguments {beam_args} (Beam options need a Beam --runner)")
     config = GritConfig(nms_iou=args.nms_iou, score_threshold=args.score_threshold,
@@ -91,6 +103,26 @@ def build(args, beam_args) -> int:
                          args.dask_address, args.dask_workers)
     width = max(len(k) for k in stats)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in stats.items()))
+    return 0
+
+
+def list_phrases(args) -> int:
+    import json
+
+    from kosmos2_jax.grit import records
+    from kosmos2_jax.grit.stages import phrases_to_detect
+    from kosmos2_jax.grit.text import load_spacy
+    from kosmos2_jax.utils import outputs
+
+    outputs.refuse_existing(args.list_phrases, args.overwrite, "--list_phrases")
+    items = ({"key": it["key"], "caption": it["caption"]} for it in records.read_inputs(
+        args.input, os.devnull, columns=dict((k, v) for k, v in (("key", args.key_column), ("caption", args.caption_column)) if v)))
+    n = 0
+    with outputs.atomic_file(args.list_phrases) as f:
+        for key, caption, phrases in phrases_to_detect(items, load_spacy(args.spacy_model)):
+            f.write(json.dumps({"key": key, "caption": caption, "phrases": phrases}) + "\n")
+            n += 1
+    print(f"wrote the phrases of {n} captions to {args.list_phrases}")
     return 0
 
 

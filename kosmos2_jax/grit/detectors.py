@@ -5,7 +5,8 @@
 `images` are PIL images, `phrases[i]` the phrase strings of image i, `keys[i]` its record key; boxes
 are normalized (x1, y1, x2, y2) in the original image. Backends:
 - `precomputed`: boxes read from a JSONL file, one line per image:
-  `{"key": K, "detections": {"phrase": [[x1, y1, x2, y2, score], ...], ...}}` (normalized);
+  `{"key": K, "detections": {"phrase": [[x1, y1, x2, y2, score], ...], ...}}` (normalized), keyed by
+  the phrases `python -m kosmos2_jax.grit.build --list_phrases` writes;
 - `hf`: a transformers zero-shot detector (OWL-ViT, OWLv2, Grounding DINO) from a local folder;
 - `kosmos2`: this project's model grounding each phrase by generation.
 """
@@ -28,7 +29,15 @@ class Detector(Protocol):
     def detect(self, images: Sequence, phrases: Sequence[Sequence[str]], keys: Sequence[str]) -> Detections: ...
 
 
+def _is_scored_box(row) -> bool:
+    return isinstance(row, list) and len(row) == 5 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+
+
 class PrecomputedDetector:
+    """Detections from a JSONL file keyed by record key and phrase: the phrases are the ones
+    `grit.build --list_phrases` writes for the same input; every detection is checked when read."""
+
     def __init__(self, path: str):
         self.table: dict[str, dict[str, list]] = {}
         if not os.path.isfile(path):
@@ -39,16 +48,24 @@ class PrecomputedDetector:
                     continue
                 try:
                     row = json.loads(line)
-                    self.table[str(row["key"])] = row["detections"]
-                except (ValueError, KeyError) as e:
+                    self.table[str(row["key"])] = detections = row["detections"]
+                    if not isinstance(detections, dict):
+                        raise ValueError("detections is not an object of phrase -> boxes")
+                except (ValueError, KeyError, TypeError) as e:
                     raise UsageError(f"{path}:{n}: expected {{\"key\": ..., \"detections\": {{phrase: [[x1, y1, x2, y2, "
                                      f"score], ...]}}}}: {e}") from None
+                for phrase, rows in detections.items():
+                    bad = next((r for r in rows if not _is_scored_box(r)), None) if isinstance(rows, list) else rows
+                    if bad is not None:
+                        raise UsageError(
+                            f"{path}:{n}: {phrase!r}: {json.dumps(bad)} is not [x1, y1, x2, y2, score] (5 numbers; "
+                            "a box without a score needs one: the 0.65 score threshold keeps boxes above it)")
 
     def detect(self, images, phrases, keys) -> Detections:
         out = []
         for key, names in zip(keys, phrases):
             found = self.table.get(str(key), {})
-            out.append([[(tuple(r[:4]), r[4]) for r in found.get(name, []) if len(r) == 5] for name in names])
+            out.append([[(tuple(r[:4]), r[4]) for r in found.get(name, [])] for name in names])
         return out
 
 

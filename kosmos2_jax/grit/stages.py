@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 
 
@@ -110,6 +111,17 @@ def process_batch(items: list[dict], nlp, detector, config: GritConfig = GritCon
         counters["written"] += 1
     clock.lap("select")
     return records, counters
+
+
+def phrases_to_detect(items, nlp, config: GritConfig = GritConfig()):
+    """(key, caption, phrases) of each item whose caption passes the checks: the strings a detector
+    is asked about (`process_batch`; images are not read, so their checks are left out)."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, 1024)):  # streamed: an input of millions of captions
+        good = [it for it in batch if caption_problem(it["caption"], config) is None]
+        results = text_stage_lib.text_stage(nlp, [it["caption"] for it in good], lemmas=config.abstract_lemmas)
+        for item, result in zip(good, results):
+            yield item["key"], item["caption"], list(dict.fromkeys(item["caption"][p.start:p.end] for p in result.phrases))
 
 
 class _Clock:
