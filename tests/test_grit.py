@@ -440,3 +440,20 @@ def test_list_phrases_names_the_keys_of_a_detections_file(nlp, tmp_path, capsys)
     assert listed["dog"] == list(detections["dog"])  # the detections file was keyed by these phrases
     assert set(detections) <= set(listed)
     assert main(["--input", str(src / "captions.jsonl"), "--list_phrases", str(out)]) == 2  # never overwritten
+
+
+def test_runner_names(nlp, tmp_path, capsys):
+    from kosmos2_jax.grit.build import main
+
+    src = tmp_path / "in"
+    _make_input(src)
+    args = ["--input", str(src / "captions.jsonl"), "--detector", "precomputed", "--detector_path",
+            str(src / "detections.jsonl")]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "o"), "--runner", "Nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--runner 'Nope': not local, dask" in err and "DataflowRunner" in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    # Beam's name for the Dask runner is --runner dask (here on a local cluster of 1 worker)
+    assert main([*args, "--out", str(tmp_path / "d"), "--runner", "DaskRunner", "--dask_workers", "1"]) == 0
+    assert "to build on dask" in capsys.readouterr().err

@@ -90,6 +90,12 @@ def build(args, beam_args) -> int:
         from kosmos2_jax.grit.detectors import PrecomputedDetector
 
         PrecomputedDetector(args.detector_path)
+    if args.runner == "DaskRunner":  # Beam's name for what --runner dask sets up
+        args.runner = "dask"
+    if args.runner not in ("local", "dask"):
+        from kosmos2_jax.grit.engine import beam_runner
+
+        beam_runner(args.runner)  # an unknown name, before any shard starts
     if args.runner in ("local", "dask") and beam_args:
         raise UsageError(f"unknown arguments {beam_args} (Beam options need a Beam --runner)")
     config = GritConfig(nms_iou=args.nms_iou, score_threshold=args.score_threshold,

@@ -32,6 +32,7 @@ import time
 
 from kosmos2_jax.grit import records as records_lib
 from kosmos2_jax.grit.stages import COUNTERS, GritConfig, open_checked, process_batch
+from kosmos2_jax.utils.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +254,10 @@ def run(spec: BuildSpec, shards: list[Shard], runner: str = "local", beam_args: 
     if runner == "dask":
         _run_dask(spec, todo, beam_args, dask_address, dask_workers)
     else:
-        _run_beam(spec, todo, _beam_runner(runner), beam_args)
+        _run_beam(spec, todo, beam_runner(runner), beam_args)
 
 
-def _beam_runner(name: str):
+def beam_runner(name: str):
     """A Beam runner instance for `name`; DirectRunner is Beam's in-process FnApiRunner, never Prism."""
     if name == "DirectRunner":
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -264,7 +265,12 @@ def _beam_runner(name: str):
         return FnApiRunner()
     from apache_beam.runners.runner import create_runner
 
-    return create_runner(name)
+    try:
+        return create_runner(name)
+    except ValueError as e:
+        valid = str(e).split("Valid values are ")[-1].split(" or the fully")[0]
+        raise UsageError(f"--runner {name!r}: not local, dask (Beam's DaskRunner on a Dask cluster), or a Beam "
+                         f"runner ({valid})") from None
 
 
 def _build_shards(pipeline, spec: BuildSpec, todo: list[Shard], reshuffle: bool):
@@ -315,7 +321,6 @@ def build_folder(spec: BuildSpec, input_path: str, shard_size: int, overwrite: b
     from apache_beam.io.filesystems import FileSystems
 
     from kosmos2_jax.utils import outputs
-    from kosmos2_jax.utils.errors import UsageError
 
     sources = list_sources(input_path)
     shards, counts = plan(sources, shard_size)
