@@ -1,4 +1,6 @@
 import json
+import os
+import time
 
 import numpy as np
 
@@ -340,11 +342,18 @@ def test_language_converters_hand_built():
     assert sc["context"] == "Ann was hungry. She cooked." and sc["candidates"] == [" She ate.", " She slept."]
 
 
-def test_language_data_cli_on_mock_tfds_then_evaluate(tmp_path, small_spm):
+class _Online:
+    def close(self):
+        pass
+
+
+def test_language_data_cli_on_mock_tfds_then_evaluate(tmp_path, small_spm, monkeypatch):
     import tensorflow_datasets as tfds
 
+    from kosmos2_jax.evaluation import language_data as module
     from kosmos2_jax.evaluation.language_data import main as language_data
 
+    monkeypatch.setattr(module.socket, "create_connection", lambda *a, **k: _Online())  # tfds is mocked
     out = tmp_path / "lang" / "validation.jsonl"
     with tfds.testing.mock_data(num_examples=3):
         assert language_data(["--out", str(out), "--tasks", "BoolQ", "CB", "PIQA", "HellaSwag"]) == 0
@@ -355,6 +364,29 @@ def test_language_data_cli_on_mock_tfds_then_evaluate(tmp_path, small_spm):
     assert evaluate.main(["--task", "language", "--checkpoint", ckpt, "--tokenizer", small_spm, "--data_dir",
                           str(out.parent), "--split", "validation", "--out", str(res)]) == 0
     assert set(json.loads(res.read_text())["metrics"]) == {"BoolQ", "CB", "PIQA", "HellaSwag"}
+
+
+def test_language_data_offline_fails_fast_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from kosmos2_jax.evaluation import language_data as module
+
+    def offline(address, timeout=None):
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(module.socket, "create_connection", offline)
+    out = tmp_path / "lang" / "validation.jsonl"
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        module.main(["--out", str(out), "--tasks", "BoolQ", "--data_dir", str(tmp_path / "tfds")])
+    assert e.value.code == 2 and time.monotonic() - start < 30
+    captured = capsys.readouterr()
+    assert "BoolQ: tfds super_glue/boolq [validation] is not prepared in" in captured.out
+    assert "downloading it from dl.fbaipublicfiles.com" in captured.out
+    err = captured.err.strip()
+    assert "\n" not in err and "BoolQ: cannot reach dl.fbaipublicfiles.com" in err and "--data_dir" in err, err
+    assert not out.parent.exists() or not os.listdir(out.parent)
+    with pytest.raises(SystemExit) as e:  # a manual download is named, not attempted
+        module.main(["--out", str(out), "--tasks", "StoryCloze", "--data_dir", str(tmp_path / "tfds")])
+    assert e.value.code == 2 and "needs a manual download" in capsys.readouterr().err
 
 
 def test_per_candidate_contexts_score_each_pair(tmp_path, small_spm):

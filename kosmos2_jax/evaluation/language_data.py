@@ -14,14 +14,19 @@ paper does not spell out:
 - CB: "{premise}\\nQuestion: {hypothesis} True, False or Neither?\\nAnswer:" + " True" / " False" / " Neither".
 - COPA: the premise without its final period + " because" (cause) / " therefore" (effect) + " {choice}"
   with its first letter lower-cased.
-StoryCloze needs its manual download (tfds `story_cloze`); the others download through tfds.
+StoryCloze needs its manual download (tfds `story_cloze`); the others download through tfds. Each
+task says where it reads from; a dataset that needs a download whose host cannot be reached (an
+offline machine) is refused in seconds, before anything is written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import sys
+import urllib.parse
 
 from kosmos2_jax.utils.errors import UsageError
 
@@ -101,13 +106,37 @@ def main(argv=None) -> int:
         return cli.error(str(e))
     import tensorflow_datasets as tfds
 
+    def fail(message):
+        raise SystemExit(cli.error(message))
+
+    builders = {task: tfds.builder(TFDS[task][0], data_dir=args.data_dir) for task in args.tasks}
+    for task, builder in builders.items():  # all checked before anything is read or written
+        where = os.path.dirname(os.path.dirname(builder.data_dir))
+        if os.path.isfile(os.path.join(builder.data_dir, "dataset_info.json")):
+            print(f"{task}: tfds {TFDS[task][0]} [{TFDS[task][1]}], prepared in {where}", flush=True)
+            continue
+        if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+            fail(f"{task} (tfds {TFDS[task][0]}) is not prepared in {where} and needs a manual download: "
+                 f"`tfds build {TFDS[task][0]} --data_dir {where} --manual_dir DIR` (see the tfds catalog), "
+                 "or leave it out of --tasks")
+        hosts = sorted({urllib.parse.urlparse(u).hostname for u in (builder.url_infos or {})} - {None})
+        print(f"{task}: tfds {TFDS[task][0]} [{TFDS[task][1]}] is not prepared in {where}: downloading it from "
+              f"{', '.join(hosts) or 'its source'}", flush=True)
+        for host in hosts:
+            try:
+                socket.create_connection((host, 443), timeout=5).close()
+            except OSError as e:
+                fail(f"{task}: cannot reach {host} to download tfds {TFDS[task][0]} ({e}): prepare it on a "
+                     f"machine with a network (`tfds build {TFDS[task][0]} --data_dir DIR`) and pass --data_dir DIR")
+
     with outputs.atomic_file(args.out) as f:  # a failed task leaves no half-written file
-        for task in args.tasks:
+        for task, builder in builders.items():
             name, split = TFDS[task]
             try:
-                ds = tfds.load(name, split=split, data_dir=args.data_dir)
+                builder.download_and_prepare()
+                ds = builder.as_dataset(split=split)
             except Exception as e:  # tfds raises many types for missing/undownloadable data
-                raise SystemExit(cli.error(f"{task} ({name}): {' '.join(str(e).split())[:300]}"))
+                fail(f"{task} ({name}): {' '.join(str(e).split())[:300]}")
             n = 0
             for i, ex in enumerate(tfds.as_numpy(ds)):
                 if args.max_per_task and n == args.max_per_task:
@@ -116,6 +145,7 @@ def main(argv=None) -> int:
                 n += 1
             print(f"{task}: {n} items from {name} [{split}]")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -73,8 +73,19 @@ def error(message: str) -> int:
     return 2
 
 
+def _terminated(signum, frame):
+    print("terminated (SIGTERM): unfinished outputs discarded", file=sys.stderr, flush=True)
+    raise SystemExit(143)
+
+
 def run(main: Callable[[], int | None]) -> int:
-    """Call `main()`; a user error becomes one line on stderr and exit code 2."""
+    """Call `main()`; a user error becomes one line on stderr and exit code 2; Ctrl-C and SIGTERM
+    unwind (unfinished outputs are removed) and exit 130 / 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return main() or 0
     except USER_ERRORS as e:
