@@ -61,7 +61,8 @@ def parse_args(argv):
                    help="grounding tasks: write this many annotated PNGs next to --out")
     p.add_argument("--distributed", action="store_true",
                    help="several processes (jax.distributed): each evaluates a share of the batches and process 0 "
-                        "writes the results; on TPU / Slurm / Open MPI the rest is detected, elsewhere give:")
+                        "writes the results; on TPU / Slurm / Open MPI the rest is detected, elsewhere give "
+                        "--coordinator_address, --num_processes and --process_id")
     p.add_argument("--coordinator_address", default="", help="with --distributed: HOST:PORT of process 0")
     p.add_argument("--num_processes", type=cli.integer(0), default=0, help="with --distributed")
     p.add_argument("--process_id", type=cli.integer(-1), default=-1, help="with --distributed")

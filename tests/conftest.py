@@ -157,7 +157,7 @@ LONGEST_FIRST = ("test_train.py", "test_pods.py", "test_safety.py", "test_evalua
 # the step, the sharding rules and the layout: 3 min 36 s on 2 cores (2026-12-07).
 UNIT_MODULES = ("test_layout.py", "test_tokenizer.py", "test_grounding.py", "test_processor.py", "test_loss.py",
                 "test_packing.py", "test_model_cache.py", "test_image_slots.py", "test_schedule.py",
-                "test_frozen_layers.py", "test_fork.py", "test_sharding.py", "test_model_parity.py")
+                "test_frozen_layers.py", "test_fork.py", "test_sharding.py", "test_model_parity.py", "test_help.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -25,8 +26,27 @@ _REAL_STDERR = None  # a copy of the real stderr once `fd2_silenced` left fd 2 s
 USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in `--help`; the module docstring's usage lines kept as written."""
+def shows_default(action: argparse.Action) -> bool:
+    """Whether `--help` states this option's default: every option that has one (not None, empty,
+    a False switch or --help itself)."""
+    return bool(action.option_strings) and action.default not in (None, "", False, [], (), argparse.SUPPRESS)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in `--help`, once (an option whose help already says "(default: ...)"
+    keeps its own wording); the module docstring's usage lines kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if shows_default(action) and "(default" not in text:
+            text = f"{text} (default: %(default)s)".lstrip()
+        return text
+
+    def _format_action(self, action):
+        if not action.help and shows_default(action):  # argparse prints no help line at all then
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
