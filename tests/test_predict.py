@@ -1,4 +1,8 @@
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 import re
 
 import numpy as np
@@ -194,3 +198,16 @@ def test_predict_box_in_the_papers_format_through_the_cli(tiny_ckpt, image_path,
     # the prompt that was fed, its box included
     assert re.fullmatch(r"<grounding><phrase> a</phrase><object><patch_index_\d{4}><patch_index_\d{4}></object> is",
                         record["prompt"]), record["prompt"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the test extras) is not installed")
+def test_no_tpu_probe_messages_without_jax_platforms(tiny_ckpt, image_path, tmp_path):
+    """With libtpu installed and no TPU here, a command run without JAX_PLATFORMS=cpu prints none of
+    libtpu's probe errors."""
+    ckpt, spm = tiny_ckpt
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-m", "kosmos2_jax.predict", "--checkpoint", ckpt, "--tokenizer", spm,
+                          "--image", image_path, "--prompt", "<grounding>a red circle", "--max_new_tokens", "2"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr[-3000:]

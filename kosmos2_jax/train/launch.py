@@ -39,6 +39,7 @@ def main(argv, run=None, train_step=None):
     logging.set_verbosity(logging.WARNING)  # keep Orbax/tfds INFO lines out of the console log
     from kosmos2_jax.utils.cli import USER_ERRORS
 
+    cli.skip_absent_tpu()
     cli.use_gpu_xla_flags(FLAGS.xla_gpu_preset)  # before JAX starts its backend
     cli.use_compilation_cache(None if FLAGS.no_compilation_cache else FLAGS.compilation_cache)
     try:

@@ -93,6 +93,24 @@ def error(message: str) -> int:
     return 2
 
 
+def skip_absent_tpu() -> None:
+    """With libtpu installed (the test extras) on a machine without a TPU, JAX would probe for one
+    and libtpu would print its errors ("could not determine TPU worker hostnames", a source
+    location trace): drop JAX's TPU backend there, before any backend starts. A TPU VM (its chips
+    on the PCI bus), JAX_PLATFORMS or JAX_FORCE_TPU_INIT keep JAX's own behaviour."""
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    try:
+        from jax._src import hardware_utils, xla_bridge
+
+        if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0 and not xla_bridge._backends:
+            xla_bridge._backend_factories.pop("tpu", None)
+    except (ImportError, AttributeError):  # another JAX: its probe messages, nothing worse
+        pass
+
+
 def _terminated(signum, frame):
     print("terminated (SIGTERM): unfinished outputs discarded", file=sys.stderr, flush=True)
     raise SystemExit(143)
@@ -104,6 +122,7 @@ def run(main: Callable[[], int | None]) -> int:
     import signal
     import threading
 
+    skip_absent_tpu()
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
     try:
