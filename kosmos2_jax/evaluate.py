@@ -90,8 +90,7 @@ def evaluate(args) -> int:
     from kosmos2_jax.evaluation.runner import check_stream, run_shared
     from kosmos2_jax.evaluation.tasks import PAPER, TASKS, Context
     from kosmos2_jax.weights.hf import DECODING, load_model
-    from kosmos2_jax.format.tokenizer import tokenizer_for
-    from kosmos2_jax.format.processor import Kosmos2Processor
+    from kosmos2_jax.format.processor import processor_for
 
     task = TASKS[args.task]
     if args.distributed:
@@ -124,9 +123,7 @@ def evaluate(args) -> int:
     if any("image" in it for it in items) and not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir} (pass --image_dir)")
     model, params = load_model(args.checkpoint, **DECODING)
-    tokenizer = tokenizer_for(args.tokenizer, model)
-    processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
-                                 num_image_tokens=model.config.latent_query_num)
+    processor = processor_for(args.tokenizer, model)
     ctx = Context(model, params, processor, image_dir=image_dir, batch_size=args.batch_size)
     records = run_shared(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size,
                          key=key, overwrite=args.overwrite)

@@ -26,8 +26,7 @@ from kosmos2_jax import weights
 from kosmos2_jax.format import grounding
 from kosmos2_jax.inference.generate import generate, prepare
 from kosmos2_jax.models import Kosmos2
-from kosmos2_jax.format.processor import Kosmos2Processor, load_image
-from kosmos2_jax.format.tokenizer import tokenizer_for
+from kosmos2_jax.format.processor import load_image, processor_for
 from kosmos2_jax.format.visualize import draw_entities
 from kosmos2_jax.utils.errors import UsageError
 
@@ -143,13 +142,12 @@ def predict(args) -> int:
         per_image.append(prompt_with_boxes(args.prompt, [parse_box(b, image.size, args.box_units) for b in args.box]))
     prompt = per_image[0][0]
     model = Kosmos2(weights.model_config_of(args.checkpoint, **weights.DECODING))
-    tokenizer = tokenizer_for(args.tokenizer, model)
+    processor = processor_for(args.tokenizer, model)
+    tokenizer = processor.tokenizer
     unknown = tokenizer.unknown_characters(prompt)
     if unknown:
         raise UsageError(f"--prompt {args.prompt!r}: the tokenizer {args.tokenizer} cannot encode "
                          f"{' '.join(repr(c) for c in unknown)} (they would be dropped)")
-    processor = Kosmos2Processor(tokenizer, image_size=model.config.vision.image_size,
-                                 num_image_tokens=model.config.latent_query_num)
     bboxes = [b for _, b in per_image] if args.box else None
     inputs = processor([prompt] * len(images), images=images, bboxes=bboxes, padding_side="left")
     # prompts padded to a multiple of 8 tokens (generate's default is 32): one caption pays for

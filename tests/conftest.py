@@ -125,8 +125,9 @@ def shapes_tfds(tmp_path_factory):
     return d
 
 
-def save_tiny_checkpoint(directory, spm_path):
-    """A random `tiny` model whose vocabulary fits `spm_path`, saved as a params checkpoint."""
+def save_tiny_checkpoint(directory, spm_path, num_location_tokens=1024):
+    """A random `tiny` model whose vocabulary fits `spm_path` with `num_location_tokens`, saved as
+    a params checkpoint."""
     import jax
     import numpy as np
 
@@ -134,7 +135,8 @@ def save_tiny_checkpoint(directory, spm_path):
     from kosmos2_jax.models import Kosmos2, tiny
     from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
 
-    model = Kosmos2(tiny(vocab_size=Kosmos2Tokenizer.from_file(spm_path).vocab_size))
+    vocab = Kosmos2Tokenizer.from_file(spm_path, num_location_tokens=num_location_tokens).vocab_size
+    model = Kosmos2(tiny(vocab_size=vocab))
     q = model.config.latent_query_num
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), np.ones((1, q + 3), np.int32),
                         None, np.pad(np.ones((1, q), np.int32), ((0, 0), (2, 1))))["params"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import IMAGES_DIR, official_spm_path, save_tiny_checkpoint
+from conftest import IMAGES_DIR, REPO, official_spm_path, save_tiny_checkpoint
 from kosmos2_jax import predict
 from kosmos2_jax.inference.generate import PROGRAMS
 from kosmos2_jax.format.visualize import draw_entities, entity_colours
@@ -51,7 +51,7 @@ def test_predict_end_to_end(tiny_ckpt, image_path, tmp_path, capsys):
     (["--image", "missing.png"], "missing.png"),
     (["--box", "a red circle=0.5,0.1,0.4,0.5"], "x1 < x2"),
     (["--box", "a red circle=0.1,0.1,0.4"], "4 coordinates"),
-    (["--box", "a blue star=0.1,0.1,0.4,0.5"], "does not occur in the prompt"),
+    (["--box", "a blue star=0.1,0.1,0.4,0.5"], "does not occur as whole words in the text of the prompt"),
     (["--box", "a red circle=10,10,9000,50", "--box_units", "px"], "outside"),
     (["--box", "a red circle=10,10,90,50"], "--box_units px"),
 ])
@@ -211,3 +211,50 @@ def test_no_tpu_probe_messages_without_jax_platforms(tiny_ckpt, image_path, tmp_
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr[-3000:]
+
+
+def _readme_generation_code():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Generation and grounded text"):]
+    return section[section.index("```python\n") + 10:section.index("```\n", section.index("```python\n") + 10)]
+
+
+def test_the_readme_generation_example_on_a_model_of_another_size(small_spm, image_path, tmp_path):
+    """The README's Python example, run as written on a model with 28 px images and a 16 x 16 grid
+    (not the released 224 px, 32 x 32): the same caption and entities as `predict`; a processor
+    built for another model is refused by generate, not decoded into wrong boxes."""
+    from kosmos2_jax.format.grounding import post_process_ids
+    from kosmos2_jax.format.processor import Kosmos2Processor
+    from kosmos2_jax.inference.generate import generate
+    from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
+    from kosmos2_jax.utils.errors import UsageError
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", small_spm, num_location_tokens=256)
+    prompt = "<grounding>a red circle"
+    code = (_readme_generation_code().replace('"ckpt/kosmos2"', repr(ckpt))
+            .replace('"kosmos-2-patch14-224/sentencepiece.bpe.model"', repr(small_spm))
+            .replace('"snowman.png"', repr(image_path)).replace('"<grounding>An image of"', repr(prompt))
+            .replace("post_process_ids(out.sequences[0], proc.tokenizer)", "result = post_process_ids(out.sequences[0], proc.tokenizer)"))
+    scope = {}
+    exec(code, scope)
+    assert scope["proc"].num_bins == 16 and scope["proc"].image_size == scope["model"].config.vision.image_size
+    out = tmp_path / "p.json"
+    assert predict.main(["--checkpoint", ckpt, "--tokenizer", small_spm, "--image", image_path, "--prompt", prompt,
+                         "--json", str(out)]) == 0
+    record = json.loads(out.read_text())[0]
+    text, entities = scope["result"]
+    assert text == record["clean_text"] and [e[0] for e in entities] == [e["phrase"] for e in record["entities"]]
+    # a box written with the model's grid reads back as that box
+    proc = scope["proc"]
+    ids = proc([prompt.replace("a red circle", "<phrase>a red circle</phrase>")], images=[image_path],
+               bboxes=[[(0.34, 0.22, 0.53, 0.41)]])["input_ids"][0]
+    [(_, _, [box])] = post_process_ids(ids, proc.tokenizer)[1]
+    assert np.allclose(box, (0.34, 0.22, 0.53, 0.41), atol=1 / 16)
+    # the released model's processor settings with this model: an error naming the fix
+    model, params = scope["model"], scope["params"]
+    wrong = Kosmos2Processor(Kosmos2Tokenizer.from_file(small_spm))
+    with pytest.raises(UsageError, match="28 px.*processor_for"):
+        generate(model, params, wrong([prompt], images=[image_path]), max_new_tokens=2)
+    wrong = Kosmos2Processor(Kosmos2Tokenizer.from_file(small_spm), image_size=28, num_image_tokens=64)
+    with pytest.raises(UsageError, match="image tokens.*processor_for"):
+        generate(model, params, wrong([prompt], images=[image_path]), max_new_tokens=2)

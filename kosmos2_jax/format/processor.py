@@ -243,6 +243,17 @@ class Kosmos2Processor:
         return grounding.post_process_generation(text, cleanup_and_extract, self.num_bins)
 
 
+def processor_for(spm_path: str, model, **options) -> Kosmos2Processor:
+    """The processor a model's inputs need: its image size and image-token count, and the tokenizer
+    with as many location tokens as its vocabulary holds (`tokenizer_for`; a UsageError when the
+    sentencepiece model does not fit it). `model`: a Kosmos2 or its config."""
+    from kosmos2_jax.format.tokenizer import tokenizer_for
+
+    config = getattr(model, "config", model)
+    return Kosmos2Processor(tokenizer_for(spm_path, config), image_size=config.vision.image_size,
+                            num_image_tokens=config.latent_query_num, **options)
+
+
 # --- training sequences from GRIT-style records -----------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class GroundedSequence:

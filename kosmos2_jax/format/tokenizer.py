@@ -237,13 +237,14 @@ class Kosmos2Tokenizer:
 
 def tokenizer_for(spm_path: str, model) -> Kosmos2Tokenizer:
     """The tokenizer with as many location tokens as the model's vocabulary leaves room for
-    (1024 for the released model; a demo model may use a smaller grid)."""
+    (1024 for the released model; a demo model may use a smaller grid). `model`: a Kosmos2 or its config."""
+    vocab_size = getattr(model, "config", model).text.vocab_size
     tok = Kosmos2Tokenizer.from_file(spm_path)
-    locations = model.config.text.vocab_size - (tok.vocab_size - tok.num_location_tokens)
+    locations = vocab_size - (tok.vocab_size - tok.num_location_tokens)
     if locations != tok.num_location_tokens:
         if locations <= 0 or int(locations ** 0.5) ** 2 != locations:
             raise UsageError(f"tokenizer {spm_path!r} ({tok.vocab_size - tok.num_location_tokens} tokens before the "
-                             f"location tokens) does not fit the model's vocabulary of {model.config.text.vocab_size}")
+                             f"location tokens) does not fit the model's vocabulary of {vocab_size}")
         tok = Kosmos2Tokenizer.from_file(spm_path, num_location_tokens=locations)
     return tok
 

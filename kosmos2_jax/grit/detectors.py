@@ -185,13 +185,10 @@ class Kosmos2Detector:
 
         from kosmos2_jax.weights.hf import DECODING, load_model
         from kosmos2_jax.models import Kosmos2
-        from kosmos2_jax.format.tokenizer import tokenizer_for
-        from kosmos2_jax.format.processor import Kosmos2Processor
+        from kosmos2_jax.format.processor import processor_for
 
         self.model, self.params = load_model(checkpoint, **DECODING)
-        tok = tokenizer_for(tokenizer, self.model)
-        self.processor = Kosmos2Processor(tok, image_size=self.model.config.vision.image_size,
-                                          num_image_tokens=self.model.config.latent_query_num)
+        self.processor = processor_for(tokenizer, self.model)
         self.batch_size, self.length_bucket = batch_size, length_bucket
         self.first_loc, self.num_loc = tok.first_location_id, tok.num_location_tokens
         self.compiled_shapes: set = set()  # (program, shape) pairs run so far

@@ -458,6 +458,24 @@ def _stored_executable_path(*key) -> str | None:
     return os.path.join(folder, "kosmos2_generate", hashlib.sha256(text.encode()).hexdigest() + ".pkl")
 
 
+def check_inputs_fit(config, ids: np.ndarray, inputs: Mapping[str, np.ndarray]) -> None:
+    """A UsageError when the processor that made `inputs` was not built for this model (its image
+    size, image-token count, or a vocabulary the ids overflow): `format.processor.processor_for`."""
+    hint = "build the processor from the model: processor_for(spm_path, model)"
+    if inputs.get("pixel_values") is not None:
+        side = np.shape(inputs["pixel_values"])[-2]  # [B, H, W, 3], or [B, N, H, W, 3] interleaved
+        if side != config.vision.image_size:
+            raise UsageError(f"the images are {side} px, the model's vision tower takes {config.vision.image_size} px: {hint}")
+        pixels = np.shape(inputs["pixel_values"])
+        most = config.latent_query_num * (pixels[1] if len(pixels) == 5 else 1)  # interleaved: N images a row
+        slots = np.sum(np.asarray(inputs["image_embeds_position_mask"]), axis=1)
+        if np.any(slots % config.latent_query_num) or np.any(slots > most):
+            raise UsageError(f"the prompts hold {int(slots.max())} image tokens, the model makes "
+                             f"{config.latent_query_num}: {hint}")
+    if ids.size and int(ids.max()) >= config.text.vocab_size:
+        raise UsageError(f"token id {int(ids.max())} is outside the model's vocabulary of {config.text.vocab_size}: {hint}")
+
+
 def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temperature, top_p, no_repeat_ngram_size,
              eos_token_id, pad_token_id, length_penalty, rng, bucket):
     """Checks the request; returns (compiled program, its arguments but the params, settings, extra pads)."""
@@ -480,6 +498,7 @@ def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temper
         raise UsageError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"{limit} positions")
     with_image = inputs.get("pixel_values") is not None
+    check_inputs_fit(model.config, ids, inputs)
     padded = bucket_length(length, bucket)
     extra = padded - length
     prompt = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_token_id)

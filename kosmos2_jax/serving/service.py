@@ -32,8 +32,7 @@ from kosmos2_jax import weights
 from kosmos2_jax.inference.generate import bucket_length, generate, prepare
 from kosmos2_jax.format.grounding import entity_records
 from kosmos2_jax.models import Kosmos2
-from kosmos2_jax.format.processor import Kosmos2Processor
-from kosmos2_jax.format.tokenizer import tokenizer_for
+from kosmos2_jax.format.processor import Kosmos2Processor, processor_for
 from kosmos2_jax.utils.errors import UsageError
 
 DESCRIBE_PROMPTS = {"brief": "<grounding>An image of", "detailed": "<grounding>Describe this image in detail:"}
@@ -209,9 +208,7 @@ class Service:
     @classmethod
     def load(cls, checkpoint: str, tokenizer: str, batch_sizes: Sequence[int] = (1, 8)) -> "Service":
         model, params = weights.load_model(checkpoint, **weights.DECODING)
-        tok = tokenizer_for(tokenizer, model)
-        processor = Kosmos2Processor(tok, image_size=model.config.vision.image_size,
-                                     num_image_tokens=model.config.latent_query_num)
+        processor = processor_for(tokenizer, model)
         return cls(model, params, processor, os.path.normpath(checkpoint), batch_sizes)
 
     @property
