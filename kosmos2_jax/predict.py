@@ -107,11 +107,18 @@ def parse_args(argv):
     p.add_argument("--num_beams", type=cli.integer(1), default=1)
     p.add_argument("--max_new_tokens", type=cli.integer(1), default=128)
     p.add_argument("--no_repeat_ngram_size", type=cli.integer(0), default=3, help="0: no n-gram blocking")
-    p.add_argument("--out", type=cli.output_file, help="annotated PNG (NAME_i.png per image when several)")
+    p.add_argument("--out", type=cli.output_file,
+                   help="annotated image, in the format its extension names (PNG when none; NAME_i.EXT per image when several)")
     p.add_argument("--json", type=cli.output_file, help="write results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --json files")
     cli.add_compilation_cache_flags(p)
     return p.parse_args(argv)
+
+
+def image_format(path: str) -> str:
+    from PIL import Image
+
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
 
 
 def output_paths(args) -> list[str]:
@@ -188,8 +195,8 @@ def predict(args) -> int:
         results.append(record)
         if args.out:
             target = output_paths(args)[i + bool(args.json)]
-            with outputs.atomic_file(target, "wb") as f:
-                draw_entities(image, entities).save(f, format="PNG")
+            with outputs.atomic_file(target, "wb") as f:  # the format its name says (.jpg, .webp, ...), else PNG
+                draw_entities(image, entities).save(f, format=image_format(target))
             print(f"  wrote {target}")
     if args.json:
         outputs.write_json(args.json, results, indent=2)

@@ -401,3 +401,15 @@ def test_per_candidate_contexts_score_each_pair(tmp_path, small_spm):
     alone = [candidate_logprobs(model, params, tok, c, [x])[0] for c, x in pairs]
     assert [b["sum"] for b in both] == pytest.approx([a["sum"] for a in alone], rel=1e-5)
     assert both[0]["sum"] != pytest.approx(both[1]["sum"])
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path):
+    import io
+
+    from kosmos2_jax.evaluation.runner import run_items
+
+    log = io.StringIO()  # not a terminal: no \r updates, a line per tenth of the work
+    run_items([{"id": i} for i in range(50)], lambda batch: [{"x": 1} for _ in batch], str(tmp_path / "p.jsonl"), 2,
+              log=log)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 10 and lines[-1].startswith("50/50 items"), lines

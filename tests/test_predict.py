@@ -258,3 +258,17 @@ def test_the_readme_generation_example_on_a_model_of_another_size(small_spm, ima
     wrong = Kosmos2Processor(Kosmos2Tokenizer.from_file(small_spm), image_size=28, num_image_tokens=64)
     with pytest.raises(UsageError, match="image tokens.*processor_for"):
         generate(model, params, wrong([prompt], images=[image_path]), max_new_tokens=2)
+
+
+def test_predict_out_format_follows_its_name_and_a_non_image_is_named(tiny_ckpt, image_path, tmp_path, capsys):
+    ckpt, spm = tiny_ckpt
+    base = ["--checkpoint", ckpt, "--tokenizer", spm, "--prompt", "<grounding>a red circle", "--max_new_tokens", "2"]
+    out = tmp_path / "x.jpg"
+    assert predict.main([*base, "--image", image_path, "--out", str(out)]) == 0
+    assert Image.open(out).format == "JPEG"
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    capsys.readouterr()
+    assert predict.main([*base, "--image", str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(text) in err and "BytesIO" not in err and "not an image format" in err, err

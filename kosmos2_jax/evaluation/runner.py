@@ -91,6 +91,8 @@ def run_items(items: Sequence[dict], predict_batch: Callable[[list], list], json
     if done and log:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} items already in {jsonl}", file=log)
     start = time.time()
+    terminal = bool(log) and hasattr(log, "isatty") and log.isatty()
+    shown = 0  # the tenths of the work reported, when the log is a file (plain lines, not \r updates)
     with open(jsonl, "a") as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
@@ -102,8 +104,13 @@ def run_items(items: Sequence[dict], predict_batch: Callable[[list], list], json
             if log:
                 n = i + len(batch)
                 eta = (len(todo) - n) * (time.time() - start) / n
-                print(f"\r{len(items) - len(todo) + n}/{len(items)} items, ETA {int(eta)}s", end="", file=log, flush=True)
-    if log and todo:
+                line = f"{len(items) - len(todo) + n}/{len(items)} items, ETA {int(eta)}s"
+                if terminal:
+                    print(f"\r{line}", end="", file=log, flush=True)
+                elif 10 * n // len(todo) > shown:
+                    shown = 10 * n // len(todo)
+                    print(line, file=log, flush=True)
+    if terminal and todo:
         print(file=log)
     return [done[str(it["id"])] for it in items]
 

@@ -48,7 +48,8 @@ def open_image(source: bytes | str | os.PathLike, decode: bool = True) -> Image.
             image.load()
         return image
     except _DECODE_ERRORS as e:
-        raise ImageError("undecodable image", f"{where}: {e}") from None
+        why = "not an image format PIL reads (JPEG, PNG, WebP, ...)" if isinstance(e, UnidentifiedImageError) else e
+        raise ImageError("undecodable image", f"{where}: {why}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
