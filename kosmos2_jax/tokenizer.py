@@ -31,7 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             refuse_existing(args.out + ext, args.overwrite)
         path = train_sentencepiece(args.input, args.vocab_size, args.out, args.model_type)
         tok = Kosmos2Tokenizer.from_file(path)
-        print(f"wrote {path}: {tok.sp.get_piece_size()} pieces, KOSMOS-2 vocab {tok.vocab_size}")
+        pieces = tok.sp.get_piece_size()
+        print(f"wrote {path}: {pieces} pieces, KOSMOS-2 vocab {tok.vocab_size}")
+        if pieces < args.vocab_size:
+            print(f"note: {pieces} pieces, not --vocab_size {args.vocab_size}: {args.input} holds no more distinct "
+                  "pieces to merge (sentencepiece stops early, hard_vocab_limit=False); more text gives more")
         return 0
     return cli.run(run)
 

@@ -162,6 +162,12 @@ def test_train_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kosmos2_jax.tokenizer", "train", "--input", str(tmp_path / "x.txt"),
                           "--vocab_size", "60", "--out", str(tmp_path / "y")], capture_output=True, text=True)
     assert bad.returncode != 0 and "x.txt" in bad.stderr
+    # more pieces than the text holds: trained, with the reason said
+    small = subprocess.run([sys.executable, "-m", "kosmos2_jax.tokenizer", "train", "--input", str(tmp_path / "c.txt"),
+                            "--vocab_size", "2000", "--out", str(tmp_path / "m" / "big")], capture_output=True, text=True)
+    assert small.returncode == 0, small.stderr
+    pieces = Kosmos2Tokenizer.from_file(tmp_path / "m" / "big.model").sp.get_piece_size()
+    assert pieces < 2000 and f"note: {pieces} pieces, not --vocab_size 2000" in small.stdout, small.stdout
 
 
 def test_location_token_format():
