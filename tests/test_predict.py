@@ -112,6 +112,36 @@ def test_draw_entities_colours_each_entity():
     assert colours[0] != colours[1]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_tags_never_cover_each_other(seed):
+    """evaluate --draw's case (the truth and the model's box nearly equal) and random boxes: every
+    tag inside the picture, none over another."""
+    from kosmos2_jax.format.visualize import place_tags
+
+    rng = np.random.default_rng(seed)
+    corners = rng.uniform(0, 256, (6, 2, 2))
+    boxes = [(40, 60, 120, 140), (42, 61, 121, 139)] + [tuple(np.sort(c, axis=0).T.reshape(-1)[[0, 2, 1, 3]]) for c in corners]
+    sizes = [(int(rng.integers(60, 150)), 20) for _ in boxes]
+    tags = place_tags(boxes, sizes, 256, 256)
+    for i, (a, (tw, th)) in enumerate(zip(tags, sizes)):
+        assert 0 <= a[0] and a[2] <= 256 and 0 <= a[1] and a[3] <= 256 and (a[2] - a[0], a[3] - a[1]) == (tw, th)
+        for b in tags[:i]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_a_box_stays_visible_on_a_shape_of_its_own_colour():
+    colour = entity_colours(1)[0]
+    image = Image.new("RGB", (256, 256), (255, 255, 255))
+    image.paste(colour, (64, 64, 192, 192))  # a shape of the box's own colour, the box on its edges
+    out = np.asarray(draw_entities(image, [("truth", (0, 0), [(0.25, 0.25, 0.75, 0.75)])]))
+    row = out[128, 55:75]  # across the box's left edge: dark on both sides of the coloured line
+    is_colour = np.all(row == colour, axis=1)
+    is_dark = np.all(row < 60, axis=1)
+    first = int(np.argmax(is_colour))
+    last = first + int(np.argmin(is_colour[first:]))
+    assert is_dark[first - 1] and is_dark[last], row
+
+
 def test_second_predict_loads_its_programs_from_the_cache(tiny_ckpt, image_path, tmp_path):
     """A fresh process running the same predict again neither traces nor compiles its generation
     program: it loads the stored executable from --compilation_cache. --no_compilation_cache
