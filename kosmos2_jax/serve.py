@@ -72,7 +72,11 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(args, block: bool = True):
+    import warnings
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version checks
+    # Gradio's own use of a name Starlette renamed: a warning per refused request, nothing to act on
+    warnings.filterwarnings("ignore", message=".*HTTP_422_UNPROCESSABLE_ENTITY.*")
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -18,7 +18,7 @@ from PIL import Image
 gr_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, save_tiny_checkpoint  # noqa: E402
 from kosmos2_jax import predict
 from kosmos2_jax.format import grounding  # noqa: E402
 
@@ -223,10 +223,47 @@ def test_bad_input_gets_a_message_and_the_server_goes_on(server, client, images,
     assert server[0].poll() is None
 
 
-def test_out_of_range_settings_are_refused_by_the_page_s_limits(client, images):
+def test_out_of_range_settings_are_refused_by_the_page_s_limits(server, client, images):
     with pytest.raises(gr_client.exceptions.AppError, match="less than minimum"):
         call(client, "describe", images[0], "<grounding>An image of", ("sample", 16, 3, 1, 0.0, 0.9, 0))
     assert "s for a batch of" in call(client, "describe", images[0], "<grounding>An image of")[-1]
+    # the server's console: no traceback for a refused value, no warning per request
+    log = server[2].read_text()
+    assert "Traceback" not in log and "Warning" not in log, log[-3000:]
+
+
+def test_the_api_lists_the_four_tabs_only(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert sorted(endpoints) == ["/ask", "/describe", "/ground", "/refer"]
+    strategy = endpoints["/describe"]["parameters"][2]
+    assert strategy["label"] == "strategy" and "'sample'" in str(strategy) and "sampling" not in str(strategy), strategy
+
+
+def test_status_counts_entities_in_words():
+    from kosmos2_jax.serving import webapp
+
+    class _Service:
+        name = "m"
+
+    line = lambda n: webapp.status_line({"seconds": 0.5, "batch": 1, "entities": [{}] * n}, _Service())  # noqa: E731
+    assert "· 1 entity ·" in line(1) and "· 0 entities ·" in line(0) and "· 2 entities ·" in line(2)
+
+
+def test_a_tab_whose_prompt_the_tokenizer_cannot_write_says_so_up_front(tmp_path):
+    """The demo's 64-piece tokenizer cannot write the Refer and Ask prompts: the page says so on
+    those tabs before anyone asks, and not on Describe or Ground."""
+    from kosmos2_jax.format import tokenizer
+    from kosmos2_jax.serving import service as serving
+    from kosmos2_jax.serving import webapp
+
+    (tmp_path / "t.txt").write_text("\n".join(f"a {c} circle to the left of a {c} square" for c in
+                                              ("red", "blue", "green", "yellow")) * 20 + "\n")
+    spm = tokenizer.train_sentencepiece(str(tmp_path / "t.txt"), 40, str(tmp_path / "s"))
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", spm)
+    app = webapp.build_app(serving.Service.load(ckpt, spm, (1,)), [], ["<grounding>"])
+    warnings = {b.elem_id: b.value for b in app.blocks.values() if (getattr(b, "elem_id", None) or "").endswith("-warning")}
+    assert sorted(warnings) == ["ask-warning", "refer-warning"], warnings
+    assert "cannot write this tab's prompt" in warnings["refer-warning"] and "'I'" in warnings["refer-warning"]
 
 
 def test_sampling_and_beam_search_answer(client, images):

@@ -25,6 +25,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
+def Slider(*args, **kwargs):  # noqa: N802 - used as the component it wraps
+    """A `gr.Slider` whose out-of-range value (from the API) is refused to the caller with Gradio's
+    message, without a traceback in the server's console for each such request (wrapped, not
+    subclassed: see `uploaded_image`)."""
+    slider = gr.Slider(*args, **kwargs)
+    preprocess = slider.preprocess
+
+    def quiet(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error as e:
+            raise gr.Error(e.message, print_exception=False) from None
+
+    slider.preprocess = quiet
+    return slider
+
+
 def example_images(folder: str | None, limit: int = 8) -> list[str]:
     """The image files of `folder` (sorted, at most `limit`); none when it is absent."""
     if not folder or not os.path.isdir(folder):
@@ -72,8 +89,9 @@ def status_line(record: dict | serving.RequestError, service: serving.Service, f
     """The batch's time and size and what was found (default: the record's entities), or the error."""
     if isinstance(record, serving.RequestError):
         return f"**Error:** {record}"
+    n = len(record.get("entities", ()))
     return (f"{record['seconds']:.2f} s for a batch of {record['batch']} · "
-            f"{found or str(len(record['entities'])) + ' entities'} · `{service.name}`")
+            f"{found or f'{n} entit' + ('y' if n == 1 else 'ies')} · `{service.name}`")
 
 
 def _answer(request: serving.Request, record, service, text_of=None):
@@ -197,19 +215,25 @@ def build_app(service: serving.Service, examples: Sequence[str] = (),
         with gr.Accordion("Decoding", open=False):
             with gr.Row():
                 strategy = gr.Radio(list(serving.STRATEGIES), value="greedy", label="strategy")
-                max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens")
-                ngram = gr.Slider(0, 6, value=3, step=1, label="no-repeat n-gram size (0: off)")
+                max_new = Slider(1, 512, value=128, step=1, label="max new tokens")
+                ngram = Slider(0, 6, value=3, step=1, label="no-repeat n-gram size (0: off)")
             with gr.Row():
-                beams = gr.Slider(1, 8, value=3, step=1, label="beams (beam)")
-                temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (sample)")
-                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p (sample)")
+                beams = Slider(1, 8, value=3, step=1, label="beams (beam)")
+                temperature = Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (sample)")
+                top_p = Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p (sample)")
                 seed = gr.Number(0, precision=0, label="seed (sample)")
         settings = [strategy, max_new, ngram, beams, temperature, top_p, seed]
         batching = dict(batch=True, max_batch_size=service.max_batch, concurrency_id="model", concurrency_limit=1)
 
-        def tab(title, key, field, button, fn, boxes_label, text_label=None, image_label="image"):
-            """image + one field -> (annotated image[, highlighted text], JSON, status): one endpoint."""
+        def tab(title, key, field, button, fn, boxes_label, text_label=None, image_label="image", fixed=""):
+            """image + one field -> (annotated image[, highlighted text], JSON, status): one endpoint.
+            `fixed`: the tab's own prompt words; said up front when the tokenizer cannot write them."""
             with gr.Tab(title):
+                unknown = service.processor.tokenizer.unknown_characters(fixed) if fixed else []
+                if unknown:
+                    gr.Markdown(f"**This model's tokenizer cannot write this tab's prompt** (`{fixed}`: "
+                                f"{' '.join(repr(c) for c in unknown)}): its requests are refused.",
+                                elem_id=f"{key}-warning")
                 with gr.Row():
                     with gr.Column():
                         image = uploaded_image(label=image_label, elem_id=f"{key}-image")
@@ -230,16 +254,17 @@ def build_app(service: serving.Service, examples: Sequence[str] = (),
                                                         label="prompt"),
             "Describe", describe_fn, "entities", "caption")
         tab("Ground", "ground", lambda: gr.Textbox(label="phrases (one per line, or separated by ;)", lines=2),
-            "Ground", ground_fn, "boxes")
+            "Ground", ground_fn, "boxes", fixed=serving.GROUND_PROMPT.format(phrase=""))
         corner = gr.State(None)
         r_image, r_box = tab("Refer", "refer", lambda: gr.Textbox(label="region x1, y1, x2, y2 (pixels)",
                                                                   elem_id="refer-box"),
                              "Describe the region", refer_fn, "region and entities", "description",
-                             image_label="image: click two corners of a region")
-        r_image.select(pick_corner, [r_image, corner], [corner, r_box], api_name=False)
-        r_image.upload(lambda: (None, ""), None, [corner, r_box], api_name=False)
+                             image_label="image: click two corners of a region", fixed=serving.REFER_PROMPT)
+        # page-only listeners: not endpoints of the API (Gradio 6 would take api_name=False as a name)
+        r_image.select(pick_corner, [r_image, corner], [corner, r_box], api_visibility="private")
+        r_image.upload(lambda: (None, ""), None, [corner, r_box], api_visibility="private")
         tab("Ask", "ask", lambda: gr.Textbox(label="question", value="What is in the image?"),
-            "Ask", ask_fn, "entities", "answer")
+            "Ask", ask_fn, "entities", "answer", fixed=serving.ASK_PROMPT.format(question=""))
     return app
 
 

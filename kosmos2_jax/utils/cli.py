@@ -103,16 +103,24 @@ def skip_absent_tpu() -> None:
     if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ or importlib.util.find_spec("libtpu") is None:
         return
     try:
+        import dataclasses
+
         from jax._src import hardware_utils, xla_bridge
 
-        if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0 and not xla_bridge._backends:
-            xla_bridge._backend_factories.pop("tpu", None)
-    except (ImportError, AttributeError):  # another JAX: its probe messages, nothing worse
+        tpu = xla_bridge._backend_factories.get("tpu")
+        if tpu and hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0 and not xla_bridge._backends:
+            # still registered (JAX's modules register TPU lowerings), never started
+            xla_bridge._backend_factories["tpu"] = dataclasses.replace(tpu, factory=_no_tpu, fail_quietly=True)
+    except (ImportError, AttributeError, TypeError):  # another JAX: its probe messages, nothing worse
         pass
 
 
+def _no_tpu():
+    raise RuntimeError("no TPU on this machine")
+
+
 def _terminated(signum, frame):
-    print("terminated (SIGTERM): unfinished outputs discarded", file=sys.stderr, flush=True)
+    print("terminated (SIGTERM)", file=sys.stderr, flush=True)
     raise SystemExit(143)
 
 
