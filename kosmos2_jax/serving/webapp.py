@@ -239,8 +239,6 @@ def build_app(service: serving.Service, examples: Sequence[str] = (),
                         image = uploaded_image(label=image_label, elem_id=f"{key}-image")
                         field = field()
                         run = gr.Button(button, variant="primary", elem_id=f"{key}-button")
-                        if examples:
-                            gr.Examples([[p] for p in examples], [image])
                     with gr.Column():
                         outputs = [gr.AnnotatedImage(label=boxes_label, elem_id=f"{key}-boxes")]
                         if text_label:
@@ -250,10 +248,10 @@ def build_app(service: serving.Service, examples: Sequence[str] = (),
                 run.click(fn, [image, field, *settings], outputs, api_name=key, **batching)
             return image, field
 
-        tab("Describe", "describe", lambda: gr.Dropdown(list(prompts), value=prompts[0], allow_custom_value=True,
+        d_image, _ = tab("Describe", "describe", lambda: gr.Dropdown(list(prompts), value=prompts[0], allow_custom_value=True,
                                                         label="prompt"),
             "Describe", describe_fn, "entities", "caption")
-        tab("Ground", "ground", lambda: gr.Textbox(label="phrases (one per line, or separated by ;)", lines=2),
+        g_image, _ = tab("Ground", "ground", lambda: gr.Textbox(label="phrases (one per line, or separated by ;)", lines=2),
             "Ground", ground_fn, "boxes", fixed=serving.GROUND_PROMPT.format(phrase=""))
         corner = gr.State(None)
         r_image, r_box = tab("Refer", "refer", lambda: gr.Textbox(label="region x1, y1, x2, y2 (pixels)",
@@ -263,8 +261,18 @@ def build_app(service: serving.Service, examples: Sequence[str] = (),
         # page-only listeners: not endpoints of the API (Gradio 6 would take api_name=False as a name)
         r_image.select(pick_corner, [r_image, corner], [corner, r_box], api_visibility="private")
         r_image.upload(lambda: (None, ""), None, [corner, r_box], api_visibility="private")
-        tab("Ask", "ask", lambda: gr.Textbox(label="question", value="What is in the image?"),
-            "Ask", ask_fn, "entities", "answer", fixed=serving.ASK_PROMPT.format(question=""))
+        a_image, _ = tab("Ask", "ask", lambda: gr.Textbox(label="question", value="What is in the image?"),
+                         "Ask", ask_fn, "entities", "answer", fixed=serving.ASK_PROMPT.format(question=""))
+        if examples:
+            # One gallery under the tabs, not gr.Examples in each: Gradio 6 draws the examples of a
+            # tab that is not shown at page load as empty 2 px items (Chromium).
+            gallery = gr.Gallery(list(examples), label="examples: click one to put it in every tab", columns=8,
+                                 height="auto", allow_preview=False, elem_id="examples")
+
+            def pick(evt: gr.SelectData):
+                return [examples[evt.index]] * 4 + [None, ""]
+
+            gallery.select(pick, None, [d_image, g_image, r_image, a_image, corner, r_box], api_visibility="private")
     return app
 
 

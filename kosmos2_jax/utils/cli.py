@@ -29,7 +29,9 @@ USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 def shows_default(action: argparse.Action) -> bool:
     """Whether `--help` states this option's default: every option that has one (not None, empty,
     a False switch or --help itself)."""
-    return bool(action.option_strings) and action.default not in (None, "", False, [], (), argparse.SUPPRESS)
+    default = action.default
+    return (bool(action.option_strings) and default is not None and default is not False
+            and default is not argparse.SUPPRESS and not (isinstance(default, (str, list, tuple)) and not default))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
