@@ -12,6 +12,9 @@ from kosmos2_jax.inference.generate import ban_repeated_ngrams, generate, top_p_
 from kosmos2_jax.models import Kosmos2, tiny
 
 NAME, VISION, TEXT, QUERIES = SMALL_CONFIGS[0]
+# both decoding modes, the accelerator mode with several dispatches of a few steps each
+MODES = {"layerwise": dict(decode_mode="layerwise"), "fused": dict(decode_mode="fused", tokens_per_call=5)}
+modes = pytest.mark.parametrize("mode", sorted(MODES))
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +49,15 @@ def _hf_generate(hf, batch, **kwargs):
     return out
 
 
+@modes
 @pytest.mark.parametrize("with_image", [True, False])
 @pytest.mark.parametrize("ngram", [0, 3])
-def test_greedy_equals_hf(models, with_image, ngram):
+def test_greedy_equals_hf(models, with_image, ngram, mode):
     hf, model, params = models
     batch = _batch(with_image, seed=ngram)
     ref = _hf_generate(hf, batch, max_new_tokens=24, do_sample=False, num_beams=1, no_repeat_ngram_size=ngram,
                        output_scores=True, return_dict_in_generate=True)
-    ours = generate(model, params, batch, max_new_tokens=24, no_repeat_ngram_size=ngram)
+    ours = generate(model, params, batch, max_new_tokens=24, no_repeat_ngram_size=ngram, **MODES[mode])
     np.testing.assert_array_equal(ours.sequences, ref.sequences.numpy())
     ref_logp = hf.text_model.compute_transition_scores(ref.sequences, ref.scores, normalize_logits=True).numpy()
     new = ours.sequences[:, -ours.scores.shape[1]:]
@@ -62,23 +66,26 @@ def test_greedy_equals_hf(models, with_image, ngram):
     assert (ours.scores[~live] == 0).all()
 
 
+@modes
 @pytest.mark.parametrize("num_beams", [3, 5])
 @pytest.mark.parametrize("ngram", [0, 3])
-def test_beam_search_equals_hf(models, num_beams, ngram):
+def test_beam_search_equals_hf(models, num_beams, ngram, mode):
     hf, model, params = models
     batch = _batch(True, seed=10 + num_beams + ngram)
     ref = _hf_generate(hf, batch, max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=ngram,
                        do_sample=False, output_scores=True, return_dict_in_generate=True)
-    ours = generate(model, params, batch, max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=ngram)
+    ours = generate(model, params, batch, max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=ngram,
+                    **MODES[mode])
     np.testing.assert_array_equal(ours.sequences, ref.sequences.numpy())
     np.testing.assert_allclose(ours.sequence_scores, ref.sequences_scores.numpy(), atol=1e-4)
 
 
-def test_beam_search_text_only_equals_hf(models):
+@modes
+def test_beam_search_text_only_equals_hf(models, mode):
     hf, model, params = models
     batch = _batch(False, seed=5)
     ref = _hf_generate(hf, batch, max_new_tokens=12, num_beams=4, no_repeat_ngram_size=3, do_sample=False)
-    ours = generate(model, params, batch, max_new_tokens=12, num_beams=4, no_repeat_ngram_size=3)
+    ours = generate(model, params, batch, max_new_tokens=12, num_beams=4, no_repeat_ngram_size=3, **MODES[mode])
     np.testing.assert_array_equal(ours.sequences, ref.numpy())
 
 
@@ -106,15 +113,19 @@ def test_bucketing_reuses_compilations_and_keeps_results(models):
     assert _compiled.cache_info().misses == before
 
 
-def test_sampling_is_reproducible_and_respects_top_p(models):
+@modes
+def test_sampling_is_reproducible_and_respects_top_p(models, mode):
     hf, model, params = models
     batch = _batch(True, seed=2)
     run = lambda seed, **kw: generate(model, params, batch, max_new_tokens=10, do_sample=True,
-                                      rng=jax.random.PRNGKey(seed), **kw).sequences
+                                      rng=jax.random.PRNGKey(seed), **MODES[mode], **kw).sequences
     np.testing.assert_array_equal(run(0), run(0))
     assert not np.array_equal(run(0), run(1))
     greedy = generate(model, params, batch, max_new_tokens=10).sequences
     np.testing.assert_array_equal(run(0, top_p=1e-6), greedy)  # only the top token survives
+    if mode == "fused":  # the same random numbers as the per-layer programs draw
+        np.testing.assert_array_equal(run(0), generate(model, params, batch, max_new_tokens=10, do_sample=True,
+                                                       rng=jax.random.PRNGKey(0), decode_mode="layerwise").sequences)
 
 
 def test_top_p_on_known_logits():
@@ -155,8 +166,9 @@ def test_bad_generation_inputs(models):
         generate(model, params, batch, max_new_tokens=4, do_sample=True)
 
 
+@modes
 @pytest.mark.parametrize("scan_layers", [True, False])
-def test_interleaved_greedy_equals_full_forwards(scan_layers):
+def test_interleaved_greedy_equals_full_forwards(scan_layers, mode):
     """Two images a row ([B, N, H, W, 3]), both weight layouts: generation's layer-by-layer cached
     decoding picks the tokens that greedy decoding by uncached full forwards picks."""
     config = dataclasses.replace(tiny(), scan_layers=scan_layers)
@@ -168,7 +180,8 @@ def test_interleaved_greedy_equals_full_forwards(scan_layers):
     pixels = rng.normal(size=(2, 2, config.vision.image_size, config.vision.image_size, 3)).astype(np.float32)
     params = model.init(jax.random.PRNGKey(1), pixels, ids, image_embeds_position_mask=slots)["params"]
     out = generate(model, params, dict(input_ids=ids, attention_mask=np.ones_like(ids),
-                                       image_embeds_position_mask=slots, pixel_values=pixels), max_new_tokens=5)
+                                       image_embeds_position_mask=slots, pixel_values=pixels), max_new_tokens=5,
+                   **MODES[mode])
     seq, mask, logp = ids, slots, []
     for _ in range(5):
         logits = model.apply({"params": params}, pixels, seq, image_embeds_position_mask=mask)[:, -1]
@@ -178,3 +191,53 @@ def test_interleaved_greedy_equals_full_forwards(scan_layers):
         mask = np.pad(mask, ((0, 0), (0, 1)))
     np.testing.assert_array_equal(out.sequences, seq)
     np.testing.assert_allclose(out.scores, np.stack(logp, axis=1), rtol=0, atol=1e-5)
+
+
+def test_fused_mode_dispatches_once_per_k_tokens_and_reads_a_step_behind(models, monkeypatch):
+    """The accelerator mode on the CPU, counted (not timed): the compiled programs it runs and the
+    blocking device->host reads, for 24 new tokens at K = 4 and K = 24 (rows that never end: no
+    early stop)."""
+    from kosmos2_jax.inference import generate as gen
+
+    hf, model, params = models
+    batch = _batch(True, seed=0)
+    eos_free = dict(eos_token_id=-1)  # no row ends: every step runs
+    for k in (4, 24):
+        counts = {"dispatch": 0, "read": 0}
+        real_read, real_call = gen._read, gen._FusedProgram.__call__
+
+        def counting_call(self, *args):
+            parts = {name: _counted(fn, counts) for name, fn in self.parts.items()}
+            return real_call(dataclasses.replace(self, parts=parts), *args)
+
+        def counting_read(flag):
+            counts["read"] += 1
+            return real_read(flag)
+
+        monkeypatch.setattr(gen._FusedProgram, "__call__", counting_call)
+        monkeypatch.setattr(gen, "_read", counting_read)
+        out = generate(model, params, batch, max_new_tokens=24, decode_mode="fused", tokens_per_call=k, **eos_free)
+        monkeypatch.undo()
+        assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 24
+        assert counts["dispatch"] == 1 + 24 // k, counts  # the prefill, then one call per K tokens
+        assert counts["read"] <= 24 // k, counts  # the stop flag, a call behind: at most one per K tokens
+        layerwise = generate(model, params, batch, max_new_tokens=24, decode_mode="layerwise", **eos_free)
+        np.testing.assert_array_equal(out.sequences, layerwise.sequences)
+
+
+def _counted(fn, counts):
+    def call(*args):
+        counts["dispatch"] += 1
+        return fn(*args)
+    return call
+
+
+def test_auto_mode_is_layerwise_on_the_cpu_and_fused_elsewhere():
+    from kosmos2_jax.inference.generate import resolve_decode_mode
+    from kosmos2_jax.utils.errors import UsageError
+
+    assert resolve_decode_mode("auto", "cpu") == "layerwise"
+    assert resolve_decode_mode("auto", "gpu") == resolve_decode_mode("auto", "tpu") == "fused"
+    assert resolve_decode_mode("layerwise", "tpu") == "layerwise"
+    with pytest.raises(UsageError, match="decode_mode 'fast'"):
+        resolve_decode_mode("fast")

@@ -60,6 +60,8 @@ class _Settings:
     eos_token_id: int
     pad_token_id: int
     length_penalty: float
+    decode_mode: str = "layerwise"  # resolved: "layerwise" or "fused" (DECODE_MODES)
+    tokens_per_call: int = 32  # fused: decoding steps one dispatch runs at most
 
 
 # --- logits processing ------------------------------------------------------------------------
@@ -235,6 +237,97 @@ class _Program:
         return dict(carry, step=step + 1)
 
 
+# --- accelerator mode: a whole decoding step in one program, K steps per dispatch ---------------
+# On a GPU or TPU a released-size layer takes ~50 us, as long as a dispatch from Python: driving
+# each layer from the host (above) leaves the device waiting. Here the prefill (vision tower,
+# resampler, every decoder layer, first logits) is one program, and decoding is one program that
+# runs up to `tokens_per_call` steps in a `lax.while_loop` (every layer inside each step, the cache
+# donated), leaving the loop early when every row has ended. The host dispatches the next call
+# before it reads the previous call's stop flag, so it never waits inside the loop: at most one
+# dispatch per K tokens (plus one) and one blocking read per K tokens.
+DECODE_MODES = ("auto", "fused", "layerwise")
+
+
+def resolve_decode_mode(mode: str, platform: str | None = None) -> str:
+    """`auto`: `layerwise` on the CPU (its per-layer programs compile fastest there and a dispatch
+    costs little against a layer's work), `fused` on GPUs and TPUs."""
+    if mode not in DECODE_MODES:
+        raise UsageError(f"decode_mode {mode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if mode != "auto":
+        return mode
+    return "layerwise" if (platform or jax.default_backend()) == "cpu" else "fused"
+
+
+FUSED_PROGRAMS = ("prefill_all", "decode")
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_fused(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool) -> dict:
+    """The accelerator mode's two jitted programs, built from the per-layer functions above."""
+    s = settings
+    part = _compiled(model, settings, batch, prompt_len, with_image)  # jitted: inlined when traced here
+
+    def prefill_all(params, prompt, prompt_mask, image_mask, pixel_values, rng):
+        images = pixel_values
+        if with_image:
+            images = part["vision_embed"](params, pixel_values)
+            for block, index in _layers(model, params, "vision"):
+                images = part["vision_layer"](block, index, images)
+        x, bias, carry = part["prefill"](params, prompt, prompt_mask, image_mask, images, rng)
+        caches = []
+        for block, index in _layers(model, params):
+            x, cache = part["prefill_layer"](block, index, x, bias)
+            caches.append(cache)
+        return carry, caches, part["prefill_logits"](params, x)
+
+    def decode(params, carry, caches, logits, step, start, ended):
+        """Up to `tokens_per_call` steps from `step` (none once `ended`); -> (carry, caches, logits,
+        step, ended)."""
+        layers = _layers(model, params)
+
+        def body(state):
+            i, step, carry, caches, logits, _ = state
+            carry, x, bias, ended, rows = part["choose"](params, logits, carry, step, start)
+            caches = list(caches)
+            for j, (block, index) in enumerate(layers):
+                x, caches[j] = part["layer"](block, index, caches[j], x, bias, rows)
+            ended = ended | (step + 1 >= s.max_new_tokens)
+            return i + 1, step + 1, carry, caches, part["logits"](params, x), ended
+
+        def cond(state):
+            i, _, _, _, _, ended = state
+            return (i < s.tokens_per_call) & ~ended
+
+        state = (jnp.int32(0), step, carry, caches, logits, ended)
+        _, step, carry, caches, logits, ended = jax.lax.while_loop(cond, body, state)
+        return carry, caches, logits, step, ended
+
+    return dict(prefill_all=jax.jit(prefill_all), decode=jax.jit(decode, donate_argnums=(1, 2, 3)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedProgram:
+    """The accelerator mode's compiled programs (FUSED_PROGRAMS) and the loop that drives them."""
+    parts: dict
+    max_new_tokens: int
+    num_beams: int
+    tokens_per_call: int
+
+    def __call__(self, model, params, prompt, prompt_mask, image_mask, pixel_values, start, rng):
+        carry, caches, logits = self.parts["prefill_all"](params, prompt, prompt_mask, image_mask, pixel_values, rng)
+        step, ended, previous = jnp.int32(0), jnp.asarray(False), None
+        for call in range(-(-self.max_new_tokens // self.tokens_per_call)):
+            carry, caches, logits, step, ended = self.parts["decode"](params, carry, caches, logits, step, start, ended)
+            # the previous call's flag: that call has finished by now, the host does not wait on this one
+            if previous is not None and _read(previous):
+                break
+            previous = ended
+        steps = int(np.asarray(step.addressable_data(0)))
+        if self.num_beams == 1:
+            return carry["tokens"], carry["scores"], steps
+        return dict(carry, step=steps)
+
+
 def _greedy_start(s: _Settings, rows: int, rng) -> dict:
     return dict(finished=jnp.zeros(rows, bool), scores=jnp.zeros((rows, s.max_new_tokens), jnp.float32), rng=rng)
 
@@ -384,6 +477,9 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
                 pixels_shape: tuple, rng_spec: tuple, params_signature: tuple):
     """The compiled generation program for these shapes: from the executable cache (no tracing),
     else traced and compiled (XLA's persistent cache may still hold the compilation)."""
+    if settings.decode_mode == "fused":
+        return _fused_executable(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
+                                 params_signature)
     stored = _stored_executable_path(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
                                      params_signature)
     make = lambda parts: _Program(parts, settings.max_new_tokens, settings.num_beams, with_image)
@@ -434,6 +530,24 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
     return program
 
 
+def _fused_executable(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec, params_signature):
+    """The accelerator mode's programs, compiled ahead for these shapes (JAX's persistent cache
+    keeps them across processes)."""
+    treedef, specs = params_signature
+    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                                                    for shape, dtype, sharding in specs])
+    functions = _compiled_fused(model, settings, batch, prompt_len, with_image)
+    ids, index = jax.ShapeDtypeStruct((batch, prompt_len), np.int32), jax.ShapeDtypeStruct((), np.int32)
+    prefill = functions["prefill_all"].lower(params, ids, ids, ids, jax.ShapeDtypeStruct(pixels_shape, np.float32),
+                                             jax.ShapeDtypeStruct(*rng_spec))
+    carry, caches, logits = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), prefill.out_info)
+    decode = functions["decode"].lower(params, carry, caches, logits, index, index, jax.ShapeDtypeStruct((), bool))
+    with ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL
+        parts = {name: job.result() for name, job in
+                 [("prefill_all", pool.submit(prefill.compile)), ("decode", pool.submit(decode.compile))]}
+    return _FusedProgram(parts, settings.max_new_tokens, settings.num_beams, settings.tokens_per_call)
+
+
 @functools.lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
     """The model and generation code an executable was traced from."""
@@ -477,7 +591,7 @@ def check_inputs_fit(config, ids: np.ndarray, inputs: Mapping[str, np.ndarray]) 
 
 
 def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temperature, top_p, no_repeat_ngram_size,
-             eos_token_id, pad_token_id, length_penalty, rng, bucket):
+             eos_token_id, pad_token_id, length_penalty, rng, bucket, decode_mode, tokens_per_call):
     """Checks the request; returns (compiled program, its arguments but the params, settings, extra pads)."""
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -506,8 +620,12 @@ def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temper
     image_mask = np.pad(np.asarray(inputs.get("image_embeds_position_mask", np.zeros_like(ids)), np.int32),
                         ((0, 0), (extra, 0)))
     pixels = np.asarray(inputs["pixel_values"], np.float32) if with_image else np.zeros((batch, 1, 1, 3), np.float32)
+    if tokens_per_call < 1:
+        raise UsageError(f"tokens_per_call must be >= 1, got {tokens_per_call}")
+    mode = resolve_decode_mode(decode_mode)
     settings = _Settings(max_new_tokens, num_beams, do_sample, float(temperature), float(top_p),
-                         no_repeat_ngram_size, eos_token_id, pad_token_id, float(length_penalty))
+                         no_repeat_ngram_size, eos_token_id, pad_token_id, float(length_penalty), mode,
+                         int(tokens_per_call) if mode == "fused" else 32)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     run = _executable(model, settings, batch, padded, with_image, pixels.shape, (tuple(rng.shape), rng.dtype),
                       _signature(params))
@@ -526,12 +644,15 @@ def prepare(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], **opt
 def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, max_new_tokens: int,
              num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              no_repeat_ngram_size: int = 0, eos_token_id: int = 2, pad_token_id: int = 1,
-             length_penalty: float = 1.0, rng: jax.Array | None = None, bucket: int = 32) -> GenerateOutput:
+             length_penalty: float = 1.0, rng: jax.Array | None = None, bucket: int = 32,
+             decode_mode: str = "auto", tokens_per_call: int = 32) -> GenerateOutput:
     """Continue each prompt of `inputs` (the processor's output; left padding for batches of
-    different lengths, as HF requires) by up to `max_new_tokens` tokens."""
+    different lengths, as HF requires) by up to `max_new_tokens` tokens. `decode_mode`: `fused`
+    (a decoding step in one program, `tokens_per_call` steps per dispatch), `layerwise` (a program
+    per layer, driven from Python) or `auto` (layerwise on the CPU, fused elsewhere)."""
     run, args, settings, extra = _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temperature,
                                           top_p, no_repeat_ngram_size, eos_token_id, pad_token_id, length_penalty,
-                                          rng, bucket)
+                                          rng, bucket, decode_mode, tokens_per_call)
     batch, padded = args[0].shape
     out = run(model, params, *args)
     if num_beams == 1:
