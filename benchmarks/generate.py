@@ -1,11 +1,16 @@
-"""Greedy generation speed, ours vs Hugging Face PyTorch, same random weights, same run.
+"""Greedy generation speed, ours (each decoding mode) vs Hugging Face PyTorch, same random
+weights, same run.
 
-    .venv/bin/python benchmarks/generate.py [--new_tokens 64] [--batches 1,8]
+    .venv/bin/python benchmarks/generate.py [--config mid|narrow_deep] [--modes layerwise,fused]
+        [--tokens_per_call 32] [--new_tokens 64] [--batches 1,8]
 
-Mid-size config (as benchmarks/forward.py), one 224 px image per row, a 16-token text prompt after
-the 64 image slots, 64 new tokens greedy (end-of-sequence disabled on both sides so both produce
-exactly 64). Prints new tokens/s for each and the ratio; our compile time is reported separately
-(first call) and excluded from the steady-state number.
+`mid`: the mid-size config of benchmarks/forward.py (6 layers of width 512, 224 px images).
+`narrow_deep`: a stand-in for an accelerator at batch 1 on the CPU: 24 decoder layers of width 64
+with the released vocabulary, so the per-token overhead (dispatches, host reads, per-layer work
+that does not scale with width) dominates as it does on a GPU. One image per row, a 16-token text
+prompt after the 64 image slots, 64 new tokens greedy (end-of-sequence disabled on both sides so
+both produce exactly 64). Prints new tokens/s for each and the ratios; our compile time is reported
+separately (first call) and excluded from the steady-state number.
 """
 
 import argparse
@@ -24,33 +29,52 @@ from hf_reference import grounded_batch, hf_model  # noqa: E402
 
 from kosmos2_jax import weights  # noqa: E402
 from kosmos2_jax.inference.generate import generate  # noqa: E402
+from kosmos2_jax.models import Kosmos2  # noqa: E402
+
+CONFIGS = {
+    "mid": (VISION, TEXT),
+    "narrow_deep": (dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=56, patch_size=14),
+                    dict(vocab_size=65037, embed_dim=64, layers=24, ffn_dim=256, attention_heads=4,
+                         max_position_embeddings=2048)),
+}
 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="mid", choices=sorted(CONFIGS))
+    parser.add_argument("--modes", default="layerwise,fused", help="decoding modes to time (generate's decode_mode)")
+    parser.add_argument("--tokens_per_call", type=int, default=32, help="fused: decoding steps per dispatch")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    hf = hf_model(VISION, TEXT, 64)
+    vision, text = CONFIGS[args.config]
+    modes = args.modes.split(",")
+    hf = hf_model(vision, text, 64)
     model = Kosmos2(weights.config_from_hf(hf.config.to_dict()))
     params = weights.to_device(weights.params_from_hf(hf.state_dict(), model.config))
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        pixels, ids, attn, img = grounded_batch(np.random.default_rng(0), batch, 64, TEXT["vocab_size"], 224,
-                                                [64 + 3 + 16] * batch)
+        pixels, ids, attn, img = grounded_batch(np.random.default_rng(0), batch, 64, text["vocab_size"],
+                                                vision["image_size"], [64 + 3 + 16] * batch)
         inputs = dict(input_ids=ids, attention_mask=attn, image_embeds_position_mask=img, pixel_values=pixels)
-        run = lambda: generate(model, params, inputs, max_new_tokens=args.new_tokens, eos_token_id=-1)
-        start = time.perf_counter()
-        out = run()
-        first = time.perf_counter() - start
-        assert out.sequences.shape[1] == ids.shape[1] + args.new_tokens
-        times = []
-        for _ in range(args.repeats):
+        new = batch * args.new_tokens
+        ours, compiles, outputs = {}, {}, {}
+        for mode in modes:
+            run = lambda: generate(model, params, inputs, max_new_tokens=args.new_tokens, eos_token_id=-1,
+                                   decode_mode=mode, tokens_per_call=args.tokens_per_call)
             start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        ours = min(times)
+            outputs[mode] = run().sequences
+            first = time.perf_counter() - start
+            assert outputs[mode].shape[1] == ids.shape[1] + args.new_tokens
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            ours[mode], compiles[mode] = new / min(times), first - min(times)
+        assert all(np.array_equal(outputs[modes[0]], o) for o in outputs.values()), "the modes disagree"
         with torch.no_grad():
             t = dict(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()),
                      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn),
@@ -61,15 +85,15 @@ def main():
                 ref = hf.generate(**t, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
                 times.append(time.perf_counter() - start)
             assert ref.shape[1] == ids.shape[1] + args.new_tokens
-            theirs = min(times)
-        new = batch * args.new_tokens
-        rows.append((batch, new / ours, new / theirs, theirs / ours, first - ours))
-    print(f"greedy, {args.new_tokens} new tokens, prompt = 64 image slots + 16 text tokens; "
-          f"{os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__}")
-    print("| batch | kosmos2_jax new tok/s | HF new tok/s | ours / HF | our compile (s) |")
-    print("|---|---|---|---|---|")
-    for batch, ours, theirs, ratio, compile_s in rows:
-        print(f"| {batch} | {ours:.1f} | {theirs:.1f} | {ratio:.2f}x | {compile_s:.1f} |")
+        rows.append((batch, ours, compiles, new / min(times)))
+    print(f"greedy, {args.config}, {args.new_tokens} new tokens, prompt = 64 image slots + 16 text tokens, "
+          f"fused: {args.tokens_per_call} tokens per call; {os.cpu_count()} cores, jax {jax.__version__}, "
+          f"torch {torch.__version__}")
+    print("| batch | " + " | ".join(f"{m} tok/s (compile s) | {m} / HF" for m in modes) + " | HF tok/s |")
+    print("|---|" + "---|---|" * len(modes) + "---|")
+    for batch, ours, compiles, theirs in rows:
+        cells = " | ".join(f"{ours[m]:.1f} ({compiles[m]:.1f}) | {ours[m] / theirs:.2f}x" for m in modes)
+        print(f"| {batch} | {cells} | {theirs:.1f} |")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def parse_args(argv):
     p.add_argument("--coordinator_address", default="", help="with --distributed: HOST:PORT of process 0")
     p.add_argument("--num_processes", type=cli.integer(0), default=0, help="with --distributed")
     p.add_argument("--process_id", type=cli.integer(-1), default=-1, help="with --distributed")
+    cli.add_decode_mode_flags(p)
     cli.add_compilation_cache_flags(p)
     args = p.parse_args(argv)
     if args.image_dir and not os.path.isdir(args.image_dir):
@@ -124,7 +125,8 @@ def evaluate(args) -> int:
         raise FileNotFoundError(f"image folder not found: {image_dir} (pass --image_dir)")
     model, params = load_model(args.checkpoint, **DECODING)
     processor = processor_for(args.tokenizer, model)
-    ctx = Context(model, params, processor, image_dir=image_dir, batch_size=args.batch_size)
+    ctx = Context(model, params, processor, image_dir=image_dir, batch_size=args.batch_size,
+                  decode_mode=args.decode_mode, tokens_per_call=args.tokens_per_call)
     records = run_shared(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size,
                          key=key, overwrite=args.overwrite)
     if not multihost.is_primary():  # process 0 writes and prints the results

@@ -111,6 +111,7 @@ def parse_args(argv):
                    help="annotated image, in the format its extension names (PNG when none; NAME_i.EXT per image when several)")
     p.add_argument("--json", type=cli.output_file, help="write results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --json files")
+    cli.add_decode_mode_flags(p)
     cli.add_compilation_cache_flags(p)
     return p.parse_args(argv)
 
@@ -161,7 +162,8 @@ def predict(args) -> int:
     # less padding in its prefill, a stream of prompt lengths still reuses a few programs
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                    no_repeat_ngram_size=args.no_repeat_ngram_size, eos_token_id=tokenizer.eos_id,
-                   pad_token_id=tokenizer.pad_id, bucket=8)
+                   pad_token_id=tokenizer.pad_id, bucket=8, decode_mode=args.decode_mode,
+                   tokens_per_call=args.tokens_per_call)
     start = time.perf_counter()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = weights.abstract_params_of(args.checkpoint, model)  # shared with the loader

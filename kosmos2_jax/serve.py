@@ -39,6 +39,7 @@ def parse_args(argv):
                    help="a folder of example images shown under each tab (skipped when absent)")
     p.add_argument("--max_file_size", default="50mb", help="the largest upload accepted")
     p.add_argument("--no_warm_up", action="store_true", help="compile on first use instead of at start-up")
+    cli.add_decode_mode_flags(p)
     cli.add_compilation_cache_flags(p)
     args = p.parse_args(argv)
     try:
@@ -86,7 +87,8 @@ def serve(args, block: bool = True):
 
     check_port(args.host, args.port)  # before minutes of loading and compiling
     prompts = args.prompts or list(serving.DESCRIBE_PROMPTS.values())
-    service = serving.Service.load(args.checkpoint, args.tokenizer, args.batch_sizes)
+    service = serving.Service.load(args.checkpoint, args.tokenizer, args.batch_sizes, decode_mode=args.decode_mode,
+                                   tokens_per_call=args.tokens_per_call)
     print(f"loaded {service.name}: {service.grid}x{service.grid} location grid, batches of "
           f"{', '.join(map(str, service.batch_sizes))}", flush=True)
     if not args.no_warm_up:

@@ -302,3 +302,19 @@ def test_predict_out_format_follows_its_name_and_a_non_image_is_named(tiny_ckpt,
     assert predict.main([*base, "--image", str(text)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(text) in err and "BytesIO" not in err and "not an image format" in err, err
+
+
+def test_predict_in_both_decode_modes_gives_the_same_answer(tiny_ckpt, image_path, tmp_path):
+    from kosmos2_jax.inference.generate import DECODE_MODES
+    from kosmos2_jax.utils import cli
+
+    assert cli.DECODE_MODES == DECODE_MODES
+    ckpt, spm = tiny_ckpt
+    answers = []
+    for mode in ("layerwise", "fused"):
+        out = tmp_path / f"{mode}.json"
+        assert predict.main(["--checkpoint", ckpt, "--tokenizer", spm, "--image", image_path, "--prompt",
+                             "<grounding>a red circle", "--max_new_tokens", "6", "--decode_mode", mode,
+                             "--tokens_per_call", "4", "--json", str(out)]) == 0
+        answers.append(json.loads(out.read_text())[0]["text"])
+    assert answers[0] == answers[1]

@@ -74,9 +74,11 @@ def _open_image(source):
 class Context:
     """What predictions need: model, params, processor, settings."""
 
-    def __init__(self, model, params, processor, image_dir: str = "", batch_size: int = 16):
+    def __init__(self, model, params, processor, image_dir: str = "", batch_size: int = 16,
+                 decode_mode: str = "auto", tokens_per_call: int = 32):
         self.model, self.params, self.processor = model, params, processor
         self.image_dir, self.batch_size = image_dir, batch_size
+        self.decoding = dict(decode_mode=decode_mode, tokens_per_call=tokens_per_call)
 
     def image(self, item):
         if "image_bytes" in item:
@@ -100,7 +102,8 @@ class Context:
 
         tok = self.processor.tokenizer
         out = generate(self.model, self.params, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                       no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                       no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                       **self.decoding)
         n = inputs["input_ids"].shape[1]
         full = [self.processor.decode(ids) for ids in out.sequences]
         new = [self.processor.decode(ids[n:]) for ids in out.sequences]

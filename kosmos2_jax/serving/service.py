@@ -197,19 +197,21 @@ class Service:
     """A model, its tokenizer and processor, and the batching rules above."""
 
     def __init__(self, model: Kosmos2, params, processor: Kosmos2Processor, name: str,
-                 batch_sizes: Sequence[int] = (1, 8)):
+                 batch_sizes: Sequence[int] = (1, 8), decode_mode: str = "auto", tokens_per_call: int = 32):
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 1:
             raise UsageError(f"batch sizes must be integers >= 1, got {list(batch_sizes)}")
         self.model, self.params, self.processor, self.name = model, params, processor, name
         self.batch_sizes = tuple(sizes)
+        self.decode_options = dict(decode_mode=decode_mode, tokens_per_call=tokens_per_call)
         self._lock = threading.Lock()  # one generate call at a time (the device is shared)
 
     @classmethod
-    def load(cls, checkpoint: str, tokenizer: str, batch_sizes: Sequence[int] = (1, 8)) -> "Service":
+    def load(cls, checkpoint: str, tokenizer: str, batch_sizes: Sequence[int] = (1, 8), **decode_options) -> "Service":
+        """`decode_options`: generate's `decode_mode` and `tokens_per_call`."""
         model, params = weights.load_model(checkpoint, **weights.DECODING)
         processor = processor_for(tokenizer, model)
-        return cls(model, params, processor, os.path.normpath(checkpoint), batch_sizes)
+        return cls(model, params, processor, os.path.normpath(checkpoint), batch_sizes, **decode_options)
 
     @property
     def grid(self) -> int:
@@ -270,7 +272,7 @@ class Service:
         return batch
 
     def _options(self, decoding: Decoding) -> dict:
-        options = decoding.options(self.processor.tokenizer)
+        options = dict(decoding.options(self.processor.tokenizer), **self.decode_options)
         if decoding.strategy == "sample":
             options["rng"] = jax.random.PRNGKey(int(decoding.seed))
         return options

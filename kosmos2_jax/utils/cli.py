@@ -239,6 +239,18 @@ def add_compilation_cache_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_compilation_cache", action="store_true", help="compile afresh and write no cache")
 
 
+DECODE_MODES = ("auto", "fused", "layerwise")  # inference/generate.py's
+
+
+def add_decode_mode_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decode_mode", default="auto", choices=DECODE_MODES,
+                        help="fused: a decoding step in one program, --tokens_per_call steps per dispatch (GPUs, "
+                             "TPUs); layerwise: a program per layer driven from Python (fastest on a CPU); auto: "
+                             "layerwise on a CPU, fused elsewhere")
+    parser.add_argument("--tokens_per_call", type=integer(1), default=32,
+                        help="--decode_mode fused: decoding steps one dispatch runs at most")
+
+
 def use_compilation_cache(folder: str | None) -> None:
     """Keep the XLA executables a command compiles in `folder` (None or "": off). Every program is
     kept, not only those over JAX's default of one second (a generation bucket compiles in less).
