@@ -407,7 +407,9 @@ def test_predict_box_units_and_prompt_characters(ckpts, small_spm, image, tmp_pa
     rc, err = call(predict.main, base + ["--prompt", "<grounding><phrase>a</phrase> is", "--box", "a=20,10,100,50",
                                          "--box_units", "px", "--json", str(tmp_path / "o.json")], capsys)
     assert rc == 0, err
-    assert json.loads((tmp_path / "o.json").read_text())[0]["prompt"] == "<grounding><phrase>a</phrase> is"
+    # the prompt fed, its pixel box on the 32 x 32 grid included
+    assert json.loads((tmp_path / "o.json").read_text())[0]["prompt"] == (
+        "<grounding><phrase>a</phrase><object><patch_index_0099><patch_index_0495></object> is")
     rc, err = call(predict.main, base + ["--prompt", "<grounding>An image of"], capsys)  # no 'A' in this model
     assert rc == 2
     assert_one_line(err, "'A'", "cannot encode")

@@ -190,6 +190,7 @@ class Kosmos2Detector:
         self.model, self.params = load_model(checkpoint, **DECODING)
         self.processor = processor_for(tokenizer, self.model)
         self.batch_size, self.length_bucket = batch_size, length_bucket
+        tok = self.processor.tokenizer
         self.first_loc, self.num_loc = tok.first_location_id, tok.num_location_tokens
         self.compiled_shapes: set = set()  # (program, shape) pairs run so far
         self._features = jax.jit(lambda p, pixels: self.model.apply({"params": p}, pixels,
