@@ -97,9 +97,11 @@ def parse_args(argv):
     from kosmos2_jax.utils import cli
 
     p = cli.ArgumentParser(prog="python -m kosmos2_jax.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, type=cli.existing_dir, help="our checkpoint folder or a HF folder")
-    p.add_argument("--tokenizer", required=True, type=cli.existing_file, help="sentencepiece model")
-    p.add_argument("--image", action="append", required=True, type=cli.existing_file, help="repeat for a batch")
+    p.add_argument("--checkpoint", type=cli.existing_dir,
+                   help="our checkpoint folder or a HF folder (required; with --compile_only only its config is read, "
+                        "and without it the released 1.6B architecture is sized)")
+    p.add_argument("--tokenizer", type=cli.existing_file, help="sentencepiece model (required)")
+    p.add_argument("--image", action="append", type=cli.existing_file, help="repeat for a batch (required)")
     p.add_argument("--prompt", default="<grounding>An image of")
     p.add_argument("--box", action="append", default=[], help='"PHRASE=x1,y1,x2,y2" (repeatable)')
     p.add_argument("--box_units", default="normalized", choices=("normalized", "px"),
@@ -113,7 +115,21 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --json files")
     cli.add_decode_mode_flags(p)
     cli.add_compilation_cache_flags(p)
-    return p.parse_args(argv)
+    sizing = p.add_argument_group("sizing a serving slice (inference/serving_check.py; needs libtpu, no TPU)")
+    sizing.add_argument("--compile_only", action="store_true",
+                        help="compile the accelerator mode for one chip of --topology and report its memory; "
+                             "generates nothing")
+    sizing.add_argument("--topology", default="", help="with --compile_only: a TPU slice, e.g. v5e-4 or v5p-8")
+    sizing.add_argument("--batch_size", type=cli.integer(1), default=64, help="with --compile_only: prompts per chip")
+    sizing.add_argument("--prompt_tokens", type=cli.integer(1), default=96,
+                        help="with --compile_only: prompt length, the image's slots included")
+    args = p.parse_args(argv)
+    if args.compile_only and not args.topology:
+        p.error("--compile_only needs --topology (e.g. v5e-4 or v5p-8)")
+    missing = [f"--{n}" for n in ("checkpoint", "tokenizer", "image") if not getattr(args, n)]
+    if missing and not args.compile_only:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
 
 
 def image_format(path: str) -> str:
@@ -139,8 +155,24 @@ def main(argv=None) -> int:
     return cli.run(lambda: predict(args))
 
 
+def size_serving(args) -> int:
+    from kosmos2_jax.inference import serving_check
+    from kosmos2_jax.models.config import kosmos2_1p6b
+
+    config = (weights.model_config_of(args.checkpoint, **weights.DECODING) if args.checkpoint
+              else kosmos2_1p6b().replace(**weights.DECODING))
+    model = Kosmos2(config)
+    shapes = weights.abstract_params_of(args.checkpoint, model) if args.checkpoint else weights.abstract_params(model)
+    serving_check.check(model, shapes, args.topology, args.batch_size, args.max_new_tokens, args.prompt_tokens,
+                        args.num_beams, args.tokens_per_call)
+    return 0
+
+
 def predict(args) -> int:
     from kosmos2_jax.utils import outputs
+
+    if args.compile_only:
+        return size_serving(args)
 
     for path in output_paths(args):
         outputs.refuse_existing(path, args.overwrite, "--json" if path == args.json else "--out")

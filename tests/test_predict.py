@@ -318,3 +318,20 @@ def test_predict_in_both_decode_modes_gives_the_same_answer(tiny_ckpt, image_pat
                              "--tokens_per_call", "4", "--json", str(out)]) == 0
         answers.append(json.loads(out.read_text())[0]["text"])
     assert answers[0] == answers[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the test extras) is not installed")
+def test_sizing_a_serving_slice_compiles_for_one_chip(tiny_ckpt, capsys):
+    """`predict --compile_only --topology`: the accelerator mode compiled for a v5e chip (no TPU
+    here), its memory against HBM and the largest batch; a batch that cannot fit is said so."""
+    ckpt, _ = tiny_ckpt
+    base = ["--compile_only", "--topology", "v5e-4", "--checkpoint", ckpt, "--max_new_tokens", "8"]
+    assert predict.main([*base, "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "v5e-4: 4 devices" in out and "one model replica per device" in out, out
+    assert re.search(r"per device: params [\d.]+ GiB, KV cache [\d.]+ GiB, .* of 16.0 GiB: fits", out), out
+    largest = int(re.search(r"largest batch that fits: about (\d+) per device", out).group(1))
+    assert largest > 4
+    assert predict.main([*base, "--batch_size", str(4 * largest)]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "largest batch that fits: about" in out, out

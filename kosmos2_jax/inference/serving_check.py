@@ -1,0 +1,101 @@
+"""Size a serving slice before renting it: the accelerator mode's generation programs compiled
+ahead of time for one chip of a TPU slice this machine does not have (libtpu describes it), and
+their memory against the chip's HBM.
+
+    python -m kosmos2_jax.predict --compile_only --topology v5e-4 --batch_size 64 --max_new_tokens 128
+
+Each chip serves its own replica of the model (a slice of N chips answers N batches at once), so
+the check compiles for one chip: the prefill (vision tower, resampler, every decoder layer) and the
+decoding program (`tokens_per_call` steps, the KV cache donated). Per chip it reports the params,
+the KV cache and the programs' temporaries, the peak of the two programs against HBM, and the
+largest batch that fits, extrapolated from the requested batch and batch 1 (memory is linear in
+the batch) and not compiled itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from kosmos2_jax.inference.generate import _compiled_fused, _Settings, bucket_length
+from kosmos2_jax.models import Kosmos2
+from kosmos2_jax.utils.errors import UsageError
+from kosmos2_jax.utils.tpu import topology_devices
+
+GIB = 2 ** 30
+
+
+def program_memory(model: Kosmos2, abstract_params, settings: _Settings, batch: int, prompt_len: int, device) -> dict:
+    """Bytes per chip of the accelerator mode's programs for `batch` prompts of `prompt_len`
+    tokens, one image each, compiled for `device`."""
+    on = jax.sharding.SingleDeviceSharding(device)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
+    params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), abstract_params)
+    size = model.config.vision.image_size
+    functions = _compiled_fused(model, settings, batch, prompt_len, True)
+    ids = spec((batch, prompt_len), np.int32)
+    lowered = functions["prefill_all"].lower(params, ids, ids, ids, spec((batch, size, size, 3), np.float32),
+                                             spec((2,), np.uint32))
+    carry, caches, logits = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), lowered.out_info)
+    prefill = lowered.compile()
+    scalar = spec((), np.int32)
+    decode = functions["decode"].lower(params, carry, caches, logits, scalar, scalar, spec((), bool)).compile()
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize  # noqa: E731
+                              for x in jax.tree_util.tree_leaves(tree))
+    peaks = []
+    for compiled in (prefill, decode):
+        m = compiled.memory_analysis()
+        peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                     + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    return {"params": nbytes(params), "kv_cache": nbytes(caches),
+            "temporaries": max(c.memory_analysis().temp_size_in_bytes for c in (prefill, decode)),
+            "peak": max(peaks)}
+
+
+def check(model: Kosmos2, abstract_params, topology: str, batch_size: int, max_new_tokens: int,
+          prompt_tokens: int = 96, num_beams: int = 1, tokens_per_call: int = 32, say=print) -> dict:
+    """Compile the accelerator mode for one chip of `topology` and report its memory (see the module
+    docstring); returns the numbers (GiB)."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UsageError(f"--batch_size and --max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    devices, described, hbm_gib = topology_devices(topology)
+    prompt_len = bucket_length(max(prompt_tokens, model.config.latent_query_num + 2), 8)
+    if prompt_len + max_new_tokens > model.config.text.max_position_embeddings:
+        raise UsageError(f"a {prompt_len}-token prompt + --max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"{model.config.text.max_position_embeddings} positions")
+    settings = _Settings(max_new_tokens, num_beams, False, 1.0, 1.0, 3, 2, 1, 1.0, "fused", tokens_per_call)
+    say(f"{topology}: {len(devices)} devices ({devices[0].device_kind}, libtpu {described}), {hbm_gib:.1f} GiB HBM "
+        f"each; one model replica per device; batch {batch_size} x ({prompt_len}-token prompt with one image + "
+        f"{max_new_tokens} new tokens), {num_beams} beam(s), {tokens_per_call} tokens per call")
+    start = time.time()
+    g = lambda n: n / GIB  # noqa: E731
+    memory = lambda rows: program_memory(model, abstract_params, settings, rows, prompt_len, devices[0])  # noqa: E731
+    try:
+        wanted = memory(batch_size)
+    except jax.errors.JaxRuntimeError as e:  # XLA refuses a program larger than the chip's HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        wanted = None
+        say(f"per device: DOES NOT FIT: {str(e).split('RESOURCE_EXHAUSTED: ')[-1].splitlines()[0]}")
+    # two batch sizes that compile give the memory a row adds
+    probe = batch_size if wanted else min(8, max(batch_size // 2, 2))
+    first = memory(probe) if wanted is None else wanted
+    one = memory(1) if probe > 1 else first
+    seconds = time.time() - start
+    per_row = (first["peak"] - one["peak"]) / max(probe - 1, 1)
+    fixed = one["peak"] - per_row
+    largest = int((hbm_gib * GIB - fixed) // per_row) if per_row > 0 else None
+    fits = wanted is not None and wanted["peak"] <= hbm_gib * GIB
+    if wanted:
+        say(f"per device: params {g(wanted['params']):.2f} GiB, KV cache {g(wanted['kv_cache']):.2f} GiB, temporaries "
+            f"{g(wanted['temporaries']):.2f} GiB; peak {g(wanted['peak']):.2f} GiB of {hbm_gib:.1f} GiB: "
+            f"{'fits' if fits else 'DOES NOT FIT'}")
+    say(f"largest batch that fits: about {largest} per device ({len(devices)} x {largest} on the slice; linear "
+        f"from batches 1 and {probe}: {g(per_row) * 1024:.1f} MiB a row); compiled in {seconds:.0f} s")
+    shown = wanted or first
+    return {"topology": described, "devices": len(devices), "hbm_gib": hbm_gib, "batch_size": batch_size,
+            "prompt_len": prompt_len, "params_gib": g(shown["params"]), "kv_cache_gib": g(shown["kv_cache"]) if wanted else None,
+            "temporaries_gib": g(shown["temporaries"]) if wanted else None, "peak_gib": g(shown["peak"]) if wanted else None,
+            "fits": fits, "largest_batch": largest, "compile_s": seconds}
