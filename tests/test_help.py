@@ -41,6 +41,8 @@ def _blocks(help_text):
     blocks, current = {}, None
     for line in help_text.splitlines():
         m = re.match(r"  (-{1,2}[\w-]+)", line)
+        if line and not line.startswith(" "):  # a group's title ends the option before it
+            current = None
         if m:
             current = m.group(1)
             blocks[current] = ""

@@ -522,8 +522,10 @@ def _cli_cases(ckpts, small_spm, shapes_tfds, image, run_dir, tmp_path):
     }
 
 
-NUMERIC = {"predict": ["--num_beams", "--max_new_tokens", "--no_repeat_ngram_size"],
-           "evaluate": ["--max_examples", "--batch_size", "--shots", "--draw", "--num_processes", "--process_id"],
+NUMERIC = {"predict": ["--num_beams", "--max_new_tokens", "--no_repeat_ngram_size", "--tokens_per_call",
+                       "--batch_size", "--prompt_tokens"],
+           "evaluate": ["--max_examples", "--batch_size", "--shots", "--draw", "--num_processes", "--process_id",
+                        "--tokens_per_call"],
            "export": ["--step"],
            "grit.build": ["--min_detector_score", "--dask_workers", "--batch_size", "--shard_size", "--nms_iou",
                           "--score_threshold"],
