@@ -1,10 +1,11 @@
 """Greedy generation speed, ours (each decoding mode) vs Hugging Face PyTorch, same random
 weights, same run.
 
-    .venv/bin/python benchmarks/generate.py [--config mid|narrow_deep] [--modes layerwise,fused]
-        [--tokens_per_call 32] [--new_tokens 64] [--batches 1,8]
+    .venv/bin/python benchmarks/generate.py [--config mid|narrow_deep|full|tiny] [--modes layerwise,fused]
+        [--tokens_per_call 32] [--new_tokens 64] [--batches 1,8] [--hf_device cpu|cuda|auto]
 
-`mid`: the mid-size config of benchmarks/forward.py (6 layers of width 512, 224 px images).
+`mid`: the mid-size config of benchmarks/forward.py (6 layers of width 512, 224 px images);
+`full`: the released 1.6B architecture (random weights); `tiny`: a seconds-scale smoke run.
 `narrow_deep`: a stand-in for an accelerator at batch 1 on the CPU: 24 decoder layers of width 64
 with the released vocabulary, so the per-token overhead (dispatches, host reads, per-layer work
 that does not scale with width) dominates as it does on a GPU. One image per row, a 16-token text
@@ -32,6 +33,10 @@ from kosmos2_jax.inference.generate import generate  # noqa: E402
 from kosmos2_jax.models import Kosmos2  # noqa: E402
 
 CONFIGS = {
+    "tiny": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=7),
+             dict(vocab_size=1000, embed_dim=64, layers=2, ffn_dim=128, attention_heads=4, max_position_embeddings=512)),
+    "full": ({}, {}),  # the released 1.6B architecture (HF's defaults)
     "mid": (VISION, TEXT),
     "narrow_deep": (dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          image_size=56, patch_size=14),
@@ -48,16 +53,21 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hf_device", default="cpu", help="torch device for HF: cpu, cuda, or auto (cuda when "
+                                                          "torch sees a GPU)")
     args = parser.parse_args()
     vision, text = CONFIGS[args.config]
+    text = dict(text) or dict(vocab_size=65037)
     modes = args.modes.split(",")
+    hf_device = ("cuda" if torch.cuda.is_available() else "cpu") if args.hf_device == "auto" else args.hf_device
     hf = hf_model(vision, text, 64)
     model = Kosmos2(weights.config_from_hf(hf.config.to_dict()))
     params = weights.to_device(weights.params_from_hf(hf.state_dict(), model.config))
+    hf = hf.to(hf_device)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         pixels, ids, attn, img = grounded_batch(np.random.default_rng(0), batch, 64, text["vocab_size"],
-                                                vision["image_size"], [64 + 3 + 16] * batch)
+                                                model.config.vision.image_size, [64 + 3 + 16] * batch)
         inputs = dict(input_ids=ids, attention_mask=attn, image_embeds_position_mask=img, pixel_values=pixels)
         new = batch * args.new_tokens
         ours, compiles, outputs = {}, {}, {}
@@ -79,16 +89,20 @@ def main():
             t = dict(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()),
                      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn),
                      image_embeds_position_mask=torch.from_numpy(img))
+            t = {k: v.to(hf_device) for k, v in t.items()}
             times = []
-            for _ in range(args.repeats):
+            for _ in range(args.repeats + (hf_device != "cpu")):  # on a GPU the first call warms up
                 start = time.perf_counter()
                 ref = hf.generate(**t, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+                if hf_device != "cpu":
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
+            times = times[1:] if hf_device != "cpu" else times
             assert ref.shape[1] == ids.shape[1] + args.new_tokens
         rows.append((batch, ours, compiles, new / min(times)))
     print(f"greedy, {args.config}, {args.new_tokens} new tokens, prompt = 64 image slots + 16 text tokens, "
-          f"fused: {args.tokens_per_call} tokens per call; {os.cpu_count()} cores, jax {jax.__version__}, "
-          f"torch {torch.__version__}")
+          f"fused: {args.tokens_per_call} tokens per call; ours on {jax.devices()[0].device_kind}, HF on {hf_device}; "
+          f"{os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__}")
     print("| batch | " + " | ".join(f"{m} tok/s (compile s) | {m} / HF" for m in modes) + " | HF tok/s |")
     print("|---|" + "---|---|" * len(modes) + "---|")
     for batch, ours, compiles, theirs in rows:
