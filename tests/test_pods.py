@@ -116,6 +116,12 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     np.testing.assert_allclose([float(x.split()[4]) for x in val_a], [float(x.split()[4]) for x in val_b], atol=1e-5)
     assert len(_lines(a, "step 12 eval grounding: accuracy")) == 1
     export_a = _params(tmp_path / "a" / "export")
+    # the same command again on 2 processes: nothing trained, the export (its step recorded) untouched
+    assert json.loads((tmp_path / "a" / "export" / "step.json").read_text()) == {"step": 12}
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "a" / "export").rglob("*")}
+    again = _finish(_launch(_train(tmp_path / "a", shapes_tfds, small_spm, *evals), cache=cache))
+    assert "nothing to train" in again and "exported" not in again, again[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a" / "export").rglob("*")} == stamps
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), export_a,
                            _params(tmp_path / "b" / "export"))
 
