@@ -220,8 +220,7 @@ def predict(args) -> int:
         clean, entities = processor.post_process_generation(raw)
         w, h = image.size
         print(f"[{path}] {clean}")
-        fed = processor.insert_boxes(prompt, per_image[i][1]) if args.box else prompt
-        record = {"image": path, "prompt": fed, "text": processor.post_process_generation(raw, False),
+        record = {"image": path, "prompt": processor.insert_boxes(prompt, per_image[i][1]), "text": processor.post_process_generation(raw, False),
                   "clean_text": clean, "entities": grounding.entity_records(entities, w, h)}
         for entity in record["entities"]:
             print(f"  {entity['phrase']!r} chars {entity['span'][0]}-{entity['span'][1]}: "

@@ -58,14 +58,12 @@ def check_built_from(builder, key: dict, overwrite: bool) -> None:
             saved = json.load(f)
     except (OSError, ValueError):
         saved = None
-    if saved == key:
-        return
+    if saved == key or (saved is None and key["manual_dir"] is None and not overwrite):
+        return  # the same input; or built before inputs were recorded, by a builder that reads no local files
     if overwrite:
         shutil.rmtree(builder.data_dir)
         return
     why = "; ".join(key_differences(saved, key)) if saved is not None else "it records no --manual_dir"
-    if saved is None and key["manual_dir"] is None:
-        return  # built before inputs were recorded, by a builder that reads no local files
     raise UsageError(f"{builder.data_dir} holds a dataset built from other input ({why}): pass --overwrite to "
                      "rebuild it, or another --data_dir (nothing has been changed)")
 

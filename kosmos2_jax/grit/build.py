@@ -103,13 +103,18 @@ def build(args, beam_args) -> int:
                         abstract_lemmas=load_lemmas(args.abstract_lemmas) if args.abstract_lemmas else ABSTRACT_LEMMAS)
     detector = DetectorSpec(args.detector, args.detector_path, args.tokenizer, args.device, args.min_detector_score)
     images = records.images_folder(args.input, args.images)
-    columns = tuple((k, v) for k, v in (("key", args.key_column), ("caption", args.caption_column)) if v)
+    columns = tuple(input_columns(args).items())
     spec = BuildSpec(args.out, images, config, detector, args.spacy_model, args.batch_size, columns)
     stats = build_folder(spec, args.input, args.shard_size, args.overwrite, args.runner, tuple(beam_args),
                          args.dask_address, args.dask_workers)
     width = max(len(k) for k in stats)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in stats.items()))
     return 0
+
+
+def input_columns(args) -> dict:
+    """The input columns named on the command line (field -> column)."""
+    return {k: v for k, v in (("key", args.key_column), ("caption", args.caption_column)) if v}
 
 
 def list_phrases(args) -> int:
@@ -121,8 +126,7 @@ def list_phrases(args) -> int:
     from kosmos2_jax.utils import outputs
 
     outputs.refuse_existing(args.list_phrases, args.overwrite, "--list_phrases")
-    items = ({"key": it["key"], "caption": it["caption"]} for it in records.read_inputs(
-        args.input, os.devnull, columns=dict((k, v) for k, v in (("key", args.key_column), ("caption", args.caption_column)) if v)))
+    items = records.read_inputs(args.input, columns=input_columns(args), read_images=False)
     n = 0
     with outputs.atomic_file(args.list_phrases) as f:
         for key, caption, phrases in phrases_to_detect(items, load_spacy(args.spacy_model)):

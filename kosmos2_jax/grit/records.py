@@ -113,9 +113,10 @@ def images_folder(source: str, images: str = "") -> str:
 
 
 def read_inputs(source: str, images: str = "", start: int = 0, stop: int | None = None,
-                columns: dict | None = None) -> Iterator[dict]:
+                columns: dict | None = None, read_images: bool = True) -> Iterator[dict]:
     """Captioned images `start` to `stop` of `source` as dicts: key, caption, url, width, height,
-    image (bytes, b"" when missing). `columns` maps fields to column names (default: `COLUMNS`)."""
+    image (bytes, b"" when missing or not `read_images`). `columns` maps fields to column names
+    (default: `COLUMNS`)."""
     if not os.path.exists(source):
         raise FileNotFoundError(f"input {source!r} does not exist")
     folder = images_folder(source, images)
@@ -125,7 +126,7 @@ def read_inputs(source: str, images: str = "", start: int = 0, stop: int | None 
             yield input_fields(row, row.pop("_image"), columns)
             continue
         fields = input_fields(row, b"", columns)
-        path = find_image(folder, fields["key"]) if fields["key"] else None
+        path = find_image(folder, fields["key"]) if fields["key"] and read_images else None
         if path:
             with open(path, "rb") as f:
                 fields["image"] = f.read()

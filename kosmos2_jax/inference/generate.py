@@ -258,9 +258,6 @@ def resolve_decode_mode(mode: str, platform: str | None = None) -> str:
     return "layerwise" if (platform or jax.default_backend()) == "cpu" else "fused"
 
 
-FUSED_PROGRAMS = ("prefill_all", "decode")
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled_fused(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool) -> dict:
     """The accelerator mode's two jitted programs, built from the per-layer functions above."""
@@ -307,7 +304,7 @@ def _compiled_fused(model: Kosmos2, settings: _Settings, batch: int, prompt_len:
 
 @dataclasses.dataclass(frozen=True)
 class _FusedProgram:
-    """The accelerator mode's compiled programs (FUSED_PROGRAMS) and the loop that drives them."""
+    """The accelerator mode's compiled programs (`prefill_all`, `decode`) and the loop that drives them."""
     parts: dict
     max_new_tokens: int
     num_beams: int
@@ -530,18 +527,24 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
     return program
 
 
+def lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec, sharding=None):
+    """The accelerator mode's two programs lowered for these shapes -> (prefill_all, decode);
+    `params` are ShapeDtypeStructs, `sharding` places every other argument (None: the default)."""
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    functions = _compiled_fused(model, settings, batch, prompt_len, with_image)
+    ids, index = spec((batch, prompt_len), np.int32), spec((), np.int32)
+    prefill = functions["prefill_all"].lower(params, ids, ids, ids, spec(pixels_shape, np.float32), spec(*rng_spec))
+    carry, caches, logits = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), prefill.out_info)
+    return prefill, functions["decode"].lower(params, carry, caches, logits, index, index, spec((), bool))
+
+
 def _fused_executable(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec, params_signature):
     """The accelerator mode's programs, compiled ahead for these shapes (JAX's persistent cache
     keeps them across processes)."""
     treedef, specs = params_signature
     params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                                                     for shape, dtype, sharding in specs])
-    functions = _compiled_fused(model, settings, batch, prompt_len, with_image)
-    ids, index = jax.ShapeDtypeStruct((batch, prompt_len), np.int32), jax.ShapeDtypeStruct((), np.int32)
-    prefill = functions["prefill_all"].lower(params, ids, ids, ids, jax.ShapeDtypeStruct(pixels_shape, np.float32),
-                                             jax.ShapeDtypeStruct(*rng_spec))
-    carry, caches, logits = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), prefill.out_info)
-    decode = functions["decode"].lower(params, carry, caches, logits, index, index, jax.ShapeDtypeStruct((), bool))
+    prefill, decode = lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec)
     with ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL
         parts = {name: job.result() for name, job in
                  [("prefill_all", pool.submit(prefill.compile)), ("decode", pool.submit(decode.compile))]}

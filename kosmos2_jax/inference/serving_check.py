@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from kosmos2_jax.inference.generate import _compiled_fused, _Settings, bucket_length
+from kosmos2_jax.inference.generate import _Settings, bucket_length, lower_fused
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.utils.errors import UsageError
 from kosmos2_jax.utils.tpu import topology_devices
@@ -31,27 +31,18 @@ def program_memory(model: Kosmos2, abstract_params, settings: _Settings, batch: 
     """Bytes per chip of the accelerator mode's programs for `batch` prompts of `prompt_len`
     tokens, one image each, compiled for `device`."""
     on = jax.sharding.SingleDeviceSharding(device)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
-    params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), abstract_params)
+    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on), abstract_params)
     size = model.config.vision.image_size
-    functions = _compiled_fused(model, settings, batch, prompt_len, True)
-    ids = spec((batch, prompt_len), np.int32)
-    lowered = functions["prefill_all"].lower(params, ids, ids, ids, spec((batch, size, size, 3), np.float32),
-                                             spec((2,), np.uint32))
-    carry, caches, logits = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), lowered.out_info)
-    prefill = lowered.compile()
-    scalar = spec((), np.int32)
-    decode = functions["decode"].lower(params, carry, caches, logits, scalar, scalar, spec((), bool)).compile()
+    prefill, decode = lower_fused(model, settings, batch, prompt_len, True, params, (batch, size, size, 3),
+                                  ((2,), np.uint32), sharding=on)
+    caches = prefill.out_info[1]
+    memory = [lowered.compile().memory_analysis() for lowered in (prefill, decode)]
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize  # noqa: E731
                               for x in jax.tree_util.tree_leaves(tree))
-    peaks = []
-    for compiled in (prefill, decode):
-        m = compiled.memory_analysis()
-        peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                     + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
     return {"params": nbytes(params), "kv_cache": nbytes(caches),
-            "temporaries": max(c.memory_analysis().temp_size_in_bytes for c in (prefill, decode)),
-            "peak": max(peaks)}
+            "temporaries": max(m.temp_size_in_bytes for m in memory),
+            "peak": max(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                        + m.temp_size_in_bytes + m.generated_code_size_in_bytes for m in memory)}
 
 
 def check(model: Kosmos2, abstract_params, topology: str, batch_size: int, max_new_tokens: int,
@@ -65,7 +56,9 @@ def check(model: Kosmos2, abstract_params, topology: str, batch_size: int, max_n
     if prompt_len + max_new_tokens > model.config.text.max_position_embeddings:
         raise UsageError(f"a {prompt_len}-token prompt + --max_new_tokens {max_new_tokens} exceeds the model's "
                          f"{model.config.text.max_position_embeddings} positions")
-    settings = _Settings(max_new_tokens, num_beams, False, 1.0, 1.0, 3, 2, 1, 1.0, "fused", tokens_per_call)
+    settings = _Settings(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, temperature=1.0,
+                         top_p=1.0, no_repeat_ngram_size=3, eos_token_id=2, pad_token_id=1, length_penalty=1.0,
+                         decode_mode="fused", tokens_per_call=tokens_per_call)
     say(f"{topology}: {len(devices)} devices ({devices[0].device_kind}, libtpu {described}), {hbm_gib:.1f} GiB HBM "
         f"each; one model replica per device; batch {batch_size} x ({prompt_len}-token prompt with one image + "
         f"{max_new_tokens} new tokens), {num_beams} beam(s), {tokens_per_call} tokens per call")
