@@ -134,7 +134,8 @@ def run_one(args, attention, remat):
     import importlib
 
     from kosmos2_jax.models import Kosmos2
-    from kosmos2_jax.train import loop, sharding
+    from kosmos2_jax.models import sharding
+    from kosmos2_jax.train import loop
     from kosmos2_jax.train.trainer import Trainer, model_config
 
     cfg = importlib.import_module(args.config).get_config()

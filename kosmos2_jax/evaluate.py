@@ -67,6 +67,7 @@ def parse_args(argv):
     p.add_argument("--num_processes", type=cli.integer(0), default=0, help="with --distributed")
     p.add_argument("--process_id", type=cli.integer(-1), default=-1, help="with --distributed")
     cli.add_decode_mode_flags(p)
+    cli.add_mesh_flag(p)
     cli.add_compilation_cache_flags(p)
     args = p.parse_args(argv)
     if args.image_dir and not os.path.isdir(args.image_dir):
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
 def evaluate(args) -> int:
     import jax
 
+    from kosmos2_jax.models import sharding
     from kosmos2_jax.utils import multihost
     from kosmos2_jax.utils import outputs
     from kosmos2_jax.utils.errors import UsageError
@@ -96,6 +98,7 @@ def evaluate(args) -> int:
     task = TASKS[args.task]
     if args.distributed:
         multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    mesh = sharding.local_mesh(args.mesh)  # over this process's devices
     if args.shots:
         if not hasattr(task, "with_shots"):
             raise UsageError(f"--shots applies to refcocog_reg, not {args.task}")
@@ -126,7 +129,7 @@ def evaluate(args) -> int:
     model, params = load_model(args.checkpoint, **DECODING)
     processor = processor_for(args.tokenizer, model)
     ctx = Context(model, params, processor, image_dir=image_dir, batch_size=args.batch_size,
-                  decode_mode=args.decode_mode, tokens_per_call=args.tokens_per_call)
+                  decode_mode=args.decode_mode, tokens_per_call=args.tokens_per_call, mesh=mesh)
     records = run_shared(items, lambda batch: task.predict(ctx, batch), jsonl, args.batch_size,
                          key=key, overwrite=args.overwrite)
     if not multihost.is_primary():  # process 0 writes and prints the results

@@ -24,7 +24,7 @@ import jax
 from kosmos2_jax.weights import checkpoint
 from kosmos2_jax import weights
 from kosmos2_jax.format import grounding
-from kosmos2_jax.inference.generate import generate, prepare
+from kosmos2_jax.inference.generate import generate, prepare, shard_params
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.format.processor import load_image, processor_for
 from kosmos2_jax.format.visualize import draw_entities
@@ -114,6 +114,7 @@ def parse_args(argv):
     p.add_argument("--json", type=cli.output_file, help="write results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --json files")
     cli.add_decode_mode_flags(p)
+    cli.add_mesh_flag(p)
     cli.add_compilation_cache_flags(p)
     sizing = p.add_argument_group("sizing a serving slice (inference/serving_check.py; needs libtpu, no TPU)")
     sizing.add_argument("--compile_only", action="store_true",
@@ -169,10 +170,12 @@ def size_serving(args) -> int:
 
 
 def predict(args) -> int:
+    from kosmos2_jax.models import sharding
     from kosmos2_jax.utils import outputs
 
     if args.compile_only:
         return size_serving(args)
+    mesh = sharding.local_mesh(args.mesh)  # a bad --mesh before anything is loaded
 
     for path in output_paths(args):
         outputs.refuse_existing(path, args.overwrite, "--json" if path == args.json else "--out")
@@ -195,7 +198,7 @@ def predict(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                    no_repeat_ngram_size=args.no_repeat_ngram_size, eos_token_id=tokenizer.eos_id,
                    pad_token_id=tokenizer.pad_id, bucket=8, decode_mode=args.decode_mode,
-                   tokens_per_call=args.tokens_per_call)
+                   tokens_per_call=args.tokens_per_call, mesh=mesh)
     start = time.perf_counter()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = weights.abstract_params_of(args.checkpoint, model)  # shared with the loader
@@ -210,6 +213,8 @@ def predict(args) -> int:
             raise
         finally:
             model, params = loading.result()
+    if mesh is not None:
+        params = shard_params(model, params, mesh)
     ready = time.perf_counter() - start
     start = time.perf_counter()
     out = generate(model, params, inputs, **options)

@@ -40,6 +40,7 @@ def parse_args(argv):
     p.add_argument("--max_file_size", default="50mb", help="the largest upload accepted")
     p.add_argument("--no_warm_up", action="store_true", help="compile on first use instead of at start-up")
     cli.add_decode_mode_flags(p)
+    cli.add_mesh_flag(p)
     cli.add_compilation_cache_flags(p)
     args = p.parse_args(argv)
     try:
@@ -83,12 +84,14 @@ def serve(args, block: bool = True):
     except ImportError:
         raise UsageError('the web demo needs gradio: pip install -e ".[serve]"') from None
     from kosmos2_jax.serving import service as serving
+    from kosmos2_jax.models import sharding
     from kosmos2_jax.serving import webapp
 
     check_port(args.host, args.port)  # before minutes of loading and compiling
+    mesh = sharding.local_mesh(args.mesh)
     prompts = args.prompts or list(serving.DESCRIBE_PROMPTS.values())
     service = serving.Service.load(args.checkpoint, args.tokenizer, args.batch_sizes, decode_mode=args.decode_mode,
-                                   tokens_per_call=args.tokens_per_call)
+                                   tokens_per_call=args.tokens_per_call, mesh=mesh)
     print(f"loaded {service.name}: {service.grid}x{service.grid} location grid, batches of "
           f"{', '.join(map(str, service.batch_sizes))}", flush=True)
     if not args.no_warm_up:

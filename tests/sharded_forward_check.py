@@ -12,7 +12,7 @@ import flax.linen as nn  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from kosmos2_jax.models import Kosmos2, tiny  # noqa: E402
-from kosmos2_jax.train import sharding  # noqa: E402
+from kosmos2_jax.models import sharding  # noqa: E402
 
 
 def main():

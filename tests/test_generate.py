@@ -1,11 +1,16 @@
 """Generation equals HF `generate` token for token (greedy, beam search, n-gram blocking)."""
 
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from hf_reference import SMALL_CONFIGS, grounded_batch, hf_model, torch
 from kosmos2_jax import weights
 from kosmos2_jax.inference.generate import ban_repeated_ngrams, generate, top_p_filter
@@ -241,3 +246,13 @@ def test_auto_mode_is_layerwise_on_the_cpu_and_fused_elsewhere():
     assert resolve_decode_mode("layerwise", "tpu") == "layerwise"
     with pytest.raises(UsageError, match="decode_mode 'fast'"):
         resolve_decode_mode("fast")
+
+
+def test_sharded_generation_equals_hf():
+    """tests/sharded_generate_check.py with 4 devices: params on a (fsdp=2, tensor=2) mesh, scanned
+    and unrolled layers, greedy and beam search equal HF; the KV cache is sharded."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "sharded_generate_check.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "OK" in out.stdout

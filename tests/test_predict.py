@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import IMAGES_DIR, REPO, official_spm_path, save_tiny_checkpoint
+from conftest import IMAGES_DIR, REPO, official_spm_path, save_tiny_checkpoint, xla_flags
 from kosmos2_jax import predict
 from kosmos2_jax.inference.generate import PROGRAMS
 from kosmos2_jax.format.visualize import draw_entities, entity_colours
@@ -318,6 +318,27 @@ def test_predict_in_both_decode_modes_gives_the_same_answer(tiny_ckpt, image_pat
                              "--tokens_per_call", "4", "--json", str(out)]) == 0
         answers.append(json.loads(out.read_text())[0]["text"])
     assert answers[0] == answers[1]
+
+
+def test_predict_on_a_mesh_of_two_devices_gives_the_same_answer(tiny_ckpt, image_path, tmp_path, capsys):
+    """`predict --mesh tensor=2` in a process with 2 devices: the params sharded, the same answer as
+    on one device (fused mode both); a bad --mesh is one line naming it."""
+    ckpt, spm = tiny_ckpt
+    base = ["--checkpoint", ckpt, "--tokenizer", spm, "--image", image_path, "--prompt", "<grounding>a red circle",
+            "--max_new_tokens", "6", "--decode_mode", "fused", "--tokens_per_call", "4"]
+    assert predict.main([*base, "--json", str(tmp_path / "one.json")]) == 0
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "kosmos2_jax.predict", *base, "--mesh", "tensor=2", "--json",
+                          str(tmp_path / "two.json")], env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())[0]["text"] for n in ("one", "two"))
+    assert one == two
+    capsys.readouterr()
+    assert predict.main([*base, "--mesh", "tensor=3", "--json", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "needs 3 devices" in err, err
+    assert predict.main([*base, "--mesh", "model=2", "--json", str(tmp_path / "bad.json")]) == 2
+    assert "'model=2'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the test extras) is not installed")

@@ -7,7 +7,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from kosmos2_jax.train import sharding
+from kosmos2_jax.models import sharding
 
 from conftest import xla_flags  # noqa: E402
 

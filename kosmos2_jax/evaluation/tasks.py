@@ -75,10 +75,14 @@ class Context:
     """What predictions need: model, params, processor, settings."""
 
     def __init__(self, model, params, processor, image_dir: str = "", batch_size: int = 16,
-                 decode_mode: str = "auto", tokens_per_call: int = 32):
+                 decode_mode: str = "auto", tokens_per_call: int = 32, mesh=None):
+        if mesh is not None:  # decode sharded over the mesh's devices
+            from kosmos2_jax.inference.generate import shard_params
+
+            params = shard_params(model, params, mesh)
         self.model, self.params, self.processor = model, params, processor
         self.image_dir, self.batch_size = image_dir, batch_size
-        self.decoding = dict(decode_mode=decode_mode, tokens_per_call=tokens_per_call)
+        self.decoding = dict(decode_mode=decode_mode, tokens_per_call=tokens_per_call, mesh=mesh)
 
     def image(self, item):
         if "image_bytes" in item:

@@ -31,12 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import serialize_executable
+from jax.sharding import Mesh
 
-from kosmos2_jax.models import Kosmos2
-from kosmos2_jax.models.decoder import (attention_bias, block_step, embed_step, empty_block_cache, logits_step,
-                                        position_ids_from_input_ids)
-from kosmos2_jax.models.kosmos2 import resample
-from kosmos2_jax.models.vision import embed_images, vision_block_step, vision_output
+from kosmos2_jax.models import Kosmos2, init_cache, sharding
+from kosmos2_jax.models.decoder import TextBlock, attention_bias, position_ids_from_input_ids
+from kosmos2_jax.models.vision import VisionBlock
 from kosmos2_jax.utils.errors import UsageError
 
 NEG_INF = -jnp.inf
@@ -101,14 +100,52 @@ def top_p_filter(logits, top_p: float):
 
 
 # --- the compiled programs ----------------------------------------------------------------------
-# Both towers run one layer at a time, driven from Python: every layer is the same compiled
-# program called on that layer's weights (and KV cache). XLA then compiles one layer instead of
-# the unrolled stacks (the decoder twice: prefill and decoding loop), which were most of a cold
-# start (at the released size ~6 of the ~9 s spent tracing and compiling on 2 cores); a call from
-# Python costs tens of microseconds against the ~11 ms a released-size decoder layer takes to read
-# its weights. Each decoding step ends in one small program that picks the next tokens (greedy,
-# sampling or beam search) and embeds them.
+# One decoding path, the model's own: image features, a prefill into the `cache` collection
+# (`init_cache`, `Kosmos2.decode_step`), then one token at a time through the same method, on
+# scanned or unrolled params. Two ways to drive it:
+# - `fused` (GPUs and TPUs): a whole decoding step is one program, and one dispatch runs up to
+#   `tokens_per_call` steps in a `lax.while_loop` (the cache donated), leaving early when every row
+#   has ended. The host dispatches the next call before it reads the previous call's stop flag, so
+#   it never waits inside the loop: one dispatch and at most one blocking read per K tokens. On a
+#   GPU a released-size layer takes ~50 us, about one dispatch from Python: anything per layer
+#   from the host would leave the device waiting.
+# - `layerwise` (the CPU): the towers' blocks one compiled program each, called from Python on
+#   every layer's weights (and KV cache), between the model's own first and last stages
+#   (`Kosmos2.embed_pixels` ... `lm_logits`). XLA compiles one layer instead of the unrolled stacks,
+#   which were most of a cold start on 2 cores, and a call costs tens of microseconds against the
+#   ~11 ms a released-size layer takes to read its weights there.
+DECODE_MODES = ("auto", "fused", "layerwise")
 PROGRAMS = ("vision_embed", "vision_layer", "prefill", "prefill_layer", "prefill_logits", "choose", "layer", "logits")
+
+
+def resolve_decode_mode(mode: str, platform: str | None = None) -> str:
+    """`auto`: `layerwise` on the CPU (its per-layer programs compile fastest there and a dispatch
+    costs little against a layer's work), `fused` on GPUs and TPUs."""
+    if mode not in DECODE_MODES:
+        raise UsageError(f"decode_mode {mode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if mode != "auto":
+        return mode
+    return "layerwise" if (platform or jax.default_backend()) == "cpu" else "fused"
+
+
+def shard_params(model: Kosmos2, params, mesh: Mesh):
+    """`params` placed on `mesh` under the training mesh's rules (`models/sharding.py`): the
+    decoding programs then run sharded, e.g. `tensor=4` splits heads, MLP and vocabulary over 4 chips."""
+    shardings = sharding.tree_shardings(sharding.logical_params(model), mesh)
+    return jax.tree_util.tree_map(lambda x, place: jax.device_put(x, place), nn.unbox(params), shardings)
+
+
+def _on_mesh(jitted, mesh: Mesh | None):
+    """`jitted` called (and so traced) under `mesh` and the training rules, so that the model's
+    activation constraints (`act_batch`, `act_heads`, ...) shard its activations as training does."""
+    if mesh is None:
+        return jitted
+
+    @functools.wraps(jitted)
+    def placed(*args):
+        with jax.set_mesh(mesh), sharding.logical_axis_rules():
+            return jitted(*args)
+    return placed
 
 
 def _step_positions(n_prompt, step):
@@ -128,68 +165,100 @@ def _layers(model: Kosmos2, params, tower: str = "text") -> list:
 
 
 def _layer_slice(params, index, scanned: bool):
+    params = nn.unbox(params)
     if not scanned:
         return params
-    return jax.tree_util.tree_map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), nn.unbox(params))
+    return jax.tree_util.tree_map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), params)
+
+
+def _cache_rows(cache, fn, scanned: bool):
+    """`fn` applied along the rows (batch) axis of every key and value in a `cache` collection
+    (axis 1 under scanned layers, whose caches are stacked), not to the write indices."""
+    def on_rows(path, x):
+        if getattr(path[-1], "key", None) not in ("cached_key", "cached_value"):
+            return x
+        return jnp.moveaxis(fn(jnp.moveaxis(x, 1, 0)), 0, 1) if scanned else fn(x)
+    return jax.tree_util.tree_map_with_path(on_rows, cache)
 
 
 def _repeat_rows(tree, k: int):
     return jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, tree) if k > 1 else tree
 
 
+def _start(s: _Settings, batch: int, prompt_len: int, prompt, prompt_mask, rng, pad_token_id: int) -> dict:
+    """The decoding state after the prompt: ids and attention mask over the whole cache, the
+    prompt's non-pad count, and the greedy or beam bookkeeping (beam search: the B rows repeated
+    k times, as HF repeats the prompt)."""
+    total = prompt_len + s.max_new_tokens
+    mask = jnp.concatenate([prompt_mask, jnp.ones((batch, s.max_new_tokens), prompt_mask.dtype)], axis=1)
+    tokens = jnp.concatenate([prompt, jnp.full((batch, s.max_new_tokens), s.pad_token_id, prompt.dtype)], axis=1)
+    carry = dict(tokens=tokens, mask=mask, n_prompt=jnp.sum(prompt != pad_token_id, axis=1))
+    k = s.num_beams
+    return _repeat_rows(carry, k) | (_beam_start(s, batch, total) if k > 1 else _greedy_start(s, batch, rng))
+
+
+def _choose(s: _Settings, prompt_len: int, batch: int, logits, carry, step, start):
+    """The next tokens from `logits` -> (carry, the tokens, whether every row has ended, and for
+    beam search which cache row each row continues (else None))."""
+    if s.num_beams == 1:
+        return _greedy_choose(s, prompt_len, logits, carry, step, start)
+    return _beam_choose(s, prompt_len, batch, logits, carry, step, start)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool) -> dict:
-    """The jitted programs `_Program` drives, by name (PROGRAMS). Beam search runs the prefill on
-    B rows and repeats its results k times, as HF repeats the prompt."""
+    """The per-layer mode's jitted programs (PROGRAMS), by name, that `_Program` drives."""
     s, cfg, k = settings, model.config, settings.num_beams
-    total = prompt_len + s.max_new_tokens
+    pad = cfg.text.pad_token_id
+    apply = lambda params, method, *args: model.apply({"params": params}, *args, method=method)  # noqa: E731
+
+    def layer_cache():  # one decoder layer's empty cache, as `init_cache` makes it
+        stack = init_cache(model, batch, prompt_len + s.max_new_tokens)["text_model"]["layers"]
+        if cfg.text_layers_scanned:
+            return jax.tree_util.tree_map(lambda c: c[0], stack["layer"])
+        return stack["layer_0"]
 
     def block(params, index, cache, x, bias):
-        return block_step(cfg, _layer_slice(params, index, cfg.text_layers_scanned), cache, x, bias)
+        out, state = TextBlock(cfg, decode=True).apply(
+            {"params": _layer_slice(params, index, cfg.text_layers_scanned), "cache": cache}, x, bias, None, None,
+            mutable=["cache"])
+        return out, state["cache"]
 
     def vision_embed(params, pixel_values):  # [B, H, W, 3], or [B, N, H, W, 3] for N images a row
-        return embed_images(cfg, params["vision_model"], pixel_values.reshape(-1, *pixel_values.shape[-3:]))
+        return apply(params, Kosmos2.embed_pixels, pixel_values.reshape(-1, *pixel_values.shape[-3:]))
 
     def vision_layer(params, index, x):
-        return vision_block_step(cfg, _layer_slice(params, index, cfg.scan_layers), x)
+        return VisionBlock(cfg).apply({"params": _layer_slice(params, index, cfg.scan_layers)}, x)
 
     def prefill(params, prompt, prompt_mask, image_mask, vision_tokens, rng):
         image_embeds = None
         if with_image:
-            image_embeds = resample(cfg, params, vision_output(cfg, params["vision_model"], vision_tokens))
+            image_embeds = apply(params, Kosmos2.image_embeds_from_layers, vision_tokens)
             image_embeds = image_embeds.reshape(batch, -1, image_embeds.shape[-1])  # a row's images in order
-        positions = position_ids_from_input_ids(prompt, cfg.text.pad_token_id)
-        n_prompt = jnp.sum(prompt != cfg.text.pad_token_id, axis=1)
-        mask = jnp.concatenate([prompt_mask, jnp.ones((batch, s.max_new_tokens), prompt_mask.dtype)], axis=1)
-        tokens = jnp.concatenate([prompt, jnp.full((batch, s.max_new_tokens), s.pad_token_id, prompt.dtype)], axis=1)
-        x = embed_step(cfg, params["text_model"], prompt, positions, image_embeds, image_mask if with_image else None)
-        carry = dict(tokens=tokens, mask=mask, n_prompt=n_prompt)
-        carry = _repeat_rows(carry, k) | (_beam_start(s, batch, total) if k > 1 else _greedy_start(s, batch, rng))
-        return x, attention_bias(mask, prompt_len), carry
+        x = apply(params, Kosmos2.embed_text, prompt, position_ids_from_input_ids(prompt, pad), image_embeds,
+                  image_mask if with_image else None)
+        carry = _start(s, batch, prompt_len, prompt, prompt_mask, rng, pad)
+        return x, attention_bias(carry["mask"][::k], prompt_len), carry
 
     def prefill_layer(params, index, x, bias):
-        x, cache = block(params, index, empty_block_cache(cfg, batch, total), x, bias)
+        x, cache = block(params, index, layer_cache(), x, bias)
         return x, _repeat_rows(cache, k)
 
     def logits(params, x):
-        return logits_step(cfg, params["text_model"], x[:, -1]).astype(jnp.float32)
+        return apply(params, Kosmos2.lm_logits, x[:, -1:])[:, 0].astype(jnp.float32)
 
     def prefill_logits(params, x):
         return jnp.repeat(logits(params, x), k, axis=0)
 
     def choose(params, logits, carry, step, start):
-        """The next tokens from `logits`; returns (carry, the next tokens' embeddings and attention
-        bias, whether every row has ended, and for beam search which cache row each row continues)."""
-        if k == 1:
-            carry, nxt, ended, rows = _greedy_choose(s, prompt_len, logits, carry, step, start)
-        else:
-            carry, nxt, ended, rows = _beam_choose(s, prompt_len, batch, logits, carry, step, start)
-        x = embed_step(cfg, params["text_model"], nxt[:, None], _step_positions(carry["n_prompt"], step + 1))
+        """`_choose`, then the next tokens' embeddings and attention bias."""
+        carry, nxt, ended, rows = _choose(s, prompt_len, batch, logits, carry, step, start)
+        x = apply(params, Kosmos2.embed_text, nxt[:, None], _step_positions(carry["n_prompt"], step + 1))
         return carry, x, attention_bias(carry["mask"], 1, prompt_len + step), ended, rows
 
     def layer(params, index, cache, x, bias, rows):
         if rows is not None:
-            cache = jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=0) if c.ndim else c, cache)
+            cache = _cache_rows(cache, lambda c: jnp.take(c, rows, axis=0), scanned=False)
         return block(params, index, cache, x, bias)
 
     return dict(vision_embed=jax.jit(vision_embed), vision_layer=jax.jit(vision_layer),
@@ -205,7 +274,7 @@ def _read(flag) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _Program:
-    """The compiled programs of one request shape (PROGRAMS), and the loop that drives them."""
+    """The per-layer mode's compiled programs (PROGRAMS), and the loop that drives them."""
     parts: dict
     max_new_tokens: int
     num_beams: int
@@ -237,69 +306,52 @@ class _Program:
         return dict(carry, step=step + 1)
 
 
-# --- accelerator mode: a whole decoding step in one program, K steps per dispatch ---------------
-# On a GPU or TPU a released-size layer takes ~50 us, as long as a dispatch from Python: driving
-# each layer from the host (above) leaves the device waiting. Here the prefill (vision tower,
-# resampler, every decoder layer, first logits) is one program, and decoding is one program that
-# runs up to `tokens_per_call` steps in a `lax.while_loop` (every layer inside each step, the cache
-# donated), leaving the loop early when every row has ended. The host dispatches the next call
-# before it reads the previous call's stop flag, so it never waits inside the loop: at most one
-# dispatch per K tokens (plus one) and one blocking read per K tokens.
-DECODE_MODES = ("auto", "fused", "layerwise")
-
-
-def resolve_decode_mode(mode: str, platform: str | None = None) -> str:
-    """`auto`: `layerwise` on the CPU (its per-layer programs compile fastest there and a dispatch
-    costs little against a layer's work), `fused` on GPUs and TPUs."""
-    if mode not in DECODE_MODES:
-        raise UsageError(f"decode_mode {mode!r}: expected one of {', '.join(DECODE_MODES)}")
-    if mode != "auto":
-        return mode
-    return "layerwise" if (platform or jax.default_backend()) == "cpu" else "fused"
-
-
 @functools.lru_cache(maxsize=64)
-def _compiled_fused(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool) -> dict:
-    """The accelerator mode's two jitted programs, built from the per-layer functions above."""
-    s = settings
-    part = _compiled(model, settings, batch, prompt_len, with_image)  # jitted: inlined when traced here
+def _compiled_fused(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool,
+                    mesh: Mesh | None = None) -> dict:
+    """The accelerator mode's two jitted programs: `prefill_all` and `decode` (traced under `mesh`)."""
+    s, cfg, k = settings, model.config, settings.num_beams
+    pad = cfg.text.pad_token_id
+    scanned = cfg.text_layers_scanned
 
     def prefill_all(params, prompt, prompt_mask, image_mask, pixel_values, rng):
-        images = pixel_values
+        image_embeds = None
         if with_image:
-            images = part["vision_embed"](params, pixel_values)
-            for block, index in _layers(model, params, "vision"):
-                images = part["vision_layer"](block, index, images)
-        x, bias, carry = part["prefill"](params, prompt, prompt_mask, image_mask, images, rng)
-        caches = []
-        for block, index in _layers(model, params):
-            x, cache = part["prefill_layer"](block, index, x, bias)
-            caches.append(cache)
-        return carry, caches, part["prefill_logits"](params, x)
+            image_embeds = model.apply({"params": params}, pixel_values.reshape(-1, *pixel_values.shape[-3:]),
+                                       method=Kosmos2.image_features)
+            image_embeds = image_embeds.reshape(batch, -1, image_embeds.shape[-1])  # a row's images in order
+        carry = _start(s, batch, prompt_len, prompt, prompt_mask, rng, pad)
+        logits, state = model.apply(
+            {"params": params, "cache": init_cache(model, batch, prompt_len + s.max_new_tokens)}, prompt,
+            carry["mask"][::k], position_ids_from_input_ids(prompt, pad), image_embeds,
+            image_mask if with_image else None, last_only=True, method=Kosmos2.decode_step, mutable=["cache"])
+        cache = _cache_rows(state["cache"], lambda c: jnp.repeat(c, k, axis=0), scanned) if k > 1 else state["cache"]
+        return carry, cache, jnp.repeat(logits[:, 0].astype(jnp.float32), k, axis=0)
 
-    def decode(params, carry, caches, logits, step, start, ended):
-        """Up to `tokens_per_call` steps from `step` (none once `ended`); -> (carry, caches, logits,
+    def decode(params, carry, cache, logits, step, start, ended):
+        """Up to `tokens_per_call` steps from `step` (none once `ended`); -> (carry, cache, logits,
         step, ended)."""
-        layers = _layers(model, params)
-
         def body(state):
-            i, step, carry, caches, logits, _ = state
-            carry, x, bias, ended, rows = part["choose"](params, logits, carry, step, start)
-            caches = list(caches)
-            for j, (block, index) in enumerate(layers):
-                x, caches[j] = part["layer"](block, index, caches[j], x, bias, rows)
+            i, step, carry, cache, logits, _ = state
+            carry, nxt, ended, rows = _choose(s, prompt_len, batch, logits, carry, step, start)
+            if rows is not None:
+                cache = _cache_rows(cache, lambda c: jnp.take(c, rows, axis=0), scanned)
+            logits, state = model.apply({"params": params, "cache": cache}, nxt[:, None], carry["mask"],
+                                        _step_positions(carry["n_prompt"], step + 1), method=Kosmos2.decode_step,
+                                        mutable=["cache"])
             ended = ended | (step + 1 >= s.max_new_tokens)
-            return i + 1, step + 1, carry, caches, part["logits"](params, x), ended
+            return i + 1, step + 1, carry, state["cache"], logits[:, 0].astype(jnp.float32), ended
 
         def cond(state):
             i, _, _, _, _, ended = state
             return (i < s.tokens_per_call) & ~ended
 
-        state = (jnp.int32(0), step, carry, caches, logits, ended)
-        _, step, carry, caches, logits, ended = jax.lax.while_loop(cond, body, state)
-        return carry, caches, logits, step, ended
+        state = (jnp.int32(0), step, carry, cache, logits, ended)
+        _, step, carry, cache, logits, ended = jax.lax.while_loop(cond, body, state)
+        return carry, cache, logits, step, ended
 
-    return dict(prefill_all=jax.jit(prefill_all), decode=jax.jit(decode, donate_argnums=(1, 2, 3)))
+    return dict(prefill_all=_on_mesh(jax.jit(prefill_all), mesh),
+                decode=_on_mesh(jax.jit(decode, donate_argnums=(1, 2, 3)), mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,10 +363,10 @@ class _FusedProgram:
     tokens_per_call: int
 
     def __call__(self, model, params, prompt, prompt_mask, image_mask, pixel_values, start, rng):
-        carry, caches, logits = self.parts["prefill_all"](params, prompt, prompt_mask, image_mask, pixel_values, rng)
+        carry, cache, logits = self.parts["prefill_all"](params, prompt, prompt_mask, image_mask, pixel_values, rng)
         step, ended, previous = jnp.int32(0), jnp.asarray(False), None
         for call in range(-(-self.max_new_tokens // self.tokens_per_call)):
-            carry, caches, logits, step, ended = self.parts["decode"](params, carry, caches, logits, step, start, ended)
+            carry, cache, logits, step, ended = self.parts["decode"](params, carry, cache, logits, step, start, ended)
             # the previous call's flag: that call has finished by now, the host does not wait on this one
             if previous is not None and _read(previous):
                 break
@@ -471,9 +523,14 @@ jax.monitoring.register_event_listener(_count_xla_cache_hit)
 
 @functools.lru_cache(maxsize=64)
 def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool,
-                pixels_shape: tuple, rng_spec: tuple, params_signature: tuple):
+                pixels_shape: tuple, rng_spec: tuple, params_signature: tuple, mesh: Mesh | None = None):
     """The compiled generation program for these shapes: from the executable cache (no tracing),
-    else traced and compiled (XLA's persistent cache may still hold the compilation)."""
+    else traced and compiled (XLA's persistent cache may still hold the compilation). On a `mesh`
+    the accelerator mode's jitted programs, compiled at their first call for the shardings XLA
+    gives the KV cache and the decoding state."""
+    if mesh is not None:
+        return _FusedProgram(_compiled_fused(model, settings, batch, prompt_len, with_image, mesh),
+                             settings.max_new_tokens, settings.num_beams, settings.tokens_per_call)
     if settings.decode_mode == "fused":
         return _fused_executable(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
                                  params_signature)
@@ -488,8 +545,8 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
         except Exception:  # a damaged or foreign entry: compile afresh
             pass
     treedef, specs = params_signature
-    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-                                                    for shape, dtype, sharding in specs])
+    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=place)
+                                                    for shape, dtype, place in specs])
     functions = _compiled(model, settings, batch, prompt_len, with_image)
     ids, index = jax.ShapeDtypeStruct((batch, prompt_len), np.int32), jax.ShapeDtypeStruct((), np.int32)
     block = _layers(model, params)[0][0]
@@ -542,8 +599,8 @@ def _fused_executable(model, settings, batch, prompt_len, with_image, pixels_sha
     """The accelerator mode's programs, compiled ahead for these shapes (JAX's persistent cache
     keeps them across processes)."""
     treedef, specs = params_signature
-    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-                                                    for shape, dtype, sharding in specs])
+    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=place)
+                                                    for shape, dtype, place in specs])
     prefill, decode = lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec)
     with ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL
         parts = {name: job.result() for name, job in
@@ -594,7 +651,7 @@ def check_inputs_fit(config, ids: np.ndarray, inputs: Mapping[str, np.ndarray]) 
 
 
 def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temperature, top_p, no_repeat_ngram_size,
-             eos_token_id, pad_token_id, length_penalty, rng, bucket, decode_mode, tokens_per_call):
+             eos_token_id, pad_token_id, length_penalty, rng, bucket, decode_mode, tokens_per_call, mesh):
     """Checks the request; returns (compiled program, its arguments but the params, settings, extra pads)."""
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -626,12 +683,16 @@ def _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temper
     if tokens_per_call < 1:
         raise UsageError(f"tokens_per_call must be >= 1, got {tokens_per_call}")
     mode = resolve_decode_mode(decode_mode)
+    if mesh is not None:  # several chips: GPUs and TPUs, where a dispatch per layer costs as much as the layer
+        if decode_mode == "layerwise":
+            raise UsageError("decode_mode 'layerwise' runs on one device; a mesh decodes with 'fused' (or 'auto')")
+        mode = "fused"
     settings = _Settings(max_new_tokens, num_beams, do_sample, float(temperature), float(top_p),
                          no_repeat_ngram_size, eos_token_id, pad_token_id, float(length_penalty), mode,
                          int(tokens_per_call) if mode == "fused" else 32)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     run = _executable(model, settings, batch, padded, with_image, pixels.shape, (tuple(rng.shape), rng.dtype),
-                      _signature(params))
+                      _signature(params), mesh)
     return run, (prompt, prompt_mask, image_mask, pixels, np.int32(extra), rng), settings, extra
 
 
@@ -648,14 +709,15 @@ def generate(model: Kosmos2, params: Any, inputs: Mapping[str, np.ndarray], *, m
              num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              no_repeat_ngram_size: int = 0, eos_token_id: int = 2, pad_token_id: int = 1,
              length_penalty: float = 1.0, rng: jax.Array | None = None, bucket: int = 32,
-             decode_mode: str = "auto", tokens_per_call: int = 32) -> GenerateOutput:
+             decode_mode: str = "auto", tokens_per_call: int = 32, mesh: Mesh | None = None) -> GenerateOutput:
     """Continue each prompt of `inputs` (the processor's output; left padding for batches of
     different lengths, as HF requires) by up to `max_new_tokens` tokens. `decode_mode`: `fused`
     (a decoding step in one program, `tokens_per_call` steps per dispatch), `layerwise` (a program
-    per layer, driven from Python) or `auto` (layerwise on the CPU, fused elsewhere)."""
+    per layer, driven from Python) or `auto` (layerwise on the CPU, fused elsewhere). `mesh`: decode
+    sharded over its devices (fused), `params` placed by `shard_params(model, params, mesh)`."""
     run, args, settings, extra = _program(model, params, inputs, max_new_tokens, num_beams, do_sample, temperature,
                                           top_p, no_repeat_ngram_size, eos_token_id, pad_token_id, length_penalty,
-                                          rng, bucket, decode_mode, tokens_per_call)
+                                          rng, bucket, decode_mode, tokens_per_call, mesh)
     batch, padded = args[0].shape
     out = run(model, params, *args)
     if num_beams == 1:

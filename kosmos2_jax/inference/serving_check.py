@@ -8,8 +8,8 @@ Each chip serves its own replica of the model (a slice of N chips answers N batc
 the check compiles for one chip: the prefill (vision tower, resampler, every decoder layer) and the
 decoding program (`tokens_per_call` steps, the KV cache donated). Per chip it reports the params,
 the KV cache and the programs' temporaries, the peak of the two programs against HBM, and the
-largest batch that fits, extrapolated from the requested batch and batch 1 (memory is linear in
-the batch) and not compiled itself.
+largest batch that fits, extrapolated from the requested batch (at least 4) and half of it (memory is linear in the
+batch; a single row's program may be laid out differently) and not compiled itself.
 """
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ def check(model: Kosmos2, abstract_params, topology: str, batch_size: int, max_n
         wanted = None
         say(f"per device: DOES NOT FIT: {str(e).split('RESOURCE_EXHAUSTED: ')[-1].splitlines()[0]}")
     # two batch sizes that compile give the memory a row adds
-    probe = batch_size if wanted else min(8, max(batch_size // 2, 2))
-    first = memory(probe) if wanted is None else wanted
-    one = memory(1) if probe > 1 else first
+    probe = max(batch_size if wanted else min(8, batch_size // 2), 4)
+    first = wanted if probe == batch_size and wanted else memory(probe)
+    half = memory(probe // 2)
     seconds = time.time() - start
-    per_row = (first["peak"] - one["peak"]) / max(probe - 1, 1)
-    fixed = one["peak"] - per_row
+    per_row = (first["peak"] - half["peak"]) / (probe - probe // 2)
+    fixed = first["peak"] - per_row * probe
     largest = int((hbm_gib * GIB - fixed) // per_row) if per_row > 0 else None
     fits = wanted is not None and wanted["peak"] <= hbm_gib * GIB
     if wanted:
@@ -86,7 +86,7 @@ def check(model: Kosmos2, abstract_params, topology: str, batch_size: int, max_n
             f"{g(wanted['temporaries']):.2f} GiB; peak {g(wanted['peak']):.2f} GiB of {hbm_gib:.1f} GiB: "
             f"{'fits' if fits else 'DOES NOT FIT'}")
     say(f"largest batch that fits: about {largest} per device ({len(devices)} x {largest} on the slice; linear "
-        f"from batches 1 and {probe}: {g(per_row) * 1024:.1f} MiB a row); compiled in {seconds:.0f} s")
+        f"from batches {probe // 2} and {probe}: {g(per_row) * 1024:.1f} MiB a row); compiled in {seconds:.0f} s")
     shown = wanted or first
     return {"topology": described, "devices": len(devices), "hbm_gib": hbm_gib, "batch_size": batch_size,
             "prompt_len": prompt_len, "params_gib": g(shown["params"]), "kv_cache_gib": g(shown["kv_cache"]) if wanted else None,

@@ -138,9 +138,30 @@ class TextDecoder(nn.Module):
     (not "einsum") no [B, 1, T, T] bias is built: the kernels get the causal flag and the segment
     ids, or, for unpacked rows, each row's length — such rows must be right-padded, as the input
     pipeline writes them.
+
+    `embed` (the first layer's input) and `logits` (final LayerNorm and tied LM head) are the
+    forward's own first and last stages, also called alone by generation's per-layer mode.
     """
 
     config: Kosmos2Config
+
+    def setup(self):
+        self.embed_tokens = token_embedding(self.config)
+        self.layer_norm = final_layer_norm(self.config)
+
+    def embed(self, input_ids, position_ids, image_embeds=None, image_embeds_position_mask=None):
+        """Token ids [B, T] -> the first layer's input [B, T, D]: image embeddings written over
+        the image slots, scaled by sqrt(embed_dim), plus the sinusoidal positions."""
+        return input_embeddings(self.config, self.embed_tokens(input_ids), position_ids, image_embeds,
+                                image_embeds_position_mask)
+
+    def logits(self, x):
+        """The last layer's output -> logits over the vocabulary (final LayerNorm, tied LM head)."""
+        return self.lm_head(self.layer_norm(x))
+
+    def lm_head(self, x):
+        """`return_hidden=True`'s output (after the final LayerNorm) -> logits: the tied LM head."""
+        return constrain(self.embed_tokens.attend(x), ("act_batch", "act_len", "act_vocab"))
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, image_embeds=None, image_embeds_position_mask=None,
@@ -151,12 +172,10 @@ class TextDecoder(nn.Module):
             raise ValueError("segment_ids (packed rows) are for training forwards, not cached decoding")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        embed_tokens = token_embedding(self.config, name="embed_tokens")
         if position_ids is None:
             position_ids = (position_ids_from_input_ids(input_ids, t.pad_token_id) if segment_ids is None
                             else position_ids_from_segments(segment_ids, t.pad_token_id))
-        x = input_embeddings(self.config, embed_tokens(input_ids), position_ids, image_embeds,
-                             image_embeds_position_mask)
+        x = self.embed(input_ids, position_ids, image_embeds, image_embeds_position_mask)
         x = nn.Dropout(t.dropout)(x, deterministic=deterministic)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
 
@@ -174,40 +193,6 @@ class TextDecoder(nn.Module):
             masks = (None, None, jnp.sum(attention_mask, axis=1, dtype=jnp.int32))
         x, _ = stack_layers(TextBlock, t.layers, self.config.remat_policy, self.config.text_layers_scanned, "layers",
                             config=self.config, deterministic=deterministic, decode=decode)(x, masks)
-        x = final_layer_norm(self.config, name="layer_norm")(x)
         if return_hidden:
-            return x
-        logits = embed_tokens.attend(x)  # tied LM head
-        return constrain(logits, ("act_batch", "act_len", "act_vocab"))
-
-
-# --- the cached decoder one stage at a time (generation drives its layers from Python) ------------
-# `text_params` is the `text_model` subtree of the params; a block's params and cache are one
-# layer's (`layers/layer_{i}` unrolled, or one slice of the scanned `layers/layer` stack).
-def embed_step(config: Kosmos2Config, text_params, input_ids, position_ids, image_embeds=None,
-               image_embeds_position_mask=None):
-    """`TextDecoder`'s input to its first layer, as it computes it when decoding."""
-    x = token_embedding(config).apply({"params": nn.unbox(text_params["embed_tokens"])}, input_ids)
-    return input_embeddings(config, x, position_ids, image_embeds, image_embeds_position_mask)
-
-
-def block_step(config: Kosmos2Config, block_params, cache, x, bias):
-    """One decoder layer with its KV cache: (x, cache) -> (x, cache) for queries at the cache's index."""
-    out, state = TextBlock(config, decode=True).apply({"params": nn.unbox(block_params), "cache": cache}, x, bias,
-                                                     None, None, mutable=["cache"])
-    return out, state["cache"]
-
-
-def empty_block_cache(config: Kosmos2Config, batch_size: int, max_length: int):
-    """One layer's empty KV cache for `batch_size` rows of `max_length` positions."""
-    x = jax.ShapeDtypeStruct((batch_size, max_length, config.text.embed_dim), jnp.dtype(config.dtype))
-    shapes = jax.eval_shape(lambda x: TextBlock(config, decode=True).init(jax.random.PRNGKey(0), x, None, None, None),
-                            x)["cache"]
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def logits_step(config: Kosmos2Config, text_params, x):
-    """The final LayerNorm and the tied LM head."""
-    x = final_layer_norm(config).apply({"params": nn.unbox(text_params["layer_norm"])}, x)
-    return token_embedding(config).apply({"params": nn.unbox(text_params["embed_tokens"])}, x,
-                                         method=nn.Embed.attend)
+            return self.layer_norm(x)
+        return self.logits(x)

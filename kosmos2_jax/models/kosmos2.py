@@ -59,7 +59,11 @@ class Kosmos2(nn.Module):
             feats = self.image_features(pixel_values.reshape(b * n, *pixel_values.shape[2:]),
                                         interpolate_pos_encoding, deterministic)
             return feats.reshape(b, n * feats.shape[1], feats.shape[2])
-        tokens = self.vision_model(pixel_values, interpolate_pos_encoding, deterministic)
+        return self.project_image_tokens(self.vision_model(pixel_values, interpolate_pos_encoding, deterministic),
+                                         deterministic)
+
+    def project_image_tokens(self, tokens, deterministic: bool = True):
+        """The vision tower's output tokens -> image embeddings (L2-normalized, then resampled)."""
         return self.image_to_text_projection(l2_normalize(tokens), deterministic)
 
     def __call__(self, pixel_values, input_ids, attention_mask=None, image_embeds_position_mask=None,
@@ -76,16 +80,31 @@ class Kosmos2(nn.Module):
                                deterministic=deterministic, decode=decode, return_hidden=return_hidden,
                                segment_ids=segment_ids)
 
-    def decode_step(self, input_ids, attention_mask, position_ids, image_embeds=None, image_embeds_position_mask=None):
-        """One cached step (or a cached prefill): logits for `input_ids` given the `cache` collection."""
-        return self.text_model(input_ids, attention_mask, image_embeds, image_embeds_position_mask, position_ids,
-                               deterministic=True, decode=True)
+    def decode_step(self, input_ids, attention_mask, position_ids, image_embeds=None, image_embeds_position_mask=None,
+                    last_only: bool = False):
+        """One cached step (or a cached prefill): logits for `input_ids` given the `cache` collection
+        (`last_only`: for the last position alone, [B, 1, vocab], as a prefill needs)."""
+        x = self.text_model(input_ids, attention_mask, image_embeds, image_embeds_position_mask, position_ids,
+                            deterministic=True, decode=True, return_hidden=True)
+        return self.text_model.lm_head(x[:, -1:] if last_only else x)
 
+    # The towers' first and last stages, as the forward runs them; generation's per-layer mode calls
+    # them around its own loop over the blocks (`inference/generate.py`).
+    def embed_pixels(self, pixel_values):
+        """Pixels [B, H, W, 3] of the model's size -> the vision tower's first layer's input."""
+        return self.vision_model.embed(pixel_values)
 
-def resample(config: Kosmos2Config, params, vision_tokens):
-    """`Kosmos2.image_features` after the vision tower: its output tokens -> image embeddings."""
-    return ImageToTextProjection(config).apply({"params": nn.unbox(params["image_to_text_projection"])},
-                                               l2_normalize(vision_tokens))
+    def image_embeds_from_layers(self, x):
+        """The vision tower's last layer's output -> image embeddings [B, latent_query_num, D]."""
+        return self.project_image_tokens(self.vision_model.output(x))
+
+    def embed_text(self, input_ids, position_ids, image_embeds=None, image_embeds_position_mask=None):
+        """Token ids -> the decoder's first layer's input."""
+        return self.text_model.embed(input_ids, position_ids, image_embeds, image_embeds_position_mask)
+
+    def lm_logits(self, x):
+        """The decoder's last layer's output -> logits (final LayerNorm, tied LM head)."""
+        return self.text_model.logits(x)
 
 
 def init_cache(model: Kosmos2, batch_size: int, max_length: int):

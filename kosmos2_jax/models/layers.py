@@ -2,7 +2,7 @@
 
 Every parameter carries logical axis names (`embed`, `heads`, `mlp`, `vocab`, `norm`, ...) and
 activations carry logical constraints (`act_batch`, `act_len`, `act_embed`, `act_heads`, ...);
-`kosmos2_jax.train.sharding` maps both to a device mesh.
+`kosmos2_jax.models.sharding` maps both to a device mesh.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from kosmos2_jax.models.partitioning import spec_for
+from kosmos2_jax.models.sharding import spec_for
 from kosmos2_jax.utils.errors import UsageError
 
 Dtype = Any

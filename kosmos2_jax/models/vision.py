@@ -58,37 +58,57 @@ class VisionBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values [B, H, W, C] -> post-LayerNormed tokens [B, 1 + patches, hidden]."""
+    """pixel_values [B, H, W, C] -> post-LayerNormed tokens [B, 1 + patches, hidden].
+
+    `embed` (the first layer's input) and `output` (the post-LayerNorm) are the forward's own first
+    and last stages, also called alone by generation's per-layer mode."""
 
     config: Kosmos2Config
 
-    @nn.compact
-    def __call__(self, pixel_values, interpolate_pos_encoding: bool = False, deterministic: bool = True):
-        c, dt, pdt = self.config.vision, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype)
+    def setup(self):
+        c, pdt = self.config.vision, jnp.dtype(self.config.param_dtype)
+        self.patch_embedding = patch_embedding(self.config)
+        self.class_embedding = self.param(
+            "class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (c.hidden_size,), pdt)
+        self.position_embedding = self.param(
+            "position_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("positions", "embed")),
+            (c.num_patches + 1, c.hidden_size), pdt)
+        self.pre_layrnorm = vision_layer_norm(self.config)
+        self.post_layernorm = vision_layer_norm(self.config)
+
+    def embed(self, pixel_values, interpolate_pos_encoding: bool = False):
+        """Pixels [B, H, W, C] -> the first layer's input: patches, class token, positions, pre-LayerNorm."""
+        c, dt = self.config.vision, jnp.dtype(self.config.dtype)
         b, height, width, _ = pixel_values.shape
         if not interpolate_pos_encoding and (height != c.image_size or width != c.image_size):
             raise UsageError(f"input image size ({height}x{width}) doesn't match the model ({c.image_size}x"
                              f"{c.image_size}); pass interpolate_pos_encoding=True to interpolate positions")
-        patches = patch_embedding(self.config, name="patch_embedding")(pixel_values.astype(dt))
+        patches = self.patch_embedding(pixel_values.astype(dt))
         grid_h, grid_w = patches.shape[1:3]
         patches = patches.reshape(b, grid_h * grid_w, c.hidden_size)
-        cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                         (c.hidden_size,), pdt)
-        pos = self.param("position_embedding",
-                         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("positions", "embed")),
-                         (c.num_patches + 1, c.hidden_size), pdt)
+        pos = self.position_embedding
         side = c.image_size // c.patch_size
         if interpolate_pos_encoding and (grid_h, grid_w) != (side, side):
             grid = pos[1:].reshape(side, side, c.hidden_size)
             grid = jnp.einsum("ys,xt,std->yxd", bicubic_matrix(side, grid_h).astype(np.float32),
                               bicubic_matrix(side, grid_w).astype(np.float32), grid)
             pos = jnp.concatenate([pos[:1], grid.reshape(grid_h * grid_w, c.hidden_size)], axis=0)
-        x = constrain(with_class_and_positions(self.config, patches, cls, pos), ("act_batch", "act_len", "act_embed"))
-        x = vision_layer_norm(self.config, name="pre_layrnorm")(x)
-        x, _ = stack_layers(VisionBlock, c.num_hidden_layers, self.config.remat_policy, self.config.scan_layers,
-                            "encoder", frozen=self.config.frozen_vision_layers, owner=self, config=self.config,
-                            deterministic=deterministic)(x, ())
-        return vision_layer_norm(self.config, name="post_layernorm")(x)
+        x = constrain(with_class_and_positions(self.config, patches, self.class_embedding, pos),
+                      ("act_batch", "act_len", "act_embed"))
+        return self.pre_layrnorm(x)
+
+    def output(self, x):
+        """The last layer's output -> the tower's output tokens (the post-LayerNorm)."""
+        return self.post_layernorm(x)
+
+    @nn.compact
+    def __call__(self, pixel_values, interpolate_pos_encoding: bool = False, deterministic: bool = True):
+        x = self.embed(pixel_values, interpolate_pos_encoding)
+        x, _ = stack_layers(VisionBlock, self.config.vision.num_hidden_layers, self.config.remat_policy,
+                            self.config.scan_layers, "encoder", frozen=self.config.frozen_vision_layers, owner=self,
+                            config=self.config, deterministic=deterministic)(x, ())
+        return self.output(x)
 
 
 def patch_embedding(config: Kosmos2Config, name: str | None = None) -> nn.Conv:
@@ -109,23 +129,3 @@ def with_class_and_positions(config: Kosmos2Config, patches, class_embedding, po
 def vision_layer_norm(config: Kosmos2Config, name: str | None = None) -> nn.LayerNorm:
     return layer_norm(config.vision.layer_norm_eps, dtype=jnp.dtype(config.dtype),
                       param_dtype=jnp.dtype(config.param_dtype), name=name)
-
-
-# --- the encoder one stage at a time (generation drives its layers from Python) ------------------
-# `vision_params` is the `vision_model` subtree; a block's params are one layer's
-# (`encoder/layer_{i}`, or one slice of the scanned `encoder/layer` stack).
-def embed_images(config: Kosmos2Config, vision_params, pixel_values):
-    """`VisionEncoder`'s input to its first layer, for images of the model's size."""
-    p = nn.unbox(vision_params)
-    patches = patch_embedding(config).apply({"params": p["patch_embedding"]}, pixel_values.astype(config.dtype))
-    patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
-    x = with_class_and_positions(config, patches, p["class_embedding"], p["position_embedding"])
-    return vision_layer_norm(config).apply({"params": p["pre_layrnorm"]}, x)
-
-
-def vision_block_step(config: Kosmos2Config, block_params, x):
-    return VisionBlock(config).apply({"params": nn.unbox(block_params)}, x)
-
-
-def vision_output(config: Kosmos2Config, vision_params, x):
-    return vision_layer_norm(config).apply({"params": nn.unbox(vision_params["post_layernorm"])}, x)

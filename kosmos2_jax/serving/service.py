@@ -29,7 +29,7 @@ from PIL import Image
 
 from kosmos2_jax.format import boxes as box_rules
 from kosmos2_jax import weights
-from kosmos2_jax.inference.generate import bucket_length, generate, prepare
+from kosmos2_jax.inference.generate import bucket_length, generate, prepare, shard_params
 from kosmos2_jax.format.grounding import entity_records
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.format.processor import Kosmos2Processor, processor_for
@@ -197,18 +197,21 @@ class Service:
     """A model, its tokenizer and processor, and the batching rules above."""
 
     def __init__(self, model: Kosmos2, params, processor: Kosmos2Processor, name: str,
-                 batch_sizes: Sequence[int] = (1, 8), decode_mode: str = "auto", tokens_per_call: int = 32):
+                 batch_sizes: Sequence[int] = (1, 8), decode_mode: str = "auto", tokens_per_call: int = 32,
+                 mesh=None):
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 1:
             raise UsageError(f"batch sizes must be integers >= 1, got {list(batch_sizes)}")
+        if mesh is not None:  # decode sharded over the mesh's devices
+            params = shard_params(model, params, mesh)
         self.model, self.params, self.processor, self.name = model, params, processor, name
         self.batch_sizes = tuple(sizes)
-        self.decode_options = dict(decode_mode=decode_mode, tokens_per_call=tokens_per_call)
+        self.decode_options = dict(decode_mode=decode_mode, tokens_per_call=tokens_per_call, mesh=mesh)
         self._lock = threading.Lock()  # one generate call at a time (the device is shared)
 
     @classmethod
     def load(cls, checkpoint: str, tokenizer: str, batch_sizes: Sequence[int] = (1, 8), **decode_options) -> "Service":
-        """`decode_options`: generate's `decode_mode` and `tokens_per_call`."""
+        """`decode_options`: generate's `decode_mode`, `tokens_per_call` and `mesh`."""
         model, params = weights.load_model(checkpoint, **weights.DECODING)
         processor = processor_for(tokenizer, model)
         return cls(model, params, processor, os.path.normpath(checkpoint), batch_sizes, **decode_options)

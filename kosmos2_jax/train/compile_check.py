@@ -25,7 +25,7 @@ import numpy as np
 import flax.linen as nn
 from flax import traverse_util
 
-from kosmos2_jax.train import sharding
+from kosmos2_jax.models import sharding
 from kosmos2_jax.train.flops import train_flops
 from kosmos2_jax.utils.errors import UsageError
 from kosmos2_jax.utils.tpu import topology_devices

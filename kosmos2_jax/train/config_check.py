@@ -179,7 +179,7 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
         _check_eval(name, evals[name])
     rules = _get(cfg, "mesh.rules")
     if rules is not _MISSING:
-        from kosmos2_jax.train.sharding import rules_from_text
+        from kosmos2_jax.models.sharding import rules_from_text
 
         _parses(rules_from_text, rules, f"config.mesh.rules={rules!r}: ")
     tokenizer = _get(cfg, "tokenizer")

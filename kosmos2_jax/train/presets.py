@@ -174,7 +174,7 @@ def base() -> ml_collections.ConfigDict:
     # console and TensorBoard's eval/NAME/METRIC).
     c.evals = ml_collections.ConfigDict(dict(grounding=evaluation("refcocog", split="val")))
     # (data, fsdp, tensor) mesh sizes, -1 = the remaining devices; `rules`: extra logical-axis rules
-    # over train/sharding.py's DEFAULT_RULES, as "logical=mesh_axis" items ("embed=fsdp,mlp=tensor";
+    # over models/sharding.py's DEFAULT_RULES, as "logical=mesh_axis" items ("embed=fsdp,mlp=tensor";
     # "none" for replicated)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=""))
     return c

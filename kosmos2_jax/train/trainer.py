@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kosmos2_jax.models import Kosmos2
-from kosmos2_jax.train import image_slots, sharding
+from kosmos2_jax.models import sharding
+from kosmos2_jax.train import image_slots
 from kosmos2_jax.train.init import structured_init
 from kosmos2_jax.train.loss import location_kernel
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask

@@ -251,6 +251,13 @@ def add_decode_mode_flags(parser: argparse.ArgumentParser) -> None:
                         help="--decode_mode fused: decoding steps one dispatch runs at most")
 
 
+def add_mesh_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", default="",
+                        help="decode sharded over this process's devices, as AXIS=SIZE items over the training "
+                             "mesh's axes (data, fsdp, tensor; -1 = the rest), e.g. tensor=4: heads, MLP and "
+                             "vocabulary split over 4 chips (the fused decoding mode); empty: one device")
+
+
 def use_compilation_cache(folder: str | None) -> None:
     """Keep the XLA executables a command compiles in `folder` (None or "": off). Every program is
     kept, not only those over JAX's default of one second (a generation bucket compiles in less).

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from kosmos2_jax.models import Kosmos2, Kosmos2Config
+from kosmos2_jax.models import Kosmos2, Kosmos2Config, sharding
 from kosmos2_jax.utils.errors import UsageError
 
 _ALIGN = 64  # XLA:CPU uses a host buffer in place when it is aligned to this
@@ -40,17 +40,7 @@ _READERS = 4  # chunk reads in flight; reads release the GIL
 
 def abstract_params(model: Kosmos2) -> dict:
     """Shapes/dtypes of the params tree, without allocating it."""
-    return jax.tree_util.tree_map(lambda s: s, _abstract_params(model))  # a fresh tree for the caller
-
-
-@functools.lru_cache(maxsize=8)  # tracing the released model's init takes a second or more
-def _abstract_params(model: Kosmos2) -> dict:
-    c = model.config
-    pix = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), np.float32)
-    ids = jax.ShapeDtypeStruct((1, c.latent_query_num + 2), np.int32)
-    mask = jax.ShapeDtypeStruct((1, c.latent_query_num + 2), np.int32)
-    shapes = jax.eval_shape(lambda p, i, m: model.init(jax.random.PRNGKey(0), p, i, None, m), pix, ids, mask)
-    return nn.unbox(shapes["params"])
+    return nn.unbox(sharding.logical_params(model))  # a fresh tree for the caller
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:

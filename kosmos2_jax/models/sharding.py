@@ -8,6 +8,7 @@ A dimension that a mesh axis does not divide stays replicated (e.g. the 65037-to
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -17,7 +18,6 @@ import optax
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kosmos2_jax.models import partitioning
 from kosmos2_jax.utils.errors import UsageError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -75,10 +75,47 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any]
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def mesh_from_text(text: str, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh from "AXIS=SIZE" items joined by commas ("tensor=4", "fsdp=2,tensor=2"; -1 = the
+    remaining devices); an axis not named has size 1."""
+    shape = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        axis, eq, size = (x.strip() for x in item.partition("="))
+        if not eq or axis not in shape or not size.lstrip("-").isdigit() or int(size) == 0 or int(size) < -1:
+            raise UsageError(f"mesh {text!r}: give AXIS=SIZE items with AXIS one of {', '.join(MESH_AXES)} and "
+                             f"SIZE a positive integer or -1, e.g. tensor=4 or fsdp=2,tensor=2")
+        shape[axis] = int(size)
+    return create_mesh(shape, devices)
+
+
+def _mesh_axes_for(logical: str | None, rules: Mapping[str, Any]):
+    if logical is None:
+        return None
+    if logical not in rules:
+        raise ValueError(f"logical axis {logical!r} has no sharding rule; known: {sorted(rules)}")
+    return rules[logical]
+
+
+def local_mesh(text: str) -> Mesh | None:
+    """A command's `--mesh` (`mesh_from_text`) over this process's devices; None for ""."""
+    return mesh_from_text(text, jax.local_devices()) if text else None
+
+
 def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
              rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
-    """`models.partitioning.spec_for` under this table of rules by default."""
-    return partitioning.spec_for(shape, logical_axes, mesh, rules)
+    """Logical axes -> PartitionSpec, keeping a dimension replicated when its mesh axes don't
+    divide it and never using one mesh axis twice."""
+    table, used, out = dict(rules), set(), []
+    for dim, logical in zip(shape, logical_axes):
+        axes = _mesh_axes_for(logical, table)
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
 
 
 def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
@@ -92,6 +129,21 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]
             return NamedSharding(mesh, spec_for(value.shape, leaf.names, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
     return jax.tree_util.tree_map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def logical_params(model) -> dict:
+    """Shapes/dtypes of `model`'s params with each leaf's logical axis names (`nn.LogicallyPartitioned`
+    leaves, for `tree_shardings`), without allocating them (traced once per model)."""
+    return jax.tree_util.tree_map(lambda s: s, _logical_params(model),
+                                  is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+@functools.lru_cache(maxsize=8)  # tracing the released model's init takes a second or more
+def _logical_params(model) -> dict:
+    c = model.config
+    pix = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), np.float32)
+    ids = jax.ShapeDtypeStruct((1, c.latent_query_num + 2), np.int32)
+    return jax.eval_shape(lambda p, i: model.init(jax.random.PRNGKey(0), p, i, None, i), pix, ids)["params"]
 
 
 def logical_axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
