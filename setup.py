@@ -35,6 +35,8 @@ setup(
         "serve": SERVE,
         # Caption metrics (CIDEr, BLEU, METEOR) for the evaluation tasks.
         "eval": ["pycocoevalcap"],
+        # `python -m kosmos2_jax.ablate`'s curves_*.png (the tables need nothing)
+        "plots": ["matplotlib"],
         # `train --compile_only --topology v5p-128`: libtpu describes TPU slices (no TPU needed);
         # this is the libtpu of jax 0.10.2
         "tpu_check": ["libtpu==0.0.42.1"],
@@ -52,6 +54,7 @@ setup(
             "sentencepiece==0.2.0",
             "safetensors",
             "pycocoevalcap",
+            "matplotlib",
             # describes TPU slices without a TPU, for the compile-only check (the version for jax 0.10.2)
             "libtpu==0.0.42.1",
             *GRIT,

@@ -2,7 +2,8 @@
 weights, same run.
 
     .venv/bin/python benchmarks/generate.py [--config mid|narrow_deep|full|tiny] [--modes layerwise,fused]
-        [--tokens_per_call 32] [--new_tokens 64] [--batches 1,8] [--hf_device cpu|cuda|auto]
+        [--tokens_per_call 32] [--new_tokens 64] [--batches 1,8] [--layers unrolled|scanned]
+        [--hf_device cpu|cuda|auto]
 
 `mid`: the mid-size config of benchmarks/forward.py (6 layers of width 512, 224 px images);
 `full`: the released 1.6B architecture (random weights); `tiny`: a seconds-scale smoke run.
@@ -53,6 +54,9 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--layers", default="unrolled", choices=("unrolled", "scanned"),
+                        help="the decoder's params: one array per layer (how predict, evaluate and serve load "
+                             "them, weights.DECODING) or stacked for nn.scan (how training keeps them)")
     parser.add_argument("--hf_device", default="cpu", help="torch device for HF: cpu, cuda, or auto (cuda when "
                                                           "torch sees a GPU)")
     args = parser.parse_args()
@@ -61,7 +65,7 @@ def main():
     modes = args.modes.split(",")
     hf_device = ("cuda" if torch.cuda.is_available() else "cpu") if args.hf_device == "auto" else args.hf_device
     hf = hf_model(vision, text, 64)
-    model = Kosmos2(weights.config_from_hf(hf.config.to_dict()))
+    model = Kosmos2(weights.config_from_hf(hf.config.to_dict(), scan_layers=args.layers == "scanned"))
     params = weights.to_device(weights.params_from_hf(hf.state_dict(), model.config))
     hf = hf.to(hf_device)
     rows = []
@@ -100,7 +104,7 @@ def main():
             times = times[1:] if hf_device != "cpu" else times
             assert ref.shape[1] == ids.shape[1] + args.new_tokens
         rows.append((batch, ours, compiles, new / min(times)))
-    print(f"greedy, {args.config}, {args.new_tokens} new tokens, prompt = 64 image slots + 16 text tokens, "
+    print(f"greedy, {args.config} ({args.layers} layers), {args.new_tokens} new tokens, prompt = 64 image slots + 16 text tokens, "
           f"fused: {args.tokens_per_call} tokens per call; ours on {jax.devices()[0].device_kind}, HF on {hf_device}; "
           f"{os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__}")
     print("| batch | " + " | ".join(f"{m} tok/s (compile s) | {m} / HF" for m in modes) + " | HF tok/s |")

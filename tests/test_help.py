@@ -8,7 +8,7 @@ import pytest
 
 from kosmos2_jax.utils import cli
 
-COMMANDS = ["convert", "data.build", "data.synthetic", "evaluate", "evaluation.language_data", "export",
+COMMANDS = ["ablate", "convert", "data.build", "data.synthetic", "evaluate", "evaluation.language_data", "export",
             "grit.build", "predict", "serve", "tokenizer"]
 
 

@@ -19,7 +19,7 @@ ALLOWED = {
     "serving": {"format", "inference", "models", "weights", "utils"},
     "train": {"data", "evaluation", "format", "inference", "models", "weights", "utils"},
 }
-TOP_LEVEL_COMMANDS = {"convert", "evaluate", "export", "predict", "serve", "tokenizer"}
+TOP_LEVEL_COMMANDS = {"ablate", "convert", "evaluate", "export", "predict", "serve", "tokenizer"}
 # `python -m kosmos2_jax.X` inside an area
 AREA_COMMANDS = {"train.__main__", "data.build", "data.synthetic", "grit.build", "evaluation.language_data"}
 COMMANDS = {f"kosmos2_jax.{c}" for c in TOP_LEVEL_COMMANDS | AREA_COMMANDS}

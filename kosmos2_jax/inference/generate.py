@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import inspect
-import os
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
@@ -30,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import serialize_executable
 from jax.sharding import Mesh
 
 from kosmos2_jax.models import Kosmos2, init_cache, sharding
@@ -510,47 +506,25 @@ def _signature(tree) -> tuple:
     return treedef, tuple((tuple(x.shape), np.dtype(x.dtype), getattr(x, "sharding", None)) for x in leaves)
 
 
-_xla_cache_hits = [0]  # persistent-cache hits in this process (any thread)
-
-
-def _count_xla_cache_hit(event: str, **_) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _xla_cache_hits[0] += 1
-
-
-jax.monitoring.register_event_listener(_count_xla_cache_hit)
-
-
 @functools.lru_cache(maxsize=64)
 def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int, with_image: bool,
                 pixels_shape: tuple, rng_spec: tuple, params_signature: tuple, mesh: Mesh | None = None):
-    """The compiled generation program for these shapes: from the executable cache (no tracing),
-    else traced and compiled (XLA's persistent cache may still hold the compilation). On a `mesh`
-    the accelerator mode's jitted programs, compiled at their first call for the shardings XLA
-    gives the KV cache and the decoding state."""
+    """The compiled generation program for these shapes: traced, then compiled or taken from JAX's
+    persistent compilation cache (`cli.use_compilation_cache`). On a `mesh` the accelerator mode's
+    jitted programs, compiled at their first call for the shardings XLA gives the KV cache and the
+    decoding state."""
     if mesh is not None:
         return _FusedProgram(_compiled_fused(model, settings, batch, prompt_len, with_image, mesh),
                              settings.max_new_tokens, settings.num_beams, settings.tokens_per_call)
     if settings.decode_mode == "fused":
         return _fused_executable(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
                                  params_signature)
-    stored = _stored_executable_path(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
-                                     params_signature)
-    make = lambda parts: _Program(parts, settings.max_new_tokens, settings.num_beams, with_image)
-    if stored and os.path.isfile(stored):
-        try:
-            with open(stored, "rb") as f:
-                return make({name: serialize_executable.deserialize_and_load(*part)
-                                for name, part in pickle.load(f).items()})
-        except Exception:  # a damaged or foreign entry: compile afresh
-            pass
     treedef, specs = params_signature
     params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=place)
                                                     for shape, dtype, place in specs])
     functions = _compiled(model, settings, batch, prompt_len, with_image)
     ids, index = jax.ShapeDtypeStruct((batch, prompt_len), np.int32), jax.ShapeDtypeStruct((), np.int32)
     block = _layers(model, params)[0][0]
-    hits = _xla_cache_hits[0]
     with ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL: each program while the next is traced
         compiling = {}
 
@@ -569,19 +543,8 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
         _, x, bias, _, rows = lower("choose", params, logits, carry, index, index)
         lower("layer", block, index, cache, x, bias, rows)
         lower("logits", params, x)
-        program = make({name: job.result() for name, job in compiling.items()})
-    # XLA:CPU re-serializes an executable that XLA's persistent cache loaded without its machine
-    # code: stored, it would fail in the next process ("Function ... not found"). Keep only fresh ones.
-    if stored and _xla_cache_hits[0] == hits:
-        try:
-            blob = pickle.dumps({name: serialize_executable.serialize(part) for name, part in program.parts.items()})
-            os.makedirs(os.path.dirname(stored), exist_ok=True)
-            with open(f"{stored}.{os.getpid()}.tmp", "wb") as f:
-                f.write(blob)
-            os.replace(f"{stored}.{os.getpid()}.tmp", stored)
-        except Exception:  # not serializable here: the XLA cache still helps
-            pass
-    return program
+        return _Program({name: job.result() for name, job in compiling.items()}, settings.max_new_tokens,
+                        settings.num_beams, with_image)
 
 
 def lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec, sharding=None):
@@ -606,30 +569,6 @@ def _fused_executable(model, settings, batch, prompt_len, with_image, pixels_sha
         parts = {name: job.result() for name, job in
                  [("prefill_all", pool.submit(prefill.compile)), ("decode", pool.submit(decode.compile))]}
     return _FusedProgram(parts, settings.max_new_tokens, settings.num_beams, settings.tokens_per_call)
-
-
-@functools.lru_cache(maxsize=1)
-def _code_fingerprint() -> str:
-    """The model and generation code an executable was traced from."""
-    digest = hashlib.sha256()
-    models = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
-    for path in sorted(os.path.join(models, n) for n in os.listdir(models) if n.endswith(".py")) + [__file__]:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()
-
-
-def _stored_executable_path(*key) -> str | None:
-    """Where the compiled program for `key` is kept: under the persistent compilation cache
-    (`cli.use_compilation_cache`), keyed by everything it was compiled from. Single-device
-    programs only (a stored multi-device program would not check where it runs)."""
-    folder = jax.config.jax_compilation_cache_dir
-    if not folder or not jax.config.jax_enable_compilation_cache or jax.device_count() != 1:
-        return None
-    device = jax.devices()[0]
-    text = repr((key, jax.__version__, device.platform, device.device_kind, device.client.platform_version,
-                 os.environ.get("XLA_FLAGS", ""), _code_fingerprint()))
-    return os.path.join(folder, "kosmos2_generate", hashlib.sha256(text.encode()).hexdigest() + ".pkl")
 
 
 def check_inputs_fit(config, ids: np.ndarray, inputs: Mapping[str, np.ndarray]) -> None:

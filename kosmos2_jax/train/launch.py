@@ -75,28 +75,42 @@ def main(argv, run=None, train_step=None):
 def parse_flags(argv):
     """absl's flag parsing, with a bad `--config.KEY=VALUE` (an unknown key, a value of the wrong
     type) as one line instead of a traceback."""
-    missing = [value for value in _config_values(argv) if not os.path.isfile(value.split(":")[0])]
-    if missing:
-        print(f"error: --config {missing[0]}: no such file {missing[0].split(':')[0]!r} (the configs: "
-              "experiments/*.py, or your own file defining get_config)", file=sys.stderr)
+    try:
+        check_config_files(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
         return FLAGS(argv)
-    except flags.Error as e:
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: {flag_error_message(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_config_files(argv) -> None:
+    """A UsageError naming a `--config FILE[:ARG]` whose file does not exist."""
+    missing = [value for value in _config_values(argv) if not os.path.isfile(value.split(":")[0])]
+    if missing:
+        raise UsageError(f"--config {missing[0]}: no such file {missing[0].split(':')[0]!r} (the configs: "
+                         "experiments/*.py, or your own file defining get_config)")
+
+
+def flag_error_message(e: Exception, argv) -> str:
+    """absl's or ml_collections' error for a bad `--config...` flag as one line naming the flag."""
+    if isinstance(e, flags.Error):
         message = str(e)
         if "Traceback (most recent call last)" in message:  # an error inside get_config: its last line
             last = message.strip().splitlines()[-1]
             message = f"{message.split(': Error whilst')[0]}: {last.split(': ', 1)[-1] if 'Error: ' in last else last}"
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    else:
         message = str(e.args[0] if e.args else e)
         if message.startswith(("'", '"')):  # ml_collections wraps a KeyError's repr
             message = message.strip("'\"").replace("\\'", "'").replace("\\n", " ")
             key = message.split("'")[1] if message.count("'") >= 2 else ""
             bad = [a for a in argv if key and a.startswith("--config.") and key in a.split("=")[0]]
             message = f"{bad[0].split('=')[0]}: no such key ({message})" if bad else message
-    print(f"error: bad flag: {' '.join(message.split())} (list the config's keys with --config FILE --print_config)",
-          file=sys.stderr)
-    sys.exit(2)
+    return (f"bad flag: {' '.join(message.split())} (list the config's keys with --config FILE "
+            "--print_config)")
 
 
 def _config_values(argv):

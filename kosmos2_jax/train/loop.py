@@ -30,6 +30,7 @@ from kosmos2_jax import weights
 from kosmos2_jax.utils import multihost
 from kosmos2_jax.train import config_check
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
+from kosmos2_jax.train.metrics_log import MetricsLog
 from kosmos2_jax.format.images import normalize_pixels
 from kosmos2_jax.train.loss import chunked_lm_head_loss, cross_entropy
 from kosmos2_jax.train.optim import lr_multipliers
@@ -418,15 +419,17 @@ def extra_metrics(metrics: dict) -> dict:
 
 
 class Log:
-    """The console line every `train.log_every` steps and the TensorBoard scalars (process 0)."""
+    """The console line every `train.log_every` steps, the TensorBoard scalars and WORKDIR/metrics.jsonl
+    (process 0; `train/metrics_log.py`)."""
 
-    def __init__(self, workdir: str, primary: bool):
+    def __init__(self, workdir: str, primary: bool, start: int = 0):
         self.say = (lambda text: print(text, flush=True)) if primary else (lambda text: None)
-        self.writer = None
+        self.writer = self.metrics = None
         if primary:
             from flax.metrics import tensorboard
 
             self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
+            self.metrics = MetricsLog(workdir, start)
         self.history, self.last, self.sources = [], {}, ()
         self.step_s = None  # a step's time without compiling (StepTimer's), once measured
         self._reset()
@@ -441,6 +444,7 @@ class Log:
             for k, v in values.items():
                 if k != "step":
                     self.writer.scalar(f"{prefix}/{k}", v, step)
+            self.metrics.write(prefix, values, step)
 
     def step(self, batch, trainer: Trainer):
         self.steps += 1
@@ -546,7 +550,7 @@ def run(cfg, workdir: str) -> dict:
     val_batches = validation()
 
     # the loop
-    log, preemption = Log(workdir, primary), Preemption()
+    log, preemption = Log(workdir, primary, start), Preemption()
     total, stopped = cfg.train.steps, False
     timer = StepTimer()
     profile = Profile(cfg.train.profile_start, cfg.train.profile_steps, workdir, start, total)
