@@ -7,24 +7,22 @@ for another machine's arithmetic (XLA:CPU picks other kernels on other CPUs).
     make demo-data DEMO_DATA=workdir/demo_data48 SHAPES_NUM_TRAIN=48000    # another dataset size, then
     .venv/bin/python benchmarks/demo_robustness.py --seeds 0 --data workdir/demo_data48
 
-Each run: `python -m kosmos2_jax.train --config experiments/shapes_tiny.py --config.seed=S` (its
-log written to WORKDIR/seed_S.train.log as it runs), then `python -m kosmos2_jax.evaluate --task
-shapes` on the held-out `refexp` test split, as `make demo` does. Prints one row per seed
+The seeds are one `python -m kosmos2_jax.ablate` grid (`train/ablation.py`): each run is `python
+-m kosmos2_jax.train --config experiments/shapes_tiny.py --config.seed=S` in WORKDIR/baseline/seed_S
+(its log in train.log there as it runs), then `python -m kosmos2_jax.evaluate --task shapes` on the
+held-out `refexp` test split, as `make demo` does; `ablate table WORKDIR` tabulates the same runs
+(losses, step time). Prints one row per seed
 (accuracy, train and eval wall time, grounding accuracy at each periodic evaluation) and the
 median. `--parallel N` runs N seeds at once (their times then share the cores: compare times only
 between runs made the same way).
 """
 
 import argparse
-import concurrent.futures
 import json
 import os
 import pathlib
-import re
 import statistics
-import subprocess
 import sys
-import time
 
 from kosmos2_jax.train import presets
 
@@ -33,29 +31,31 @@ DATA = REPO / presets.DEMO_DATA
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def run_seed(seed: int, workdir: pathlib.Path, overrides=(), data: pathlib.Path = DATA) -> dict:
-    run, log = workdir / f"seed_{seed}", workdir / f"seed_{seed}.train.log"
+def run_seeds(seeds, workdir: pathlib.Path, overrides=(), data: pathlib.Path = DATA, parallel: int = 1) -> list[dict]:
+    """The seeds as one `kosmos2_jax.ablate` grid (the recipe, no sweep), each run evaluated on the
+    held-out test split as `make demo` does; -> a row per seed."""
+    from kosmos2_jax.train import ablation, metrics_log
+
     demo = presets.demo_data(data)
-    start = time.time()
-    with open(log, "w") as out:  # written as it runs: `tail -f` it to follow a run
-        train = subprocess.run([sys.executable, "-m", "kosmos2_jax.train", "--config",
-                                f"experiments/shapes_tiny.py:data={data}", "--workdir", str(run), f"--config.seed={seed}",
-                                *overrides], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
-    if train.returncode:
-        raise SystemExit(f"seed {seed}: training failed (see {log})")
-    trained = time.time()
-    evaluated = subprocess.run([sys.executable, "-m", "kosmos2_jax.evaluate", "--task", "shapes", "--checkpoint",
-                                str(run / "export"), "--tokenizer", demo["tokenizer"],
-                                "--data_dir", demo["refexp"], "--split", "test",
-                                "--out", str(run / "eval" / "results.json"), "--overwrite"],
-                               capture_output=True, text=True, cwd=REPO, env=ENV)
-    if evaluated.returncode:
-        raise SystemExit(f"seed {seed}: evaluation failed: {evaluated.stderr[-2000:]}")
-    result = json.loads((run / "eval" / "results.json").read_text())
-    curve = [(int(m.group(1)), float(m.group(2))) for m in
-             re.finditer(r"step (\d+) eval grounding: accuracy ([\d.]+)", log.read_text())]
-    return {"seed": seed, "accuracy": result["accuracy"], "scored": result["scored"], "curve": curve,
-            "train_s": trained - start, "eval_s": time.time() - trained}
+    fixed = []
+    for flag in overrides:
+        key, _, value = flag.removeprefix("--config.").partition("=")
+        fixed.append((key, value))
+    plan = ablation.make_plan(f"experiments/shapes_tiny.py:data={data}", seeds=seeds, fixed=fixed)
+    runs = ablation.check_plan(plan)
+    ablation.record_plan(plan, str(workdir), runs)
+    ablation.run_plan(plan, str(workdir), runs, parallel, [f"shapes --data_dir {demo['refexp']} --split test"],
+                      env=ENV)
+    rows = []
+    for run in runs:
+        folder = workdir / run.name
+        result = json.loads((folder / "eval" / "shapes.json").read_text())
+        record = json.loads((folder / ablation.RUN_FILE).read_text())
+        curve = [(r["step"], r["accuracy"]) for r in metrics_log.read(str(folder)) if r["kind"] == "eval/grounding"]
+        rows.append({"seed": run.seed, "accuracy": result["accuracy"], "scored": result["scored"], "curve": curve,
+                     "train_s": record.get("train_s", float("nan")), "eval_s": record.get("eval_s", float("nan")),
+                     "log": folder / "train.log"})
+    return rows
 
 
 def last_third_spread(curve, steps: int) -> float:
@@ -80,7 +80,9 @@ def cpu_model() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workdir", default=str(REPO / "workdir" / "robustness"), help="runs go to WORKDIR/seed_S")
+    p.add_argument("--workdir", default=str(REPO / "workdir" / "robustness"),
+                   help="an ablation folder: runs go to WORKDIR/baseline/seed_S (a finished seed is kept, a killed "
+                        "one resumes)")
     p.add_argument("--parallel", type=int, default=1, help="seeds trained at once")
     p.add_argument("--override", action="append", default=[],
                    help="a train flag for every run, e.g. --override=--config.train.steps=50 (a quick check)")
@@ -94,14 +96,8 @@ def main(argv=None) -> int:
         make = "make demo-data" + ("" if data == DATA.resolve() else f" DEMO_DATA={data}")
         print(f"error: the demo data is not in {data}: run `{make}` first", file=sys.stderr)
         return 2
-    workdir = pathlib.Path(args.workdir)
-    existing = [s for s in args.seeds if (workdir / f"seed_{s}").exists()]
-    if existing:
-        print(f"error: {workdir} already holds runs of seeds {existing}: give another --workdir", file=sys.stderr)
-        return 2
-    workdir.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ThreadPoolExecutor(max(args.parallel, 1)) as pool:
-        rows = list(pool.map(lambda s: run_seed(s, workdir, args.override, data), args.seeds))
+    os.chdir(REPO)  # the config path is the repository's
+    rows = run_seeds(args.seeds, pathlib.Path(args.workdir).resolve(), args.override, data, args.parallel)
     steps = max((step for r in rows for step, _ in r["curve"]), default=0)
     print(f"machine: {cpu_model()}")
     print("| seed | first-box accuracy (%) | items | train | eval | grounding accuracy during training (step: %) "

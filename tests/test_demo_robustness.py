@@ -23,7 +23,7 @@ def test_last_third_spread():
     assert math.isnan(demo_robustness.last_third_spread([(100, 5.0)], 2000))  # no evaluation in the last third
 
 
-def test_refuses_missing_data_and_existing_runs(tmp_path, capsys):
+def test_refuses_missing_data(tmp_path, capsys):
     assert demo_robustness.main(["--data", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]) == 2
     assert f"the demo data is not in {tmp_path / 'none'}: run `make demo-data DEMO_DATA=" in capsys.readouterr().err
     data = tmp_path / "data"
@@ -35,10 +35,6 @@ def test_refuses_missing_data_and_existing_runs(tmp_path, capsys):
             (data / "tfds" / "shapes" / config / "1.0.0" / "dataset_info.json").touch()
     assert demo_robustness.main(["--data", str(data), "--workdir", str(tmp_path / "w")]) == 2
     assert "the demo data is not in" in capsys.readouterr().err
-    (data / "tfds" / "shapes" / "refexp" / "1.0.0" / "dataset_info.json").touch()
-    (tmp_path / "w" / "seed_1").mkdir(parents=True)
-    assert demo_robustness.main(["--data", str(data), "--workdir", str(tmp_path / "w"), "--seeds", "0", "1"]) == 2
-    assert "already holds runs of seeds [1]" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(subprocess.run(["make", "--version"], capture_output=True).returncode != 0,
@@ -66,8 +62,16 @@ def test_two_seeds_on_a_tiny_build(tmp_path):
         assert 0 <= float(cells[1]) <= 100 and int(cells[2]) > 0, row
         assert re.fullmatch(r"2: [\d.]+, 4: [\d.]+", cells[5]), row
     assert re.search(r"median [\d.]+%, min [\d.]+%, max [\d.]+% over 2 seeds \(parallel=2\)", out.stdout), out.stdout
-    # each run's training log, written as it ran, and its evaluation, from the data given
+    # each run's training log, written as it ran, and its evaluation, from the data given: an
+    # ablation's runs, which `ablate table` tabulates
     for seed in (0, 1):
-        log = (tmp_path / "runs" / f"seed_{seed}.train.log").read_text()
+        log = (tmp_path / "runs" / "baseline" / f"seed_{seed}" / "train.log").read_text()
         assert f"training records (train of {data}" in log and "step 4 eval grounding" in log, log
-        assert (tmp_path / "runs" / f"seed_{seed}" / "eval" / "results.json").is_file()
+        assert (tmp_path / "runs" / "baseline" / f"seed_{seed}" / "eval" / "shapes.json").is_file()
+    again = subprocess.run([sys.executable, str(SCRIPT), "--seeds", "0", "1", "--data", str(data), "--workdir",
+                            str(tmp_path / "runs"), *[f"--override={f}" for f in flags]],
+                           cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 2, again.stdout[-3000:]
+    table = subprocess.run([sys.executable, "-m", "kosmos2_jax.ablate", "table", str(tmp_path / "runs"), "--no_plots"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert table.returncode == 0 and "| baseline | 2 |" in table.stdout, table.stdout + table.stderr

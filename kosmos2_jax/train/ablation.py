@@ -230,10 +230,12 @@ def run_plan(plan: dict, root: str, runs: Sequence[Run], parallel: int = 1, eval
                                   env=env).returncode
         if code:
             raise UsageError(f"{run.name}: train exited with {code}: see {log}")
+        trained = time.time()
         for task in evals:
             _evaluate(folder, task, env)
         record = _read_json(os.path.join(folder, RUN_FILE))
-        outputs.write_json(os.path.join(folder, RUN_FILE), dict(record, finished=True), indent=2)
+        outputs.write_json(os.path.join(folder, RUN_FILE),
+                           dict(record, finished=True, train_s=trained - start, eval_s=time.time() - trained), indent=2)
         done[0] += 1
         say(f"[{run.name}] done in {time.time() - start:.0f} s ({done[0]}/{len(runs)} runs finished)")
 
