@@ -3,6 +3,7 @@ libtpu (no TPU here), with the memory verdict and the sharding table."""
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,23 @@ def test_splash_attention_compiles_for_a_tpu_slice(small_spm):
                    "--config.model.text.attention_dropout=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh data=1 fsdp=4 tensor=2" in out.stdout and "compiled in" in out.stdout
+
+
+@needs_libtpu
+def test_two_slices_compile_with_only_the_gradient_all_reduce_crossing(small_spm):
+    """v5p-8 x 2 slices (libtpu describes them: 16 devices, slice_index 0 and 1): data-parallel
+    across the slices, fsdp inside each; what crosses the data-center network is all-reduces only."""
+    config = f"{HERE}/train_tiny_config.py:unused,{small_spm}"
+    out = _compile(config, "--topology", "v5p-8", "--num_slices", "2", "--config.data.pack=True",
+                   "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "16 devices (TPU v5, libtpu v5p:2x2x2 x 2 slices)" in text, text[:2000]
+    assert "mesh data=2 fsdp=8 tensor=1 (data = 2 slices x 1)" in text, text[:2000]
+    crossing = [line for line in text.splitlines() if line.startswith("collectives crossing the 2 slices")]
+    assert len(crossing) == 1 and re.search(r": all-reduce x \d+ \([\d.]+ MiB", crossing[0]), crossing
+    assert "all-gather" not in crossing[0] and "reduce-scatter" not in crossing[0]
+    assert "fits" in text
 
 
 def test_clear_errors(small_spm):

@@ -228,3 +228,38 @@ def test_muon_on_two_processes_equals_one(shapes_tfds, small_spm, tmp_path):
     assert sorted(losses_two) == [1, 2, 3, 4], two[-3000:]
     np.testing.assert_allclose([float(losses_two[s]) for s in range(1, 5)],
                                [float(losses_one[s]) for s in range(1, 5)], atol=1e-5)
+
+
+def test_two_slices_over_the_data_center_network_equal_one_process(shapes_tfds, small_spm, tmp_path):
+    """mesh.dcn_data=2 on 2 processes x 2 devices (each process a slice: fsdp inside it, data
+    across): the losses of 1 process on 4 devices; a SIGTERM saves, the restart finishes, the
+    export equals the one-process run's."""
+    cache = tmp_path / "jax_cache"
+    dcn = ["--config.mesh.dcn_data=2", "--config.mesh.data=1", "--config.mesh.fsdp=2"]
+    one = _finish(_launch(_train(tmp_path / "one", shapes_tfds, small_spm, "--config.data.shards=2"), 1, 4))
+    procs = _launch(_train(tmp_path / "dcn", shapes_tfds, small_spm, *dcn), cache=cache)
+    first = ""
+    for line in procs[0].stdout:
+        first += line
+        if line.startswith("step 5/"):
+            procs[1].send_signal(signal.SIGTERM)
+    rest = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], first[-3000:] + rest[1][-3000:]
+    assert "mesh data=2 fsdp=2 tensor=1" in first and len(_lines(first, "SIGTERM: saved step")) == 1, first[-3000:]
+    second = _finish(_launch(_train(tmp_path / "dcn", shapes_tfds, small_spm, *dcn), cache=cache))
+    assert "resumed from step" in second, second[-3000:]
+    losses = {**_losses(first), **_losses(second)}
+    np.testing.assert_allclose([float(losses[s]) for s in range(1, 13)],
+                               [float(_losses(one)[s]) for s in range(1, 13)], atol=1e-5)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+                           _params(tmp_path / "dcn" / "export"), _params(tmp_path / "one" / "export"))
+    # a dcn_data that the processes do not make is one line naming both counts
+    bad = _finish_failing(_launch(_train(tmp_path / "bad", shapes_tfds, small_spm, "--config.mesh.dcn_data=4",
+                                         "--config.mesh.data=1", "--config.mesh.fsdp=1"), cache=cache))
+    assert "mesh.dcn_data=4" in bad, bad[-2000:]
+
+
+def _finish_failing(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 2 for p in procs), outs[0][-3000:]
+    return outs[0]

@@ -63,16 +63,34 @@ def rules_from_text(text: str, base: Sequence[tuple[str, Any]] = DEFAULT_RULES) 
 
 
 def create_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 (= the remaining devices)."""
+    """A (data, fsdp, tensor) mesh; one size may be -1 (= the remaining devices). `dcn_data` in a
+    mapping (default 1): the data axis also spans that many slices joined by the data-center network
+    (TPU slices by `slice_index`, elsewhere processes), data-parallel across them, so that fsdp's
+    gathers and tensor's collectives stay inside a slice (MaxText's `dcn_data_parallelism`)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+    dcn = int(shape.get("dcn_data", 1)) if isinstance(shape, Mapping) else 1
     if len(sizes) != len(MESH_AXES) or sizes.count(-1) > 1:
         raise UsageError(f"mesh shape {shape} must give {MESH_AXES} with at most one -1")
+    if dcn < 1 or len(devices) % dcn:
+        raise UsageError(f"mesh.dcn_data={dcn}: must be >= 1 and divide the {len(devices)} devices")
+    per_slice = len(devices) // dcn
     known = math.prod(s for s in sizes if s != -1)
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != len(devices):
-        raise UsageError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    sizes = [per_slice // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != per_slice:
+        where = f" of each of the {dcn} slices" if dcn > 1 else ""
+        raise UsageError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {per_slice}{where}")
+    if dcn == 1:
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    from jax.experimental import mesh_utils
+
+    by_slice = devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    if granules != dcn:
+        raise UsageError(f"mesh.dcn_data={dcn}: these {len(devices)} devices form {granules} "
+                         f"{'slices' if by_slice else 'processes'}; give their count (or 1)")
+    grid = mesh_utils.create_hybrid_device_mesh(tuple(sizes), (dcn, 1, 1), devices, process_is_granule=not by_slice)
+    return Mesh(grid, MESH_AXES)
 
 
 def mesh_from_text(text: str, devices: Sequence[Any] | None = None) -> Mesh:

@@ -18,6 +18,7 @@ GPU clusters: JAX cannot describe GPU devices without the GPUs, so this check is
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import jax
@@ -70,16 +71,46 @@ def sharding_table(trainer) -> list[tuple[str, tuple, str, str]]:
     return out
 
 
-def check(cfg, topology: str, train_step=None) -> dict:
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+
+
+def cross_slice_collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """The collectives of a multi-slice program that cross slices -> {kind: (count, bytes each
+    device sends per step)}. Inside a slice a collective is an HLO op with its replica groups; what
+    crosses the data-center network is lowered to host transfers handled by the megascale runtime,
+    each named after the collective it carries (`_xla_host_transfer_rendezvous="all-reduce.1_0"`)."""
+    found: dict[str, list] = {}
+    for line in hlo_text.splitlines():
+        if " send(" not in line or "xla_megascale_runtime" not in line:
+            continue
+        name = re.search(r'_xla_host_transfer_rendezvous="([^"]+)"', line)
+        shape = re.search(r"= \((\w+)\[([\d,]*)\]", line)
+        if not name or not shape:
+            continue
+        count = math.prod(int(n) for n in shape.group(2).split(",") if n) if shape.group(2) else 1
+        kind = re.sub(r"[.\d_]+$", "", name.group(1).split(".")[0])
+        entry = found.setdefault(kind, [set(), 0])
+        entry[0].add(name.group(1))
+        entry[1] += count * _DTYPE_BYTES.get(shape.group(1), 4)
+    return {kind: (len(names), nbytes) for kind, (names, nbytes) in found.items()}
+
+
+def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
     """AOT-compile the config's init-free train step (train/loop.py's, or the `train_step` given)
-    for `topology` and print the report."""
+    for `topology` (`num_slices` of them joined by the data-center network) and print the report."""
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.train.trainer import Trainer, model_config
 
     if train_step is None:
         from kosmos2_jax.train.loop import train_step
 
-    devices, described, hbm_gib = topology_devices(topology)
+    devices, described, hbm_gib = topology_devices(topology, num_slices)
+    if num_slices > 1:  # data-parallel across the slices
+        if cfg.mesh.dcn_data not in (1, num_slices):
+            raise UsageError(f"config.mesh.dcn_data={cfg.mesh.dcn_data} with --num_slices {num_slices}: give "
+                             f"--config.mesh.dcn_data={num_slices} (or leave it 1: it is set from --num_slices)")
+        cfg.mesh.dcn_data = num_slices
     vocab = cfg.model.text.vocab_size
     if vocab == -1:
         from kosmos2_jax.format.tokenizer import Kosmos2Tokenizer
@@ -98,6 +129,8 @@ def check(cfg, topology: str, train_step=None) -> dict:
                          f"--config.train.batch_size={2 * batch_devices * cfg.train.grad_accum_steps}")
     batch = abstract_batch(cfg, config, trainer.batch_sharding)
     mesh = " ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
+    if num_slices > 1:
+        mesh += f" (data = {num_slices} slices x {trainer.mesh.shape['data'] // num_slices})"
     print(f"{topology}: {len(devices)} devices ({devices[0].device_kind}, libtpu {described}), "
           f"{hbm_gib:.1f} GiB HBM each; mesh {mesh}; batch {cfg.train.batch_size} x {cfg.data.seq_len}", flush=True)
     t0 = time.time()
@@ -123,13 +156,19 @@ def check(cfg, topology: str, train_step=None) -> dict:
         print(name.ljust(width), str(shape).ljust(22), spec + (f"   replicated: {why}" if why else ""))
     replicated = sum(1 for *_, why in table if why)
     print(f"{replicated} of {len(table)} parameters replicated", flush=True)
+    crossing = cross_slice_collectives(compiled.as_text()) if num_slices > 1 else {}
+    if num_slices > 1:
+        listed = "; ".join(f"{kind} x {n} ({nbytes / 2 ** 20:.1f} MiB sent per device per step)"
+                           for kind, (n, nbytes) in sorted(crossing.items())) or "none"
+        print(f"collectives crossing the {num_slices} slices (data-center network): {listed}", flush=True)
     print(f"per device: arguments {gib(arguments):.2f} GiB, outputs {gib(outputs):.2f} GiB "
           f"({gib(aliased):.2f} GiB donated, aliased), temporaries {gib(temporaries):.2f} GiB, "
           f"total {gib(total):.2f} GiB of {hbm_gib:.1f} GiB: {'fits' if fits else 'DOES NOT FIT'}")
     print(f"compiled in {seconds:.0f} s; XLA counts {xla_flops / 1e12:.2f} TFLOP per device per step, the model "
           f"{model_flops / 1e12:.2f} (ratio {xla_flops / max(model_flops, 1):.2f}"
           + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")", flush=True)
-    return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape),
+    return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape), "num_slices": num_slices,
+            "cross_slice": crossing,
             "hbm_gib": hbm_gib, "arguments_gib": gib(arguments), "outputs_gib": gib(outputs),
             "temporaries_gib": gib(temporaries), "total_gib": gib(total), "fits": fits, "compile_s": seconds,
             "xla_tflop": xla_flops / 1e12, "model_tflop": model_flops / 1e12, "replicated": replicated,

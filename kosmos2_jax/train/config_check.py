@@ -19,6 +19,7 @@ _INT, _NUM = "an integer", "a number"
 RANGES = {
     "train.batch_size": (_INT, 1, None, False),
     "train.steps": (_INT, 1, None, False),
+    "mesh.dcn_data": (_INT, 1, None, False),
     "train.grad_accum_steps": (_INT, 1, None, False),
     "train.log_every": (_INT, 1, None, False),
     "train.eval_every": (_INT, 0, None, False),

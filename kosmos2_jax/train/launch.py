@@ -22,6 +22,8 @@ flags.DEFINE_string("workdir", None, "where checkpoints, logs and the export go"
 flags.DEFINE_bool("compile_only", False, "compile the train step for --topology and report memory and sharding; "
                   "trains nothing (train/compile_check.py)")
 flags.DEFINE_string("topology", "", "with --compile_only: a TPU slice, e.g. v5p-128 or v5p:4x4x8 (needs libtpu)")
+flags.DEFINE_integer("num_slices", 1, "with --compile_only: that many slices of --topology joined by the data-center "
+                     "network (config.mesh.dcn_data follows)", lower_bound=1)
 flags.DEFINE_bool("print_config", False, "print the config (every key --config.KEY=VALUE can set) and exit")
 flags.DEFINE_string("compilation_cache", cli.default_compilation_cache(),
                     "persistent XLA compilation cache: a rerun or resume of the same config loads its programs "
@@ -53,7 +55,7 @@ def main(argv, run=None, train_step=None):
             from kosmos2_jax.train.compile_check import check
 
             config_check.check(FLAGS.config, need_tokenizer=False, need_data=False)
-            check(FLAGS.config, FLAGS.topology, train_step)
+            check(FLAGS.config, FLAGS.topology, train_step, FLAGS.num_slices)
             return
         if not FLAGS.workdir:
             raise UsageError("--workdir is required (where checkpoints, logs and the export go)")

@@ -173,10 +173,11 @@ def base() -> ml_collections.ConfigDict:
     # --config.evals.grounding.data_dir=MDETR --config.evals.grounding.every=1000 (results in the
     # console and TensorBoard's eval/NAME/METRIC).
     c.evals = ml_collections.ConfigDict(dict(grounding=evaluation("refcocog", split="val")))
-    # (data, fsdp, tensor) mesh sizes, -1 = the remaining devices; `rules`: extra logical-axis rules
-    # over models/sharding.py's DEFAULT_RULES, as "logical=mesh_axis" items ("embed=fsdp,mlp=tensor";
-    # "none" for replicated)
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=""))
+    # (data, fsdp, tensor) mesh sizes within a slice, -1 = the remaining devices; `dcn_data`: slices
+    # (TPU) or processes (elsewhere) joined by the data-center network, data-parallel across them;
+    # `rules`: extra logical-axis rules over models/sharding.py's DEFAULT_RULES, as
+    # "logical=mesh_axis" items ("embed=fsdp,mlp=tensor"; "none" for replicated)
+    c.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=1, fsdp=-1, tensor=1, rules=""))
     return c
 
 

@@ -14,7 +14,7 @@ _SHAPES = {3: ["2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8
            2: ["1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"]}
 
 
-def _describe(generation: str, shape: str):
+def _describe(generation: str, shape: str, num_slices: int = 1):
     import importlib.util
 
     from jax.experimental import topologies
@@ -25,22 +25,26 @@ def _describe(generation: str, shape: str):
     # Describing a slice needs no TPU: don't contend for libtpu's lock with a job that uses the chips.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shape}").devices
+        return topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shape}",
+                                            num_slices=num_slices).devices
     except Exception as e:  # a shape libtpu does not know
         raise UsageError(f"libtpu cannot describe TPU topology {generation}:{shape}: "
                          f"{(str(e).splitlines() or [''])[0][:200]}") from None
 
 
-def topology_devices(name: str) -> tuple[list, str, float]:
+def topology_devices(name: str, num_slices: int = 1) -> tuple[list, str, float]:
     """`v5p:4x4x8` (libtpu's name) or `v5p-128` (the slice with 128 JAX devices) -> (devices,
-    libtpu's name, HBM GiB per device). v4's description has two devices (cores) per chip."""
+    libtpu's name, HBM GiB per device); `num_slices` such slices joined by the data-center network
+    (their devices' `slice_index` tells them apart). v4's description has two devices (cores) per chip."""
+    if num_slices < 1:
+        raise UsageError(f"--num_slices {num_slices}: must be >= 1")
     m = re.fullmatch(r"(v4|v5e|v5p|v6e)([:-])([0-9x]+)", name)
     if not m:
         raise UsageError(f"--topology {name!r}: expected e.g. v5p-128 or v5p:4x4x8 (generations {sorted(HBM_GIB)})")
     generation, sep, rest = m.groups()
     if sep == ":":
         shape = rest
-        devices = _describe(generation, shape)
+        devices = _describe(generation, shape, num_slices)
     else:
         wanted, devices = int(rest), None
         for shape in _SHAPES[2 if generation in ("v5e", "v6e") else 3]:
@@ -49,10 +53,12 @@ def topology_devices(name: str) -> tuple[list, str, float]:
             except ValueError:
                 continue
             if len(found) == wanted:
-                devices = found
+                devices = _describe(generation, shape, num_slices) if num_slices > 1 else found
                 break
         if devices is None:
             raise UsageError(f"--topology {name!r}: no {generation} slice of {wanted} devices among "
                              f"{_SHAPES[2 if generation in ('v5e', 'v6e') else 3]}; give libtpu's name, e.g. {generation}:4x4x8")
-    chips = len({tuple(d.coords) for d in devices}) if hasattr(devices[0], "coords") else len(devices)
-    return list(devices), f"{generation}:{shape}", HBM_GIB[generation] * chips / len(devices)
+    chips = len({(getattr(d, "slice_index", 0), *d.coords) for d in devices}) if hasattr(devices[0], "coords") \
+        else len(devices)
+    described = f"{generation}:{shape}" + (f" x {num_slices} slices" if num_slices > 1 else "")
+    return list(devices), described, HBM_GIB[generation] * chips / len(devices)
