@@ -17,6 +17,7 @@ GPU clusters: JAX cannot describe GPU devices without the GPUs, so this check is
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -96,6 +97,22 @@ def cross_slice_collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
     return {kind: (len(names), nbytes) for kind, (names, nbytes) in found.items()}
 
 
+# peak dense bf16 TFLOP/s per chip (Cloud TPU system architecture pages)
+PEAK_BF16_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918}
+
+
+def _chips(devices) -> int:
+    return len({(getattr(d, "slice_index", 0), *d.coords) for d in devices}) if hasattr(devices[0], "coords") \
+        else len(devices)
+
+
+def _optimal_seconds(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    seconds = float((cost or {}).get("optimal_seconds", -1.0))
+    return seconds if seconds > 0 else None
+
+
 def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
     """AOT-compile the config's init-free train step (train/loop.py's, or the `train_step` given)
     for `topology` (`num_slices` of them joined by the data-center network) and print the report."""
@@ -167,8 +184,26 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
     print(f"compiled in {seconds:.0f} s; XLA counts {xla_flops / 1e12:.2f} TFLOP per device per step, the model "
           f"{model_flops / 1e12:.2f} (ratio {xla_flops / max(model_flops, 1):.2f}"
           + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")", flush=True)
+    # XLA's own cost model (TPU): the step's best-case time. It counts a scanned stack's body once,
+    # so a scanned config is estimated on its unrolled twin (one more compile).
+    estimate = _optimal_seconds(compiled)
+    if config.scan_layers and estimate is not None:
+        twin = copy.deepcopy(cfg)
+        with twin.unlocked():
+            twin.model.scan_layers = False
+        unrolled = Trainer(Kosmos2(model_config(twin, vocab)), twin, vocab - cfg.num_location_tokens,
+                           cfg.num_location_tokens, abstract=True, devices=devices, train_step=train_step)
+        with jax.set_mesh(unrolled.mesh), sharding.logical_axis_rules(unrolled.rules):
+            estimate = _optimal_seconds(unrolled._step_fn.lower(unrolled.state, batch).compile())
+    mfu = None
+    if estimate is not None:
+        peak = PEAK_BF16_TFLOPS[described.split(":")[0]] * 1e12 * _chips(devices) / len(devices)
+        mfu = model_flops / (estimate * peak)
+        print(f"XLA's estimate (its cost model, not a measurement): {estimate * 1e3:.4g} ms per step, "
+              f"{100 * mfu:.1f}% MFU against the chip's {peak / 1e12:.0f} bf16 TFLOP/s per device"
+              + (" (estimated on the unrolled layers)" if config.scan_layers else ""), flush=True)
     return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape), "num_slices": num_slices,
-            "cross_slice": crossing,
+            "cross_slice": crossing, "estimated_step_s": estimate, "estimated_mfu": mfu,
             "hbm_gib": hbm_gib, "arguments_gib": gib(arguments), "outputs_gib": gib(outputs),
             "temporaries_gib": gib(temporaries), "total_gib": gib(total), "fits": fits, "compile_s": seconds,
             "xla_tflop": xla_flops / 1e12, "model_tflop": model_flops / 1e12, "replicated": replicated,
