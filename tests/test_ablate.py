@@ -110,7 +110,7 @@ def test_bad_keys_are_refused_before_any_run_and_print_commands_run_as_printed(s
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     table = subprocess.run(_ablate("table", root), capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
     assert table.returncode == 0, table.stderr
-    assert (root / "curves_loss.png").stat().st_size > 10_000  # a line per variant (matplotlib)
+    assert (root / "curves_train_loss.png").stat().st_size > 10_000  # a line per variant (matplotlib)
     results = json.loads((root / "results.json").read_text())
     assert [r["variant"] for r in results["rows"]] == ["baseline", "optim.warmup_steps=1"]
     loss = _train_lines(root / "optim.warmup_steps=1" / "seed_0")[-1]["loss"]

@@ -287,8 +287,11 @@ def run_summary(folder: str) -> dict:
         if name.endswith(".json") and not name.endswith(".predictions.json"):
             result = _read_json(os.path.join(evals, name))
             out.update({f"evaluate/{name[:-5]}/{k}": v for k, v in result.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _BOOKKEEPING})
     return out
+
+
+_BOOKKEEPING = ("count", "scored", "missing_images", "items")  # evaluate's item counts, not results
 
 
 def tabulate(root: str, say: Callable[[str], None] = print, plots: bool = True) -> dict:
@@ -373,9 +376,11 @@ def plot_curves(root: str, plan: dict) -> list[str]:
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
     for run in plan["runs"]:
         for r in metrics_log.read(os.path.join(root, run["name"])):
+            if r["kind"].startswith("train/source/"):  # a mixture's per-source lines: the table has them
+                continue
             keys = ["loss"] if r["kind"] == "train" else [k for k in r if k not in ("kind", "step")]
             for k in keys:
-                metric = k if r["kind"] == "train" else f"{r['kind'].replace('/', '_')}_{k}"
+                metric = f"{r['kind'].replace('/', '_')}_{k}"
                 if isinstance(r.get(k), (int, float)) and math.isfinite(r[k]):
                     by_step = curves.setdefault(metric, {}).setdefault(run["variant"], {})
                     by_step.setdefault(r["step"], []).append(r[k])
@@ -391,7 +396,8 @@ def plot_curves(root: str, plan: dict) -> list[str]:
                                 color=line.get_color(), alpha=0.18, lw=0)
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
-        ax.set_title(f"{os.path.basename(plan['config'])}: {metric} (median over seeds, band: min–max)", fontsize=9)
+        config = os.path.basename(plan["config"].split(":")[0])
+        ax.set_title(f"{config}: {metric} (median over seeds, band: min–max)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
