@@ -263,3 +263,28 @@ def _finish_failing(procs, timeout=300):
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert all(p.returncode == 2 for p in procs), outs[0][-3000:]
     return outs[0]
+
+
+def test_a_one_process_run_resumes_on_two_processes(shapes_tfds, small_spm, tmp_path):
+    """1 process x 4 devices reading 2 data shards, SIGTERM at step 5; the same command on 2
+    processes x 2 devices (a shard each) finishes it with the losses and export of the uninterrupted
+    1-process run (the other direction, 2 -> 1, is in the lifecycle test's export and `export`)."""
+    cache = tmp_path / "jax_cache"
+    one = _train(tmp_path / "one", shapes_tfds, small_spm, "--config.data.shards=2")
+    whole = _finish(_launch(one, 1, 4, cache=cache))
+    run = _train(tmp_path / "run", shapes_tfds, small_spm, "--config.data.shards=2")
+    proc = _launch(run, 1, 4, cache=cache)[0]
+    first = ""
+    for line in proc.stdout:
+        first += line
+        if line.startswith("step 5/"):
+            proc.send_signal(signal.SIGTERM)
+    first += proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and len(_lines(first, "SIGTERM: saved step")) == 1, first[-3000:]
+    second = _finish(_launch(run, 2, 2, cache=cache))
+    assert "resumed from step" in second, second[-3000:]
+    losses = {**_losses(first), **_losses(second)}
+    np.testing.assert_allclose([float(losses[s]) for s in range(1, 13)],
+                               [float(_losses(whole)[s]) for s in range(1, 13)], atol=1e-5)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+                           _params(tmp_path / "run" / "export"), _params(tmp_path / "one" / "export"))
