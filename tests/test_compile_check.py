@@ -63,6 +63,8 @@ def test_two_slices_compile_with_only_the_gradient_all_reduce_crossing(small_spm
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert "16 devices (TPU v5, libtpu v5p:2x2x2 x 2 slices)" in text, text[:2000]
+    # libtpu compiled with the multi-slice flags (--xla_tpu_preset auto)
+    assert "LIBTPU_INIT_ARGS += --xla_tpu_enable_data_parallel_all_reduce_opt=true" in text, text[:2000]
     assert "mesh data=2 fsdp=8 tensor=1 (data = 2 slices x 1)" in text, text[:2000]
     crossing = [line for line in text.splitlines() if line.startswith("collectives crossing the 2 slices")]
     assert len(crossing) == 1 and re.search(r": all-reduce x \d+ \([\d.]+ MiB", crossing[0]), crossing

@@ -29,6 +29,11 @@ flags.DEFINE_string("compilation_cache", cli.default_compilation_cache(),
                     "persistent XLA compilation cache: a rerun or resume of the same config loads its programs "
                     "instead of compiling them (env KOSMOS2_COMPILATION_CACHE)")
 flags.DEFINE_bool("no_compilation_cache", False, "compile afresh and write no cache")
+flags.DEFINE_enum("xla_tpu_preset", "auto", ["auto", *cli.TPU_XLA_PRESETS],
+                  "libtpu flags (LIBTPU_INIT_ARGS; a flag already set is kept): multislice overlaps the "
+                  "data-parallel all-reduce across slices and the in-slice gathers with compute (MaxText's "
+                  "multi-slice flags); auto: multislice on TPUs with config.mesh.dcn_data > 1, and for "
+                  "--compile_only --num_slices > 1")
 flags.DEFINE_enum("xla_gpu_preset", "training", list(cli.GPU_XLA_PRESETS),
                   "on NVIDIA GPUs: XLA flags added to XLA_FLAGS (cli.GPU_XLA_PRESETS: latency-hiding scheduler, "
                   "pipelined and combined collectives); none adds nothing")
@@ -43,6 +48,13 @@ def main(argv, run=None, train_step=None):
 
     cli.skip_absent_tpu()
     cli.use_gpu_xla_flags(FLAGS.xla_gpu_preset)  # before JAX starts its backend
+    tpu_preset = FLAGS.xla_tpu_preset
+    if tpu_preset == "auto":  # several TPU slices (or their compile-only check): overlap the all-reduce
+        slices = FLAGS.num_slices if FLAGS.compile_only else FLAGS.config.mesh.dcn_data if cli.tpu_machine() else 1
+        tpu_preset = "multislice" if slices > 1 else "none"
+    added = cli.use_tpu_xla_flags(tpu_preset)
+    if added:
+        print(f"LIBTPU_INIT_ARGS += {' '.join(added)} (--xla_tpu_preset {tpu_preset})", flush=True)
     cli.use_compilation_cache(None if FLAGS.no_compilation_cache else FLAGS.compilation_cache)
     try:
         if FLAGS.print_config:

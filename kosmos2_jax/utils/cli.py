@@ -305,6 +305,45 @@ GPU_XLA_PRESETS = {
 }
 
 
+# libtpu flags for a job over several slices, as MaxText sets them (benchmarks/xla_flags_library.py:
+# DATA_PARALLEL_OVERLAP for the data-parallel all-reduce across the data-center network, and the
+# async collective fusion set its multi-slice recipes export in LIBTPU_INIT_ARGS): overlap the
+# cross-slice gradient all-reduce and the in-slice gathers with compute.
+TPU_XLA_PRESETS = {
+    "multislice": {
+        "xla_tpu_enable_data_parallel_all_reduce_opt": "true",
+        "xla_tpu_data_parallel_opt_different_sized_ops": "true",
+        "xla_tpu_enable_async_collective_fusion": "true",
+        "xla_tpu_enable_async_collective_fusion_fuse_all_gather": "true",
+        "xla_tpu_enable_async_collective_fusion_multiple_steps": "true",
+        "xla_tpu_overlap_compute_collective_tc": "true",
+        "xla_enable_async_all_gather": "true",
+    },
+    "none": {},
+}
+
+
+def use_tpu_xla_flags(preset: str) -> list[str]:
+    """Add `TPU_XLA_PRESETS[preset]` to LIBTPU_INIT_ARGS before libtpu starts (a flag already there
+    is left as the user set it); libtpu reads them on a TPU and in a compile-only check alike.
+    Returns the flags added."""
+    if preset not in TPU_XLA_PRESETS:
+        raise UsageError(f"--xla_tpu_preset {preset!r}: must be one of auto, {', '.join(TPU_XLA_PRESETS)}")
+    current = os.environ.get("LIBTPU_INIT_ARGS", "")
+    added = [f"--{name}={value}" for name, value in TPU_XLA_PRESETS[preset].items() if f"--{name}=" not in current]
+    if added:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join([current] + added).strip()
+    return added
+
+
+def tpu_machine() -> bool:
+    """Will JAX run on TPUs here? JAX_PLATFORMS when set, else a TPU VM's accelerator devices."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return any(p.strip() == "tpu" for p in platforms.split(","))
+    return os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") and bool(os.listdir("/dev/vfio"))
+
+
 def gpu_machine() -> bool:
     """Will JAX run on NVIDIA GPUs here? Decided before JAX starts: JAX_PLATFORMS when set, else a
     CUDA plugin installed and an NVIDIA device present."""
