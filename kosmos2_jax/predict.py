@@ -165,7 +165,7 @@ def size_serving(args) -> int:
     model = Kosmos2(config)
     shapes = weights.abstract_params_of(args.checkpoint, model) if args.checkpoint else weights.abstract_params(model)
     serving_check.check(model, shapes, args.topology, args.batch_size, args.max_new_tokens, args.prompt_tokens,
-                        args.num_beams, args.tokens_per_call)
+                        args.num_beams, args.tokens_per_call, args.mesh)
     return 0
 
 

@@ -332,3 +332,17 @@ def test_sizing_a_serving_slice_compiles_for_one_chip(tiny_ckpt, capsys):
     assert predict.main([*base, "--batch_size", str(4 * largest)]) == 0
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "largest batch that fits: about" in out, out
+    # one replica over 2 chips (heads, MLP, vocabulary split): the params and KV cache per chip shrink
+    assert predict.main([*base, "--batch_size", "4", "--mesh", "tensor=2"]) == 0
+    sharded = capsys.readouterr().out
+    assert "one model replica per 2 devices (mesh data=1 fsdp=1 tensor=2)" in sharded, sharded
+    assert "per replica (2 x " in sharded and ": fits" in sharded, sharded
+    from kosmos2_jax import weights
+    from kosmos2_jax.inference import serving_check
+    from kosmos2_jax.models import Kosmos2
+
+    model = Kosmos2(weights.model_config_of(ckpt, **weights.DECODING))
+    shapes = weights.abstract_params_of(ckpt, model)
+    quiet = dict(say=lambda _: None, max_new_tokens=8, batch_size=4)
+    one, two = (serving_check.check(model, shapes, "v5e-4", mesh_text=m, **quiet) for m in ("", "tensor=2"))
+    assert two["params_gib"] < 0.75 * one["params_gib"] and two["kv_cache_gib"] < 0.55 * one["kv_cache_gib"], (one, two)

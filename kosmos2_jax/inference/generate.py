@@ -134,14 +134,21 @@ def shard_params(model: Kosmos2, params, mesh: Mesh):
 def _on_mesh(jitted, mesh: Mesh | None):
     """`jitted` called (and so traced) under `mesh` and the training rules, so that the model's
     activation constraints (`act_batch`, `act_heads`, ...) shard its activations as training does."""
-    if mesh is None:
-        return jitted
+    return jitted if mesh is None else _OnMesh(jitted, mesh)
 
-    @functools.wraps(jitted)
-    def placed(*args):
-        with jax.set_mesh(mesh), sharding.logical_axis_rules():
-            return jitted(*args)
-    return placed
+
+@dataclasses.dataclass(frozen=True)
+class _OnMesh:
+    jitted: Any
+    mesh: Mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), sharding.logical_axis_rules():
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh), sharding.logical_axis_rules():
+            return self.jitted.lower(*args)
 
 
 def _step_positions(n_prompt, step):
@@ -547,14 +554,23 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
                         settings.num_beams, with_image)
 
 
-def lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec, sharding=None):
+def lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec, sharding=None,
+                mesh: Mesh | None = None):
     """The accelerator mode's two programs lowered for these shapes -> (prefill_all, decode);
-    `params` are ShapeDtypeStructs, `sharding` places every other argument (None: the default)."""
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-    functions = _compiled_fused(model, settings, batch, prompt_len, with_image)
+    `params` are ShapeDtypeStructs, `sharding` places every other argument (None: the default).
+    On a `mesh` (params sharded over it) the decoding program takes the KV cache and state as the
+    compiled prefill shards them."""
+    spec = lambda shape, dtype, place=sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=place)  # noqa: E731
+    functions = _compiled_fused(model, settings, batch, prompt_len, with_image, mesh)
     ids, index = spec((batch, prompt_len), np.int32), spec((), np.int32)
     prefill = functions["prefill_all"].lower(params, ids, ids, ids, spec(pixels_shape, np.float32), spec(*rng_spec))
-    carry, caches, logits = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), prefill.out_info)
+    outs = prefill.out_info
+    if mesh is not None:
+        outs = jax.tree_util.tree_map(lambda x, place: spec(x.shape, x.dtype, place), outs,
+                                      prefill.compile().output_shardings)
+    else:
+        outs = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), outs)
+    carry, caches, logits = outs
     return prefill, functions["decode"].lower(params, carry, caches, logits, index, index, spec((), bool))
 
 
