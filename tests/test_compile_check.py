@@ -101,6 +101,18 @@ def test_clear_errors(small_spm):
 
 @pytest.mark.slow
 @needs_libtpu
+def test_pretrain_config_on_four_v5p_128_slices():
+    out = _compile(f"{REPO}/experiments/kosmos2_pretrain.py", "--topology", "v5p-128", "--num_slices", "4",
+                   "--config.train.batch_size=1024", timeout=3000)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "512 devices" in out.stdout and "mesh data=4 fsdp=128 tensor=1" in out.stdout, out.stdout[:3000]
+    crossing = [line for line in out.stdout.splitlines() if line.startswith("collectives crossing the 4 slices")]
+    assert len(crossing) == 1 and ": all-reduce x " in crossing[0] and ";" not in crossing[0], crossing
+    assert ": fits" in out.stdout
+
+
+@pytest.mark.slow
+@needs_libtpu
 def test_pretrain_config_fits_a_v5p_128():
     out = _compile(f"{REPO}/experiments/kosmos2_pretrain.py", "--topology", "v5p-128",
                    "--config.train.batch_size=256", timeout=1800)

@@ -196,7 +196,10 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
         with jax.set_mesh(unrolled.mesh), sharding.logical_axis_rules(unrolled.rules):
             estimate = _optimal_seconds(unrolled._step_fn.lower(unrolled.state, batch).compile())
     mfu = None
-    if estimate is not None:
+    if estimate is None:
+        print("XLA's estimate: none (its cost model reports no time for this program; multi-slice programs "
+              "get none)", flush=True)
+    else:
         peak = PEAK_BF16_TFLOPS[described.split(":")[0]] * 1e12 * _chips(devices) / len(devices)
         mfu = model_flops / (estimate * peak)
         print(f"XLA's estimate (its cost model, not a measurement): {estimate * 1e3:.4g} ms per step, "
