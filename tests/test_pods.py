@@ -265,10 +265,10 @@ def _finish_failing(procs, timeout=300):
     return outs[0]
 
 
-def test_a_one_process_run_resumes_on_two_processes(shapes_tfds, small_spm, tmp_path):
+def test_a_run_resumes_on_another_process_count_both_ways(shapes_tfds, small_spm, tmp_path):
     """1 process x 4 devices reading 2 data shards, SIGTERM at step 5; the same command on 2
     processes x 2 devices (a shard each) finishes it with the losses and export of the uninterrupted
-    1-process run (the other direction, 2 -> 1, is in the lifecycle test's export and `export`)."""
+    1-process run; and the other way, 2 processes stopped at step 5 finish on 1 process."""
     cache = tmp_path / "jax_cache"
     one = _train(tmp_path / "one", shapes_tfds, small_spm, "--config.data.shards=2")
     whole = _finish(_launch(one, 1, 4, cache=cache))
@@ -288,3 +288,20 @@ def test_a_one_process_run_resumes_on_two_processes(shapes_tfds, small_spm, tmp_
                                [float(_losses(whole)[s]) for s in range(1, 13)], atol=1e-5)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
                            _params(tmp_path / "run" / "export"), _params(tmp_path / "one" / "export"))
+
+    back = _train(tmp_path / "back", shapes_tfds, small_spm, "--config.data.shards=2")
+    procs = _launch(back, 2, 2, cache=cache)
+    first = ""
+    for line in procs[0].stdout:
+        first += line
+        if line.startswith("step 5/"):
+            procs[1].send_signal(signal.SIGTERM)
+    rest = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], first[-3000:] + rest[1][-3000:]
+    second = _finish(_launch(back, 1, 4, cache=cache))
+    assert "resumed from step" in second, second[-3000:]
+    losses = {**_losses(first), **_losses(second)}
+    np.testing.assert_allclose([float(losses[s]) for s in range(1, 13)],
+                               [float(_losses(whole)[s]) for s in range(1, 13)], atol=1e-5)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+                           _params(tmp_path / "back" / "export"), _params(tmp_path / "one" / "export"))
