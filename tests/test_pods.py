@@ -128,13 +128,7 @@ def test_two_process_lifecycle_through_the_cli(shapes_tfds, small_spm, tmp_path)
     # C: SIGTERM to process 1 only -> both save the same step and exit 0
     c = tmp_path / "c"
     procs = _launch(_train(c, shapes_tfds, small_spm), cache=cache)
-    seen = ""
-    for line in procs[0].stdout:
-        seen += line
-        if line.startswith("step 2/"):
-            procs[1].send_signal(signal.SIGTERM)
-    rest = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], seen + rest[1][-3000:]
+    seen = _sigterm_process_1_at(procs, 2)
     saved = [int(x.split("saved step ")[1].split(",")[0]) for x in _lines(seen, "SIGTERM: saved step")]
     assert len(saved) == 1 and 2 <= saved[0] < 12, seen[-3000:]
     assert str(saved[0]) in os.listdir(c / "checkpoints") and not (c / "export").exists()
@@ -238,25 +232,36 @@ def test_two_slices_over_the_data_center_network_equal_one_process(shapes_tfds, 
     dcn = ["--config.mesh.dcn_data=2", "--config.mesh.data=1", "--config.mesh.fsdp=2"]
     one = _finish(_launch(_train(tmp_path / "one", shapes_tfds, small_spm, "--config.data.shards=2"), 1, 4))
     procs = _launch(_train(tmp_path / "dcn", shapes_tfds, small_spm, *dcn), cache=cache)
-    first = ""
-    for line in procs[0].stdout:
-        first += line
-        if line.startswith("step 5/"):
-            procs[1].send_signal(signal.SIGTERM)
-    rest = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], first[-3000:] + rest[1][-3000:]
+    first = _sigterm_process_1_at(procs, 5)
     assert "mesh data=2 fsdp=2 tensor=1" in first and len(_lines(first, "SIGTERM: saved step")) == 1, first[-3000:]
     second = _finish(_launch(_train(tmp_path / "dcn", shapes_tfds, small_spm, *dcn), cache=cache))
     assert "resumed from step" in second, second[-3000:]
-    losses = {**_losses(first), **_losses(second)}
-    np.testing.assert_allclose([float(losses[s]) for s in range(1, 13)],
-                               [float(_losses(one)[s]) for s in range(1, 13)], atol=1e-5)
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
-                           _params(tmp_path / "dcn" / "export"), _params(tmp_path / "one" / "export"))
+    _equal_to_uninterrupted([first, second], one, tmp_path / "dcn" / "export", tmp_path / "one" / "export")
     # a dcn_data that the processes do not make is one line naming both counts
     bad = _finish_failing(_launch(_train(tmp_path / "bad", shapes_tfds, small_spm, "--config.mesh.dcn_data=4",
                                          "--config.mesh.data=1", "--config.mesh.fsdp=1"), cache=cache))
     assert "mesh.dcn_data=4" in bad, bad[-2000:]
+
+
+def _sigterm_process_1_at(procs, step: int) -> str:
+    """SIGTERM to process 1 once process 0 logs `step`; both must save and exit 0 -> process 0's log."""
+    first = ""
+    for line in procs[0].stdout:
+        first += line
+        if line.startswith(f"step {step}/"):
+            procs[1].send_signal(signal.SIGTERM)
+    rest = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], first[-3000:] + rest[1][-3000:]
+    return first
+
+
+def _equal_to_uninterrupted(logs, reference_log, export, reference_export):
+    """The losses of a stopped and resumed run (its logs) and its export equal the uninterrupted run's."""
+    losses = {step: loss for log in logs for step, loss in _losses(log).items()}
+    np.testing.assert_allclose([float(losses[s]) for s in range(1, 13)],
+                               [float(_losses(reference_log)[s]) for s in range(1, 13)], atol=1e-5)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), _params(export),
+                           _params(reference_export))
 
 
 def _finish_failing(procs, timeout=300):
@@ -283,25 +288,11 @@ def test_a_run_resumes_on_another_process_count_both_ways(shapes_tfds, small_spm
     assert proc.returncode == 0 and len(_lines(first, "SIGTERM: saved step")) == 1, first[-3000:]
     second = _finish(_launch(run, 2, 2, cache=cache))
     assert "resumed from step" in second, second[-3000:]
-    losses = {**_losses(first), **_losses(second)}
-    np.testing.assert_allclose([float(losses[s]) for s in range(1, 13)],
-                               [float(_losses(whole)[s]) for s in range(1, 13)], atol=1e-5)
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
-                           _params(tmp_path / "run" / "export"), _params(tmp_path / "one" / "export"))
+    _equal_to_uninterrupted([first, second], whole, tmp_path / "run" / "export", tmp_path / "one" / "export")
 
     back = _train(tmp_path / "back", shapes_tfds, small_spm, "--config.data.shards=2")
     procs = _launch(back, 2, 2, cache=cache)
-    first = ""
-    for line in procs[0].stdout:
-        first += line
-        if line.startswith("step 5/"):
-            procs[1].send_signal(signal.SIGTERM)
-    rest = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], first[-3000:] + rest[1][-3000:]
+    first = _sigterm_process_1_at(procs, 5)
     second = _finish(_launch(back, 1, 4, cache=cache))
     assert "resumed from step" in second, second[-3000:]
-    losses = {**_losses(first), **_losses(second)}
-    np.testing.assert_allclose([float(losses[s]) for s in range(1, 13)],
-                               [float(_losses(whole)[s]) for s in range(1, 13)], atol=1e-5)
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
-                           _params(tmp_path / "back" / "export"), _params(tmp_path / "one" / "export"))
+    _equal_to_uninterrupted([first, second], whole, tmp_path / "back" / "export", tmp_path / "one" / "export")
