@@ -128,7 +128,7 @@ def shard_params(model: Kosmos2, params, mesh: Mesh):
     """`params` placed on `mesh` under the training mesh's rules (`models/sharding.py`): the
     decoding programs then run sharded, e.g. `tensor=4` splits heads, MLP and vocabulary over 4 chips."""
     shardings = sharding.tree_shardings(sharding.logical_params(model), mesh)
-    return jax.tree_util.tree_map(lambda x, place: jax.device_put(x, place), nn.unbox(params), shardings)
+    return jax.device_put(nn.unbox(params), shardings)
 
 
 def _on_mesh(jitted, mesh: Mesh | None):
@@ -523,12 +523,11 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
     if mesh is not None:
         return _FusedProgram(_compiled_fused(model, settings, batch, prompt_len, with_image, mesh),
                              settings.max_new_tokens, settings.num_beams, settings.tokens_per_call)
+    params = _abstract(params_signature)
     if settings.decode_mode == "fused":
-        return _fused_executable(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec,
-                                 params_signature)
-    treedef, specs = params_signature
-    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=place)
-                                                    for shape, dtype, place in specs])
+        parts = compile_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec)
+        return _FusedProgram(dict(zip(("prefill_all", "decode"), parts)), settings.max_new_tokens,
+                             settings.num_beams, settings.tokens_per_call)
     functions = _compiled(model, settings, batch, prompt_len, with_image)
     ids, index = jax.ShapeDtypeStruct((batch, prompt_len), np.int32), jax.ShapeDtypeStruct((), np.int32)
     block = _layers(model, params)[0][0]
@@ -554,37 +553,30 @@ def _executable(model: Kosmos2, settings: _Settings, batch: int, prompt_len: int
                         settings.num_beams, with_image)
 
 
-def lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec, sharding=None,
-                mesh: Mesh | None = None):
-    """The accelerator mode's two programs lowered for these shapes -> (prefill_all, decode);
+def compile_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec, sharding=None,
+                  mesh: Mesh | None = None):
+    """The accelerator mode's two programs compiled ahead for these shapes -> (prefill_all, decode);
     `params` are ShapeDtypeStructs, `sharding` places every other argument (None: the default).
-    On a `mesh` (params sharded over it) the decoding program takes the KV cache and state as the
-    compiled prefill shards them."""
+    On a `mesh` the decoding program takes the KV cache and state as the compiled prefill shards them."""
     spec = lambda shape, dtype, place=sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=place)  # noqa: E731
     functions = _compiled_fused(model, settings, batch, prompt_len, with_image, mesh)
     ids, index = spec((batch, prompt_len), np.int32), spec((), np.int32)
-    prefill = functions["prefill_all"].lower(params, ids, ids, ids, spec(pixels_shape, np.float32), spec(*rng_spec))
-    outs = prefill.out_info
+    lowered = functions["prefill_all"].lower(params, ids, ids, ids, spec(pixels_shape, np.float32), spec(*rng_spec))
+    decode = lambda carry, cache, logits: functions["decode"].lower(  # noqa: E731
+        params, carry, cache, logits, index, index, spec((), bool)).compile()
     if mesh is not None:
-        outs = jax.tree_util.tree_map(lambda x, place: spec(x.shape, x.dtype, place), outs,
-                                      prefill.compile().output_shardings)
-    else:
-        outs = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), outs)
-    carry, caches, logits = outs
-    return prefill, functions["decode"].lower(params, carry, caches, logits, index, index, spec((), bool))
+        prefill = lowered.compile()
+        return prefill, decode(*prefill.out_info)
+    with ThreadPoolExecutor(2) as pool:  # one device: XLA compiles the two side by side, without the GIL
+        prefill = pool.submit(lowered.compile)
+        return prefill.result(), decode(*jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), lowered.out_info))
 
 
-def _fused_executable(model, settings, batch, prompt_len, with_image, pixels_shape, rng_spec, params_signature):
-    """The accelerator mode's programs, compiled ahead for these shapes (JAX's persistent cache
-    keeps them across processes)."""
+def _abstract(params_signature) -> Any:
+    """`_signature`'s shapes, dtypes and shardings back as a tree of ShapeDtypeStructs."""
     treedef, specs = params_signature
-    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=place)
-                                                    for shape, dtype, place in specs])
-    prefill, decode = lower_fused(model, settings, batch, prompt_len, with_image, params, pixels_shape, rng_spec)
-    with ThreadPoolExecutor(2) as pool:  # XLA compiles without the GIL
-        parts = {name: job.result() for name, job in
-                 [("prefill_all", pool.submit(prefill.compile)), ("decode", pool.submit(decode.compile))]}
-    return _FusedProgram(parts, settings.max_new_tokens, settings.num_beams, settings.tokens_per_call)
+    return jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=place)
+                                                  for shape, dtype, place in specs])
 
 
 def check_inputs_fit(config, ids: np.ndarray, inputs: Mapping[str, np.ndarray]) -> None:

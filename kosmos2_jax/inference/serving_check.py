@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from kosmos2_jax.inference.generate import _Settings, bucket_length, lower_fused
+from kosmos2_jax.inference.generate import _Settings, bucket_length, compile_fused
 from kosmos2_jax.models import Kosmos2, sharding
 from kosmos2_jax.utils.errors import UsageError
 from kosmos2_jax.utils.tpu import topology_devices
@@ -41,16 +41,15 @@ def program_memory(model: Kosmos2, abstract_params, settings: _Settings, batch: 
     params = jax.tree_util.tree_map(lambda x, place: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
                                     abstract_params, places)
     size = model.config.vision.image_size
-    prefill, decode = lower_fused(model, settings, batch, prompt_len, True, params, (batch, size, size, 3),
-                                  ((2,), np.uint32), sharding=on, mesh=mesh)
-    compiled = [lowered.compile() for lowered in (prefill, decode)]
-    memory = [c.memory_analysis() for c in compiled]
+    prefill, decode = compile_fused(model, settings, batch, prompt_len, True, params, (batch, size, size, 3),
+                                    ((2,), np.uint32), sharding=on, mesh=mesh)
+    memory = [c.memory_analysis() for c in (prefill, decode)]
     # bytes on one device: a sharded array's shard (the KV cache as the decoding program takes it)
-    cache_places = compiled[1].input_shardings[0][2]
     on_device = lambda shapes, places: sum(  # noqa: E731
         int(np.prod(place.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
         for x, place in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(places)))
-    return {"params": on_device(params, places), "kv_cache": on_device(prefill.out_info[1], cache_places),
+    return {"params": on_device(params, places),
+            "kv_cache": on_device(decode.args_info[0][2], decode.input_shardings[0][2]),
             "temporaries": max(m.temp_size_in_bytes for m in memory),
             "peak": max(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                         + m.temp_size_in_bytes + m.generated_code_size_in_bytes for m in memory)}

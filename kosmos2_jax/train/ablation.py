@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
-import json
 import math
 import os
 import re
@@ -32,6 +31,7 @@ import time
 from typing import Callable, Sequence
 
 from kosmos2_jax.train import metrics_log
+from kosmos2_jax.weights import read_json
 from kosmos2_jax.utils import outputs
 from kosmos2_jax.utils.errors import UsageError
 
@@ -180,7 +180,7 @@ def record_plan(plan: dict, root: str, runs: Sequence[Run]) -> None:
         wanted = {"config": plan["config"], "set": plan["set"], "overrides": [list(p) for p in run.overrides],
                   "seed": run.seed}
         if os.path.isfile(path):
-            saved = _read_json(path)
+            saved = read_json(path, "the run record")
             if {k: saved.get(k) for k in wanted} != wanted:
                 raise UsageError(f"{os.path.join(root, run.name)} holds a run of other settings ({_describe(saved)}; "
                                  f"now {_describe(wanted)}): use another --workdir, or the same flags")
@@ -200,20 +200,12 @@ def _describe(record: dict) -> str:
     return f"--config {record.get('config')} seed {record.get('seed')}" + (f" {' '.join(sets)}" if sets else "")
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not readable as JSON ({e})") from None
-
-
 def run_plan(plan: dict, root: str, runs: Sequence[Run], parallel: int = 1, evals: Sequence[str] = (),
              say: Callable[[str], None] = print, env: dict | None = None) -> None:
     """Train (then evaluate) every run not yet finished, `parallel` at a time; each run's console
     output goes to ROOT/<run>/train.log as it runs. A failed run stops the ablation (the others
     already started finish), naming its log."""
-    todo = [r for r in runs if not _read_json(os.path.join(root, r.name, RUN_FILE)).get("finished")]
+    todo = [r for r in runs if not read_json(os.path.join(root, r.name, RUN_FILE), "the run record").get("finished")]
     for r in runs:
         if r not in todo:
             say(f"{r.name}: finished before, skipped")
@@ -233,7 +225,7 @@ def run_plan(plan: dict, root: str, runs: Sequence[Run], parallel: int = 1, eval
         trained = time.time()
         for task in evals:
             _evaluate(folder, task, env)
-        record = _read_json(os.path.join(folder, RUN_FILE))
+        record = read_json(os.path.join(folder, RUN_FILE), "the run record")
         outputs.write_json(os.path.join(folder, RUN_FILE),
                            dict(record, finished=True, train_s=trained - start, eval_s=time.time() - trained), indent=2)
         done[0] += 1
@@ -248,7 +240,7 @@ def run_plan(plan: dict, root: str, runs: Sequence[Run], parallel: int = 1, eval
 def _evaluate(folder: str, task: str, env: dict) -> None:
     """`evaluate --task NAME [its flags]` on the run's export, its results in RUN/eval/NAME.json."""
     name, *flags = task.split()
-    config = _read_json(os.path.join(folder, "config.json"))
+    config = read_json(os.path.join(folder, "config.json"), "the run config")
     out = os.path.join(folder, "eval", f"{name}.json")
     cmd = [sys.executable, "-m", "kosmos2_jax.evaluate", "--task", name, "--checkpoint", os.path.join(folder, "export"),
            "--tokenizer", config["tokenizer"], "--out", out, "--overwrite", *flags]
@@ -285,7 +277,7 @@ def run_summary(folder: str) -> dict:
     evals = os.path.join(folder, "eval")
     for name in sorted(os.listdir(evals)) if os.path.isdir(evals) else []:
         if name.endswith(".json") and not name.endswith(".predictions.json"):
-            result = _read_json(os.path.join(evals, name))
+            result = read_json(os.path.join(evals, name), "the evaluation results")
             out.update({f"evaluate/{name[:-5]}/{k}": v for k, v in result.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _BOOKKEEPING})
     return out
@@ -298,7 +290,7 @@ def tabulate(root: str, say: Callable[[str], None] = print, plots: bool = True) 
     """ROOT/results.json and results.md: a row per variant, each metric as median [min-max] over
     its seeds with the change against the baseline's median; ROOT/curves_<metric>.png. Returns
     the results."""
-    plan = _read_json(os.path.join(root, PLAN_FILE))
+    plan = read_json(os.path.join(root, PLAN_FILE), "the ablation plan")
     variants: dict[str, list[tuple[int, dict]]] = {}
     for run in plan["runs"]:
         folder = os.path.join(root, run["name"])

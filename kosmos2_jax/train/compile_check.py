@@ -30,7 +30,7 @@ from flax import traverse_util
 from kosmos2_jax.models import sharding
 from kosmos2_jax.train.flops import train_flops
 from kosmos2_jax.utils.errors import UsageError
-from kosmos2_jax.utils.tpu import topology_devices
+from kosmos2_jax.utils.tpu import chip_count, topology_devices
 
 def abstract_batch(cfg, config, batch_sharding) -> dict:
     """The largest batch the config's pipeline makes: `batch_size` rows x `seq_len`, every image slot filled."""
@@ -99,11 +99,6 @@ def cross_slice_collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
 
 # peak dense bf16 TFLOP/s per chip (Cloud TPU system architecture pages)
 PEAK_BF16_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918}
-
-
-def _chips(devices) -> int:
-    return len({(getattr(d, "slice_index", 0), *d.coords) for d in devices}) if hasattr(devices[0], "coords") \
-        else len(devices)
 
 
 def _optimal_seconds(compiled) -> float | None:
@@ -200,7 +195,7 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
         print("XLA's estimate: none (its cost model reports no time for this program; multi-slice programs "
               "get none)", flush=True)
     else:
-        peak = PEAK_BF16_TFLOPS[described.split(":")[0]] * 1e12 * _chips(devices) / len(devices)
+        peak = PEAK_BF16_TFLOPS[described.split(":")[0]] * 1e12 * chip_count(devices) / len(devices)
         mfu = model_flops / (estimate * peak)
         print(f"XLA's estimate (its cost model, not a measurement): {estimate * 1e3:.4g} ms per step, "
               f"{100 * mfu:.1f}% MFU against the chip's {peak / 1e12:.0f} bf16 TFLOP/s per device"

@@ -58,7 +58,12 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[list, str, float]:
         if devices is None:
             raise UsageError(f"--topology {name!r}: no {generation} slice of {wanted} devices among "
                              f"{_SHAPES[2 if generation in ('v5e', 'v6e') else 3]}; give libtpu's name, e.g. {generation}:4x4x8")
-    chips = len({(getattr(d, "slice_index", 0), *d.coords) for d in devices}) if hasattr(devices[0], "coords") \
-        else len(devices)
     described = f"{generation}:{shape}" + (f" x {num_slices} slices" if num_slices > 1 else "")
-    return list(devices), described, HBM_GIB[generation] * chips / len(devices)
+    return list(devices), described, HBM_GIB[generation] * chip_count(devices) / len(devices)
+
+
+def chip_count(devices) -> int:
+    """Chips among TPU `devices` (v4's description has two devices a chip), over all their slices."""
+    if not hasattr(devices[0], "coords"):
+        return len(devices)
+    return len({(getattr(d, "slice_index", 0), *d.coords) for d in devices})
