@@ -27,6 +27,8 @@ setup(
         "tensorboard",
         "ml_collections",
         "optax",
+        # LoRA / QLoRA (train/lora.py); pinned: QLoRA reads Qwix's quantized arrays
+        "qwix==0.1.8",
     ],
     extras_require={
         # GRIT construction (kosmos2_jax.grit): spaCy + an English model, Apache Beam and Dask for

@@ -54,7 +54,9 @@ class Dense(nn.Module):
                             (x.shape[-1], self.features), self.param_dtype)
         # A 2-D matmul (and bias) on [B*T, D]: XLA:CPU runs the gradients of a [B, T, D] dot,
         # contracting over B and T, ~1.6x slower than the same contraction on the flattened rows.
-        y = jnp.dot(x.astype(self.dtype).reshape(-1, x.shape[-1]), kernel.astype(self.dtype))
+        # promote_dtype rather than astype: Qwix's QLoRA sees a quantized kernel through it (train/lora.py)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
                               (self.features,), self.param_dtype)

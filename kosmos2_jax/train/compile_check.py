@@ -179,13 +179,18 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
     print(f"compiled in {seconds:.0f} s; XLA counts {xla_flops / 1e12:.2f} TFLOP per device per step, the model "
           f"{model_flops / 1e12:.2f} (ratio {xla_flops / max(model_flops, 1):.2f}"
           + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")", flush=True)
-    # XLA's own cost model (TPU): the step's best-case time. It counts a scanned stack's body once,
-    # so a scanned config is estimated on its unrolled twin (one more compile).
+    # XLA's own cost model (TPU): the step's best-case time. It counts a scanned stack's body once
+    # and gives no time for the chunked loss's loop (a negative one), so those configs are
+    # estimated on a twin with unrolled layers and the plain loss (its LM head runs on every
+    # position: no faster than the chunked one). Multi-slice programs get no time at all.
     estimate = _optimal_seconds(compiled)
-    if config.scan_layers and estimate is not None:
+    twin_changes = {k: v for k, v, wanted in (("scan_layers", False, config.scan_layers),
+                                              ("loss_impl", "plain", cfg.train.loss_impl == "chunked")) if wanted}
+    if twin_changes and num_slices == 1:
         twin = copy.deepcopy(cfg)
         with twin.unlocked():
             twin.model.scan_layers = False
+            twin.train.loss_impl = "plain"
         unrolled = Trainer(Kosmos2(model_config(twin, vocab)), twin, vocab - cfg.num_location_tokens,
                            cfg.num_location_tokens, abstract=True, devices=devices, train_step=train_step)
         with jax.set_mesh(unrolled.mesh), sharding.logical_axis_rules(unrolled.rules):
@@ -199,7 +204,8 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
         mfu = model_flops / (estimate * peak)
         print(f"XLA's estimate (its cost model, not a measurement): {estimate * 1e3:.4g} ms per step, "
               f"{100 * mfu:.1f}% MFU against the chip's {peak / 1e12:.0f} bf16 TFLOP/s per device"
-              + (" (estimated on the unrolled layers)" if config.scan_layers else ""), flush=True)
+              + (f" (estimated with {', '.join(f'{k}={v}' for k, v in twin_changes.items())})" if twin_changes else ""),
+              flush=True)
     return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape), "num_slices": num_slices,
             "cross_slice": crossing, "estimated_step_s": estimate, "estimated_mfu": mfu,
             "hbm_gib": hbm_gib, "arguments_gib": gib(arguments), "outputs_gib": gib(outputs),

@@ -21,6 +21,8 @@ RANGES = {
     "train.steps": (_INT, 1, None, False),
     "mesh.dcn_data": (_INT, 1, None, False),
     "train.grad_accum_steps": (_INT, 1, None, False),
+    "train.lora.rank": (_INT, 0, None, False),
+    "train.lora.alpha": (_NUM, 0.0, None, True),
     "train.log_every": (_INT, 1, None, False),
     "train.eval_every": (_INT, 0, None, False),
     "train.ckpt_every": (_INT, 1, None, False),
@@ -70,7 +72,7 @@ RANGES = {
 
 # Settings that change the train state's tree (so a checkpoint could not restore into it).
 STATE_LAYOUT_KEYS = ("model.scan_layers", "model.param_dtype", "train.freeze", "num_location_tokens",
-                     "optim.optimizer")
+                     "optim.optimizer", "train.lora.rank", "train.lora.targets", "train.lora.base_dtype")
 
 
 def _get(cfg, key: str):
@@ -143,6 +145,14 @@ def check(cfg, need_tokenizer: bool = True, need_data: bool = True) -> None:
 
         if freeze not in FREEZE_MODES:
             raise UsageError(f"config.train.freeze={freeze!r}: must be one of {', '.join(FREEZE_MODES)}")
+    lora = _get(cfg, "train.lora")
+    if lora is not _MISSING:
+        from kosmos2_jax.train import lora as lora_lib
+
+        lora_lib.check(lora)
+        if lora_lib.enabled(lora) and freeze not in (_MISSING, "none"):
+            raise UsageError(f"config.train.freeze={freeze!r} with train.lora.rank={lora.rank}: LoRA trains the "
+                             f"adapters alone (everything else is frozen); leave train.freeze='none'")
     optimizer = _get(cfg, "optim.optimizer")
     if optimizer is not _MISSING:
         from kosmos2_jax.train.optim import OPTIMIZERS

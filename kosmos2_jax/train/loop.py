@@ -28,14 +28,14 @@ import optax
 
 from kosmos2_jax import weights
 from kosmos2_jax.utils import multihost
-from kosmos2_jax.train import config_check
+from kosmos2_jax.train import config_check, lora
 from kosmos2_jax.train.checkpoints import Checkpoints, Preemption
 from kosmos2_jax.train.metrics_log import MetricsLog
 from kosmos2_jax.format.images import normalize_pixels
 from kosmos2_jax.train.loss import chunked_lm_head_loss, cross_entropy
 from kosmos2_jax.train.optim import lr_multipliers
-from kosmos2_jax.train.trainer import (StepContext, Trainer, abstract_like, accumulate_gradients, format_eta, freeze,
-                                       input_counts, model_config, model_init, source_examples)
+from kosmos2_jax.train.trainer import (StepContext, Trainer, accumulate_gradients, format_eta,
+                                       apply_trained, grad_of_trained, input_counts, model_config, model_init, source_examples)
 from kosmos2_jax.utils.errors import UsageError
 
 TIMED_STEPS = 10  # steps that compile nothing, which the time estimate is measured over
@@ -85,7 +85,7 @@ def train_step(ctx: StepContext, state: dict, batch: dict):
     micro-batches first); frozen parameters (`train.freeze`) get none. Dropout keys are
     fold_in(seed, step), so a resumed run repeats the uninterrupted one."""
     rng = jax.random.fold_in(jax.random.PRNGKey(ctx.seed), state["step"])
-    grad_fn = jax.grad(lambda p, b, r: loss_fn(freeze(p, ctx.mask), b, r, ctx), has_aux=True)
+    grad_fn = grad_of_trained(lambda p, b, r: loss_fn(p, b, r, ctx), ctx.mask)
     if ctx.grad_accum_steps == 1:
         grads, metrics = grad_fn(state["params"], batch, rng)
     else:
@@ -95,7 +95,7 @@ def train_step(ctx: StepContext, state: dict, batch: dict):
         tokens = jnp.maximum(metrics["tokens"], 1.0)
         grads = jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype) / tokens, grads, ctx.mask)
         updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params = apply_trained(state["params"], updates, ctx.mask)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=ctx.schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -187,7 +187,7 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
         trainer = Trainer(model, cfg, tokenizer.first_location_id, tokenizer.num_location_tokens, init_params,
                           sources=tuple(s.name for s in mixture(cfg)), train_step=train_step, eval_step=eval_step)
         if start:
-            trainer.state = checkpoints.restore(start, abstract_like(trainer.state, trainer.state_shardings))
+            trainer.restore(checkpoints, start)
         for step in later:
             say(f"resume_step {start}: moved the checkpoint of step {step} to {checkpoints.set_aside(step)}")
     except BaseException:
@@ -302,7 +302,9 @@ def banner(trainer: Trainer, start: int) -> str:
     mesh = " ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
     total, trainable = trainer.parameter_counts()
     return (f"{jax.device_count()} {jax.devices()[0].platform} devices on {jax.process_count()} process(es); "
-            f"mesh {mesh}; {total:,} parameters ({trainable:,} trainable); "
+            f"mesh {mesh}; {total:,} parameters ({trainable:,} trainable"
+            + (f", {lora.count_adapters(trainer.state['params']):,} in LoRA adapters" if trainer.lora else "")
+            + f"; optimizer state {trainer.optimizer_state_bytes() / 2**20:,.1f} MiB); "
             + (f"resumed from step {start}" if start else "fresh start"))
 
 
@@ -530,7 +532,7 @@ def run(cfg, workdir: str) -> dict:
 
     # data and evaluations
     try:
-        evals = evaluations(cfg, model, processor)
+        evals = evaluations(cfg, model, processor)  # they read trainer.plain_params()
     except BaseException:
         checkpoints.close()
         raise
@@ -578,14 +580,14 @@ def run(cfg, workdir: str) -> dict:
                 log.scalars("val", ev, done)
             for e in evals:
                 if e.due(done, total):
-                    result = e(trainer.state["params"])
+                    result = e(trainer.plain_params())
                     say(f"step {done} {e.describe(result)}")
                     log.last.update({f"eval_{e.name}_{k}": v for k, v in result.items()})
                     log.scalars(f"eval/{e.name}", result, done)
 
             # checkpoint; SIGTERM saves and stops
             stop = preemption.stop(done)  # read once: SIGTERM may land between the save and the check
-            saved = checkpoints.save(done, trainer.state, train.state, force=stop or done == total)
+            saved = checkpoints.save(done, trainer.checkpoint_state(), train.state, force=stop or done == total)
             if stop:
                 stopped = True
                 checkpoints.wait()  # "saved" only once the step is committed on disk
@@ -609,7 +611,7 @@ def run(cfg, workdir: str) -> dict:
 def export(export_dir: str, model, trainer: Trainer, step: int, say) -> None:
     """Every process writes its own shards of the params; none gathers the model."""
     start = time.time()
-    weights.save_checkpoint(export_dir, model.config, trainer.state["params"], step=step)
+    weights.save_checkpoint(export_dir, model.config, trainer.plain_params(), step=step)
     say(f"exported the params of step {step} to {export_dir} in {time.time() - start:.0f}s")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from kosmos2_jax.train.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
+
 from kosmos2_jax.utils.errors import UsageError
 
 # Table 7 / train.sh, one place: the pretraining config takes them as they are and a test reads them.
@@ -167,6 +169,11 @@ def base() -> ml_collections.ConfigDict:
         # > 0: trace steps [profile_start, profile_start + profile_steps) into WORKDIR/profile and print
         # where their time went, by model part and kind of op (train/profiling.py).
         profile_start=0, profile_steps=3))
+    # LoRA / QLoRA through Qwix (train/lora.py): rank > 0 trains adapters on the `targets` layers
+    # (a regex fully matching module paths) and nothing else; base_dtype int8 or nf4 holds the
+    # adapted kernels quantized (QLoRA). `export` merges the adapters into plain params.
+    c.train.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=DEFAULT_LORA_TARGETS,
+                                                  base_dtype="float"))
     c.optim.total_steps = c.train.get_ref("steps")  # linear decay to zero at the last step
 
     # Evaluations inside training, any `evaluate` task: --config.evals.grounding.task=refcoco

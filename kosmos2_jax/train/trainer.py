@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kosmos2_jax.models import Kosmos2
 from kosmos2_jax.models import sharding
-from kosmos2_jax.train import image_slots
+from kosmos2_jax.train import image_slots, lora
 from kosmos2_jax.train.init import structured_init
 from kosmos2_jax.train.loss import location_kernel
 from kosmos2_jax.train.optim import make_optimizer, trainable_mask
@@ -86,11 +86,39 @@ class StepContext:
     num_sources: int  # training sources: per-source loss and tokens when the batch has source_ids
 
 
-def freeze(params, mask):
-    """Wholly frozen leaves behind `stop_gradient`, so XLA drops their backward (with the vision
-    tower frozen and its layers unscanned, the backward stops at the last trainable layer)."""
-    frozen = lambda m: m.ndim == 0 and float(m) == 0.0
-    return jax.tree_util.tree_map(lambda p, m: jax.lax.stop_gradient(p) if frozen(m) else p, params, mask)
+def _wholly_frozen(m) -> bool:
+    return np.ndim(m) == 0 and float(m) == 0.0
+
+
+def grad_of_trained(loss, mask):
+    """`loss(params, *args) -> (value, aux)` -> `(params, *args) -> (grads, aux)` differentiated
+    with respect to the trained leaves alone: wholly frozen ones (`mask` 0) are constants to it,
+    so XLA drops their backward (with the vision tower frozen and its layers unscanned, the
+    backward stops at the last trainable layer) and QLoRA's integer base weights are never
+    differentiated; their gradients are zeros."""
+    frozen = [_wholly_frozen(m) for m in jax.tree_util.tree_leaves(mask)]
+
+    def grad_fn(params, *args):
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+
+        def of_trained(trained):
+            it = iter(trained)
+            return loss(treedef.unflatten([leaf if f else next(it) for leaf, f in zip(leaves, frozen)]), *args)
+
+        grads, aux = jax.grad(of_trained, has_aux=True)([leaf for leaf, f in zip(leaves, frozen) if not f])
+        it = iter(grads)
+        full = [jnp.zeros(leaf.shape, leaf.dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else jnp.float32)
+                if f else next(it) for leaf, f in zip(leaves, frozen)]
+        return treedef.unflatten(full), aux
+
+    return grad_fn
+
+
+def apply_trained(params, updates, mask):
+    """`optax.apply_updates` on the trained leaves; wholly frozen ones are returned as they are
+    (no copy, and QLoRA's packed 4-bit weights have no `+`)."""
+    return jax.tree_util.tree_map(lambda p, u, m: p if _wholly_frozen(m) else (p + u).astype(p.dtype),
+                                  params, updates, mask)
 
 
 class Trainer:
@@ -104,7 +132,8 @@ class Trainer:
         """`train_step(ctx, state, batch) -> (state, metrics)` and `eval_step(ctx, params, batch) ->
         metrics` (train/loop.py's, or a fork's) are jitted over the state's shardings; without
         them the trainer holds the state only (export, checkpoint restores)."""
-        self.model, self.config = model, config
+        self.lora = config.train.lora if lora.enabled(config.train.get("lora")) else None
+        self.model, self.config = lora.apply(model, self.lora), config  # Qwix's LoRA model, or `model`
         self.sources = tuple(sources)  # the training mixture's source names: per-source loss and tokens
         self.loc = (first_location_id, num_location_tokens)
         self.mesh = sharding.create_mesh(dict(config.mesh), devices)
@@ -138,7 +167,11 @@ class Trainer:
         init = model_init(self.model)
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         param_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
-        self.mask = trainable_mask(nn.unbox(boxed), self.config.train.freeze, self.model.config.scan_layers)
+        if self.lora is not None:  # the adapters alone train (train/lora.py)
+            lora.require_adapters(nn.unbox(boxed), self.lora)
+            self.mask = lora.trainable_mask(nn.unbox(boxed))
+        else:
+            self.mask = trainable_mask(nn.unbox(boxed), self.config.train.freeze, self.model.config.scan_layers)
         self.tx, self.schedule = make_optimizer(self.config.optim, self.mask)  # no state for frozen params
         opt_boxed = jax.eval_shape(self.tx.init, boxed)
         opt_shardings = sharding.tree_shardings(opt_boxed, self.mesh, self.rules)
@@ -162,6 +195,10 @@ class Trainer:
                                    position_frequencies=i.position_frequencies)
                     params = jax.device_put(structured_init(params, self.model.config, *self.loc, **options),
                                             param_shardings)
+            elif self.lora is not None:  # given base weights, fresh adapters (B = 0)
+                fresh = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
+                    jax.random.PRNGKey(self.config.seed))
+                params = jax.jit(lora.with_base, out_shardings=param_shardings)(fresh, nn.unbox(init_params))
             else:
                 params = jax.device_put(nn.unbox(init_params), param_shardings)
             opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
@@ -225,6 +262,35 @@ class Trainer:
             m = np.asarray(m, np.float64)
             trainable += int(round(n * float(m.mean()))) if m.ndim else n * int(float(m) != 0.0)
         return total, trainable
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def checkpoint_state(self, state=None):
+        """What a checkpoint holds of `state` (default: the trainer's): all of it, or with LoRA the
+        state less the frozen base (the adapters, their optimizer state, the step); the base is the
+        run's initial weights (`config.init`, else its seed), rebuilt when the run resumes."""
+        state = self.state if state is None else state
+        return state if self.lora is None else dict(state, params=lora.adapters(state["params"]))
+
+    def restore(self, checkpoints, step: int) -> None:
+        """The train state of checkpoint `step` into this trainer (its shardings)."""
+        restored = checkpoints.restore(step, abstract_like(self.checkpoint_state(),
+                                                           self.checkpoint_state(self.state_shardings)))
+        if self.lora is not None:
+            restored["params"] = lora.with_adapters(self.state["params"], restored["params"])
+        self.state = restored
+
+    def plain_params(self):
+        """The params for the model without adapters: LoRA's merged in (on the devices, sharded)."""
+        if self.lora is None:
+            return self.state["params"]
+        shardings = sharding.tree_shardings(sharding.logical_params(lora.base_model(self.model)), self.mesh,
+                                            self.rules)
+        merge = jax.jit(functools.partial(lora.merge, lora=self.lora), out_shardings=shardings)
+        with jax.set_mesh(self.mesh):
+            return merge(self.state["params"])
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.state["opt_state"]))
 
     def step_hlo(self, batch) -> str:
         """The optimized HLO of the compiled train step for this batch's shapes (from jit's cache,

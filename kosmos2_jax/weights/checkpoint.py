@@ -79,7 +79,8 @@ def _quiet_merge():
         absl.removeFilter(note)
 
 
-def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping, step: int | None = None) -> int:
+def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping, step: int | None = None,
+                    extra_json: Mapping[str, Any] | None = None) -> int:
     """Write `model_config.json` + `params/` (see the module docstring), and `step.json` with the
     training step the params are from when `step` is given. `params` may be numpy or
     global jax arrays sharded over several processes: collective then, every process writes its own
@@ -112,6 +113,9 @@ def save_checkpoint(out_dir: str, config: Kosmos2Config, params: Mapping, step: 
             if step is not None:
                 with open(os.path.join(tmp, STEP_FILE), "w") as f:
                     json.dump({"step": int(step)}, f)
+            for name, value in (extra_json or {}).items():  # e.g. export --adapters_only's lora.json
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(value, f, indent=2)
         with _quiet_merge(), ocp.Checkpointer(handler) as ckptr:
             ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(tree, save_args=save_args), force=True)
         multihost.sync("save_checkpoint:written")
