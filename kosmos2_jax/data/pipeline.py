@@ -37,13 +37,15 @@ from kosmos2_jax.data.examples import (BadRecord, ExampleConfig, bad_record_or, 
                                        grit_instruction_example, language_instruction_example, llava_example,
                                        text_example)
 from kosmos2_jax.data.example_random import ExampleRandom
+from kosmos2_jax.data.annotations import ANNOTATION_KINDS
 from kosmos2_jax.data.instruct import LANGUAGE_INSTRUCTION_KINDS
 from kosmos2_jax.data.interleaved import interleaved_chunks, interleaved_example
 from kosmos2_jax.data.packing import example_length, fits, pack_row
 from kosmos2_jax.format.processor import Kosmos2Processor
 from kosmos2_jax.utils.errors import UsageError
 
-SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", "interleaved", *LANGUAGE_INSTRUCTION_KINDS)
+SOURCE_KINDS = ("grit", "caption", "text", "grit_instruct", "llava", "interleaved", *LANGUAGE_INSTRUCTION_KINDS,
+                *ANNOTATION_KINDS)
 RECORD_KINDS = ("grit", "caption", "grit_instruct")  # read from a prepared tfds folder (`data_dir`); the others from `path`
 
 
@@ -57,7 +59,9 @@ class Source:
     images in `data_dir`. `flan`, `unnatural_instructions`: text-only instructions, a JSONL file
     (`path`) in the released format (`data/instruct.py`). `interleaved`: MMC4 or OBELICS documents,
     a JSONL file or a folder of them (`path`), images in `data_dir` (`data/interleaved.py`; packed
-    rows only)."""
+    rows only). `coco`, `odvg`, `refexp`: box annotations (a COCO detection JSON, Grounding DINO's
+    ODVG JSONL, referring expressions in JSONL) at `path`, images in `data_dir`, made into GRIT
+    records (`data/annotations.py`)."""
 
     name: str
     kind: str
@@ -226,6 +230,10 @@ def _text_records(source: Source, process_index: int, process_count: int, skip: 
         from kosmos2_jax.data.instruct import load_language_instructions
 
         lines = load_language_instructions(path, source.kind)
+    elif source.kind in ANNOTATION_KINDS:
+        from kosmos2_jax.data.annotations import load_items
+
+        lines = load_items(path, source.kind, os.path.expanduser(source.data_dir))
     else:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
@@ -236,7 +244,12 @@ def _text_records(source: Source, process_index: int, process_count: int, skip: 
     def gen():
         i = skip
         while repeat or i < len(lines):
-            yield lines[i % len(lines)]
+            line = lines[i % len(lines)]
+            if source.kind in ANNOTATION_KINDS:  # the image is read as the record is
+                from kosmos2_jax.data.annotations import with_image
+
+                line = with_image(line, os.path.expanduser(source.data_dir))
+            yield line
             i += 1
     return gen()
 
@@ -318,6 +331,8 @@ class Pipeline:
             return language_instruction_example(record, self.processor, self.config)
         if source.kind == "interleaved":
             return interleaved_example(record, os.path.expanduser(source.data_dir), self.processor, self.config)
+        if source.kind in ANNOTATION_KINDS:  # (the good ones are made in `_make_all`)
+            raise BadRecord(record["bad"])
         # ("grit" records are made in `_make_all`, several at a time.)
         return grit_instruction_example(record, self.processor, self.config, ExampleRandom(self.seed, index, 1))
 
@@ -351,8 +366,8 @@ class Pipeline:
         `caption`: the same records as plain image-caption pairs) go through `grit_examples`
         together (their text work first, then the pixels)."""
         made = {}
-        for kind, config in (("grit", self.config), ("caption", self._caption_config)):
-            ks = [k for k, (source, _, _) in enumerate(items) if source.kind == kind]
+        for kinds, config in ((("grit", *ANNOTATION_KINDS), self.config), (("caption",), self._caption_config)):
+            ks = [k for k, (source, record, _) in enumerate(items) if source.kind in kinds and "bad" not in record]
             if ks:
                 made.update(zip(ks, grit_examples([items[k][1] for k in ks], self.processor, config,
                                                   [ExampleRandom(self.seed, items[k][2], 1) for k in ks])))

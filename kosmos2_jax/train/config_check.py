@@ -208,6 +208,7 @@ def _parses(parse, text, prefix: str) -> None:
 
 
 def _check_sources(sources, need_data: bool = True, packed: bool = False) -> None:
+    from kosmos2_jax.data.annotations import ANNOTATION_KINDS
     from kosmos2_jax.data.pipeline import RECORD_KINDS, SOURCE_KINDS
 
     active = 0
@@ -227,10 +228,11 @@ def _check_sources(sources, need_data: bool = True, packed: bool = False) -> Non
                              f"images): set config.data.pack=True")
         if not need_data:
             continue
-        if s.kind == "interleaved":
+        if s.kind in ("interleaved", *ANNOTATION_KINDS):
             if not (s.get("path") and s.get("data_dir")):
-                raise UsageError(f"{key}: kind interleaved reads documents ({key}.path, a JSONL file or a folder "
-                                 f"of them) with their images in {key}.data_dir: set both")
+                what = ("documents ({key}.path, a JSONL file or a folder of them)" if s.kind == "interleaved" else
+                        "an annotation file ({key}.path)").format(key=key)
+                raise UsageError(f"{key}: kind {s.kind} reads {what} with their images in {key}.data_dir: set both")
             if not os.path.exists(os.path.expanduser(s.path)):
                 raise UsageError(f"{key}.path={s.path!r}: no such file or folder")
             if not os.path.isdir(os.path.expanduser(s.data_dir)):
