@@ -49,13 +49,16 @@ def abstract_batch(cfg, config, batch_sharding) -> dict:
 def sharding_table(trainer) -> list[tuple[str, tuple, str, str]]:
     """(parameter, shape, PartitionSpec, why it stays replicated or '') for every parameter."""
     rules, mesh = dict(trainer.rules), trainer.mesh
-    boxed = traverse_util.flatten_dict(trainer.logical_params, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
-    specs = traverse_util.flatten_dict(trainer.state_shardings["params"])
+    # (QLoRA's quantized kernels are trees of arrays: `.../kernel/array/qvalue`, `.../array/scale`)
+    boxed = jax.tree_util.tree_flatten_with_path(trainer.logical_params,
+                                                 is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    specs = jax.tree_util.tree_leaves(trainer.state_shardings["params"])
     out = []
-    for path, leaf in boxed.items():
+    for (keys, leaf), sharded in zip(boxed, specs):
+        path = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
         shape = tuple(leaf.value.shape) if isinstance(leaf, nn.LogicallyPartitioned) else tuple(leaf.shape)
         names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * len(shape)
-        spec = specs[path].spec
+        spec = sharded.spec
         why = ""
         if all(s is None for s in spec):
             reasons = []
@@ -106,6 +109,19 @@ def _optimal_seconds(compiled) -> float | None:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     seconds = float((cost or {}).get("optimal_seconds", -1.0))
     return seconds if seconds > 0 else None
+
+
+def layer_extrapolated(estimate, vision_layers: int, text_layers: int, frozen_vision: int = 0) -> float | None:
+    """`estimate(vision_layers, text_layers)` (seconds, or None) at 1 and 2 layers a tower ->
+    its linear extrapolation to the given layer counts: t(1, 1) + (V - 1) x the second vision
+    layer's cost + (T - 1) x the second text layer's. (Frozen vision layers would cost less than
+    the measured trained one: then no estimate.)"""
+    if frozen_vision:
+        return None
+    base, vision, text = estimate(1, 1), estimate(2, 1), estimate(1, 2)
+    if None in (base, vision, text):
+        return None
+    return base + (vision_layers - 1) * (vision - base) + (text_layers - 1) * (text - base)
 
 
 def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
@@ -180,21 +196,28 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
           f"{model_flops / 1e12:.2f} (ratio {xla_flops / max(model_flops, 1):.2f}"
           + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")", flush=True)
     # XLA's own cost model (TPU): the step's best-case time. It counts a scanned stack's body once
-    # and gives no time for the chunked loss's loop (a negative one), so those configs are
-    # estimated on a twin with unrolled layers and the plain loss (its LM head runs on every
-    # position: no faster than the chunked one). Multi-slice programs get no time at all.
+    # and gives no time for the chunked loss's loop (a negative one), and compiling the full model
+    # unrolled takes tens of minutes here; so those configs are estimated from three small twins
+    # with unrolled layers and the plain loss (whose LM head runs on every position: no faster
+    # than the chunked one), 1 or 2 layers a tower, extrapolated linearly to the config's layers
+    # (`layer_extrapolated`). Multi-slice programs get no time at all.
     estimate = _optimal_seconds(compiled)
     twin_changes = {k: v for k, v, wanted in (("scan_layers", False, config.scan_layers),
                                               ("loss_impl", "plain", cfg.train.loss_impl == "chunked")) if wanted}
     if twin_changes and num_slices == 1:
-        twin = copy.deepcopy(cfg)
-        with twin.unlocked():
-            twin.model.scan_layers = False
-            twin.train.loss_impl = "plain"
-        unrolled = Trainer(Kosmos2(model_config(twin, vocab)), twin, vocab - cfg.num_location_tokens,
-                           cfg.num_location_tokens, abstract=True, devices=devices, train_step=train_step)
-        with jax.set_mesh(unrolled.mesh), sharding.logical_axis_rules(unrolled.rules):
-            estimate = _optimal_seconds(unrolled._step_fn.lower(unrolled.state, batch).compile())
+        def twin_estimate(vision_layers, text_layers):
+            twin = copy.deepcopy(cfg)
+            with twin.unlocked():
+                twin.model.update(scan_layers=False)
+                twin.model.vision.num_hidden_layers, twin.model.text.layers = vision_layers, text_layers
+                twin.train.loss_impl = "plain"
+            small = Trainer(Kosmos2(model_config(twin, vocab)), twin, vocab - cfg.num_location_tokens,
+                            cfg.num_location_tokens, abstract=True, devices=devices, train_step=train_step)
+            with jax.set_mesh(small.mesh), sharding.logical_axis_rules(small.rules):
+                return _optimal_seconds(small._step_fn.lower(small.state, batch).compile())
+
+        estimate = layer_extrapolated(twin_estimate, config.vision.num_hidden_layers, config.text.layers,
+                                      frozen_vision=config.frozen_vision_layers)
     mfu = None
     if estimate is None:
         print("XLA's estimate: none (its cost model reports no time for this program; multi-slice programs "
@@ -204,7 +227,8 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
         mfu = model_flops / (estimate * peak)
         print(f"XLA's estimate (its cost model, not a measurement): {estimate * 1e3:.4g} ms per step, "
               f"{100 * mfu:.1f}% MFU against the chip's {peak / 1e12:.0f} bf16 TFLOP/s per device"
-              + (f" (estimated with {', '.join(f'{k}={v}' for k, v in twin_changes.items())})" if twin_changes else ""),
+              + (f" (from unrolled twins of 1-2 layers a tower with the plain loss: "
+                 f"{', '.join(f'{k}={v}' for k, v in twin_changes.items())} here)" if twin_changes else ""),
               flush=True)
     return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape), "num_slices": num_slices,
             "cross_slice": crossing, "estimated_step_s": estimate, "estimated_mfu": mfu,

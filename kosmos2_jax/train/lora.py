@@ -6,7 +6,7 @@ stacks are `.../layers/layer/...`) gets `kernel_lora_a` [in, rank] and `kernel_l
 out] beside its kernel (a scanned stack: a leading layers axis), B zero-initialised, so a fresh
 adapter changes nothing; the layer computes `x @ kernel + (x @ A) @ B * alpha / rank`. With
 `base_dtype` int8 or nf4 (QLoRA) the adapted kernels are held quantized (Qwix's PTQ arrays,
-per-output-channel int8 / 64-wide nf4 blocks) and dequantized in the matmul.
+int8 or 4-bit NormalFloat values with per-output-channel scales) and dequantized in the matmul.
 
 Only the adapters train (`trainable_mask`): the rest of the model, the vision tower included,
 is frozen and has no optimizer state. `merge` folds the adapters into plain params for the model

@@ -210,6 +210,8 @@ def runlocal(c: ml_collections.ConfigDict, data_root: str = DEMO_DATA) -> ml_col
     c.model.update(latent_query_num=8, dtype="float32", remat_policy="none")
     c.init.update(hf_dir="", checkpoint="")
     for entry in c.data.sources.values():  # the demo's records for every weighted record source, no files
+        if entry.kind in ("coco", "odvg", "refexp") and entry.weight > 0:  # box annotations: the demo has none
+            entry.kind = "grit"
         entry.update(data_dir=grounded if entry.kind in ("grit", "caption", "grit_instruct") and entry.weight > 0
                      else "", path="", split="train")
     c.data.update(val_dir=grounded, seq_len=64, shuffle_buffer=16, num_workers=2, val_batches=1, pack_max_images=2,
