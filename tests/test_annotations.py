@@ -123,3 +123,31 @@ def test_the_pipeline_s_tokens_equal_hf_s_processor(annotated, processor, hf_pro
         assert batch["input_ids"][row, :n].tolist() == hf["input_ids"], (kind, row)
         assert batch["image_embeds_position_mask"][row, :n].tolist() == hf["image_embeds_position_mask"]
     pipe.close()
+
+
+def test_synthetic_referring_expressions_in_the_jsonl_format_and_the_refexp_task(tmp_path):
+    """`data.synthetic refexp` writes the format the `refexp` source and evaluation task read
+    (the LoRA demo's new words: "the crimson shape" for the red one, in images of two colours)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from kosmos2_jax.data.synthetic import SYNONYMS, make_example
+    from kosmos2_jax.evaluation.tasks import TASKS
+
+    out = tmp_path / "new_words"
+    done = subprocess.run([sys.executable, "-m", "kosmos2_jax.data.synthetic", "refexp", "--split", "test", "--num",
+                           "60", "--vocabulary", "synonyms", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(t) for t in (out / "test.jsonl").read_text().splitlines()]
+    items = TASKS["refexp"].load(str(out), "test")
+    assert len(items) == len(lines) > 4
+    assert {it["phrase"] for it in items} <= {f"the {w} shape" for w in SYNONYMS.values()}
+    first = lines[0]
+    index = int(first["image"].split("-")[1].split(".")[0])
+    record = make_example(0, "test", index)
+    colour = {w: c for c, w in SYNONYMS.items()}[first["expression"].split()[1]]
+    start = record["caption"].index(colour)  # the chunk that names this colour holds its one box
+    row = next(r for r in record["noun_chunks"] if r[0] <= start < r[1])
+    np.testing.assert_allclose(items[0]["target"], row[2:6], atol=1e-4)
+    assert (out / "images" / first["image"]).is_file()

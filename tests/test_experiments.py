@@ -32,6 +32,28 @@ def demo_root(tmp_path_factory, shapes_tfds, small_spm):
     return root
 
 
+def _coco_files(tmp_path) -> dict:
+    """A COCO detection file of 12 shapes images (categories: the shapes), pixel [x, y, w, h] boxes."""
+    import json
+
+    from kosmos2_jax.data.synthetic import SHAPES, make_example
+
+    images = tmp_path / "coco_images"
+    images.mkdir()
+    coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)]}
+    for i in range(12):
+        record = make_example(0, "train", i)
+        (images / f"{i}.png").write_bytes(record["image"])
+        coco["images"].append({"id": i, "file_name": f"{i}.png", "width": 128, "height": 128})
+        for start, end, x0, y0, x1, y1, _ in record["noun_chunks"]:
+            shape = next(s for s in SHAPES if s in record["caption"][int(start):int(end)])
+            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": i, "iscrowd": 0,
+                                        "category_id": SHAPES.index(shape) + 1,
+                                        "bbox": [float(v) * 128 for v in (x0, y0, x1 - x0, y1 - y0)]})
+    (tmp_path / "instances_train.json").write_text(json.dumps(coco))
+    return dict(path=str(tmp_path / "instances_train.json"), data_dir=str(images))
+
+
 def test_every_config_builds_on_the_presets():
     assert "shapes_tiny" in CONFIGS  # the glob finds the configs (a researcher's new ones too)
     keys = None
@@ -148,16 +170,18 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
             task = "refcoco val, 3 items"
         if name == "kosmos2_instruct":  # every Table 8 kind we have: grounded pairs and instructions, LLaVA, language
             _instruction_files(tmp_path, cfg)
+        if name == "finetune_coco":  # LoRA on a COCO detection file (runlocal alone reads the demo's records)
+            cfg.data.sources.train.update(kind="coco", **_coco_files(tmp_path))
         result = run(cfg, str(tmp_path / "run"))
         console = capsys.readouterr().out
         assert result["last"]["step"] == steps and "eval_grounding_accuracy" in result["last"]
     assert f"step {steps}/{steps} loss" in console, console
     mixture = console.split("plan: ")[1].split("\n")[0]
     expected = dict(kosmos2_pretrain=["train", "caption", "text", "interleaved"], shapes_tiny=["train"],
-                    finetune_refcoco=["train"], kosmos2_instruct=["train", "grounded_instruct", "llava", "flan",
+                    finetune_refcoco=["train"], finetune_coco=["train"], kosmos2_instruct=["train", "grounded_instruct", "llava", "flan",
                                                                   "unnatural_instructions", "text", "interleaved"])
     parts = [p for p in mixture.split("; ")[1:] if not p.startswith("validation")]
-    names = ["train"] if len(parts) == 1 and "training records" in parts[0] else [p.split(" ")[0] for p in parts]
+    names = ["train"] if len(parts) == 1 and parts[0].startswith("training ") else [p.split(" ")[0] for p in parts]
     assert sorted(names) == sorted(expected[name]), mixture
     if len(expected[name]) > 1:  # each part of the mixture's own loss and examples
         line = console.split(f"step {steps}/{steps} loss")[1].split("  sources: ")[1].split("\n")[0]

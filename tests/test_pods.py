@@ -224,6 +224,21 @@ def test_muon_on_two_processes_equals_one(shapes_tfds, small_spm, tmp_path):
                                [float(losses_one[s]) for s in range(1, 5)], atol=1e-5)
 
 
+def test_lora_on_two_processes_equals_one(shapes_tfds, small_spm, tmp_path):
+    """LoRA fine-tuning (train.lora) as a pod runs it: 2 processes x 2 devices, fsdp spanning them,
+    the losses and the merged export of 1 process on the same 4 devices."""
+    lora = ["--config.train.lora.rank=4", "--config.train.steps=4", "--config.evals.grounding.every=0"]
+    two = _finish(_launch(_train(tmp_path / "a", shapes_tfds, small_spm, *lora)))
+    assert "on 2 process(es); mesh data=2 fsdp=2" in two and "in LoRA adapters" in two, two[-3000:]
+    one = _finish(_launch(_train(tmp_path / "b", shapes_tfds, small_spm, *lora, "--config.data.shards=2"), 1, 4))
+    losses_two, losses_one = _losses(two), _losses(one)
+    assert sorted(losses_two) == [1, 2, 3, 4], two[-3000:]
+    np.testing.assert_allclose([float(losses_two[s]) for s in range(1, 5)],
+                               [float(losses_one[s]) for s in range(1, 5)], atol=1e-5)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+                           _params(tmp_path / "a" / "export"), _params(tmp_path / "b" / "export"))
+
+
 def test_two_slices_over_the_data_center_network_equal_one_process(shapes_tfds, small_spm, tmp_path):
     """mesh.dcn_data=2 on 2 processes x 2 devices (each process a slice: fsdp inside it, data
     across): the losses of 1 process on 4 devices; a SIGTERM saves, the restart finishes, the

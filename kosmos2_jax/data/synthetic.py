@@ -10,6 +10,7 @@ schema. Pure numpy/PIL and seeded: example i of a split depends only on (seed, s
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -140,6 +141,31 @@ def refexp_examples(record: dict) -> list[dict]:
     return sorted(out, key=lambda e: e["expression"])
 
 
+# other words for the colours, which the captions never use (the LoRA demo's new referring words)
+SYNONYMS = {"red": "crimson", "green": "emerald", "blue": "navy", "yellow": "golden", "purple": "violet",
+            "orange": "amber", "white": "ivory", "black": "ebony"}
+
+
+def refexp_lines(seed: int, split: str, num: int, vocabulary: str = "captions", image_size: int = 128):
+    """(image file name, PNG bytes, [refexp JSONL lines]) for the first `num` examples of a split:
+    one line per single-object noun chunk with its pixel box, the chunk's own words ("captions":
+    "a red circle") or another word for its colour ("synonyms": "the crimson shape"; only in
+    images of two shapes of different colours, so that the word alone tells which)."""
+    for i in range(num):
+        record = make_example(seed, split, i, image_size=image_size)
+        items = refexp_examples(record)
+        colours = [e["expression"].split()[1] for e in items]
+        if vocabulary == "synonyms" and (len(items) != 2 or len(set(colours)) != 2
+                                         or len(record["noun_chunks"]) != 2):
+            continue
+        name = f"{split}-{i}.png"
+        lines = [{"image": name,
+                  "expression": f"the {SYNONYMS[colour]} shape" if vocabulary == "synonyms" else e["expression"],
+                  "box": [round(float(v) * image_size, 3) for v in e["box"]], "width": image_size, "height": image_size}
+                 for e, colour in zip(items, colours)]
+        yield name, record["image"], lines
+
+
 def main(argv=None) -> int:
     """`python -m kosmos2_jax.data.synthetic captions --num 4000 --out captions.txt`: training text
     for the demo's sentencepiece model. `... images --split test --num 6 --out DIR`: images of a
@@ -161,11 +187,34 @@ def main(argv=None) -> int:
     img.add_argument("--size", type=cli.integer(16), default=128, help="pixels (the shapes dataset's: 128)")
     img.add_argument("--out", required=True, type=cli.output_dir, help="a folder")
     img.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    ref = sub.add_parser("refexp", help="write referring expressions of a split as SPLIT.jsonl + images/ "
+                                        "(data/annotations.py's refexp format)")
+    ref.add_argument("--split", default="train", choices=tuple(SPLIT_SEEDS))
+    ref.add_argument("--num", type=cli.integer(1), default=2000, help="examples of the split to read")
+    ref.add_argument("--vocabulary", default="captions", choices=("captions", "synonyms"),
+                     help="captions: the chunk's words ('a red circle'); synonyms: another word for the colour "
+                          "('the crimson shape')")
+    ref.add_argument("--seed", type=cli.integer(), default=0)
+    ref.add_argument("--out", required=True, type=cli.output_dir, help="a folder")
+    ref.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = parser.parse_args(argv)
     try:
         outputs.refuse_existing(args.out, args.overwrite)
     except UsageError as e:
         return cli.error(str(e))
+    if args.command == "refexp":
+        count = 0
+        with outputs.atomic_dir(args.out) as tmp:
+            os.makedirs(os.path.join(tmp, "images"))
+            with open(os.path.join(tmp, f"{args.split}.jsonl"), "w") as jsonl:
+                for name, png, lines in refexp_lines(args.seed, args.split, args.num, args.vocabulary):
+                    with open(os.path.join(tmp, "images", name), "wb") as f:
+                        f.write(png)
+                    for line in lines:
+                        jsonl.write(json.dumps(line) + "\n")
+                    count += len(lines)
+        print(f"wrote {count} {args.split} expressions ({args.vocabulary}) to {args.out}/{args.split}.jsonl")
+        return 0
     if args.command == "images":
         with outputs.atomic_dir(args.out) as tmp:
             for i in range(args.num):

@@ -193,6 +193,23 @@ class ShapesTask(RefExpTask):
         return items
 
 
+class RefExpJsonlTask(RefExpTask):
+    """Your own referring expressions: DATA_DIR/SPLIT.jsonl in data/annotations.py's `refexp` format
+    (image, expression, pixel box), images in DATA_DIR/images (or --image_dir); the first box of
+    each line is the target."""
+
+    def __init__(self):
+        super().__init__("refexp")
+
+    def load(self, data_dir, split):
+        from kosmos2_jax.data.annotations import load_items
+
+        path = _need(os.path.join(data_dir, f"{split}.jsonl"), "refexp expressions")
+        records = [r for r in load_items(path, "refexp", os.path.join(data_dir, "images")) if "bad" not in r]
+        return [{"id": r["key"], "image": r["image_file"], "phrase": r["caption"],
+                 "target": [float(v) for v in r["ref_exps"][0][2:6]]} for r in records]
+
+
 class FlickrEntitiesTask:
     """Phrase grounding: one prompt per phrase, `<grounding>{caption before it} <phrase>{phrase}</phrase>`;
     R@1/5/10 under ANY-BOX (IoU >= 0.5 with any ground-truth box of the phrase), per phrase type;
@@ -416,6 +433,7 @@ class LanguageTask:
 
 TASKS = {
     "shapes": ShapesTask(),
+    "refexp": RefExpJsonlTask(),
     "refcoco": RefExpTask("refcoco"), "refcoco+": RefExpTask("refcoco+"), "refcocog": RefExpTask("refcocog"),
     "flickr30k_entities": FlickrEntitiesTask(),
     "flickr30k_caption": CaptionTask("flickr30k_caption", "dataset_flickr30k.json"),
