@@ -127,7 +127,7 @@ def test_the_pipeline_s_tokens_equal_hf_s_processor(annotated, processor, hf_pro
 
 def test_synthetic_referring_expressions_in_the_jsonl_format_and_the_refexp_task(tmp_path):
     """`data.synthetic refexp` writes the format the `refexp` source and evaluation task read
-    (the LoRA demo's new words: "the crimson shape" for the red one, in images of two colours)."""
+    (the LoRA demo's new words: "the scarlet shape" for the red one, in images of two colours)."""
     import subprocess
     import sys
 

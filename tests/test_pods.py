@@ -287,8 +287,9 @@ def _finish_failing(procs, timeout=300):
 
 def test_a_run_resumes_on_another_process_count_both_ways(shapes_tfds, small_spm, tmp_path):
     """1 process x 4 devices reading 2 data shards, SIGTERM at step 5; the same command on 2
-    processes x 2 devices (a shard each) finishes it with the losses and export of the uninterrupted
-    1-process run; and the other way, 2 processes stopped at step 5 finish on 1 process."""
+    processes x 2 devices (a shard each), each process a slice (mesh.dcn_data=2: onto a
+    multi-slice mesh), finishes it with the losses and export of the uninterrupted 1-process run;
+    and the other way, 2 processes stopped at step 5 finish on 1 process."""
     cache = tmp_path / "jax_cache"
     one = _train(tmp_path / "one", shapes_tfds, small_spm, "--config.data.shards=2")
     whole = _finish(_launch(one, 1, 4, cache=cache))
@@ -301,8 +302,9 @@ def test_a_run_resumes_on_another_process_count_both_ways(shapes_tfds, small_spm
             proc.send_signal(signal.SIGTERM)
     first += proc.communicate(timeout=300)[0]
     assert proc.returncode == 0 and len(_lines(first, "SIGTERM: saved step")) == 1, first[-3000:]
-    second = _finish(_launch(run, 2, 2, cache=cache))
-    assert "resumed from step" in second, second[-3000:]
+    slices = ["--config.mesh.dcn_data=2", "--config.mesh.data=1", "--config.mesh.fsdp=2"]
+    second = _finish(_launch(run + slices, 2, 2, cache=cache))
+    assert "resumed from step" in second and "mesh data=2 fsdp=2" in second, second[-3000:]
     _equal_to_uninterrupted([first, second], whole, tmp_path / "run" / "export", tmp_path / "one" / "export")
 
     back = _train(tmp_path / "back", shapes_tfds, small_spm, "--config.data.shards=2")

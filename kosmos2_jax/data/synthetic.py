@@ -141,15 +141,16 @@ def refexp_examples(record: dict) -> list[dict]:
     return sorted(out, key=lambda e: e["expression"])
 
 
-# other words for the colours, which the captions never use (the LoRA demo's new referring words)
-SYNONYMS = {"red": "crimson", "green": "emerald", "blue": "navy", "yellow": "golden", "purple": "violet",
-            "orange": "amber", "white": "ivory", "black": "ebony"}
+# other words for the colours, which the captions never use (the LoRA demo's new referring words;
+# each spelled with letters the captions have, so the demo's tokenizer reads it back unchanged)
+SYNONYMS = {"red": "scarlet", "green": "olive", "blue": "navy", "yellow": "golden", "purple": "violet",
+            "orange": "tangerine", "white": "ivory", "black": "ebony"}
 
 
 def refexp_lines(seed: int, split: str, num: int, vocabulary: str = "captions", image_size: int = 128):
     """(image file name, PNG bytes, [refexp JSONL lines]) for the first `num` examples of a split:
     one line per single-object noun chunk with its pixel box, the chunk's own words ("captions":
-    "a red circle") or another word for its colour ("synonyms": "the crimson shape"; only in
+    "a red circle") or another word for its colour ("synonyms": "the scarlet shape"; only in
     images of two shapes of different colours, so that the word alone tells which)."""
     for i in range(num):
         record = make_example(seed, split, i, image_size=image_size)
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     ref.add_argument("--num", type=cli.integer(1), default=2000, help="examples of the split to read")
     ref.add_argument("--vocabulary", default="captions", choices=("captions", "synonyms"),
                      help="captions: the chunk's words ('a red circle'); synonyms: another word for the colour "
-                          "('the crimson shape')")
+                          "('the scarlet shape')")
     ref.add_argument("--seed", type=cli.integer(), default=0)
     ref.add_argument("--out", required=True, type=cli.output_dir, help="a folder")
     ref.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
