@@ -56,7 +56,8 @@ class Dense(nn.Module):
         # contracting over B and T, ~1.6x slower than the same contraction on the flattened rows.
         # promote_dtype rather than astype: Qwix's QLoRA sees a quantized kernel through it (train/lora.py)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+        # (astype: Qwix's LoRA adds a float32 delta to a bfloat16 product)
+        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
                               (self.features,), self.param_dtype)

@@ -3,6 +3,7 @@ checks of training (`train/compile_check.py`) and serving (`inference/serving_ch
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -24,9 +25,12 @@ def _describe(generation: str, shape: str, num_slices: int = 1):
                          "(the version for jax 0.10.2; no TPU needed)")
     # Describing a slice needs no TPU: don't contend for libtpu's lock with a job that uses the chips.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    dims = [int(d) for d in shape.split("x")]
+    # a slice smaller than a host's 2x2 chips (v5e-1, a single-chip VM) is one host of its own shape
+    host = dict(chips_per_host_bounds=tuple(dims + [1] * (3 - len(dims)))) if math.prod(dims) < 4 else {}
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shape}",
-                                            num_slices=num_slices).devices
+                                            num_slices=num_slices, **host).devices
     except Exception as e:  # a shape libtpu does not know
         raise UsageError(f"libtpu cannot describe TPU topology {generation}:{shape}: "
                          f"{(str(e).splitlines() or [''])[0][:200]}") from None
