@@ -163,7 +163,16 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
           f"{hbm_gib:.1f} GiB HBM each; mesh {mesh}; batch {cfg.train.batch_size} x {cfg.data.seq_len}", flush=True)
     t0 = time.time()
     with jax.set_mesh(trainer.mesh), sharding.logical_axis_rules(trainer.rules):
-        compiled = trainer._step_fn.lower(trainer.state, batch).compile()
+        try:
+            compiled = trainer._step_fn.lower(trainer.state, batch).compile()
+        except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program larger than the chip's HBM
+            needed = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
+                raise
+            print(f"per device: temporaries {float(needed.group(1)):.2f} GiB, more than the {needed.group(2)} GiB "
+                  f"of HBM XLA leaves them: DOES NOT FIT (XLA refused to compile it)", flush=True)
+            return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape), "fits": False,
+                    "temporaries_gib": float(needed.group(1)), "hbm_gib": hbm_gib, "num_slices": num_slices}
     seconds = time.time() - t0
     mem = compiled.memory_analysis()
     gib = lambda n: n / 2 ** 30
