@@ -437,7 +437,7 @@ def test_language_instructions_have_their_loss_on_the_answer(small_processor, tm
 
 def test_mixture_follows_the_configured_weights_and_resumes_exactly(tfds_dir, small_processor, tmp_path):
     """Four kinds at weights 4:3:2:1 (relative): the examples drawn from each over 200 batches
-    are within 3 points of the weights; all eight kinds mixed with packing resume at batch 3
+    are within 3 points of the weights; every kind mixed with packing resumes at batch 3
     exactly as the uninterrupted run."""
     root, _ = tfds_dir
     grounded = str(root / "shapes" / "grounded" / "1.0.0")
@@ -468,7 +468,19 @@ def test_mixture_follows_the_configured_weights_and_resumes_exactly(tfds_dir, sm
     (tmp_path / "llava.json").write_text(json.dumps([{"id": str(i), "image": "a.jpg", "conversations": conversation}
                                                      for i in range(10)]))
     documents = REPO / "data" / "interleaved" / "dummy_data"
-    mixed = sources + [Source("grounded_instruct", "grit_instruct", data_dir=grounded, weight=1),
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps({"image": "a.jpg", "expression": f"the red {i}",
+                                                             "box": [2, 3, 20 + i, 25]}) + "\n" for i in range(10)))
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": "a.jpg", "width": 40, "height": 30} for i in range(10)],
+        "categories": [{"id": 1, "name": "red square"}],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 2, 10 + i, 8]} for i in range(10)]}))
+    (tmp_path / "odvg.jsonl").write_text("".join(json.dumps({"filename": "a.jpg", "width": 40, "height": 30, "grounding": {
+        "caption": f"a red square {i}", "regions": [{"bbox": [0, 0, 20, 20 + i], "phrase": "a red square"}]}}) + "\n"
+        for i in range(10)))
+    images = str(tmp_path / "images")
+    mixed = sources + [Source("refs", "refexp", path=str(tmp_path / "refs.jsonl"), data_dir=images),
+                       Source("coco", "coco", path=str(tmp_path / "coco.json"), data_dir=images),
+                       Source("odvg", "odvg", path=str(tmp_path / "odvg.jsonl"), data_dir=images),Source("grounded_instruct", "grit_instruct", data_dir=grounded, weight=1),
                        Source("caption", "caption", data_dir=grounded, weight=1),
                        Source("llava", "llava", path=str(tmp_path / "llava.json"), data_dir=str(tmp_path / "images")),
                        Source("web", "interleaved", path=str(documents), data_dir=str(documents / "images"), weight=2)]

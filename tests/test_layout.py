@@ -15,7 +15,7 @@ ALLOWED = {
     "inference": {"models", "format", "utils"},
     "data": {"format", "utils"},
     "grit": {"format", "models", "weights", "utils"},
-    "evaluation": {"format", "inference", "models", "weights", "utils"},
+    "evaluation": {"data", "format", "inference", "models", "weights", "utils"},  # data: the refexp JSONL reader
     "serving": {"format", "inference", "models", "weights", "utils"},
     "train": {"data", "evaluation", "format", "inference", "models", "weights", "utils"},
 }
