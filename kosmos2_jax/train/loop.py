@@ -171,6 +171,9 @@ def build_state(cfg, workdir: str, model, tokenizer, shards: int, say):
         raise UsageError("set one of init.hf_dir and init.checkpoint, not both")
     if cfg.optim.lr_multipliers:  # a pattern matching no parameter: refused before anything is written
         lr_multipliers(nn.unbox(jax.eval_shape(model_init(model), jax.random.PRNGKey(0))), cfg.optim.lr_multipliers)
+    if lora.enabled(cfg.train.lora):  # targets that match no layer: refused before anything is written
+        adapted = lora.apply(model, cfg.train.lora)
+        lora.require_adapters(nn.unbox(jax.eval_shape(model_init(adapted), jax.random.PRNGKey(0))), cfg.train.lora)
     checkpoints = Checkpoints(workdir, cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_ckpt)
     try:
         start, later = resume_step(checkpoints, cfg.train.resume_step, workdir)
