@@ -181,7 +181,8 @@ def test_every_config_runs_with_runlocal(name, demo_root, tmp_path, capsys):
                     finetune_refcoco=["train"], finetune_coco=["train"], kosmos2_instruct=["train", "grounded_instruct", "llava", "flan",
                                                                   "unnatural_instructions", "text", "interleaved"])
     parts = [p for p in mixture.split("; ")[1:] if not p.startswith("validation")]
-    names = ["train"] if len(parts) == 1 and parts[0].startswith("training ") else [p.split(" ")[0] for p in parts]
+    single = len(parts) == 1 and ("training records" in parts[0] or parts[0].startswith("training data "))
+    names = ["train"] if single else [p.split(" ")[0] for p in parts]
     assert sorted(names) == sorted(expected[name]), mixture
     if len(expected[name]) > 1:  # each part of the mixture's own loss and examples
         line = console.split(f"step {steps}/{steps} loss")[1].split("  sources: ")[1].split("\n")[0]
