@@ -82,6 +82,16 @@ def ban_repeated_ngrams(scores, tokens, cur_len, start, n: int):
     return jnp.where(banned, NEG_INF, scores)
 
 
+def first_argmax(scores):
+    """`jnp.argmax(scores, axis=-1)` (the first maximum) as two plain reductions, a max and a min over
+    the indices holding it: XLA:CPU runs argmax as a (value, index) reduction that it does not
+    vectorize, 5x slower over a 65k vocabulary at 8 rows (benchmarks: 1.30 against 0.26 ms).
+    Indices as float32 are exact below 2**24."""
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    index = jnp.arange(scores.shape[-1], dtype=jnp.float32)
+    return jnp.min(jnp.where(scores == top, index, jnp.inf), axis=-1).astype(jnp.int32)
+
+
 def top_p_filter(logits, top_p: float):
     """HF TopPLogitsWarper: drop the smallest tokens whose cumulative probability is <= 1 - top_p."""
     if top_p >= 1.0:
@@ -385,17 +395,19 @@ def _greedy_start(s: _Settings, rows: int, rng) -> dict:
 
 
 def _greedy_choose(s: _Settings, prompt_len: int, logits, carry, step, start):
+    """HF's greedy and sampling steps: the logits processors on the raw logits, then the argmax or
+    a draw; the chosen token's log-probability under the processed distribution."""
     tokens, finished, rng = carry["tokens"], carry["finished"], carry["rng"]
     cur = prompt_len + step
-    scores = jax.nn.log_softmax(logits, axis=-1) if not s.do_sample else logits
-    scores = ban_repeated_ngrams(scores, tokens, cur, start, s.no_repeat_ngram_size)
+    scores = ban_repeated_ngrams(logits, tokens, cur, start, s.no_repeat_ngram_size)
     if s.do_sample:
         scores = top_p_filter(scores / s.temperature, s.top_p)
         rng, sub = jax.random.split(rng)
         nxt = jax.random.categorical(sub, scores, axis=-1)
     else:
-        nxt = jnp.argmax(scores, axis=-1)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), nxt[:, None], axis=1)[:, 0]
+        nxt = first_argmax(scores)
+    chosen = jnp.take_along_axis(scores, nxt[:, None], axis=1)[:, 0]
+    logp = chosen - jax.nn.logsumexp(scores, axis=-1)
     nxt = jnp.where(finished, s.pad_token_id, nxt.astype(tokens.dtype))
     carry = dict(carry, rng=rng, scores=carry["scores"].at[:, step].set(jnp.where(finished, 0.0, logp)),
                  tokens=jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], cur, axis=1),

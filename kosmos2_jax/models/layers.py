@@ -202,10 +202,11 @@ class Attention(nn.Module):
         k = split(checkpoint_name(dense("k_proj")(kv), "key_proj"))
         v = split(checkpoint_name(dense("v_proj")(kv), "value_proj"))
         q = constrain(q, ("act_batch", "act_len", "act_heads", None))
+        kv_layout = "bkhd"
         if decode:
-            k, v = self._update_cache(k, v)
+            k, v, kv_layout = self._update_cache(k, v)
         if self.impl == "einsum" or decode:
-            out = self._einsum_attention(q, k, v, bias, deterministic)
+            out = self._einsum_attention(q, k, v, bias, deterministic, kv_layout)
         else:
             if self.dropout > 0.0 and not deterministic:
                 raise UsageError(f"attention_impl={self.impl!r} has no attention dropout "
@@ -219,29 +220,35 @@ class Attention(nn.Module):
         out = Dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
         return checkpoint_name(out, "out_proj")
 
-    def _einsum_attention(self, q, k, v, bias, deterministic):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32).astype(jnp.float32)
+    def _einsum_attention(self, q, k, v, bias, deterministic, kv_layout: str = "bkhd"):
+        """`kv_layout`: the axes of `k` and `v`, "bkhd" as projected or "bhkd" as the cache keeps them."""
+        logits = jnp.einsum(f"bqhd,{kv_layout}->bhqk", q, k, preferred_element_type=jnp.float32).astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1)
         if self.dropout > 0.0 and not deterministic:
             weights = nn.Dropout(self.dropout)(weights, deterministic=False)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+        return jnp.einsum(f"bhqk,{kv_layout}->bqhd", weights.astype(self.dtype), v)
 
     def _update_cache(self, k, v):
-        """Write this step's keys/values at `cache_index`; the cache is created by `init` with the
-        full decoding length (the length of the input used to initialize it)."""
+        """Write this step's keys/values at `cache_index` -> (keys, values, their layout); the cache
+        is created by `init` with the full decoding length (the length of the input used to
+        initialize it). It keeps the heads before the positions, [B, heads, len, head_dim], the
+        layout both attention products take as they are: in the projections' [B, len, heads,
+        head_dim] XLA copied every layer's whole cache into the other layout at every decoding step
+        (MaxText orders its decoding cache for the same reason, `ar_cache_axis_order`)."""
         is_init = not self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        heads_major = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, heads_major(k).shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, heads_major(v).shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if is_init:
-            return k, v
-        start = (0, index.value, 0, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
+            return k, v, "bkhd"
+        start = (0, 0, index.value, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, heads_major(k).astype(cached_k.value.dtype), start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, heads_major(v).astype(cached_v.value.dtype), start)
         index.value = index.value + k.shape[1]
-        return cached_k.value, cached_v.value
+        return cached_k.value, cached_v.value, "bhkd"
 
 
 # Activations tagged with `checkpoint_name` in every block (attention: q/k/v projections, the
