@@ -51,6 +51,12 @@ def test_splash_attention_compiles_for_a_tpu_slice(small_spm):
                    "--config.model.text.attention_dropout=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh data=1 fsdp=4 tensor=2" in out.stdout and "compiled in" in out.stdout
+    # the Mosaic kernel, not Pallas's interpreter (which a CPU host would pick by its own platform)
+    assert re.search(r"; \d+ Pallas kernels compiled for the chip", out.stdout), out.stdout[-2000:]
+    estimate = re.search(r"XLA's estimate .*: ([\d.e+-]+) ms per step \+ ([\d.e+-]+) ms for the attention's FLOPs in "
+                         r"the \d+ Pallas kernels .* = ([\d.e+-]+) ms, [\d.]+% MFU", out.stdout)
+    assert estimate and float(estimate.group(3)) == pytest.approx(float(estimate.group(1)) + float(estimate.group(2)),
+                                                                  rel=1e-2), out.stdout[-2000:]
 
 
 @needs_libtpu

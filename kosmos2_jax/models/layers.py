@@ -100,6 +100,12 @@ def fused_attention(q, k, v, mask, causal: bool, impl: str, lengths=None):
     return out[:, :q_len]
 
 
+def mesh_platform(mesh) -> str | None:
+    """The platform of an abstract mesh's devices ("tpu" for a described slice), None without one."""
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None)
+
+
 SPLASH_BLOCK = 512  # the largest splash block; shorter sequences are padded to a multiple of 128
 
 
@@ -126,7 +132,7 @@ def splash_attention(q, k, v, causal: bool, segment_ids=None, interpret: bool | 
         q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)
     mesh = jax.sharding.get_abstract_mesh()
     if interpret is None:  # the mesh's platform: compiling for a TPU slice from a CPU host is not interpreting
-        interpret = ((None if mesh.empty else getattr(mesh, "platform", None)) or jax.default_backend()) != "tpu"
+        interpret = (mesh_platform(mesh) or jax.default_backend()) != "tpu"
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
 

@@ -28,7 +28,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from kosmos2_jax.models import sharding
-from kosmos2_jax.train.flops import train_flops
+from kosmos2_jax.train.flops import attention_kernel_flops, train_flops
 from kosmos2_jax.utils.errors import UsageError
 from kosmos2_jax.utils.tpu import chip_count, topology_devices
 
@@ -124,6 +124,37 @@ def layer_extrapolated(estimate, vision_layers: int, text_layers: int, frozen_vi
     return base + (vision_layers - 1) * (vision - base) + (text_layers - 1) * (text - base)
 
 
+def pallas_kernels(hlo_text: str) -> int:
+    """Pallas (Mosaic) kernels in a compiled TPU program. XLA's cost model sees only their operands'
+    bytes: a kernel that declares no `pl.CostEstimate` (splash attention in jax 0.10.2) gets no
+    FLOPs and almost no time in `optimal_seconds`."""
+    return hlo_text.count('custom_call_target="tpu_custom_call"')
+
+
+def twins_estimate(cfg, config, vocab: int, batch, devices, train_step) -> float | None:
+    """XLA's step time for `cfg` (its model: `config`) from three twins with unrolled layers and the plain loss, 1 or 2
+    layers a tower, extrapolated linearly to the config's layers (`layer_extrapolated`). The cost
+    model counts a scanned stack's body once and gives no time for the chunked loss's loop (a
+    negative one), and compiling the full model unrolled takes tens of minutes here; the plain
+    loss's LM head runs on every position, no faster than the chunked one."""
+    from kosmos2_jax.models import Kosmos2
+    from kosmos2_jax.train.trainer import Trainer, model_config
+
+    def estimate(vision_layers, text_layers):
+        twin = copy.deepcopy(cfg)
+        with twin.unlocked():
+            twin.model.update(scan_layers=False)
+            twin.model.vision.num_hidden_layers, twin.model.text.layers = vision_layers, text_layers
+            twin.train.loss_impl = "plain"
+        small = Trainer(Kosmos2(model_config(twin, vocab)), twin, vocab - cfg.num_location_tokens,
+                        cfg.num_location_tokens, abstract=True, devices=devices, train_step=train_step)
+        with jax.set_mesh(small.mesh), sharding.logical_axis_rules(small.rules):
+            return _optimal_seconds(small._step_fn.lower(small.state, batch).compile())
+
+    return layer_extrapolated(estimate, config.vision.num_hidden_layers, config.text.layers,
+                              frozen_vision=config.frozen_vision_layers)
+
+
 def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
     """AOT-compile the config's init-free train step (train/loop.py's, or the `train_step` given)
     for `topology` (`num_slices` of them joined by the data-center network) and print the report."""
@@ -201,46 +232,38 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
     print(f"per device: arguments {gib(arguments):.2f} GiB, outputs {gib(outputs):.2f} GiB "
           f"({gib(aliased):.2f} GiB donated, aliased), temporaries {gib(temporaries):.2f} GiB, "
           f"total {gib(total):.2f} GiB of {hbm_gib:.1f} GiB: {'fits' if fits else 'DOES NOT FIT'}")
+    kernels = pallas_kernels(compiled.as_text())
     print(f"compiled in {seconds:.0f} s; XLA counts {xla_flops / 1e12:.2f} TFLOP per device per step, the model "
           f"{model_flops / 1e12:.2f} (ratio {xla_flops / max(model_flops, 1):.2f}"
-          + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")", flush=True)
-    # XLA's own cost model (TPU): the step's best-case time. It counts a scanned stack's body once
-    # and gives no time for the chunked loss's loop (a negative one), and compiling the full model
-    # unrolled takes tens of minutes here; so those configs are estimated from three small twins
-    # with unrolled layers and the plain loss (whose LM head runs on every position: no faster
-    # than the chunked one), 1 or 2 layers a tower, extrapolated linearly to the config's layers
-    # (`layer_extrapolated`). Multi-slice programs get no time at all.
+          + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")"
+          + (f"; {kernels} Pallas kernels compiled for the chip" if kernels else ""), flush=True)
+    # XLA's own cost model (TPU): the step's best-case time; from unrolled twins (`twins_estimate`)
+    # where it cannot count the program itself. Multi-slice programs get no time at all.
     estimate = _optimal_seconds(compiled)
     twin_changes = {k: v for k, v, wanted in (("scan_layers", False, config.scan_layers),
                                               ("loss_impl", "plain", cfg.train.loss_impl == "chunked")) if wanted}
     if twin_changes and num_slices == 1:
-        def twin_estimate(vision_layers, text_layers):
-            twin = copy.deepcopy(cfg)
-            with twin.unlocked():
-                twin.model.update(scan_layers=False)
-                twin.model.vision.num_hidden_layers, twin.model.text.layers = vision_layers, text_layers
-                twin.train.loss_impl = "plain"
-            small = Trainer(Kosmos2(model_config(twin, vocab)), twin, vocab - cfg.num_location_tokens,
-                            cfg.num_location_tokens, abstract=True, devices=devices, train_step=train_step)
-            with jax.set_mesh(small.mesh), sharding.logical_axis_rules(small.rules):
-                return _optimal_seconds(small._step_fn.lower(small.state, batch).compile())
-
-        estimate = layer_extrapolated(twin_estimate, config.vision.num_hidden_layers, config.text.layers,
-                                      frozen_vision=config.frozen_vision_layers)
-    mfu = None
+        estimate = twins_estimate(cfg, config, vocab, batch, devices, train_step)
+    mfu = kernel_s = None
     if estimate is None:
         print("XLA's estimate: none (its cost model reports no time for this program; multi-slice programs "
               "get none)", flush=True)
     else:
         peak = PEAK_BF16_TFLOPS[described.split(":")[0]] * 1e12 * chip_count(devices) / len(devices)
-        mfu = model_flops / (estimate * peak)
-        print(f"XLA's estimate (its cost model, not a measurement): {estimate * 1e3:.4g} ms per step, "
-              f"{100 * mfu:.1f}% MFU against the chip's {peak / 1e12:.0f} bf16 TFLOP/s per device"
+        if kernels:  # the kernels' FLOPs at the chip's peak: the least time they can add
+            kernel_s = attention_kernel_flops(config, rows, cfg.data.seq_len, rows * slots) / len(devices) / peak
+        mfu = model_flops / ((estimate + (kernel_s or 0.0)) * peak)
+        print(f"XLA's estimate (its cost model, not a measurement): {estimate * 1e3:.4g} ms per step"
+              + (f" + {kernel_s * 1e3:.3g} ms for the attention's FLOPs in the {kernels} Pallas kernels at the "
+                 f"chip's peak (the cost model counts only their bytes) = {(estimate + kernel_s) * 1e3:.4g} ms"
+                 if kernels else "")
+              + f", {100 * mfu:.1f}% MFU against the chip's {peak / 1e12:.0f} bf16 TFLOP/s per device"
               + (f" (from unrolled twins of 1-2 layers a tower with the plain loss: "
                  f"{', '.join(f'{k}={v}' for k, v in twin_changes.items())} here)" if twin_changes else ""),
               flush=True)
     return {"topology": described, "devices": len(devices), "mesh": dict(trainer.mesh.shape), "num_slices": num_slices,
             "cross_slice": crossing, "estimated_step_s": estimate, "estimated_mfu": mfu,
+            "pallas_kernels": kernels, "kernel_flops_at_peak_s": kernel_s,
             "hbm_gib": hbm_gib, "arguments_gib": gib(arguments), "outputs_gib": gib(outputs),
             "temporaries_gib": gib(temporaries), "total_gib": gib(total), "fits": fits, "compile_s": seconds,
             "xla_tflop": xla_flops / 1e12, "model_tflop": model_flops / 1e12, "replicated": replicated,

@@ -33,6 +33,17 @@ def forward_flops(config, rows: int, seq_len: int, images: int) -> dict:
     return {"vision": vision, "resampler": resampler, "decoder": decoder}
 
 
+def attention_kernel_flops(config, rows: int, seq_len: int, images: int) -> float:
+    """Matmul FLOPs a train step spends inside the towers' attention (scores and weighted sum;
+    forward and backward, 3x): what a fused kernel computes, the decoder's causal half only (a
+    kernel such as splash skips the blocks above the diagonal)."""
+    v, t = config.vision, config.text
+    n = (v.image_size // v.patch_size) ** 2 + 1
+    vision = images * v.num_hidden_layers * 2 * 2 * n * n * v.hidden_size
+    decoder = t.layers * rows * 2 * 2 * seq_len * seq_len * t.embed_dim / 2
+    return 3 * (vision + decoder)
+
+
 def train_flops(config, rows: int, seq_len: int, images: int, targets: int) -> float:
     """Model FLOPs of one train step: 3x the forward (the backward is twice it), plus the LM head
     on `targets` positions (logits, d hidden, d embedding: 3 matmuls)."""
