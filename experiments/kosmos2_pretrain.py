@@ -6,6 +6,7 @@
         --config.data.sources.interleaved.path=mmc4/docs --config.data.sources.interleaved.data_dir=mmc4/images
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py --compile_only --topology v5p-128 \\
         --config.train.batch_size=256                                  # memory and sharding, no TPU needed
+    python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py:tpu --compile_only --topology v5p-128
     python -m kosmos2_jax.train --config experiments/kosmos2_pretrain.py:runlocal --workdir /tmp/smoke
 
 AdamW b=(0.9, 0.98), eps 1e-6, weight decay 0.01, peak LR 2e-4, 375 warm-up steps, linear decay to 0
@@ -27,9 +28,18 @@ from kosmos2_jax.train import presets
 
 
 def get_config(arg=None):
-    args = presets.parse_arg(arg, runlocal=False, data=presets.DEMO_DATA)
+    args = presets.parse_arg(arg, runlocal=False, tpu=False, data=presets.DEMO_DATA)
     c = presets.base()
     # the LM head in chunks where there are targets (train/loss.py): the plain loss's logits
     # (rows x 2048 x 65,037, float32) cost GiBs per device (docs/training.md, compile-only table)
     c.train.loss_impl = "chunked"
+    if args.tpu:
+        # `:tpu`, the best row of XLA's step-time estimates on v5p-128 (docs/benchmarks.md: einsum
+        # vs splash x remat x batch 256/512): Pallas splash attention, which has no attention
+        # dropout (the paper's 0.1 becomes 0), the config's remat, 256 rows a step (two a chip on
+        # v5p-128: the paper's 208 does not divide by 128 chips).
+        c.model.attention_impl = "splash"
+        c.model.text.attention_dropout = 0.0
+        c.model.remat_policy = "dots_with_no_batch_dims"
+        c.train.batch_size = 256
     return presets.runlocal(c, args.data) if args.runlocal else c

@@ -87,10 +87,22 @@ def test_pretrain_config_is_table_7():
 
 
 def test_runlocal_arguments_are_checked():
-    with pytest.raises(ValueError, match="unknown key 'runlokal'; known: data, runlocal"):
+    with pytest.raises(ValueError, match="unknown key 'runlokal'; known: data, runlocal, tpu"):
         _config("kosmos2_pretrain", "runlokal")
     small = _config("kosmos2_pretrain", "runlocal,data=/d")
     assert small.train.steps <= 4 and small.model.text.layers == 2 and small.data.sources.train.data_dir.startswith("/d/")
+
+
+def test_pretrain_tpu_variant_is_the_estimate_table_s_best_row():
+    """`:tpu` changes the attention, its dropout, remat and batch only (docs/benchmarks.md)."""
+    paper, tpu = _config("kosmos2_pretrain").to_dict(), _config("kosmos2_pretrain", "tpu").to_dict()
+    assert (tpu["model"]["attention_impl"], tpu["model"]["text"]["attention_dropout"]) == ("splash", 0.0)
+    assert (tpu["model"]["remat_policy"], tpu["train"]["batch_size"]) == ("dots_with_no_batch_dims", 256)
+    for section in ("model", "train"):
+        for key in ("attention_impl", "remat_policy", "batch_size"):
+            paper[section].pop(key, None), tpu[section].pop(key, None)
+    paper["model"]["text"].pop("attention_dropout"), tpu["model"]["text"].pop("attention_dropout")
+    assert paper == tpu
 
 
 def _instruction_files(tmp_path, cfg):
