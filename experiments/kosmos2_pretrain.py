@@ -22,6 +22,8 @@ Target: the paper's zero-shot results (Flickr30k Entities test R@1 78.7, RefCOCO
 KOSMOS-1 (not public; `--config.init.hf_dir` starts from released weights). Measured: the compile-only check fits v5p-128 (18.4 GiB per device of 95) and v5e-256
 (7.6 of 16), not v4-128 (README, *Pods*); on one H100 the step reaches 24-34% MFU with
 `--config.model.attention_impl=cudnn --config.model.text.attention_dropout=0` (docs/benchmarks.md).
+`:tpu` compile-only on v5p-64 (4 rows a chip): 29.0 GiB a chip of 95, XLA's estimate 583 ms a step,
+46.6% MFU; the paper's settings (einsum attention) estimate 27.5-29.9% on v5p-128 (docs/benchmarks.md).
 """
 
 from kosmos2_jax.train import presets
