@@ -480,7 +480,8 @@ def test_mixture_follows_the_configured_weights_and_resumes_exactly(tfds_dir, sm
     images = str(tmp_path / "images")
     mixed = sources + [Source("refs", "refexp", path=str(tmp_path / "refs.jsonl"), data_dir=images),
                        Source("coco", "coco", path=str(tmp_path / "coco.json"), data_dir=images),
-                       Source("odvg", "odvg", path=str(tmp_path / "odvg.jsonl"), data_dir=images),Source("grounded_instruct", "grit_instruct", data_dir=grounded, weight=1),
+                       Source("odvg", "odvg", path=str(tmp_path / "odvg.jsonl"), data_dir=images),
+                       Source("grounded_instruct", "grit_instruct", data_dir=grounded, weight=1),
                        Source("caption", "caption", data_dir=grounded, weight=1),
                        Source("llava", "llava", path=str(tmp_path / "llava.json"), data_dir=str(tmp_path / "images")),
                        Source("web", "interleaved", path=str(documents), data_dir=str(documents / "images"), weight=2)]

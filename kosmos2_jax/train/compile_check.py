@@ -132,8 +132,9 @@ def pallas_kernels(hlo_text: str) -> int:
 
 
 def twins_estimate(cfg, config, vocab: int, batch, devices, train_step) -> float | None:
-    """XLA's step time for `cfg` (its model: `config`) from three twins with unrolled layers and the plain loss, 1 or 2
-    layers a tower, extrapolated linearly to the config's layers (`layer_extrapolated`). The cost
+    """XLA's step time for `cfg` (its model: `config`) from three twins with unrolled layers and the
+    plain loss, 1 or 2 layers a tower, extrapolated linearly to the config's layers
+    (`layer_extrapolated`). The cost
     model counts a scanned stack's body once and gives no time for the chunked loss's loop (a
     negative one), and compiling the full model unrolled takes tens of minutes here; the plain
     loss's LM head runs on every position, no faster than the chunked one."""
@@ -224,7 +225,8 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
         print(name.ljust(width), str(shape).ljust(22), spec + (f"   replicated: {why}" if why else ""))
     replicated = sum(1 for *_, why in table if why)
     print(f"{replicated} of {len(table)} parameters replicated", flush=True)
-    crossing = cross_slice_collectives(compiled.as_text()) if num_slices > 1 else {}
+    hlo = compiled.as_text()
+    crossing = cross_slice_collectives(hlo) if num_slices > 1 else {}
     if num_slices > 1:
         listed = "; ".join(f"{kind} x {n} ({nbytes / 2 ** 20:.1f} MiB sent per device per step)"
                            for kind, (n, nbytes) in sorted(crossing.items())) or "none"
@@ -232,7 +234,7 @@ def check(cfg, topology: str, train_step=None, num_slices: int = 1) -> dict:
     print(f"per device: arguments {gib(arguments):.2f} GiB, outputs {gib(outputs):.2f} GiB "
           f"({gib(aliased):.2f} GiB donated, aliased), temporaries {gib(temporaries):.2f} GiB, "
           f"total {gib(total):.2f} GiB of {hbm_gib:.1f} GiB: {'fits' if fits else 'DOES NOT FIT'}")
-    kernels = pallas_kernels(compiled.as_text())
+    kernels = pallas_kernels(hlo)
     print(f"compiled in {seconds:.0f} s; XLA counts {xla_flops / 1e12:.2f} TFLOP per device per step, the model "
           f"{model_flops / 1e12:.2f} (ratio {xla_flops / max(model_flops, 1):.2f}"
           + ("; a scanned stack's body is counted once" if config.scan_layers else "") + ")"

@@ -21,27 +21,34 @@ def forward_flops(config, rows: int, seq_len: int, images: int) -> dict:
     patches = (v.image_size // v.patch_size) ** 2
     n = patches + 1  # + the class token
     dense = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size  # q, k, v, out, fc1, fc2
+    vision_attention, decoder_attention = _attention_products(config, rows, seq_len, images)
     vision = images * (2 * patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
-                       + v.num_hidden_layers * (n * 2 * dense + 2 * 2 * n * n * v.hidden_size))
+                       + v.num_hidden_layers * n * 2 * dense) + vision_attention
     d = t.embed_dim
     resampler = images * (2 * n * v.hidden_size * d  # dense to the text width
                           + 2 * q * d * d * 2  # q_proj and out_proj on the queries
                           + 2 * (n + q) * d * d * 2  # k_proj and v_proj on [tokens; queries]
                           + 2 * 2 * q * (n + q) * d)  # logits and weighted sum
     tokens = rows * seq_len
-    decoder = t.layers * (tokens * 2 * (4 * d * d + 2 * d * t.ffn_dim) + rows * 2 * 2 * seq_len * seq_len * d)
+    decoder = t.layers * tokens * 2 * (4 * d * d + 2 * d * t.ffn_dim) + decoder_attention
     return {"vision": vision, "resampler": resampler, "decoder": decoder}
+
+
+def _attention_products(config, rows: int, seq_len: int, images: int) -> tuple[float, float]:
+    """(vision, decoder) FLOPs of the self-attention products (scores and weighted sum) in one
+    forward, every position against every other."""
+    v, t = config.vision, config.text
+    n = (v.image_size // v.patch_size) ** 2 + 1  # + the class token
+    return (images * v.num_hidden_layers * 2 * 2 * n * n * v.hidden_size,
+            t.layers * rows * 2 * 2 * seq_len * seq_len * t.embed_dim)
 
 
 def attention_kernel_flops(config, rows: int, seq_len: int, images: int) -> float:
     """Matmul FLOPs a train step spends inside the towers' attention (scores and weighted sum;
     forward and backward, 3x): what a fused kernel computes, the decoder's causal half only (a
     kernel such as splash skips the blocks above the diagonal)."""
-    v, t = config.vision, config.text
-    n = (v.image_size // v.patch_size) ** 2 + 1
-    vision = images * v.num_hidden_layers * 2 * 2 * n * n * v.hidden_size
-    decoder = t.layers * rows * 2 * 2 * seq_len * seq_len * t.embed_dim / 2
-    return 3 * (vision + decoder)
+    vision, decoder = _attention_products(config, rows, seq_len, images)
+    return 3 * (vision + decoder / 2)
 
 
 def train_flops(config, rows: int, seq_len: int, images: int, targets: int) -> float:
