@@ -152,7 +152,10 @@ def main(argv=None) -> int:
     from kosmos2_jax.utils import cli
 
     args = parse_args(argv)
-    cli.apply_compilation_cache_flags(args)
+    if args.compile_only:  # a described TPU slice's executables cannot be read back here: keep none
+        cli.use_compilation_cache(None)
+    else:
+        cli.apply_compilation_cache_flags(args)
     return cli.run(lambda: predict(args))
 
 

@@ -410,27 +410,27 @@ def test_the_examples_show_and_fill_every_tab(checkpoint, spm, images, tmp_path)
     folder.mkdir()
     for path in images[:3]:
         shutil.copy(path, folder)
-    with open(tmp_path / "serve.log", "w") as log:
+    with open(tmp_path / "serve.log", "w") as log:  # open while the server's output is copied into it
         proc, url = start_server(["--checkpoint", checkpoint, "--tokenizer", spm, "--batch_sizes", "1",
                                   "--examples", str(folder), "--no_warm_up"], log=log)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("#describe-button")
-            for tab in ("Ground", "Refer", "Ask", "Describe"):
-                page.get_by_role("tab", name=tab).click()
-                page.locator("#examples img").first.wait_for(state="visible", timeout=10_000)
-                sizes = page.evaluate("() => Array.from(document.querySelectorAll('#examples img'))"
-                                      ".map(i => [i.getBoundingClientRect().width, i.getBoundingClientRect().height])")
-                assert len(sizes) == 3 and all(w > 40 and h > 40 for w, h in sizes), (tab, sizes)
-            page.get_by_role("tab", name="Ground").click()
-            page.locator("#examples img").first.click()
-            for tab in ("ground", "ask", "refer", "describe"):
-                page.get_by_role("tab", name=tab.capitalize()).click()
-                page.locator(f"#{tab}-image img").first.wait_for(state="visible", timeout=10_000)
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.goto(url)
+                page.wait_for_selector("#describe-button")
+                for tab in ("Ground", "Refer", "Ask", "Describe"):
+                    page.get_by_role("tab", name=tab).click()
+                    page.locator("#examples img").first.wait_for(state="visible", timeout=10_000)
+                    sizes = page.evaluate("() => Array.from(document.querySelectorAll('#examples img')).map(i => "
+                                          "[i.getBoundingClientRect().width, i.getBoundingClientRect().height])")
+                    assert len(sizes) == 3 and all(w > 40 and h > 40 for w, h in sizes), (tab, sizes)
+                page.get_by_role("tab", name="Ground").click()
+                page.locator("#examples img").first.click()
+                for tab in ("ground", "ask", "refer", "describe"):
+                    page.get_by_role("tab", name=tab.capitalize()).click()
+                    page.locator(f"#{tab}-image img").first.wait_for(state="visible", timeout=10_000)
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)

@@ -267,6 +267,7 @@ def use_compilation_cache(folder: str | None) -> None:
     if not folder:
         jax.config.update("jax_enable_compilation_cache", False)
         return
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(folder))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
