@@ -22,11 +22,14 @@ def _compile(config, *extra, timeout=900):
 
 
 @needs_libtpu
-def test_tiny_config_compiles_for_a_small_tpu_slice(small_spm):
+def test_tiny_config_compiles_for_a_small_tpu_slice(small_spm, tmp_path):
     config = f"{HERE}/train_tiny_config.py:unused,{small_spm}"
+    cache = tmp_path / "xla"
     out = _compile(config, "--topology", "v5e-4", "--config.data.pack=True", "--config.mesh.data=1",
-                   "--config.mesh.fsdp=1", "--config.mesh.tensor=4")
+                   "--config.mesh.fsdp=1", "--config.mesh.tensor=4", "--compilation_cache", str(cache))
     assert out.returncode == 0, out.stderr[-3000:]
+    # the slice's executables cannot be loaded on this machine: none kept (a rerun warned on each)
+    assert not cache.exists() or not any(cache.iterdir()), sorted(p.name for p in cache.iterdir())
     text = out.stdout
     assert "v5e-4: 4 devices (TPU v5 lite, libtpu v5e:2x2), 16.0 GiB HBM each; mesh data=1 fsdp=1 tensor=4" in text
     rows = {line.split()[0]: line for line in text.splitlines() if "/" in line.split(" ")[0]}
