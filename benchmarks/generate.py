@@ -2,7 +2,7 @@
 weights, same run.
 
     .venv/bin/python benchmarks/generate.py [--config mid|narrow_deep|full|tiny] [--modes layerwise,fused]
-        [--tokens_per_call 32] [--new_tokens 64] [--batches 1,8] [--layers unrolled|scanned]
+        [--tokens_per_call 32] [--new_tokens 64] [--batches 1,8] [--repeats 3] [--layers unrolled|scanned]
         [--hf_device cpu|cuda|auto]
 
 `mid`: the mid-size config of benchmarks/forward.py (6 layers of width 512, 224 px images);
@@ -48,7 +48,7 @@ CONFIGS = {
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="mid", choices=sorted(CONFIGS))
     parser.add_argument("--modes", default="layerwise,fused", help="decoding modes to time (generate's decode_mode)")
     parser.add_argument("--tokens_per_call", type=int, default=32, help="fused: decoding steps per dispatch")
