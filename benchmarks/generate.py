@@ -97,8 +97,7 @@ def main():
                     torch.cuda.synchronize()
                 return out
 
-            if hf_device != "cpu":
-                hf_run()  # on a GPU the first call warms up
+            hf_run()  # untimed, as our first (compiling) call: torch's first call pays its own start-up
             runs["HF"] = hf_run
             # each repeat times every side once, so a drift in the machine's speed (a shared host)
             # reaches all of them alike; the fastest of each side's repeats is its number
