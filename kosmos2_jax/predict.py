@@ -152,10 +152,7 @@ def main(argv=None) -> int:
     from kosmos2_jax.utils import cli
 
     args = parse_args(argv)
-    if args.compile_only:  # a described TPU slice's executables cannot be read back here: keep none
-        cli.use_compilation_cache(None)
-    else:
-        cli.apply_compilation_cache_flags(args)
+    cli.apply_compilation_cache_flags(args)
     return cli.run(lambda: predict(args))
 
 

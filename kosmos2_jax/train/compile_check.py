@@ -134,10 +134,9 @@ def pallas_kernels(hlo_text: str) -> int:
 def twins_estimate(cfg, config, vocab: int, batch, devices, train_step) -> float | None:
     """XLA's step time for `cfg` (its model: `config`) from three twins with unrolled layers and the
     plain loss, 1 or 2 layers a tower, extrapolated linearly to the config's layers
-    (`layer_extrapolated`). The cost
-    model counts a scanned stack's body once and gives no time for the chunked loss's loop (a
-    negative one), and compiling the full model unrolled takes tens of minutes here; the plain
-    loss's LM head runs on every position, no faster than the chunked one."""
+    (`layer_extrapolated`). The cost model counts a scanned stack's body once and gives no time for
+    the chunked loss's loop (a negative one), and compiling the full model unrolled takes tens of
+    minutes here; the plain loss's LM head runs on every position, no faster than the chunked one."""
     from kosmos2_jax.models import Kosmos2
     from kosmos2_jax.train.trainer import Trainer, model_config
 

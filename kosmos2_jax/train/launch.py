@@ -55,8 +55,8 @@ def main(argv, run=None, train_step=None):
     added = cli.use_tpu_xla_flags(tpu_preset)
     if added:
         print(f"LIBTPU_INIT_ARGS += {' '.join(added)} (--xla_tpu_preset {tpu_preset})", flush=True)
-    # a described TPU slice's executables cannot be read back by this machine's client: keep none
-    cli.use_compilation_cache(None if FLAGS.no_compilation_cache or FLAGS.compile_only else FLAGS.compilation_cache)
+    cli.use_compilation_cache(None if FLAGS.no_compilation_cache else FLAGS.compilation_cache,
+                              compile_only=FLAGS.compile_only)
     try:
         if FLAGS.print_config:
             print(FLAGS.config)

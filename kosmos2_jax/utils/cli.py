@@ -258,13 +258,15 @@ def add_mesh_flag(parser: argparse.ArgumentParser) -> None:
                              "vocabulary split over 4 chips (the fused decoding mode); empty: one device")
 
 
-def use_compilation_cache(folder: str | None) -> None:
+def use_compilation_cache(folder: str | None, compile_only: bool = False) -> None:
     """Keep the XLA executables a command compiles in `folder` (None or "": off). Every program is
     kept, not only those over JAX's default of one second (a generation bucket compiles in less).
-    No size limit: JAX's eviction races between processes sharing the folder; delete it to clear."""
+    No size limit: JAX's eviction races between processes sharing the folder; delete it to clear.
+    `compile_only` (a described TPU slice's programs): off, as this machine's client cannot load
+    them back (a rerun warned on every entry)."""
     import jax
 
-    if not folder:
+    if not folder or compile_only:
         jax.config.update("jax_enable_compilation_cache", False)
         return
     jax.config.update("jax_enable_compilation_cache", True)
@@ -274,7 +276,8 @@ def use_compilation_cache(folder: str | None) -> None:
 
 
 def apply_compilation_cache_flags(args: argparse.Namespace) -> None:
-    use_compilation_cache(None if args.no_compilation_cache else args.compilation_cache)
+    use_compilation_cache(None if args.no_compilation_cache else args.compilation_cache,
+                          compile_only=getattr(args, "compile_only", False))
 
 
 def output_dir(text: str) -> str:
